@@ -1,0 +1,237 @@
+//! `strata generate`: run a model in this process, optionally split into `--stages K`
+//! slices that hand activations to each other exactly as the cluster's stages do.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Args;
+use strata_model::{
+    ChatTemplate, GenerateRequest, LocalPipeline, Message, ModelFile, SamplingParams,
+    StreamDecoder, Tokenizer,
+};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The model: a .gguf file or a safetensors directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids (no tokenizer involved).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Split the model into this many stages run one after another.
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print token ids, text and timings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sampling flags shared by the commands that generate.
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Min-p (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repeat penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Tokens the repeat penalty looks back over.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_window: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra token ids that end generation.
+    #[arg(long, value_delimiter = ',')]
+    pub stop_ids: Vec<u32>,
+    /// Report this many top log-probabilities per token (JSON output).
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_window: self.repeat_window,
+            seed: self.seed,
+            stop_token_ids: self.stop_ids.clone(),
+            top_logprobs: self.top_logprobs,
+        }
+    }
+}
+
+/// The prompt's token ids: given directly, or tokenized (through the chat template with
+/// `--chat`).
+pub fn prompt_ids(
+    tokenizer: Option<&Tokenizer>,
+    prompt: Option<&str>,
+    ids: Option<&[u32]>,
+    chat: bool,
+    system: Option<&str>,
+) -> anyhow::Result<Vec<u32>> {
+    if let Some(ids) = ids {
+        return Ok(ids.to_vec());
+    }
+    let text = prompt.unwrap_or_default();
+    let tokenizer = tokenizer.context("this model has no usable tokenizer: pass --prompt-ids")?;
+    if !chat {
+        return Ok(tokenizer.encode(text, true)?);
+    }
+    let source = tokenizer
+        .chat_template()
+        .context("this model has no chat template: drop --chat")?;
+    let template = ChatTemplate::new(source)?;
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message::new("system", s));
+    }
+    messages.push(Message::new("user", text));
+    let rendered = template.render(
+        &messages,
+        true,
+        &tokenizer.token_text(tokenizer.bos()),
+        &tokenizer.token_text(tokenizer.eos().first().copied()),
+    )?;
+    // The template writes BOS itself when the model wants one.
+    Ok(tokenizer.encode(&rendered, false)?)
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let file = ModelFile::open(&a.model)?;
+    let tokenizer = match Tokenizer::for_model(&file) {
+        Ok(t) => Some(t),
+        Err(e) if a.prompt_ids.is_some() => {
+            tracing::warn!(cause = %e, "no tokenizer; printing ids only");
+            None
+        }
+        Err(e) => return Err(e).context("loading the tokenizer"),
+    };
+    let ids = prompt_ids(
+        tokenizer.as_ref(),
+        a.prompt.as_deref(),
+        a.prompt_ids.as_deref(),
+        a.chat,
+        a.system.as_deref(),
+    )?;
+    if a.stages == 0 {
+        bail!("--stages must be at least 1");
+    }
+    let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
+        .with_context(|| format!("loading {} in {} stages", a.model.display(), a.stages))?;
+    if let Some(t) = &tokenizer {
+        pipeline.add_eos(t.eos());
+    }
+    let load_secs = t0.elapsed().as_secs_f64();
+    let request = GenerateRequest {
+        prompt_ids: ids.clone(),
+        max_tokens: a.max_tokens,
+        sampling: a.sampling.params(),
+        stop_at_eos: !a.ignore_eos,
+    };
+    let mut decoder = StreamDecoder::new();
+    let stream = !a.json;
+    let mut stdout = std::io::stdout();
+    let generation = pipeline.generate(&request, |s| {
+        if stream {
+            match &tokenizer {
+                Some(t) => {
+                    if let Ok(piece) = decoder.push(t, s.token) {
+                        let _ = write!(stdout, "{piece}");
+                    }
+                }
+                None => {
+                    let _ = write!(stdout, "{} ", s.token);
+                }
+            }
+            let _ = stdout.flush();
+        }
+    })?;
+    let text = match &tokenizer {
+        Some(t) => Some(t.decode(&generation.tokens, true)?),
+        None => None,
+    };
+    let n = generation.tokens.len();
+    let prefill_s = generation.prefill.as_secs_f64();
+    let decode_s = generation.decode.as_secs_f64();
+    let decode_tps = if n > 1 && decode_s > 0.0 {
+        (n - 1) as f64 / decode_s
+    } else {
+        0.0
+    };
+    if a.json {
+        let stages: Vec<_> = pipeline
+            .stages()
+            .map(|s| serde_json::json!({"layers": [s.slice().layers.start, s.slice().layers.end], "weight_bytes": s.weight_bytes()}))
+            .collect();
+        let json = serde_json::json!({
+            "prompt_ids": ids,
+            "tokens": generation.tokens,
+            "text": text,
+            "finish_reason": generation.finish,
+            "logprobs": generation.sampled.iter().map(|s| serde_json::json!({
+                "token": s.token, "logprob": s.logprob,
+                "top": s.top_logprobs.iter().map(|(t, l)| serde_json::json!([t, l])).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "stages": stages,
+            "timings": {
+                "load_s": load_secs,
+                "prefill_s": prefill_s,
+                "decode_s": decode_s,
+                "prompt_tokens": ids.len(),
+                "generated_tokens": n,
+                "prefill_tokens_per_s": ids.len() as f64 / prefill_s.max(1e-9),
+                "decode_tokens_per_s": decode_tps,
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens in {:.2}s, {n} generated at {decode_tps:.1} tokens/s, {} stage(s), finish: {:?}]",
+            ids.len(),
+            prefill_s,
+            a.stages,
+            generation.finish
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! `strata model synth` and `strata model inspect`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use strata_model::format::Format;
+use strata_model::synth::{self, SynthDType, SynthFormat, SynthOptions, SynthSpec};
+use strata_model::{Arch, ModelFile, Role, Tokenizer};
+
+use super::human_bytes;
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a seeded random model in a real format (for tests and benchmarks).
+    Synth(SynthArgs),
+    /// Describe a model file: architecture, layers, bytes per layer, types, tokenizer.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Start from the shape of a known model (llama-3-8b, llama-3.2-1b, llama-3.1-70b,
+    /// mistral-7b, qwen2.5-0.5b, qwen3-0.6b, ...); other flags override it.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Architecture: llama, mistral, qwen2, qwen3.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Transformer layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Hidden (residual) width.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Key/value heads (GQA).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Head width (default hidden / heads).
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// MLP width.
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Vocabulary size (>= 260).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Rotary base frequency.
+    #[arg(long)]
+    rope_theta: Option<f64>,
+    /// Rotary scaling: `llama3` or `none`.
+    #[arg(long)]
+    rope_scaling: Option<String>,
+    /// Tie the LM head to the token embedding.
+    #[arg(long)]
+    tie_embeddings: bool,
+    /// Seed of every weight.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output format: safetensors (a directory) or gguf (a file).
+    #[arg(long, default_value = "safetensors")]
+    format: String,
+    /// Float type of the weights: f32, f16, bf16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Quantization (GGUF): q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k.
+    #[arg(long)]
+    quant: Option<String>,
+    /// Split safetensors into shards of at most this many MiB.
+    #[arg(long)]
+    shard_mib: Option<u64>,
+    /// Where to write: a directory for safetensors, a .gguf path for GGUF.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A .gguf file, a safetensors model directory, or a .safetensors file.
+    path: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Synth(args) => synth_cmd(args),
+        ModelCommand::Inspect(args) => inspect(args),
+    }
+}
+
+fn synth_cmd(a: SynthArgs) -> anyhow::Result<()> {
+    let mut spec = match &a.preset {
+        Some(p) => SynthSpec::preset(p)?,
+        None => {
+            let arch = a.arch.as_deref().unwrap_or("llama");
+            SynthSpec::tiny(Arch::parse(arch)?)
+        }
+    };
+    if let Some(arch) = &a.arch {
+        spec.arch = Arch::parse(arch)?;
+    }
+    macro_rules! set {
+        ($($field:ident <- $arg:ident),*) => { $( if let Some(v) = a.$arg { spec.$field = v; } )* };
+    }
+    set!(layers <- layers, hidden <- hidden, heads <- heads, kv_heads <- kv_heads,
+         intermediate <- intermediate, vocab <- vocab, context <- context, rope_theta <- rope_theta);
+    if a.head_dim.is_some() {
+        spec.head_dim = a.head_dim;
+    }
+    if let Some(s) = &a.rope_scaling {
+        spec.rope_llama3 = match s.as_str() {
+            "llama3" => true,
+            "none" => false,
+            other => bail!("--rope-scaling {other}: expected `llama3` or `none`"),
+        };
+    }
+    spec.tie_embeddings |= a.tie_embeddings;
+    spec.seed = a.seed;
+    let format = match a.format.as_str() {
+        "safetensors" => SynthFormat::Safetensors,
+        "gguf" => SynthFormat::Gguf,
+        other => bail!("--format {other}: expected `safetensors` or `gguf`"),
+    };
+    let dtype = match (&a.quant, &a.dtype) {
+        (Some(q), None) => SynthDType::parse(q)?,
+        (None, Some(d)) => SynthDType::parse(d)?,
+        (None, None) => SynthDType::F32,
+        (Some(_), Some(_)) => bail!("give --dtype or --quant, not both"),
+    };
+    let options = SynthOptions {
+        format,
+        dtype,
+        shard_bytes: a.shard_mib.map(|m| m * 1024 * 1024),
+    };
+    let started = std::time::Instant::now();
+    let report = synth::write_model(&spec, &options, &a.out)
+        .with_context(|| format!("writing a synthetic model to {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} ({} tensors, {}) in {:.1}s",
+        report.path.display(),
+        report.tensors,
+        human_bytes(report.tensor_bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let file = ModelFile::open(&a.path)?;
+    let c = file.config();
+    let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut total = 0u64;
+    for (_, e) in file.entries() {
+        let t = types.entry(e.storage.name()).or_default();
+        t.0 += 1;
+        t.1 += e.bytes();
+        total += e.bytes();
+    }
+    let layer_bytes: Vec<u64> = (0..c.num_layers).map(|l| file.layer_bytes(l)).collect();
+    let embed = file.role_bytes(Role::Embed);
+    let head = file.role_bytes(Role::LmHead);
+    let tokenizer = Tokenizer::for_model(&file);
+    let format = match file.format() {
+        Format::Gguf => "gguf",
+        Format::Safetensors => "safetensors",
+    };
+    if a.json {
+        let (tok_vocab, chat) = match &tokenizer {
+            Ok(t) => (Some(t.vocab_size()), t.chat_template().is_some()),
+            Err(_) => (None, false),
+        };
+        let json = serde_json::json!({
+            "path": a.path,
+            "format": format,
+            "config": c,
+            "tensor_bytes": total,
+            "layer_bytes": layer_bytes,
+            "embedding_bytes": embed,
+            "head_bytes": head,
+            "types": types.iter().map(|(k, (n, b))| (k.clone(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+            "tokenizer_vocab": tok_vocab,
+            "tokenizer_error": tokenizer.as_ref().err().map(|e| e.to_string()),
+            "chat_template": chat,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("model          {}", a.path.display());
+    println!("format         {format}");
+    println!("architecture   {}", c.arch.name());
+    println!("layers         {}", c.num_layers);
+    println!(
+        "hidden         {}  (mlp {})",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "attention      {} heads, {} kv heads, head dim {}{}{}",
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        if c.qkv_bias { ", qkv bias" } else { "" },
+        if c.qk_norm { ", q/k norm" } else { "" }
+    );
+    println!("vocabulary     {}", c.vocab_size);
+    println!("context        {}", c.max_position_embeddings);
+    println!(
+        "rope           theta {}{}",
+        c.rope_theta,
+        match &c.rope_scaling {
+            None => String::new(),
+            Some(s) => format!(", scaling {s:?}").chars().take(80).collect(),
+        }
+    );
+    println!("tied embedding {}", c.tie_word_embeddings);
+    println!("weights        {} in all", human_bytes(total));
+    let (min, max) = (
+        layer_bytes.iter().min().copied().unwrap_or(0),
+        layer_bytes.iter().max().copied().unwrap_or(0),
+    );
+    if min == max {
+        println!("per layer      {}", human_bytes(min));
+    } else {
+        println!(
+            "per layer      {} .. {}",
+            human_bytes(min),
+            human_bytes(max)
+        );
+    }
+    println!("embedding      {}", human_bytes(embed));
+    println!(
+        "lm head        {}",
+        if head == 0 {
+            "tied to the embedding".to_string()
+        } else {
+            human_bytes(head)
+        }
+    );
+    println!(
+        "kv cache       {} per token (f32, all layers)",
+        human_bytes((c.kv_bytes_per_token_per_layer(4) * c.num_layers) as u64)
+    );
+    for (name, (n, bytes)) in &types {
+        println!("type {name:<9} {n} tensors, {}", human_bytes(*bytes));
+    }
+    match tokenizer {
+        Ok(t) => {
+            println!(
+                "tokenizer      {} tokens, bos {:?}, eos {:?}",
+                t.vocab_size(),
+                t.bos(),
+                t.eos()
+            );
+            println!(
+                "chat template  {}",
+                if t.chat_template().is_some() {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+        Err(e) => println!("tokenizer      none usable: {e}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! `strata`: the one binary of Strata. It parses the command line, sets up logging and hands
+//! each subcommand to its module under `cmd/`; the work itself lives in the library crates.
+//!
+//! CLI parsing is `clap` (derive): help, errors and completions users expect, for free.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Serve large language models across the machines of your LAN.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr: `text` or `json` (filter with RUST_LOG, default `warn`).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with model files: make synthetic ones, inspect any.
+    Model {
+        #[command(subcommand)]
+        command: cmd::model::ModelCommand,
+    },
+    /// Generate text from a model in this process (optionally split into stages).
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure prefill and decode speed, memory and the bandwidth roofline.
+    Bench(cmd::bench::BenchArgs),
+    /// Show what Strata does on this machine, with nothing to download.
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match cli.command {
+        Command::Model { command } => cmd::model::run(command),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
+    }
+}

@@ -1,0 +1,739 @@
+//! Model files on disk: GGUF (llama.cpp's layout and key names) and Hugging Face
+//! safetensors (single file or sharded with `model.safetensors.index.json`, beside a
+//! `config.json`).
+//!
+//! Opening a model reads only headers: the tensor directory and metadata. Tensor data is
+//! read on demand, one tensor at a time, by offset (`pread`), so a stage that loads layers
+//! `[a, b)` touches only those bytes and its resident memory is its slice. We read rather
+//! than memory-map so the copy we compute on is the only resident copy (a mapping would
+//! keep the file pages resident beside it).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+
+/// Largest safetensors JSON header we accept before allocating it (real ones are < 10 MB).
+const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
+
+/// How a tensor's elements are stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// A ggml block-quantized type (Q4_0, Q4_K, ...).
+    Quantized(GgmlDType),
+}
+
+impl StorageType {
+    /// Bytes for `elements` values of this type.
+    pub fn bytes_for(self, elements: usize) -> u64 {
+        match self {
+            StorageType::F32 => 4 * elements as u64,
+            StorageType::F16 | StorageType::BF16 => 2 * elements as u64,
+            StorageType::Quantized(q) => (elements / q.block_size() * q.type_size()) as u64,
+        }
+    }
+
+    /// A short name (`f16`, `q4_0`, ...).
+    pub fn name(self) -> String {
+        match self {
+            StorageType::F32 => "f32".into(),
+            StorageType::F16 => "f16".into(),
+            StorageType::BF16 => "bf16".into(),
+            StorageType::Quantized(q) => format!("{q:?}").to_lowercase(),
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Index into the model's open files.
+    file: usize,
+    /// Absolute byte offset of the data.
+    offset: u64,
+    /// Element type.
+    pub storage: StorageType,
+    /// Shape, rows first (as candle and transformers see it).
+    pub shape: Vec<usize>,
+}
+
+impl TensorEntry {
+    /// Bytes of data.
+    pub fn bytes(&self) -> u64 {
+        self.storage.bytes_for(self.shape.iter().product())
+    }
+}
+
+/// A tensor read from a file: dense, or still block-quantized.
+#[derive(Debug)]
+pub enum Weight {
+    /// F32 or F16 values.
+    Dense(Tensor),
+    /// Packed ggml blocks, multiplied packed.
+    Quantized(QTensor),
+}
+
+/// The file layout a model came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One `.gguf` file.
+    Gguf,
+    /// Hugging Face safetensors + `config.json`.
+    Safetensors,
+}
+
+/// The parts of a transformer a tensor can be, independent of the file's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Token embedding `[vocab, hidden]`.
+    Embed,
+    /// Final RMSNorm before the head.
+    FinalNorm,
+    /// LM head `[vocab, hidden]` (absent when tied).
+    LmHead,
+    /// Norm before attention, in layer `l`.
+    AttnNorm(usize),
+    /// Query projection.
+    Q(usize),
+    /// Key projection.
+    K(usize),
+    /// Value projection.
+    V(usize),
+    /// Attention output projection.
+    O(usize),
+    /// Query bias.
+    QBias(usize),
+    /// Key bias.
+    KBias(usize),
+    /// Value bias.
+    VBias(usize),
+    /// Per-head query RMSNorm (Qwen3).
+    QNorm(usize),
+    /// Per-head key RMSNorm (Qwen3).
+    KNorm(usize),
+    /// Norm before the MLP.
+    FfnNorm(usize),
+    /// MLP gate projection.
+    Gate(usize),
+    /// MLP up projection.
+    Up(usize),
+    /// MLP down projection.
+    Down(usize),
+}
+
+impl Role {
+    /// The name transformers gives this tensor.
+    pub fn hf_name(self) -> String {
+        let layer = |l: usize, rest: &str| format!("model.layers.{l}.{rest}");
+        match self {
+            Role::Embed => "model.embed_tokens.weight".into(),
+            Role::FinalNorm => "model.norm.weight".into(),
+            Role::LmHead => "lm_head.weight".into(),
+            Role::AttnNorm(l) => layer(l, "input_layernorm.weight"),
+            Role::Q(l) => layer(l, "self_attn.q_proj.weight"),
+            Role::K(l) => layer(l, "self_attn.k_proj.weight"),
+            Role::V(l) => layer(l, "self_attn.v_proj.weight"),
+            Role::O(l) => layer(l, "self_attn.o_proj.weight"),
+            Role::QBias(l) => layer(l, "self_attn.q_proj.bias"),
+            Role::KBias(l) => layer(l, "self_attn.k_proj.bias"),
+            Role::VBias(l) => layer(l, "self_attn.v_proj.bias"),
+            Role::QNorm(l) => layer(l, "self_attn.q_norm.weight"),
+            Role::KNorm(l) => layer(l, "self_attn.k_norm.weight"),
+            Role::FfnNorm(l) => layer(l, "post_attention_layernorm.weight"),
+            Role::Gate(l) => layer(l, "mlp.gate_proj.weight"),
+            Role::Up(l) => layer(l, "mlp.up_proj.weight"),
+            Role::Down(l) => layer(l, "mlp.down_proj.weight"),
+        }
+    }
+
+    /// The name llama.cpp gives this tensor in GGUF.
+    pub fn gguf_name(self) -> String {
+        let blk = |l: usize, rest: &str| format!("blk.{l}.{rest}");
+        match self {
+            Role::Embed => "token_embd.weight".into(),
+            Role::FinalNorm => "output_norm.weight".into(),
+            Role::LmHead => "output.weight".into(),
+            Role::AttnNorm(l) => blk(l, "attn_norm.weight"),
+            Role::Q(l) => blk(l, "attn_q.weight"),
+            Role::K(l) => blk(l, "attn_k.weight"),
+            Role::V(l) => blk(l, "attn_v.weight"),
+            Role::O(l) => blk(l, "attn_output.weight"),
+            Role::QBias(l) => blk(l, "attn_q.bias"),
+            Role::KBias(l) => blk(l, "attn_k.bias"),
+            Role::VBias(l) => blk(l, "attn_v.bias"),
+            Role::QNorm(l) => blk(l, "attn_q_norm.weight"),
+            Role::KNorm(l) => blk(l, "attn_k_norm.weight"),
+            Role::FfnNorm(l) => blk(l, "ffn_norm.weight"),
+            Role::Gate(l) => blk(l, "ffn_gate.weight"),
+            Role::Up(l) => blk(l, "ffn_up.weight"),
+            Role::Down(l) => blk(l, "ffn_down.weight"),
+        }
+    }
+
+    /// The shape the config implies, rows first.
+    pub fn expected_shape(self, c: &ModelConfig) -> Vec<usize> {
+        let q_out = c.num_heads * c.head_dim;
+        let kv_out = c.num_kv_heads * c.head_dim;
+        match self {
+            Role::Embed | Role::LmHead => vec![c.vocab_size, c.hidden_size],
+            Role::FinalNorm | Role::AttnNorm(_) | Role::FfnNorm(_) => vec![c.hidden_size],
+            Role::Q(_) => vec![q_out, c.hidden_size],
+            Role::K(_) | Role::V(_) => vec![kv_out, c.hidden_size],
+            Role::O(_) => vec![c.hidden_size, q_out],
+            Role::QBias(_) => vec![q_out],
+            Role::KBias(_) | Role::VBias(_) => vec![kv_out],
+            Role::QNorm(_) | Role::KNorm(_) => vec![c.head_dim],
+            Role::Gate(_) | Role::Up(_) => vec![c.intermediate_size, c.hidden_size],
+            Role::Down(_) => vec![c.hidden_size, c.intermediate_size],
+        }
+    }
+
+    /// The tensors of layer `l` for a model of this config.
+    pub fn layer_roles(l: usize, c: &ModelConfig) -> Vec<Role> {
+        let mut roles = vec![
+            Role::AttnNorm(l),
+            Role::Q(l),
+            Role::K(l),
+            Role::V(l),
+            Role::O(l),
+            Role::FfnNorm(l),
+            Role::Gate(l),
+            Role::Up(l),
+            Role::Down(l),
+        ];
+        if c.qkv_bias {
+            roles.extend([Role::QBias(l), Role::KBias(l), Role::VBias(l)]);
+        }
+        if c.qk_norm {
+            roles.extend([Role::QNorm(l), Role::KNorm(l)]);
+        }
+        roles
+    }
+}
+
+/// An opened model: its config, its tensor directory, and (for GGUF) its metadata.
+#[derive(Debug)]
+pub struct ModelFile {
+    path: PathBuf,
+    format: Format,
+    config: ModelConfig,
+    files: Vec<(PathBuf, File)>,
+    tensors: HashMap<String, TensorEntry>,
+    gguf_metadata: HashMap<String, gguf_file::Value>,
+}
+
+impl ModelFile {
+    /// Opens a `.gguf` file, a `.safetensors` file (with `config.json` beside it), a
+    /// `model.safetensors.index.json`, or a directory holding either.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            if path.join("model.safetensors.index.json").is_file() {
+                return Self::open_safetensors(path, &path.join("model.safetensors.index.json"));
+            }
+            if path.join("model.safetensors").is_file() {
+                return Self::open_safetensors(path, &path.join("model.safetensors"));
+            }
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Self::open_gguf(one),
+                [] => Err(Error::NotAModel {
+                    path: path.to_path_buf(),
+                    reason: "no model.safetensors, model.safetensors.index.json or .gguf file in this directory".into(),
+                }),
+                _ => Err(Error::NotAModel {
+                    path: path.to_path_buf(),
+                    reason: "several .gguf files here: name the one to load".into(),
+                }),
+            };
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if name.ends_with(".gguf") {
+            Self::open_gguf(path)
+        } else if name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") {
+            Self::open_safetensors(dir, path)
+        } else if !path.exists() {
+            Err(Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ))
+        } else {
+            Err(Error::NotAModel {
+                path: path.to_path_buf(),
+                reason: "expected a .gguf file, a .safetensors file, or a model directory".into(),
+            })
+        }
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The path that was opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file layout.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// GGUF metadata (empty for safetensors).
+    pub fn gguf_metadata(&self) -> &HashMap<String, gguf_file::Value> {
+        &self.gguf_metadata
+    }
+
+    /// The file's name for a role.
+    pub fn tensor_name(&self, role: Role) -> String {
+        match self.format {
+            Format::Gguf => role.gguf_name(),
+            Format::Safetensors => role.hf_name(),
+        }
+    }
+
+    /// Where a role's tensor lives, if the file has it.
+    pub fn entry(&self, role: Role) -> Option<&TensorEntry> {
+        self.tensors.get(&self.tensor_name(role))
+    }
+
+    /// Every tensor in the file, by its own name.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &TensorEntry)> {
+        self.tensors.iter()
+    }
+
+    /// Whether the rotary is applied to interleaved pairs (llama.cpp's layout for the
+    /// llama architecture, whose q/k rows its converter permutes) rather than halves.
+    pub fn rope_interleaved(&self) -> bool {
+        self.format == Format::Gguf && self.config.arch.gguf_permutes_qk()
+    }
+
+    /// Reads one tensor, checking its shape against the config.
+    pub fn load(&self, role: Role, device: &Device) -> Result<Weight> {
+        let name = self.tensor_name(role);
+        let entry = self
+            .tensors
+            .get(&name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.clone(),
+                arch: self.config.arch.name().into(),
+            })?;
+        let expected = role.expected_shape(&self.config);
+        if entry.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                tensor: name,
+                found: entry.shape.clone(),
+                expected,
+            });
+        }
+        self.read_entry(&name, entry, device)
+    }
+
+    /// Reads one tensor by its name in the file (no shape check).
+    pub fn load_named(&self, name: &str, device: &Device) -> Result<Weight> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            arch: self.config.arch.name().into(),
+        })?;
+        self.read_entry(name, entry, device)
+    }
+
+    fn read_entry(&self, name: &str, entry: &TensorEntry, device: &Device) -> Result<Weight> {
+        let (file_path, file) = &self.files[entry.file];
+        let len = entry.bytes();
+        let elements: usize = entry.shape.iter().product();
+        let read = |buf: &mut [u8]| -> Result<()> {
+            file.read_exact_at(buf, entry.offset)
+                .map_err(|e| Error::io(file_path, e))
+        };
+        let weight = match entry.storage {
+            StorageType::F32 => {
+                let mut values = vec![0f32; elements];
+                read(bytemuck::cast_slice_mut(&mut values))?;
+                Weight::Dense(Tensor::from_vec(values, entry.shape.as_slice(), device)?)
+            }
+            StorageType::F16 => {
+                let mut values = vec![half::f16::ZERO; elements];
+                read(bytemuck::cast_slice_mut(&mut values))?;
+                Weight::Dense(Tensor::from_vec(values, entry.shape.as_slice(), device)?)
+            }
+            StorageType::BF16 => {
+                // CPU matmul has no bf16 kernel: hold bf16 weights as f16, which keeps the
+                // memory footprint and represents bf16's 8-bit mantissa exactly.
+                let mut values = vec![half::bf16::ZERO; elements];
+                read(bytemuck::cast_slice_mut(&mut values))?;
+                let t = Tensor::from_vec(values, entry.shape.as_slice(), device)?;
+                let dtype = if device.is_cpu() {
+                    DType::F16
+                } else {
+                    DType::BF16
+                };
+                Weight::Dense(t.to_dtype(dtype)?)
+            }
+            StorageType::Quantized(q) => {
+                let mut bytes = vec![0u8; len as usize];
+                read(&mut bytes)?;
+                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    q,
+                    &bytes,
+                    entry.shape.clone(),
+                    device,
+                )
+                .map_err(|e| Error::Malformed {
+                    path: file_path.clone(),
+                    format: "gguf",
+                    reason: format!("tensor `{name}`: {e}"),
+                })?;
+                Weight::Quantized(qt)
+            }
+        };
+        Ok(weight)
+    }
+
+    /// Bytes of a role's tensor, 0 if absent.
+    pub fn role_bytes(&self, role: Role) -> u64 {
+        self.entry(role).map_or(0, TensorEntry::bytes)
+    }
+
+    /// Bytes of all tensors of layer `l`.
+    pub fn layer_bytes(&self, l: usize) -> u64 {
+        Role::layer_roles(l, &self.config)
+            .into_iter()
+            .map(|r| self.role_bytes(r))
+            .sum()
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Malformed {
+            path: path.to_path_buf(),
+            format: "gguf",
+            reason: e.to_string(),
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let storage = match info.ggml_dtype {
+                GgmlDType::F32 => StorageType::F32,
+                GgmlDType::F16 => StorageType::F16,
+                GgmlDType::BF16 => StorageType::BF16,
+                q => StorageType::Quantized(q),
+            };
+            let shape = info.shape.dims().to_vec();
+            let elements: usize = shape.iter().product();
+            if let StorageType::Quantized(q) = storage {
+                let row = shape.last().copied().unwrap_or(0);
+                if row % q.block_size() != 0 {
+                    return Err(Error::Malformed {
+                        path: path.to_path_buf(),
+                        format: "gguf",
+                        reason: format!(
+                            "tensor `{name}`: rows of {row} values are not a whole number of {q:?} blocks of {}",
+                            q.block_size()
+                        ),
+                    });
+                }
+            }
+            let entry = TensorEntry {
+                file: 0,
+                offset: content.tensor_data_offset + info.offset,
+                storage,
+                shape,
+            };
+            let end = entry.offset + entry.storage.bytes_for(elements);
+            if end > file_len {
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    start: entry.offset,
+                    end,
+                    file_len,
+                });
+            }
+            tensors.insert(name.clone(), entry);
+        }
+        let config = config_from_gguf(&content.metadata, &tensors, path, &file)?;
+        Ok(ModelFile {
+            path: path.to_path_buf(),
+            format: Format::Gguf,
+            config,
+            files: vec![(path.to_path_buf(), file)],
+            tensors,
+            gguf_metadata: content.metadata,
+        })
+    }
+
+    fn open_safetensors(dir: &Path, path: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = ModelConfig::from_hf_json(&text, &config_path)?;
+        let shard_names: Vec<String> = if path.to_string_lossy().ends_with(".index.json") {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let index: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Malformed {
+                    path: path.to_path_buf(),
+                    format: "safetensors index",
+                    reason: e.to_string(),
+                })?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Malformed {
+                    path: path.to_path_buf(),
+                    format: "safetensors index",
+                    reason: "no `weight_map` object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        } else {
+            vec![path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()]
+        };
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for (index, shard) in shard_names.iter().enumerate() {
+            let shard_path = dir.join(shard);
+            let file = File::open(&shard_path).map_err(|e| Error::io(&shard_path, e))?;
+            for (name, entry) in read_safetensors_header(&shard_path, &file, index)? {
+                tensors.insert(name, entry);
+            }
+            files.push((shard_path, file));
+        }
+        Ok(ModelFile {
+            path: path.to_path_buf(),
+            format: Format::Safetensors,
+            config,
+            files,
+            tensors,
+            gguf_metadata: HashMap::new(),
+        })
+    }
+}
+
+/// Parses a safetensors header: an 8-byte little-endian length, then that many bytes of
+/// JSON mapping names to `{dtype, shape, data_offsets}`. Every length is checked against the
+/// file before anything is allocated from it.
+fn read_safetensors_header(
+    path: &Path,
+    file: &File,
+    file_index: usize,
+) -> Result<Vec<(String, TensorEntry)>> {
+    let malformed = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        reason,
+    };
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact_at(&mut len_bytes, 0).map_err(|_| {
+        malformed(format!(
+            "file of {file_len} bytes is too short for a header"
+        ))
+    })?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_SAFETENSORS_HEADER || 8 + header_len > file_len {
+        return Err(malformed(format!(
+            "header claims {header_len} bytes but the file has {file_len}"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| malformed(format!("header JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::new();
+    for (name, info) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let storage = match dtype {
+            "F32" => StorageType::F32,
+            "F16" => StorageType::F16,
+            "BF16" => StorageType::BF16,
+            other => {
+                return Err(Error::UnsupportedDType {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    dtype: other.to_string(),
+                    supported: "F32, F16, BF16 in safetensors; quantized models as GGUF",
+                })
+            }
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|dims| {
+                dims.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .ok_or_else(|| malformed(format!("tensor `{name}` has no shape")))?;
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|o| o.iter().filter_map(|d| d.as_u64()).collect())
+            .unwrap_or_default();
+        let [begin, end] = offsets[..] else {
+            return Err(malformed(format!(
+                "tensor `{name}` has no valid data_offsets"
+            )));
+        };
+        let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let expected = elements.map(|n| storage.bytes_for(n));
+        if end < begin || expected != Some(end - begin) {
+            return Err(malformed(format!(
+                "tensor `{name}`: data_offsets {begin}..{end} do not hold a {dtype} tensor of shape {shape:?}"
+            )));
+        }
+        if data_start + end > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                tensor: name,
+                start: data_start + begin,
+                end: data_start + end,
+                file_len,
+            });
+        }
+        entries.push((
+            name,
+            TensorEntry {
+                file: file_index,
+                offset: data_start + begin,
+                storage,
+                shape,
+            },
+        ));
+    }
+    Ok(entries)
+}
+
+/// Builds the config from llama.cpp's metadata keys (`{arch}.block_count`, ...).
+fn config_from_gguf(
+    md: &HashMap<String, gguf_file::Value>,
+    tensors: &HashMap<String, TensorEntry>,
+    path: &Path,
+    file: &File,
+) -> Result<ModelConfig> {
+    let invalid = |reason: String| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .ok_or_else(|| invalid("missing `general.architecture`".into()))?
+        .clone();
+    let mut arch = Arch::parse(&arch_name)?;
+    // llama.cpp stores Mistral as `llama`; keep the name a user would recognise.
+    if arch == Arch::Llama
+        && md
+            .get("general.name")
+            .and_then(|v| v.to_string().ok())
+            .is_some_and(|n| n.to_ascii_lowercase().contains("mistral"))
+    {
+        arch = Arch::Mistral;
+    }
+    let key = |suffix: &str| format!("{arch_name}.{suffix}");
+    let get_usize = |suffix: &str| -> Option<usize> {
+        md.get(&key(suffix))
+            .and_then(|v| v.to_u64().ok())
+            .map(|v| v as usize)
+    };
+    let need = |suffix: &str| -> Result<usize> {
+        get_usize(suffix).ok_or_else(|| invalid(format!("missing `{}`", key(suffix))))
+    };
+    let get_f64 = |suffix: &str| -> Option<f64> {
+        md.get(&key(suffix))
+            .and_then(|v| v.to_f64().ok().or_else(|| v.to_f32().ok().map(f64::from)))
+    };
+    let hidden_size = need("embedding_length")?;
+    let num_heads = need("attention.head_count")?;
+    let head_dim = get_usize("attention.key_length")
+        .or_else(|| get_usize("rope.dimension_count"))
+        .unwrap_or(hidden_size / num_heads.max(1));
+    let vocab_size = tensors
+        .get("token_embd.weight")
+        .map(|e| e.shape[0])
+        .or_else(|| get_usize("vocab_size"))
+        .ok_or_else(|| invalid("no `token_embd.weight` tensor to size the vocabulary".into()))?;
+    let mut rope_scaling = None;
+    if let Some(entry) = tensors.get("rope_freqs.weight") {
+        if entry.storage != StorageType::F32 {
+            return Err(invalid("`rope_freqs.weight` must be f32".into()));
+        }
+        let n: usize = entry.shape.iter().product();
+        let mut factors = vec![0f32; n];
+        file.read_exact_at(bytemuck::cast_slice_mut(&mut factors), entry.offset)
+            .map_err(|e| Error::io(path, e))?;
+        rope_scaling = Some(RopeScaling::FreqFactors { factors });
+    } else if let Some(kind) = md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
+        match kind.as_str() {
+            "none" => {}
+            "linear" => {
+                let factor = get_f64("rope.scaling.factor")
+                    .ok_or_else(|| invalid("linear rope scaling without a factor".into()))?;
+                rope_scaling = Some(RopeScaling::Linear { factor });
+            }
+            other => {
+                return Err(invalid(format!(
+                    "rope scaling type `{other}` is not supported (supported: none, linear, llama3 via rope_freqs)"
+                )))
+            }
+        }
+    }
+    let u32_key = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    let config = ModelConfig {
+        arch,
+        hidden_size,
+        intermediate_size: need("feed_forward_length")?,
+        num_layers: need("block_count")?,
+        num_heads,
+        num_kv_heads: get_usize("attention.head_count_kv").unwrap_or(num_heads),
+        head_dim,
+        vocab_size,
+        rms_norm_eps: get_f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: get_f64("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: get_usize("context_length").unwrap_or(4096),
+        tie_word_embeddings: !tensors.contains_key("output.weight"),
+        qkv_bias: tensors.contains_key("blk.0.attn_q.bias"),
+        qk_norm: tensors.contains_key("blk.0.attn_q_norm.weight"),
+        bos_token_id: u32_key("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: u32_key("tokenizer.ggml.eos_token_id").into_iter().collect(),
+    };
+    config.validate(path)?;
+    Ok(config)
+}

@@ -1,0 +1,48 @@
+//! `strata-model`: everything about a model that is not networking.
+//!
+//! It owns the model formats (GGUF and safetensors, read by slice), the Llama-family
+//! architectures, the batched stage forward with its per-sequence KV cache, the sampler,
+//! the tokenizer and chat template, the single-process pipeline that runs the stages one
+//! after another, and the generator of synthetic models for tests and benchmarks.
+//!
+//! It must not touch the network: the worker and coordinator crates move activations and
+//! tokens between machines; this crate only computes them.
+//!
+//! # Layout
+//! - [`config`]: hyper-parameters from `config.json` or GGUF metadata.
+//! - [`format`]: the files, their tensor directories, reading one tensor by offset.
+//! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
+//! - [`kv`]: the KV cache, per sequence, per layer.
+//! - [`sampler`]: logits to tokens.
+//! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
+//! - [`pipeline`]: K stages in one process, and the generation loop.
+//! - [`synth`]: seeded synthetic models in the real formats.
+//!
+//! # Dependencies
+//! `candle-core` holds tensors and quantized (ggml) blocks and multiplies them packed;
+//! `candle-nn` gives fused RMSNorm, softmax and rotary kernels. `tokenizers` runs
+//! `tokenizer.json` exactly as transformers does; `minijinja` (+ `minijinja-contrib` for
+//! Python string methods) renders chat templates; `rand_chacha` gives a seeded random
+//! stream that is the same on every platform.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod kv;
+pub mod model;
+pub mod pipeline;
+pub mod sampler;
+pub mod synth;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{Arch, ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use format::{Format, ModelFile, Role, Weight};
+pub use kv::{KvCache, SeqId};
+pub use model::{Chunk, Slice, Stage, StageInput, StageOutput};
+
+pub use pipeline::{FinishReason, GenerateRequest, Generation, LocalPipeline};
+pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -1,0 +1,568 @@
+//! The Llama-family transformer, loaded by slice and run over a batch of sequences.
+//!
+//! A [`Stage`] holds the layers `[a, b)` of a model, plus the token embedding when it is the
+//! first stage and the final norm and LM head when it is the last. One [`Stage::forward`]
+//! takes several sequences at once, each a chunk of new positions (a prefill chunk or one
+//! decode token): the projections and the MLP run as one matmul over all their rows;
+//! only attention, whose context differs per sequence, runs per sequence.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::format::{ModelFile, Role, Weight};
+use crate::kv::{KvCache, SeqId};
+
+/// Which part of the model a stage holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Slice {
+    /// Transformer layers `[start, end)`.
+    pub layers: Range<usize>,
+    /// Holds the token embedding (the first stage).
+    pub embed: bool,
+    /// Holds the final norm and LM head, and samples (the last stage).
+    pub head: bool,
+}
+
+impl Slice {
+    /// The slice of layers `layers` of a model of `total` layers: first and last flags follow
+    /// from the range.
+    pub fn new(layers: Range<usize>, total: usize) -> Result<Self> {
+        if layers.start > layers.end || layers.end > total {
+            return Err(Error::SliceOutOfRange {
+                slice: layers,
+                layers: total,
+            });
+        }
+        Ok(Slice {
+            embed: layers.start == 0,
+            head: layers.end == total,
+            layers,
+        })
+    }
+
+    /// The whole model in one stage.
+    pub fn full(total: usize) -> Self {
+        Slice {
+            layers: 0..total,
+            embed: true,
+            head: true,
+        }
+    }
+
+    /// `k` contiguous slices with layer counts as equal as possible (earlier stages take
+    /// the remainder).
+    pub fn split_even(total: usize, k: usize) -> Result<Vec<Slice>> {
+        if k == 0 || k > total.max(1) {
+            return Err(Error::SliceOutOfRange {
+                slice: 0..k,
+                layers: total,
+            });
+        }
+        let mut slices = Vec::with_capacity(k);
+        let mut start = 0;
+        for i in 0..k {
+            let n = total / k + usize::from(i < total % k);
+            slices.push(Slice::new(start..start + n, total)?);
+            start += n;
+        }
+        Ok(slices)
+    }
+}
+
+/// A run of new positions of one sequence within a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the first new token (equals the positions already cached).
+    pub start: usize,
+    /// Number of new positions.
+    pub len: usize,
+}
+
+/// What flows into a stage.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids, one per row (first stage).
+    Tokens(Vec<u32>),
+    /// Residual-stream activations `[rows, hidden]` from the previous stage.
+    Hidden(Tensor),
+}
+
+/// What comes out of a stage.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// Activations `[rows, hidden]` for the next stage.
+    Hidden(Tensor),
+    /// Logits `[chunks, vocab]` of the last position of each chunk (last stage).
+    Logits(Tensor),
+}
+
+/// A projection `x W^T (+ b)`, with `W` dense or block-quantized.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// A weight as a matmul operand: quantized weights stay packed, F16 stays F16.
+fn qmatmul(weight: Weight) -> Result<QMatMul> {
+    Ok(match weight {
+        Weight::Quantized(q) => QMatMul::QTensor(Arc::new(q)),
+        Weight::Dense(t) if t.dtype() == DType::F32 => QMatMul::Tensor(t),
+        Weight::Dense(t) => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
+    })
+}
+
+/// A weight as an F32 vector (norms, biases).
+fn dense_f32(weight: Weight, device: &Device) -> Result<Tensor> {
+    Ok(match weight {
+        Weight::Dense(t) => t.to_dtype(DType::F32)?,
+        Weight::Quantized(q) => q.dequantize(device)?,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    layer: usize,
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Per-batch rotary tables and attention layout shared by every layer of one forward.
+struct BatchContext<'a> {
+    chunks: &'a [Chunk],
+    /// First row of each chunk.
+    offsets: Vec<usize>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A loaded slice of a model, ready to run forwards.
+#[derive(Debug)]
+pub struct Stage {
+    config: ModelConfig,
+    slice: Slice,
+    device: Device,
+    embed: Option<QMatMul>,
+    blocks: Vec<Block>,
+    final_norm: Option<RmsNorm>,
+    lm_head: Option<QMatMul>,
+    inv_freq: Vec<f32>,
+    rope_interleaved: bool,
+    weight_bytes: u64,
+}
+
+impl Stage {
+    /// Loads the tensors of `slice` (and only those) from `file`.
+    pub fn load(file: &ModelFile, slice: Slice, device: &Device) -> Result<Stage> {
+        let config = file.config().clone();
+        let checked = Slice::new(slice.layers.clone(), config.num_layers)?;
+        if slice.embed && !checked.embed || slice.head && !checked.head {
+            return Err(Error::SliceOutOfRange {
+                slice: slice.layers,
+                layers: config.num_layers,
+            });
+        }
+        let _span = tracing::info_span!("load_stage", layers = ?slice.layers).entered();
+        let mut weight_bytes = 0u64;
+        let mut load = |role: Role| -> Result<Weight> {
+            weight_bytes += file.role_bytes(role);
+            file.load(role, device)
+        };
+        let eps = config.rms_norm_eps as f32;
+        let embed = if slice.embed {
+            Some(qmatmul(load(Role::Embed)?)?)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(slice.layers.len());
+        for l in slice.layers.clone() {
+            let mut norm = |role: Role| -> Result<RmsNorm> {
+                Ok(RmsNorm {
+                    weight: dense_f32(load(role)?, device)?,
+                    eps,
+                })
+            };
+            let attn_norm = norm(Role::AttnNorm(l))?;
+            let ffn_norm = norm(Role::FfnNorm(l))?;
+            let (q_norm, k_norm) = if config.qk_norm {
+                (Some(norm(Role::QNorm(l))?), Some(norm(Role::KNorm(l))?))
+            } else {
+                (None, None)
+            };
+            let mut linear = |w: Role, b: Option<Role>| -> Result<Linear> {
+                let weight = qmatmul(load(w)?)?;
+                let bias = match b {
+                    Some(b) => Some(dense_f32(load(b)?, device)?),
+                    None => None,
+                };
+                Ok(Linear { weight, bias })
+            };
+            let bias = |role: Role| config.qkv_bias.then_some(role);
+            blocks.push(Block {
+                layer: l,
+                attn_norm,
+                q: linear(Role::Q(l), bias(Role::QBias(l)))?,
+                k: linear(Role::K(l), bias(Role::KBias(l)))?,
+                v: linear(Role::V(l), bias(Role::VBias(l)))?,
+                o: linear(Role::O(l), None)?,
+                q_norm,
+                k_norm,
+                ffn_norm,
+                gate: linear(Role::Gate(l), None)?,
+                up: linear(Role::Up(l), None)?,
+                down: linear(Role::Down(l), None)?,
+            });
+        }
+        let (final_norm, lm_head) = if slice.head {
+            let final_norm = RmsNorm {
+                weight: dense_f32(load(Role::FinalNorm)?, device)?,
+                eps,
+            };
+            let head = if file.entry(Role::LmHead).is_some() {
+                qmatmul(load(Role::LmHead)?)?
+            } else if let Some(embed) = &embed {
+                // Tied: share the embedding's storage.
+                embed.clone()
+            } else {
+                qmatmul(load(Role::Embed)?)?
+            };
+            (Some(final_norm), Some(head))
+        } else {
+            (None, None)
+        };
+        Ok(Stage {
+            inv_freq: config.rope_inv_freq().iter().map(|&f| f as f32).collect(),
+            rope_interleaved: file.rope_interleaved(),
+            config,
+            slice,
+            device: device.clone(),
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            weight_bytes,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The slice this stage holds.
+    pub fn slice(&self) -> &Slice {
+        &self.slice
+    }
+
+    /// Bytes of weights this stage loaded, as stored in the file.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// The device the stage computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty KV cache for this stage's layers.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.slice.layers.start, self.slice.layers.len())
+    }
+
+    /// Runs the stage over a batch. `chunks` lists the sequences in row order; `input` holds
+    /// their rows concatenated. Each chunk must start where its sequence's cache ends.
+    pub fn forward(
+        &self,
+        chunks: &[Chunk],
+        input: StageInput,
+        cache: &mut KvCache,
+    ) -> Result<StageOutput> {
+        let rows: usize = chunks.iter().map(|c| c.len).sum();
+        if chunks.is_empty() || rows == 0 {
+            return Err(Error::InvalidBatch(
+                "a batch needs at least one new position".into(),
+            ));
+        }
+        for c in chunks {
+            let cached = cache.len(c.seq)?;
+            if cached != c.start {
+                return Err(Error::PositionMismatch {
+                    seq: c.seq,
+                    start: c.start,
+                    cached,
+                });
+            }
+            if c.len == 0 {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {} has an empty chunk",
+                    c.seq
+                )));
+            }
+            if c.start + c.len > self.config.max_position_embeddings {
+                return Err(Error::ContextOverflow {
+                    requested: c.start + c.len,
+                    context: self.config.max_position_embeddings,
+                });
+            }
+        }
+        if chunks
+            .iter()
+            .enumerate()
+            .any(|(i, c)| chunks[..i].iter().any(|d| d.seq == c.seq))
+        {
+            return Err(Error::InvalidBatch(
+                "a sequence appears twice in one batch".into(),
+            ));
+        }
+        let mut x = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(embed)) => {
+                if ids.len() != rows {
+                    return Err(Error::InvalidBatch(format!(
+                        "{} token ids for {rows} positions",
+                        ids.len()
+                    )));
+                }
+                if let Some(&id) = ids
+                    .iter()
+                    .find(|&&id| id as usize >= self.config.vocab_size)
+                {
+                    return Err(Error::TokenOutOfRange {
+                        id,
+                        vocab: self.config.vocab_size,
+                    });
+                }
+                let ids = Tensor::new(ids.as_slice(), &self.device)?;
+                embed.embedding(&ids)?.to_dtype(DType::F32)?
+            }
+            (StageInput::Hidden(h), None) => {
+                let dims = h.dims();
+                if dims != [rows, self.config.hidden_size] {
+                    return Err(Error::InvalidBatch(format!(
+                        "activations of shape {dims:?}, expected [{rows}, {}]",
+                        self.config.hidden_size
+                    )));
+                }
+                h.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            (StageInput::Tokens(_), None) => {
+                return Err(Error::InvalidBatch(
+                    "token ids sent to a stage without the embedding".into(),
+                ))
+            }
+            (StageInput::Hidden(_), Some(_)) => {
+                return Err(Error::InvalidBatch(
+                    "activations sent to the first stage, which expects token ids".into(),
+                ))
+            }
+        };
+        let ctx = self.batch_context(chunks)?;
+        for block in &self.blocks {
+            x = self.block_forward(block, &x, &ctx, cache)?;
+        }
+        for c in chunks {
+            cache.advance(c.seq, c.len)?;
+        }
+        match (&self.final_norm, &self.lm_head) {
+            (Some(norm), Some(head)) => {
+                let last_rows: Vec<u32> = ctx
+                    .offsets
+                    .iter()
+                    .zip(chunks)
+                    .map(|(&o, c)| (o + c.len - 1) as u32)
+                    .collect();
+                let idx = Tensor::new(last_rows.as_slice(), &self.device)?;
+                let last = x.index_select(&idx, 0)?;
+                let logits = head.forward(&norm.forward(&last)?)?;
+                Ok(StageOutput::Logits(logits.to_dtype(DType::F32)?))
+            }
+            _ => Ok(StageOutput::Hidden(x)),
+        }
+    }
+
+    fn batch_context<'a>(&self, chunks: &'a [Chunk]) -> Result<BatchContext<'a>> {
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut positions = Vec::new();
+        let mut row = 0;
+        for c in chunks {
+            offsets.push(row);
+            row += c.len;
+            positions.extend((c.start..c.start + c.len).map(|p| p as f32));
+        }
+        let half = self.inv_freq.len();
+        let rows = positions.len();
+        let pos = Tensor::from_vec(positions, (rows, 1), &self.device)?;
+        let inv = Tensor::from_slice(&self.inv_freq, (1, half), &self.device)?;
+        let angles = pos.broadcast_mul(&inv)?;
+        Ok(BatchContext {
+            chunks,
+            offsets,
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, ctx: &BatchContext) -> Result<Tensor> {
+        Ok(if self.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(x, &ctx.cos, &ctx.sin)?
+        } else {
+            candle_nn::rotary_emb::rope(x, &ctx.cos, &ctx.sin)?
+        })
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        ctx: &BatchContext,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let rows = x.dim(0)?;
+        let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let h = b.attn_norm.forward(x)?;
+        let q = b.q.forward(&h)?.reshape((rows, heads, hd))?;
+        let k = b.k.forward(&h)?.reshape((rows, kv_heads, hd))?;
+        let v = b.v.forward(&h)?.reshape((rows, kv_heads, hd))?;
+        let (q, k) = match (&b.q_norm, &b.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        // [1, heads, rows, hd]: the rotary kernels want (batch, heads, seq, dim).
+        let q = self
+            .rope(&q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, ctx)?
+            .squeeze(0)?;
+        let k = self
+            .rope(&k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, ctx)?
+            .squeeze(0)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let groups = heads / kv_heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outputs = Vec::with_capacity(ctx.chunks.len());
+        for (chunk, &offset) in ctx.chunks.iter().zip(&ctx.offsets) {
+            let n = chunk.len;
+            let k_new = k.narrow(1, offset, n)?;
+            let v_new = v.narrow(1, offset, n)?;
+            let (k_all, v_all) = cache.append(chunk.seq, b.layer, chunk.start, &k_new, &v_new)?;
+            let total = chunk.start + n;
+            // Query heads that share a kv head sit next to each other, so grouping them
+            // as rows of one matmul per kv head avoids copying the cache `groups` times.
+            let q_c = q
+                .narrow(1, offset, n)?
+                .contiguous()?
+                .reshape((kv_heads, groups * n, hd))?;
+            let scores = (q_c.matmul(&k_all.t()?)? * scale)?;
+            let scores = if n > 1 {
+                let mask = causal_mask(chunk.start, n, &self.device)?;
+                scores
+                    .reshape((kv_heads, groups, n, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((kv_heads, groups * n, total))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&v_all)?; // [kv_heads, groups * n, hd]
+            let out = out
+                .reshape((heads, n, hd))?
+                .transpose(0, 1)?
+                .reshape((n, heads * hd))?;
+            outputs.push(out);
+        }
+        let attn = Tensor::cat(&outputs, 0)?;
+        let x = (x + b.o.forward(&attn)?)?;
+        let h = b.ffn_norm.forward(&x)?;
+        let mlp = b
+            .down
+            .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// `[n, start + n]` additive mask: new position `i` (at `start + i`) sees positions
+/// `<= start + i`.
+fn causal_mask(start: usize, n: usize, device: &Device) -> Result<Tensor> {
+    let total = start + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, total), device)?)
+}
+
+/// Reads the argmax of each row of `[rows, vocab]` logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_split_covers_every_layer_once() {
+        let slices = Slice::split_even(10, 3).unwrap();
+        let ranges: Vec<_> = slices.iter().map(|s| s.layers.clone()).collect();
+        assert_eq!(ranges, vec![0..4, 4..7, 7..10]);
+        assert!(slices[0].embed && !slices[0].head);
+        assert!(!slices[1].embed && !slices[1].head);
+        assert!(!slices[2].embed && slices[2].head);
+        assert!(Slice::split_even(2, 3).is_err());
+        assert!(Slice::new(3..12, 10).is_err());
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future_only() {
+        let m = causal_mask(2, 2, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(m[0][..3], [0.0, 0.0, 0.0]);
+        assert!(m[0][3].is_infinite());
+        assert_eq!(m[1], vec![0.0; 4]);
+    }
+}
