@@ -51,8 +51,29 @@ impl StorageType {
             StorageType::F32 => "f32".into(),
             StorageType::F16 => "f16".into(),
             StorageType::BF16 => "bf16".into(),
-            StorageType::Quantized(q) => format!("{q:?}").to_lowercase(),
+            StorageType::Quantized(q) => ggml_type_name(q).into(),
         }
+    }
+}
+
+/// llama.cpp's name of a ggml type (`q4_0`, `q4_k`, ...).
+pub fn ggml_type_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
     }
 }
 
@@ -232,9 +253,16 @@ pub struct ModelFile {
     files: Vec<(PathBuf, File)>,
     tensors: HashMap<String, TensorEntry>,
     gguf_metadata: HashMap<String, gguf_file::Value>,
+    dequantize: bool,
 }
 
 impl ModelFile {
+    /// Makes [`ModelFile::load`] expand quantized tensors to F32: the reference a quantized
+    /// model's outputs are measured against. Costs 4 bytes per weight; never for serving.
+    pub fn set_dequantize(&mut self, dequantize: bool) {
+        self.dequantize = dequantize;
+    }
+
     /// Opens a `.gguf` file, a `.safetensors` file (with `config.json` beside it), a
     /// `model.safetensors.index.json`, or a directory holding either.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -405,7 +433,11 @@ impl ModelFile {
                     format: "gguf",
                     reason: format!("tensor `{name}`: {e}"),
                 })?;
-                Weight::Quantized(qt)
+                if self.dequantize {
+                    Weight::Dense(qt.dequantize(device)?)
+                } else {
+                    Weight::Quantized(qt)
+                }
             }
         };
         Ok(weight)
@@ -481,6 +513,7 @@ impl ModelFile {
             files: vec![(path.to_path_buf(), file)],
             tensors,
             gguf_metadata: content.metadata,
+            dequantize: false,
         })
     }
 
@@ -534,6 +567,7 @@ impl ModelFile {
             files,
             tensors,
             gguf_metadata: HashMap::new(),
+            dequantize: false,
         })
     }
 }

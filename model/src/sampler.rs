@@ -55,19 +55,19 @@ impl SamplingParams {
     /// Rejects values that have no meaning.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Sampling(m));
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(format!(
                 "temperature must be >= 0, got {}",
                 self.temperature
             ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        if !(self.repeat_penalty > 0.0) || !self.repeat_penalty.is_finite() {
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return bad(format!(
                 "repeat_penalty must be > 0, got {}",
                 self.repeat_penalty

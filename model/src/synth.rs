@@ -30,7 +30,7 @@ use crate::format::Role;
 use crate::tokenizer::{byte_level_bpe_json, LLAMA3_PATTERN};
 
 /// Special tokens of synthetic vocabularies, in order at the end of the vocabulary.
-pub const SPECIAL_TOKENS: [&str; 4] = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"];
+pub const SPECIAL_TOKENS: [&str; 4] = ["<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// Values per random stream: each chunk of a tensor has its own generator, so tensors are
 /// generated in parallel and identically whatever the thread count.
@@ -287,7 +287,7 @@ pub struct SynthReport {
 pub struct SpecialIds {
     /// `<s>`.
     pub bos: u32,
-    /// `</s>`.
+    /// `<|endoftext|>`.
     pub eos: u32,
     /// `<|im_start|>`.
     pub im_start: u32,
@@ -308,7 +308,6 @@ pub fn special_ids(vocab: usize) -> SpecialIds {
 
 /// One tensor to write: its role, names, shape and how to fill it.
 struct TensorPlan {
-    role: Option<Role>,
     hf_name: String,
     gguf_name: String,
     shape: Vec<usize>,
@@ -334,7 +333,6 @@ fn plan(spec: &SynthSpec, config: &ModelConfig) -> Vec<TensorPlan> {
     let mut plans = Vec::new();
     let mut add = |role: Role, fill: Fill, permute_heads: Option<usize>| {
         plans.push(TensorPlan {
-            role: Some(role),
             hf_name: role.hf_name(),
             gguf_name: role.gguf_name(),
             shape: role.expected_shape(config),
@@ -366,7 +364,7 @@ fn plan(spec: &SynthSpec, config: &ModelConfig) -> Vec<TensorPlan> {
             permute.then_some(config.num_kv_heads),
         );
         add(Role::V(l), Fill::Noise(1.0 / h.sqrt()), None);
-        add(Role::O(l), Fill::Noise(1.0 / q_width.sqrt()), None);
+        add(Role::O(l), Fill::Noise(2.0 / q_width.sqrt()), None);
         if config.qkv_bias {
             add(
                 Role::QBias(l),
@@ -387,7 +385,7 @@ fn plan(spec: &SynthSpec, config: &ModelConfig) -> Vec<TensorPlan> {
         add(Role::FfnNorm(l), Fill::AroundOne(0.1), None);
         add(Role::Gate(l), Fill::Noise(1.0 / h.sqrt()), None);
         add(Role::Up(l), Fill::Noise(1.0 / h.sqrt()), None);
-        add(Role::Down(l), Fill::Noise(1.0 / inter.sqrt()), None);
+        add(Role::Down(l), Fill::Noise(2.0 / inter.sqrt()), None);
     }
     add(Role::FinalNorm, Fill::AroundOne(0.1), None);
     if !config.tie_word_embeddings {
@@ -637,7 +635,9 @@ fn write_safetensors(
             shard_size = 0;
         }
         shard_size += bytes;
-        shards.last_mut().map(|s| s.push(p));
+        if let Some(shard) = shards.last_mut() {
+            shard.push(p);
+        }
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
@@ -807,8 +807,10 @@ fn gguf_tensor_type(shape: &[usize], dtype: SynthDType) -> GgmlDType {
     match dtype {
         SynthDType::F32 => GgmlDType::F32,
         SynthDType::F16 | SynthDType::BF16 => GgmlDType::F16,
-        SynthDType::Quant(q) if cols % q.block_size() == 0 => q,
-        SynthDType::Quant(_) if cols % GgmlDType::Q8_0.block_size() == 0 => GgmlDType::Q8_0,
+        SynthDType::Quant(q) if cols.is_multiple_of(q.block_size()) => q,
+        SynthDType::Quant(_) if cols.is_multiple_of(GgmlDType::Q8_0.block_size()) => {
+            GgmlDType::Q8_0
+        }
         SynthDType::Quant(_) => GgmlDType::F16,
     }
 }
@@ -888,7 +890,6 @@ fn write_gguf(
     let rope_factors = llama3_freq_factors(config);
     if rope_factors.is_some() {
         plans.push(TensorPlan {
-            role: None,
             hf_name: "rope_freqs".into(),
             gguf_name: "rope_freqs.weight".into(),
             shape: vec![config.head_dim / 2],
@@ -956,7 +957,6 @@ fn write_gguf(
         let pad = size.div_ceil(GGUF_ALIGNMENT) * GGUF_ALIGNMENT - size;
         w.write_all(&vec![0u8; pad as usize]).map_err(io(path))?;
         total += size;
-        let _ = p.role;
     }
     w.flush().map_err(io(path))?;
     Ok(SynthReport {

@@ -7,19 +7,20 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use strata_model::format::Format;
 use strata_model::synth::{self, SynthDType, SynthFormat, SynthOptions, SynthSpec};
-use strata_model::{Arch, ModelFile, Role, Tokenizer};
+use strata_model::{Arch, ModelFile, Role, Slice, Stage, Tokenizer};
 
-use super::human_bytes;
+use super::{human_bytes, peak_rss_bytes};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Write a seeded random model in a real format (for tests and benchmarks).
-    Synth(SynthArgs),
+    Synth(Box<SynthArgs>),
     /// Describe a model file: architecture, layers, bytes per layer, types, tokenizer.
     Inspect(InspectArgs),
 }
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct SynthArgs {
     /// Start from the shape of a known model (llama-3-8b, llama-3.2-1b, llama-3.1-70b,
     /// mistral-7b, qwen2.5-0.5b, qwen3-0.6b, ...); other flags override it.
@@ -88,11 +89,15 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also load the layers `A..B` (as a stage would) and report the bytes read and this
+    /// process's peak resident memory.
+    #[arg(long, value_name = "A..B")]
+    load_layers: Option<String>,
 }
 
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
     match command {
-        ModelCommand::Synth(args) => synth_cmd(args),
+        ModelCommand::Synth(args) => synth_cmd(*args),
         ModelCommand::Inspect(args) => inspect(args),
     }
 }
@@ -156,6 +161,9 @@ fn synth_cmd(a: SynthArgs) -> anyhow::Result<()> {
 
 fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let file = ModelFile::open(&a.path)?;
+    if let Some(range) = &a.load_layers {
+        return load_slice(&file, range, a.json);
+    }
     let c = file.config();
     let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut total = 0u64;
@@ -269,6 +277,43 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             );
         }
         Err(e) => println!("tokenizer      none usable: {e}"),
+    }
+    Ok(())
+}
+
+/// Loads one slice and reports what it cost: the measurement behind "a worker's resident
+/// memory is its slice, not the model".
+fn load_slice(file: &ModelFile, range: &str, json: bool) -> anyhow::Result<()> {
+    let (a, b) = range
+        .split_once("..")
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .with_context(|| format!("--load-layers {range}: expected A..B, e.g. 4..8"))?;
+    let total = file.config().num_layers;
+    let slice = Slice::new(a..b, total)?;
+    let before = peak_rss_bytes().unwrap_or(0);
+    let started = std::time::Instant::now();
+    let stage = Stage::load(file, slice, &candle_core::Device::Cpu)?;
+    let secs = started.elapsed().as_secs_f64();
+    let peak = peak_rss_bytes().unwrap_or(0);
+    let model_bytes: u64 = file.entries().map(|(_, e)| e.bytes()).sum();
+    if json {
+        let out = serde_json::json!({
+            "layers": [a, b],
+            "slice_weight_bytes": stage.weight_bytes(),
+            "model_weight_bytes": model_bytes,
+            "peak_rss_before_load_bytes": before,
+            "peak_rss_bytes": peak,
+            "load_s": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "loaded layers {a}..{b} of {total} in {secs:.2}s: slice {} of a {} model; peak resident memory {} ({} before loading)",
+            human_bytes(stage.weight_bytes()),
+            human_bytes(model_bytes),
+            human_bytes(peak),
+            human_bytes(before)
+        );
     }
     Ok(())
 }
