@@ -36,14 +36,25 @@ fn goldens() -> Vec<Golden> {
         let name = m["name"].as_str().expect("name").to_string();
         let path = golden_dir().join(format!("{name}.json"));
         let g: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("{}: {e} (regenerate with tests/golden/make_golden.py)", path.display())
+            panic!(
+                "{}: {e} (regenerate with tests/golden/make_golden.py)",
+                path.display()
+            )
         }))
         .expect("golden parses");
         let ids = |v: &Value| -> Vec<u32> {
-            v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+            v.as_array()
+                .expect("array")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect()
         };
         let floats = |v: &Value| -> Vec<f32> {
-            v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float") as f32).collect()
+            v.as_array()
+                .expect("array")
+                .iter()
+                .map(|x| x.as_f64().expect("float") as f32)
+                .collect()
         };
         out.push(Golden {
             name,
@@ -67,7 +78,10 @@ fn goldens() -> Vec<Golden> {
                 .collect(),
         });
     }
-    assert!(out.len() >= 4, "expected goldens for llama, mistral, qwen2, qwen3");
+    assert!(
+        out.len() >= 4,
+        "expected goldens for llama, mistral, qwen2, qwen3"
+    );
     out
 }
 
@@ -88,7 +102,11 @@ fn safetensors_matches_transformers_for_every_architecture_and_stage_count() {
         let tokenizer = Tokenizer::for_model(&file).expect("tokenizer");
         for case in &g.cases {
             let ids = tokenizer.encode(&case.prompt, true).expect("encode");
-            assert_eq!(ids, case.prompt_ids, "{}: tokenization of {:?}", g.name, case.prompt);
+            assert_eq!(
+                ids, case.prompt_ids,
+                "{}: tokenization of {:?}",
+                g.name, case.prompt
+            );
             let n = case.greedy_ids.len();
             let (tokens, logits) = greedy(&file, 1, &case.prompt_ids, n);
             let diff = max_abs_diff(&logits, &case.last_logits);
@@ -98,7 +116,11 @@ fn safetensors_matches_transformers_for_every_architecture_and_stage_count() {
                 g.name,
                 std_dev(&case.last_logits)
             );
-            assert_eq!(tokens, case.greedy_ids, "{}: greedy tokens vs transformers for {:?}", g.name, case.prompt);
+            assert_eq!(
+                tokens, case.greedy_ids,
+                "{}: greedy tokens vs transformers for {:?}",
+                g.name, case.prompt
+            );
             for stages in [2, 3] {
                 let (split, _) = greedy(&file, stages, &case.prompt_ids, n);
                 assert_eq!(split, tokens, "{}: {stages} stages vs 1", g.name);
@@ -120,16 +142,28 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
         let tokenizer = Tokenizer::for_model(&file).expect("embedded tokenizer");
         for case in &g.cases {
             let ids = tokenizer.encode(&case.prompt, true).expect("encode");
-            assert_eq!(ids, case.prompt_ids, "{}: GGUF tokenizer on {:?}", g.name, case.prompt);
+            assert_eq!(
+                ids, case.prompt_ids,
+                "{}: GGUF tokenizer on {:?}",
+                g.name, case.prompt
+            );
             let n = case.greedy_ids.len();
             let (tokens, logits) = greedy(&file, 1, &case.prompt_ids, n);
             let diff = max_abs_diff(&logits, &case.last_logits);
-            assert!(diff < 5e-2, "{}: f16 GGUF logits differ from transformers by {diff}", g.name);
+            assert!(
+                diff < 5e-2,
+                "{}: f16 GGUF logits differ from transformers by {diff}",
+                g.name
+            );
             for (i, (t, want)) in tokens.iter().zip(&case.greedy_ids).enumerate() {
                 if case.greedy_margins[i] <= 0.1 {
                     break; // a near-tie: f16 rounding may legitimately flip it.
                 }
-                assert_eq!(t, want, "{}: f16 GGUF greedy token {i} for {:?}", g.name, case.prompt);
+                assert_eq!(
+                    t, want,
+                    "{}: f16 GGUF greedy token {i} for {:?}",
+                    g.name, case.prompt
+                );
             }
         }
         // Q8_0 from llama.cpp: loads, and its logits stay within 0.15 of a standard deviation
@@ -140,9 +174,16 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
             let case = &g.cases[0];
             let (_, logits) = greedy(&file, 1, &case.prompt_ids, 1);
             let rel = max_abs_diff(&logits, &case.last_logits) / std_dev(&case.last_logits);
-            assert!(rel < 0.15, "{}: q8_0 logits differ by {rel} of a std", g.name);
+            assert!(
+                rel < 0.15,
+                "{}: q8_0 logits differ by {rel} of a std",
+                g.name
+            );
         }
         checked += 1;
     }
-    assert!(checked >= 3, "expected llama.cpp files for at least three models");
+    assert!(
+        checked >= 3,
+        "expected llama.cpp files for at least three models"
+    );
 }

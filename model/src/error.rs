@@ -105,6 +105,14 @@ pub enum Error {
         /// Layers in the model.
         layers: usize,
     },
+    /// A KV cache used with a stage of other layers.
+    #[error("layer {layer} is not in this KV cache's layers {layers:?}")]
+    LayerOutOfRange {
+        /// The layer asked for.
+        layer: usize,
+        /// The layers the cache holds.
+        layers: Range<usize>,
+    },
     /// A forward was asked of a sequence this stage does not know.
     #[error("unknown sequence {seq}")]
     UnknownSequence {

@@ -36,12 +36,16 @@ pub enum StorageType {
 }
 
 impl StorageType {
-    /// Bytes for `elements` values of this type.
+    /// Bytes for `elements` values of this type (saturating: an absurd count from a corrupt
+    /// header must fail the bounds check, not wrap around and pass it).
     pub fn bytes_for(self, elements: usize) -> u64 {
+        let elements = elements as u64;
         match self {
-            StorageType::F32 => 4 * elements as u64,
-            StorageType::F16 | StorageType::BF16 => 2 * elements as u64,
-            StorageType::Quantized(q) => (elements / q.block_size() * q.type_size()) as u64,
+            StorageType::F32 => elements.saturating_mul(4),
+            StorageType::F16 | StorageType::BF16 => elements.saturating_mul(2),
+            StorageType::Quantized(q) => {
+                (elements / q.block_size() as u64).saturating_mul(q.type_size() as u64)
+            }
         }
     }
 
@@ -77,6 +81,11 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
     }
 }
 
+/// Elements of a shape, `None` on overflow (a corrupt header).
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -93,7 +102,8 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// Bytes of data.
     pub fn bytes(&self) -> u64 {
-        self.storage.bytes_for(self.shape.iter().product())
+        self.storage
+            .bytes_for(element_count(&self.shape).unwrap_or(usize::MAX))
     }
 }
 
@@ -377,16 +387,6 @@ impl ModelFile {
         self.read_entry(&name, entry, device)
     }
 
-    /// Reads one tensor by its name in the file (no shape check).
-    pub fn load_named(&self, name: &str, device: &Device) -> Result<Weight> {
-        let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            arch: self.config.arch.name().into(),
-        })?;
-        self.read_entry(name, entry, device)
-    }
-
     fn read_entry(&self, name: &str, entry: &TensorEntry, device: &Device) -> Result<Weight> {
         let (file_path, file) = &self.files[entry.file];
         let len = entry.bytes();
@@ -473,7 +473,14 @@ impl ModelFile {
                 q => StorageType::Quantized(q),
             };
             let shape = info.shape.dims().to_vec();
-            let elements: usize = shape.iter().product();
+            let malformed = |reason: String| Error::Malformed {
+                path: path.to_path_buf(),
+                format: "gguf",
+                reason,
+            };
+            let elements = element_count(&shape).ok_or_else(|| {
+                malformed(format!("tensor `{name}` has an impossible shape {shape:?}"))
+            })?;
             if let StorageType::Quantized(q) = storage {
                 let row = shape.last().copied().unwrap_or(0);
                 if row % q.block_size() != 0 {
@@ -487,13 +494,19 @@ impl ModelFile {
                     });
                 }
             }
+            let offset = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .ok_or_else(|| malformed(format!("tensor `{name}` has an impossible offset")))?;
             let entry = TensorEntry {
                 file: 0,
-                offset: content.tensor_data_offset + info.offset,
+                offset,
                 storage,
                 shape,
             };
-            let end = entry.offset + entry.storage.bytes_for(elements);
+            let end = entry
+                .offset
+                .saturating_add(entry.storage.bytes_for(elements));
             if end > file_len {
                 return Err(Error::Truncated {
                     path: path.to_path_buf(),
@@ -553,6 +566,14 @@ impl ModelFile {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for (index, shard) in shard_names.iter().enumerate() {
+            // A shard is a file beside the index, never a path elsewhere.
+            if Path::new(shard).components().count() != 1 || shard.starts_with('.') {
+                return Err(Error::Malformed {
+                    path: path.to_path_buf(),
+                    format: "safetensors index",
+                    reason: format!("shard name `{shard}` is not a plain file name"),
+                });
+            }
             let shard_path = dir.join(shard);
             let file = File::open(&shard_path).map_err(|e| Error::io(&shard_path, e))?;
             for (name, entry) in read_safetensors_header(&shard_path, &file, index)? {
@@ -642,19 +663,18 @@ fn read_safetensors_header(
                 "tensor `{name}` has no valid data_offsets"
             )));
         };
-        let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let expected = elements.map(|n| storage.bytes_for(n));
+        let expected = element_count(&shape).map(|n| storage.bytes_for(n));
         if end < begin || expected != Some(end - begin) {
             return Err(malformed(format!(
                 "tensor `{name}`: data_offsets {begin}..{end} do not hold a {dtype} tensor of shape {shape:?}"
             )));
         }
-        if data_start + end > file_len {
+        if data_start.saturating_add(end) > file_len {
             return Err(Error::Truncated {
                 path: path.to_path_buf(),
                 tensor: name,
                 start: data_start + begin,
-                end: data_start + end,
+                end: data_start.saturating_add(end),
                 file_len,
             });
         }
@@ -717,7 +737,7 @@ fn config_from_gguf(
         .unwrap_or(hidden_size / num_heads.max(1));
     let vocab_size = tensors
         .get("token_embd.weight")
-        .map(|e| e.shape[0])
+        .and_then(|e| e.shape.first().copied())
         .or_else(|| get_usize("vocab_size"))
         .ok_or_else(|| invalid("no `token_embd.weight` tensor to size the vocabulary".into()))?;
     let mut rope_scaling = None;

@@ -114,8 +114,11 @@ impl KvCache {
             .seqs
             .get_mut(&seq)
             .ok_or(Error::UnknownSequence { seq })?;
-        let local = layer - self.first_layer;
-        let entry = &mut s.layers[local];
+        let layers = self.first_layer..self.first_layer + self.num_layers;
+        let entry = layer
+            .checked_sub(self.first_layer)
+            .and_then(|local| s.layers.get_mut(local))
+            .ok_or(Error::LayerOutOfRange { layer, layers })?;
         let (kv_heads, n, head_dim) = k.dims3()?;
         let needed = start + n;
         if needed > entry.capacity {

@@ -13,6 +13,7 @@
 //! - [`format`]: the files, their tensor directories, reading one tensor by offset.
 //! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
 //! - [`kv`]: the KV cache, per sequence, per layer.
+//! - [`kernels`]: our packed Q4_0 matmul (AVX2), where candle's CPU kernels fall short.
 //! - [`sampler`]: logits to tokens.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`pipeline`]: K stages in one process, and the generation loop.
@@ -29,6 +30,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod format;
+pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod pipeline;

@@ -9,12 +9,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
+use crate::kernels::Q4Tiles;
 use crate::kv::{KvCache, SeqId};
 
 /// Which part of the model a stage holds.
@@ -103,10 +104,57 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+/// A weight matrix as a matmul operand: candle's (dense, or packed in any ggml type), or
+/// our tiled Q4_0 kernel where the CPU runs it.
+#[derive(Debug, Clone)]
+enum Matrix {
+    Candle(QMatMul),
+    Q4(Arc<Q4Tiles>),
+}
+
+impl Matrix {
+    /// `x [rows, k]` times the transposed matrix: `[rows, n]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Matrix::Candle(m) => Ok(m.forward(x)?),
+            Matrix::Q4(t) => {
+                let (rows, k) = x.dims2()?;
+                if k != t.cols() {
+                    return Err(Error::InvalidBatch(format!(
+                        "activations of width {k} for a matrix of {} columns",
+                        t.cols()
+                    )));
+                }
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * t.rows()];
+                t.matmul(&xs, rows, &mut out);
+                Ok(Tensor::from_vec(out, (rows, t.rows()), x.device())?)
+            }
+        }
+    }
+
+    /// Rows `ids` of the matrix, dequantized: an embedding lookup.
+    fn embedding(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Matrix::Candle(m) => Ok(m
+                .embedding(&Tensor::new(ids, device)?)?
+                .to_dtype(DType::F32)?),
+            Matrix::Q4(t) => {
+                let k = t.cols();
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_mut(k).zip(ids) {
+                    t.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
+            }
+        }
+    }
+}
+
 /// A projection `x W^T (+ b)`, with `W` dense or block-quantized.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 
@@ -120,12 +168,20 @@ impl Linear {
     }
 }
 
-/// A weight as a matmul operand: quantized weights stay packed, F16 stays F16.
-fn qmatmul(weight: Weight) -> Result<QMatMul> {
+/// A weight as a matmul operand: quantized weights stay packed (Q4_0 in our tiles where
+/// the CPU supports them), F16 stays F16.
+fn matrix(weight: Weight) -> Result<Matrix> {
     Ok(match weight {
-        Weight::Quantized(q) => QMatMul::QTensor(Arc::new(q)),
-        Weight::Dense(t) if t.dtype() == DType::F32 => QMatMul::Tensor(t),
-        Weight::Dense(t) => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
+        Weight::Quantized(q) if q.dtype() == GgmlDType::Q4_0 && q.device().is_cpu() => {
+            let (n, k) = q.shape().dims2()?;
+            match Q4Tiles::from_ggml(&q.data()?, n, k) {
+                Some(tiles) => Matrix::Q4(Arc::new(tiles)),
+                None => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
+            }
+        }
+        Weight::Quantized(q) => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
+        Weight::Dense(t) if t.dtype() == DType::F32 => Matrix::Candle(QMatMul::Tensor(t)),
+        Weight::Dense(t) => Matrix::Candle(QMatMul::TensorF16(t.to_dtype(DType::F16)?)),
     })
 }
 
@@ -180,10 +236,10 @@ pub struct Stage {
     config: ModelConfig,
     slice: Slice,
     device: Device,
-    embed: Option<QMatMul>,
+    embed: Option<Matrix>,
     blocks: Vec<Block>,
     final_norm: Option<RmsNorm>,
-    lm_head: Option<QMatMul>,
+    lm_head: Option<Matrix>,
     inv_freq: Vec<f32>,
     rope_interleaved: bool,
     weight_bytes: u64,
@@ -208,7 +264,7 @@ impl Stage {
         };
         let eps = config.rms_norm_eps as f32;
         let embed = if slice.embed {
-            Some(qmatmul(load(Role::Embed)?)?)
+            Some(matrix(load(Role::Embed)?)?)
         } else {
             None
         };
@@ -228,7 +284,7 @@ impl Stage {
                 (None, None)
             };
             let mut linear = |w: Role, b: Option<Role>| -> Result<Linear> {
-                let weight = qmatmul(load(w)?)?;
+                let weight = matrix(load(w)?)?;
                 let bias = match b {
                     Some(b) => Some(dense_f32(load(b)?, device)?),
                     None => None,
@@ -257,12 +313,19 @@ impl Stage {
                 eps,
             };
             let head = if file.entry(Role::LmHead).is_some() {
-                qmatmul(load(Role::LmHead)?)?
+                matrix(load(Role::LmHead)?)?
+            } else if !config.tie_word_embeddings {
+                // Untied, yet no head: fail loudly rather than silently reuse the embedding.
+                return Err(Error::MissingTensor {
+                    path: file.path().to_path_buf(),
+                    tensor: file.tensor_name(Role::LmHead),
+                    arch: config.arch.name().into(),
+                });
             } else if let Some(embed) = &embed {
                 // Tied: share the embedding's storage.
                 embed.clone()
             } else {
-                qmatmul(load(Role::Embed)?)?
+                matrix(load(Role::Embed)?)?
             };
             (Some(final_norm), Some(head))
         } else {
@@ -369,8 +432,7 @@ impl Stage {
                         vocab: self.config.vocab_size,
                     });
                 }
-                let ids = Tensor::new(ids.as_slice(), &self.device)?;
-                embed.embedding(&ids)?.to_dtype(DType::F32)?
+                embed.embedding(&ids, &self.device)?
             }
             (StageInput::Hidden(h), None) => {
                 let dims = h.dims();
@@ -532,11 +594,6 @@ fn causal_mask(start: usize, n: usize, device: &Device) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(mask, (n, total), device)?)
-}
-
-/// Reads the argmax of each row of `[rows, vocab]` logits.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
 
 #[cfg(test)]

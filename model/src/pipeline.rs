@@ -12,8 +12,9 @@ use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 
-/// Longest run of prompt tokens sent through the stages in one forward; longer prompts are
-/// prefilled in several chunks, which bounds the attention scores' memory.
+/// Default longest run of prompt tokens sent through the stages in one forward; longer
+/// prompts are prefilled in several chunks, which bounds the activations' memory (the
+/// attention scores still grow with the context: `[heads, chunk, context]`).
 pub const PREFILL_CHUNK: usize = 512;
 
 /// One generation request.
@@ -74,6 +75,7 @@ pub struct LocalPipeline {
     stages: Vec<(Stage, KvCache)>,
     next_seq: SeqId,
     eos: Vec<u32>,
+    prefill_chunk: usize,
 }
 
 impl LocalPipeline {
@@ -109,12 +111,18 @@ impl LocalPipeline {
             stages,
             next_seq: 1,
             eos: file.config().eos_token_ids.clone(),
+            prefill_chunk: PREFILL_CHUNK,
         })
     }
 
     /// The loaded stages.
     pub fn stages(&self) -> impl Iterator<Item = &Stage> {
         self.stages.iter().map(|(s, _)| s)
+    }
+
+    /// Sets the longest prompt chunk per forward (at least 1).
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
     }
 
     /// Adds end-of-sequence ids (e.g. the tokenizer's) to those of the config.
@@ -162,13 +170,15 @@ impl LocalPipeline {
         ))
     }
 
-    /// Feeds a whole prompt (in chunks of [`PREFILL_CHUNK`]) and returns the last logits.
+    /// Feeds a whole prompt (in chunks of at most `prefill_chunk`) and returns the last
+    /// logits.
     fn prefill(&mut self, seq: SeqId, prompt: &[u32]) -> Result<Vec<f32>> {
         let mut logits = None;
-        for (i, piece) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        let size = self.prefill_chunk;
+        for (i, piece) in prompt.chunks(size).enumerate() {
             let chunk = Chunk {
                 seq,
-                start: i * PREFILL_CHUNK,
+                start: i * size,
                 len: piece.len(),
             };
             logits = Some(self.forward(&[chunk], piece.to_vec())?);
@@ -243,7 +253,6 @@ impl LocalPipeline {
                 if !l.done {
                     let s = l.sampler.sample(&l.result.prompt_logits, &l.history)?;
                     self.accept(
-                        l.seq,
                         &mut l.history,
                         &mut l.result,
                         &mut l.done,
@@ -280,7 +289,6 @@ impl LocalPipeline {
                     let l = &mut live[i];
                     let s = l.sampler.sample(row, &l.history)?;
                     self.accept(
-                        l.seq,
                         &mut l.history,
                         &mut l.result,
                         &mut l.done,
@@ -305,7 +313,6 @@ impl LocalPipeline {
     #[allow(clippy::too_many_arguments)]
     fn accept(
         &self,
-        _seq: SeqId,
         history: &mut Vec<u32>,
         result: &mut Generation,
         done: &mut bool,

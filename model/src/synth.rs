@@ -559,10 +559,10 @@ fn bytes_to_unicode() -> Vec<char> {
 pub fn synth_tokenizer_json(vocab: usize) -> Result<serde_json::Value> {
     let (tokens, merges) = synth_vocab(vocab)?;
     let ids = special_ids(vocab);
-    let specials: Vec<(u32, String)> = SPECIAL_TOKENS
+    let specials: Vec<(u32, String, bool)> = SPECIAL_TOKENS
         .iter()
         .enumerate()
-        .map(|(i, s)| (ids.bos + i as u32, s.to_string()))
+        .map(|(i, s)| (ids.bos + i as u32, s.to_string(), true))
         .collect();
     Ok(byte_level_bpe_json(
         &tokens,
@@ -978,3 +978,85 @@ she said that the weather would change before the end of the week and that they 
 he wrote a letter to his brother in the city and told him about the harvest and the new horse. \
 one two three four five six seven eight nine ten. the quick brown fox jumps over the lazy dog. \
 what is the name of the model and how many layers does it have on each of the machines";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GenerateRequest, LocalPipeline, ModelFile, Tokenizer};
+
+    #[test]
+    fn vocabulary_has_the_requested_size_and_valid_merges() {
+        for vocab in [260, 512, 5000] {
+            let (tokens, merges) = synth_vocab(vocab).unwrap();
+            assert_eq!(tokens.len(), vocab);
+            let set: HashSet<&String> = tokens.iter().collect();
+            assert_eq!(set.len(), vocab, "tokens are unique");
+            for m in &merges {
+                let (a, b) = m.split_once(' ').unwrap();
+                assert!(
+                    set.contains(&a.to_string()) && set.contains(&b.to_string()),
+                    "{m}"
+                );
+                assert!(set.contains(&format!("{a}{b}")), "{m}");
+            }
+        }
+        assert!(synth_vocab(259).is_err());
+    }
+
+    #[test]
+    fn deep_models_stay_finite_and_greedy_output_varies() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            layers: 32,
+            seed: 3,
+            tie_embeddings: true,
+            ..SynthSpec::tiny(Arch::Llama)
+        };
+        let options = SynthOptions {
+            format: SynthFormat::Safetensors,
+            dtype: SynthDType::F32,
+            shard_bytes: None,
+        };
+        write_model(&spec, &options, dir.path()).unwrap();
+        let file = ModelFile::open(dir.path()).unwrap();
+        let tokenizer = Tokenizer::for_model(&file).unwrap();
+        let prompt = tokenizer
+            .encode("the river runs past the old mill", true)
+            .unwrap();
+        let mut pipeline = LocalPipeline::load(&file, 1, &Device::Cpu).unwrap();
+        let request = GenerateRequest {
+            stop_at_eos: false,
+            ..GenerateRequest::greedy(prompt, 24)
+        };
+        let g = pipeline.generate(&request, |_| {}).unwrap();
+        assert!(g.prompt_logits.iter().all(|l| l.is_finite()));
+        let spread = {
+            let mean = g.prompt_logits.iter().sum::<f32>() / g.prompt_logits.len() as f32;
+            (g.prompt_logits
+                .iter()
+                .map(|l| (l - mean).powi(2))
+                .sum::<f32>()
+                / g.prompt_logits.len() as f32)
+                .sqrt()
+        };
+        assert!((1.0..10.0).contains(&spread), "logit std {spread}");
+        let distinct: HashSet<u32> = g.tokens.iter().copied().collect();
+        assert!(
+            distinct.len() >= 6,
+            "greedy output barely varies: {:?}",
+            g.tokens
+        );
+    }
+
+    #[test]
+    fn presets_describe_valid_models() {
+        for name in PRESETS {
+            let spec = SynthSpec::preset(name).unwrap();
+            spec.config().validate(Path::new(name)).unwrap();
+        }
+        assert!(SynthSpec::preset("gpt-5")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown preset"));
+    }
+}

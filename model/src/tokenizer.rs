@@ -137,21 +137,31 @@ impl Tokenizer {
             .unwrap_or_else(|| vec![1; tokens.len()]);
         let id_key = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let bos = id_key("tokenizer.ggml.bos_token_id");
-        let eos: Vec<u32> = id_key("tokenizer.ggml.eos_token_id").into_iter().collect();
+        // Llama 3.x ends turns with <|eot_id|> / <|eom_id|>, stored beside the EOS id.
+        let mut eos: Vec<u32> = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some(id) = id_key(key).filter(|id| !eos.contains(id)) {
+                eos.push(id);
+            }
+        }
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(model == "llama");
-        let specials: Vec<(u32, String)> = tokens
+        // Control tokens are special (skipped when decoding for people); user-defined ones
+        // (Qwen's <think>, <tool_call>) are whole tokens but part of the text.
+        let specials: Vec<(u32, String, bool)> = tokens
             .iter()
             .enumerate()
-            .filter(|(i, _)| {
-                matches!(
-                    types.get(*i).copied(),
-                    Some(TOKEN_TYPE_CONTROL) | Some(TOKEN_TYPE_USER_DEFINED)
-                )
+            .filter_map(|(i, t)| match types.get(i).copied() {
+                Some(TOKEN_TYPE_CONTROL) => Some((i as u32, t.clone(), true)),
+                Some(TOKEN_TYPE_USER_DEFINED) => Some((i as u32, t.clone(), false)),
+                _ => None,
             })
-            .map(|(i, t)| (i as u32, t.clone()))
             .collect();
         let bos_text = if add_bos {
             bos.and_then(|b| tokens.get(b as usize).cloned())
@@ -259,11 +269,16 @@ impl Tokenizer {
 }
 
 /// Turns a growing list of token ids into text pieces as they become printable, holding
-/// back bytes of an unfinished UTF-8 character.
+/// back bytes of an unfinished UTF-8 character. Only a short window of recent ids is
+/// re-decoded per token (as transformers' streamer does), so a long answer costs linear
+/// time, and tokenizers whose pieces depend on their left neighbour still decode right.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the window re-decoded for context.
+    prefix: usize,
+    /// End of what has been printed.
+    read: usize,
 }
 
 impl StreamDecoder {
@@ -275,16 +290,28 @@ impl StreamDecoder {
     /// Adds a token and returns the newly printable text (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
+        let printed = tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let text = tokenizer.decode(&self.ids[self.prefix..], true)?;
+        if text.len() > printed.len()
+            && text.is_char_boundary(printed.len())
+            && !text.ends_with('\u{FFFD}')
         {
-            return Ok(String::new());
+            let piece = text[printed.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            return Ok(piece);
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(piece)
+        Ok(String::new())
+    }
+
+    /// Whatever is still held back at the end of generation (an incomplete character is
+    /// printed as U+FFFD).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        let printed = tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let text = tokenizer.decode(&self.ids[self.prefix..], true)?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(text.get(printed.len()..).unwrap_or_default().to_string())
     }
 }
 
@@ -306,13 +333,13 @@ fn string_array(md: &HashMap<String, Value>, key: &str) -> Result<Option<Vec<Str
         .map(Some)
 }
 
-fn added_tokens_json(specials: &[(u32, String)]) -> Json {
+fn added_tokens_json(specials: &[(u32, String, bool)]) -> Json {
     Json::Array(
         specials
             .iter()
-            .map(|(id, content)| {
+            .map(|(id, content, special)| {
                 json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": true})
+                       "rstrip": false, "normalized": false, "special": special})
             })
             .collect(),
     )
@@ -337,7 +364,7 @@ fn bos_post_processor(bos: Option<&str>, bos_id: Option<u32>) -> Json {
 pub fn byte_level_bpe_json(
     tokens: &[String],
     merges: &[String],
-    specials: &[(u32, String)],
+    specials: &[(u32, String, bool)],
     pattern: Option<&str>,
     bos: Option<&str>,
 ) -> Json {
@@ -380,7 +407,7 @@ fn sentencepiece_bpe_json(
     tokens: &[String],
     scores: &[f32],
     types: &[i32],
-    specials: &[(u32, String)],
+    specials: &[(u32, String, bool)],
     bos: Option<&str>,
 ) -> Json {
     let index: HashMap<&str, usize> = tokens
@@ -505,7 +532,8 @@ mod tests {
         let t = Tokenizer::from_gguf(&spm_metadata()).unwrap();
         let ids = t.encode("hé", false).unwrap();
         let mut d = StreamDecoder::new();
-        let pieces: Vec<String> = ids.iter().map(|&i| d.push(&t, i).unwrap()).collect();
+        let mut pieces: Vec<String> = ids.iter().map(|&i| d.push(&t, i).unwrap()).collect();
+        pieces.push(d.finish(&t).unwrap());
         assert_eq!(pieces.concat(), "hé");
         assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
     }

@@ -67,13 +67,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", a.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let weight_bytes: u64 = pipeline.stages().map(|s| s.weight_bytes()).sum();
-    // Decode reads every layer and the head once per step; the embedding only one row.
-    let head_bytes = if file.entry(Role::LmHead).is_some() {
-        0
-    } else {
-        file.role_bytes(Role::Embed)
+    // Decode reads every layer, the final norm and the head once per step (the embedding
+    // only one row); a tied head is the embedding.
+    let head_bytes = match file.role_bytes(Role::LmHead) {
+        0 => file.role_bytes(Role::Embed),
+        bytes => bytes,
     };
-    let bytes_per_token = weight_bytes - file.role_bytes(Role::Embed) + head_bytes;
+    let bytes_per_token = (0..config.num_layers)
+        .map(|l| file.layer_bytes(l))
+        .sum::<u64>()
+        + file.role_bytes(Role::FinalNorm)
+        + head_bytes;
     let roofline_tps = bandwidth / bytes_per_token as f64;
 
     // Warm up (first-touch allocation, thread pools).
@@ -129,7 +133,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             "arch": config.arch.name(),
             "layers": config.num_layers,
             "stages": a.stages,
-            "threads": rayon_threads(),
+            "threads": cpu_threads(),
             "weight_bytes": weight_bytes,
             "weight_bytes_per_token": bytes_per_token,
             "load_s": load_s,
@@ -157,7 +161,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         human_bytes(weight_bytes),
         human_bytes(bytes_per_token)
     );
-    println!("threads               {}", rayon_threads());
+    println!("threads               {}", cpu_threads());
     println!("load                  {load_s:.2} s");
     println!(
         "prefill               {prefill_tps:.1} tokens/s ({} tokens)",
@@ -178,6 +182,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rayon_threads() -> usize {
+fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

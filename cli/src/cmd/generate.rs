@@ -185,6 +185,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             let _ = stdout.flush();
         }
     })?;
+    if stream {
+        if let Some(t) = &tokenizer {
+            print!("{}", decoder.finish(t)?);
+        }
+    }
     let text = match &tokenizer {
         Some(t) => Some(t.decode(&generation.tokens, true)?),
         None => None,

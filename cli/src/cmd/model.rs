@@ -9,7 +9,9 @@ use strata_model::format::Format;
 use strata_model::synth::{self, SynthDType, SynthFormat, SynthOptions, SynthSpec};
 use strata_model::{Arch, ModelFile, Role, Slice, Stage, Tokenizer};
 
-use super::{human_bytes, peak_rss_bytes};
+use std::fmt::Write as _;
+
+use super::{emit, human_bytes, peak_rss_bytes};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -202,83 +204,92 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    println!("model          {}", a.path.display());
-    println!("format         {format}");
-    println!("architecture   {}", c.arch.name());
-    println!("layers         {}", c.num_layers);
-    println!(
+    let mut out = String::new();
+    writeln!(out, "model          {}", a.path.display())?;
+    writeln!(out, "format         {format}")?;
+    writeln!(out, "architecture   {}", c.arch.name())?;
+    writeln!(out, "layers         {}", c.num_layers)?;
+    writeln!(
+        out,
         "hidden         {}  (mlp {})",
         c.hidden_size, c.intermediate_size
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "attention      {} heads, {} kv heads, head dim {}{}{}",
         c.num_heads,
         c.num_kv_heads,
         c.head_dim,
         if c.qkv_bias { ", qkv bias" } else { "" },
         if c.qk_norm { ", q/k norm" } else { "" }
-    );
-    println!("vocabulary     {}", c.vocab_size);
-    println!("context        {}", c.max_position_embeddings);
-    println!(
+    )?;
+    writeln!(out, "vocabulary     {}", c.vocab_size)?;
+    writeln!(out, "context        {}", c.max_position_embeddings)?;
+    writeln!(
+        out,
         "rope           theta {}{}",
         c.rope_theta,
         match &c.rope_scaling {
             None => String::new(),
             Some(s) => format!(", scaling {s:?}").chars().take(80).collect(),
         }
-    );
-    println!("tied embedding {}", c.tie_word_embeddings);
-    println!("weights        {} in all", human_bytes(total));
+    )?;
+    writeln!(out, "tied embedding {}", c.tie_word_embeddings)?;
+    writeln!(out, "weights        {} in all", human_bytes(total))?;
     let (min, max) = (
         layer_bytes.iter().min().copied().unwrap_or(0),
         layer_bytes.iter().max().copied().unwrap_or(0),
     );
     if min == max {
-        println!("per layer      {}", human_bytes(min));
+        writeln!(out, "per layer      {}", human_bytes(min))?;
     } else {
-        println!(
+        writeln!(
+            out,
             "per layer      {} .. {}",
             human_bytes(min),
             human_bytes(max)
-        );
+        )?;
     }
-    println!("embedding      {}", human_bytes(embed));
-    println!(
+    writeln!(out, "embedding      {}", human_bytes(embed))?;
+    writeln!(
+        out,
         "lm head        {}",
         if head == 0 {
             "tied to the embedding".to_string()
         } else {
             human_bytes(head)
         }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "kv cache       {} per token (f32, all layers)",
         human_bytes((c.kv_bytes_per_token_per_layer(4) * c.num_layers) as u64)
-    );
+    )?;
     for (name, (n, bytes)) in &types {
-        println!("type {name:<9} {n} tensors, {}", human_bytes(*bytes));
+        writeln!(out, "type {name:<9} {n} tensors, {}", human_bytes(*bytes))?;
     }
     match tokenizer {
         Ok(t) => {
-            println!(
+            writeln!(
+                out,
                 "tokenizer      {} tokens, bos {:?}, eos {:?}",
                 t.vocab_size(),
                 t.bos(),
                 t.eos()
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "chat template  {}",
                 if t.chat_template().is_some() {
                     "yes"
                 } else {
                     "no"
                 }
-            );
+            )?;
         }
-        Err(e) => println!("tokenizer      none usable: {e}"),
+        Err(e) => writeln!(out, "tokenizer      none usable: {e}")?,
     }
-    Ok(())
+    emit(&out)
 }
 
 /// Loads one slice and reports what it cost: the measurement behind "a worker's resident

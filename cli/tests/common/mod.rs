@@ -53,7 +53,10 @@ pub fn greedy(file: &ModelFile, stages: usize, prompt: &[u32], n: usize) -> (Vec
 /// Largest absolute difference between two equally long vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Standard deviation of a vector (to state tolerances relative to the logits' spread).
