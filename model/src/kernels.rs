@@ -1,4 +1,5 @@
-//! Packed Q4_0 matrix multiplication for x86-64 CPUs with AVX2, FMA and F16C.
+//! Matrix multiplication kernels for x86-64 CPUs with AVX2, FMA and F16C: packed Q4_0,
+//! and F16 weights against F32 activations.
 //!
 //! Why our own kernel: candle's CPU path computes one dot product per (activation row,
 //! weight row) pair and so unpacks every 4-bit weight block again for each activation
@@ -131,26 +132,9 @@ impl Q4Tiles {
         }
         let acts = quantize_rows(x, m, self.k);
         let kb = self.k / QK;
-        let tiles = self.n / TILE;
-        // Results land tile-major ([tile][row][4]) so each task owns a contiguous slice.
-        let mut tiled = vec![0f32; m * self.n];
-        let threads = rayon::current_num_threads().max(1);
-        let tiles_per_task = tiles.div_ceil(threads * 8).max(1);
-        tiled
-            .par_chunks_mut(tiles_per_task * TILE * m)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * tiles_per_task;
-                for (i, tile_out) in chunk.chunks_mut(TILE * m).enumerate() {
-                    self.tile(first + i, kb, &acts, m, tile_out);
-                }
-            });
-        for t in 0..tiles {
-            for a in 0..m {
-                let src = &tiled[(t * m + a) * TILE..(t * m + a + 1) * TILE];
-                out[a * self.n + t * TILE..a * self.n + (t + 1) * TILE].copy_from_slice(src);
-            }
-        }
+        for_each_tile(self.n, m, out, |t, tile_out| {
+            self.tile(t, kb, &acts, m, tile_out)
+        });
     }
 
     /// One tile against every activation row, two rows at a time.
@@ -187,6 +171,105 @@ impl Q4Tiles {
             }
             a += n;
         }
+    }
+}
+
+/// Runs `tile(t, out)` for every tile of four weight rows, in parallel, each writing its
+/// `[m][4]` results, then lays them out as `out[m, n]`.
+fn for_each_tile(n: usize, m: usize, out: &mut [f32], tile: impl Fn(usize, &mut [f32]) + Sync) {
+    let tiles = n / TILE;
+    // Results land tile-major ([tile][row][4]) so each task owns a contiguous slice.
+    let mut tiled = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    let tiles_per_task = tiles.div_ceil(threads * 8).max(1);
+    tiled
+        .par_chunks_mut(tiles_per_task * TILE * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * tiles_per_task;
+            for (i, tile_out) in chunk.chunks_mut(TILE * m).enumerate() {
+                tile(first + i, tile_out);
+            }
+        });
+    if m == 1 {
+        out.copy_from_slice(&tiled);
+        return;
+    }
+    for t in 0..tiles {
+        for a in 0..m {
+            let src = &tiled[(t * m + a) * TILE..(t * m + a + 1) * TILE];
+            out[a * n + t * TILE..a * n + (t + 1) * TILE].copy_from_slice(src);
+        }
+    }
+}
+
+/// An F16 matrix `[n, k]` multiplied with F32 activations: the weights are widened to F32
+/// in registers, so activations keep their full range (candle's F16 path rounds them to
+/// F16, and its small-batch GEMM repacks the whole matrix on every call).
+#[derive(Debug)]
+pub struct F16Matrix {
+    n: usize,
+    k: usize,
+    data: Vec<half::f16>,
+}
+
+impl F16Matrix {
+    /// Wraps row-major F16 weights; `None` when this CPU or shape is not supported.
+    pub fn new(data: Vec<half::f16>, n: usize, k: usize) -> Option<Self> {
+        if !available() || !n.is_multiple_of(TILE) || !k.is_multiple_of(8) || data.len() != n * k {
+            return None;
+        }
+        Some(F16Matrix { n, k, data })
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `row`, widened: an embedding lookup.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        for (o, w) in out
+            .iter_mut()
+            .zip(&self.data[row * self.k..(row + 1) * self.k])
+        {
+            *o = w.to_f32();
+        }
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
+        let k = self.k;
+        for_each_tile(self.n, m, out, |t, tile_out| {
+            let w = &self.data[t * TILE * k..(t + 1) * TILE * k];
+            let mut a = 0;
+            while a < m {
+                let n = (m - a).min(2);
+                let rows = &x[a * k..(a + n) * k];
+                // SAFETY: `available()` was checked in `new`; `w` holds four rows of `k`
+                // values and `rows` `n` rows of `k`, `k` a multiple of 8.
+                let r = unsafe {
+                    match n {
+                        2 => x86::f16_tile_dot::<2>(k, w, rows).to_vec(),
+                        _ => x86::f16_tile_dot::<1>(k, w, rows).to_vec(),
+                    }
+                };
+                for (i, r) in r.iter().enumerate() {
+                    tile_out[(a + i) * TILE..(a + i + 1) * TILE].copy_from_slice(r);
+                }
+                a += n;
+            }
+        });
     }
 }
 
@@ -300,11 +383,60 @@ mod x86 {
         }
         out
     }
+
+    /// Dot products of four F16 weight rows with `A` F32 activation rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `4 * k` values, `x` `A * k`, and
+    /// `k` is a multiple of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_tile_dot<const A: usize>(
+        k: usize,
+        w: &[half::f16],
+        x: &[f32],
+    ) -> [[f32; TILE]; A] {
+        debug_assert!(w.len() >= TILE * k && x.len() >= A * k && k.is_multiple_of(8));
+        let mut acc = [[_mm256_setzero_ps(); TILE]; A];
+        let wp = w.as_ptr() as *const u16;
+        let xp = x.as_ptr();
+        for j in (0..k).step_by(8) {
+            let mut wv = [_mm256_setzero_ps(); TILE];
+            for (r, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(r * k + j) as *const __m128i));
+            }
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(a * k + j));
+                for r in 0..TILE {
+                    acc[r] = _mm256_fmadd_ps(wv[r], xv, acc[r]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE]; A];
+        for a in 0..A {
+            for r in 0..TILE {
+                let v = acc[a][r];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                out[a][r] = _mm_cvtss_f32(s);
+            }
+        }
+        out
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
     use super::{ActRow, TILE};
+
+    /// Never called: `available()` is false off x86-64.
+    pub(super) unsafe fn f16_tile_dot<const A: usize>(
+        _: usize,
+        _: &[half::f16],
+        _: &[f32],
+    ) -> [[f32; TILE]; A] {
+        unreachable!("the F16 kernels only run on x86-64")
+    }
 
     /// Never called: `available()` is false off x86-64.
     pub(super) unsafe fn tile_dot<const A: usize>(
@@ -384,6 +516,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn f16_matrix_matches_an_f32_matmul_of_the_same_weights() {
+        if !available() {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
+            return;
+        }
+        let (n, k) = (8, 64);
+        let w: Vec<half::f16> = random(n * k, 3)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let matrix = F16Matrix::new(w, n, k).unwrap();
+        for m in [1, 2, 3] {
+            let x = random(m * k, 11 + m as u32);
+            let mut ours = vec![0f32; m * n];
+            matrix.matmul(&x, m, &mut ours);
+            for a in 0..m {
+                for r in 0..n {
+                    let exact: f32 = (0..k).map(|j| x[a * k + j] * wide[r * k + j]).sum();
+                    assert!((ours[a * n + r] - exact).abs() < 1e-4, "m={m} a={a} r={r}");
+                }
+            }
+        }
+        let mut row = vec![0f32; k];
+        matrix.row(3, &mut row);
+        assert_eq!(row, wide[3 * k..4 * k]);
     }
 
     #[test]

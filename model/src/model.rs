@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
-use crate::kernels::Q4Tiles;
+use crate::kernels::{self, F16Matrix, Q4Tiles};
 use crate::kv::{KvCache, SeqId};
 
 /// Which part of the model a stage holds.
@@ -105,11 +105,12 @@ pub enum StageOutput {
 }
 
 /// A weight matrix as a matmul operand: candle's (dense, or packed in any ggml type), or
-/// our tiled Q4_0 kernel where the CPU runs it.
+/// our own kernels (tiled Q4_0, F16 weights) where the CPU runs them.
 #[derive(Debug, Clone)]
 enum Matrix {
     Candle(QMatMul),
     Q4(Arc<Q4Tiles>),
+    F16(Arc<F16Matrix>),
 }
 
 impl Matrix {
@@ -117,19 +118,8 @@ impl Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Matrix::Candle(m) => Ok(m.forward(x)?),
-            Matrix::Q4(t) => {
-                let (rows, k) = x.dims2()?;
-                if k != t.cols() {
-                    return Err(Error::InvalidBatch(format!(
-                        "activations of width {k} for a matrix of {} columns",
-                        t.cols()
-                    )));
-                }
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; rows * t.rows()];
-                t.matmul(&xs, rows, &mut out);
-                Ok(Tensor::from_vec(out, (rows, t.rows()), x.device())?)
-            }
+            Matrix::Q4(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
+            Matrix::F16(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
         }
     }
 
@@ -140,15 +130,44 @@ impl Matrix {
                 .embedding(&Tensor::new(ids, device)?)?
                 .to_dtype(DType::F32)?),
             Matrix::Q4(t) => {
-                let k = t.cols();
-                let mut out = vec![0f32; ids.len() * k];
-                for (row, &id) in out.chunks_mut(k).zip(ids) {
-                    t.dequantize_row(id as usize, row);
-                }
-                Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
+                gather_rows(ids, t.cols(), device, |id, row| t.dequantize_row(id, row))
             }
+            Matrix::F16(t) => gather_rows(ids, t.cols(), device, |id, row| t.row(id, row)),
         }
     }
+}
+
+/// Runs one of our kernels on `x [m, k]`, giving `[m, n]`.
+fn own_kernel(
+    x: &Tensor,
+    n: usize,
+    k: usize,
+    kernel: impl Fn(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let (m, width) = x.dims2()?;
+    if width != k {
+        return Err(Error::InvalidBatch(format!(
+            "activations of width {width} for a matrix of {k} columns"
+        )));
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * n];
+    kernel(&xs, m, &mut out);
+    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// Rows `ids` of a `[_, k]` matrix, each written by `row(id, out)`.
+fn gather_rows(
+    ids: &[u32],
+    k: usize,
+    device: &Device,
+    row: impl Fn(usize, &mut [f32]),
+) -> Result<Tensor> {
+    let mut out = vec![0f32; ids.len() * k];
+    for (dst, &id) in out.chunks_mut(k).zip(ids) {
+        row(id as usize, dst);
+    }
+    Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
 }
 
 /// A projection `x W^T (+ b)`, with `W` dense or block-quantized.
@@ -181,6 +200,18 @@ fn matrix(weight: Weight) -> Result<Matrix> {
         }
         Weight::Quantized(q) => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
         Weight::Dense(t) if t.dtype() == DType::F32 => Matrix::Candle(QMatMul::Tensor(t)),
+        Weight::Dense(t) if t.dtype() == DType::F16 && t.device().is_cpu() && t.rank() == 2 => {
+            let (n, k) = t.dims2()?;
+            if !kernels::available() {
+                Matrix::Candle(QMatMul::TensorF16(t))
+            } else {
+                let data = t.flatten_all()?.to_vec1::<half::f16>()?;
+                match F16Matrix::new(data, n, k) {
+                    Some(m) => Matrix::F16(Arc::new(m)),
+                    None => Matrix::Candle(QMatMul::TensorF16(t)),
+                }
+            }
+        }
         Weight::Dense(t) => Matrix::Candle(QMatMul::TensorF16(t.to_dtype(DType::F16)?)),
     })
 }

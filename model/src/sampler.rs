@@ -122,7 +122,7 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::Sampling("empty logits".into()));
         }
-        let p = self.params.clone();
+        let p = &self.params;
         let mut adjusted = logits.to_vec();
         if p.repeat_penalty != 1.0 {
             let window = &history[history.len().saturating_sub(p.repeat_window)..];
@@ -139,14 +139,15 @@ impl Sampler {
                 }
             }
         }
+        let top = p.top_logprobs;
         let token = if p.temperature == 0.0 {
             argmax(&adjusted)
         } else {
             self.sample_filtered(&adjusted)
         };
         let logprobs = log_softmax(logits);
-        let top_logprobs = if p.top_logprobs > 0 {
-            top_n(&logprobs, p.top_logprobs)
+        let top_logprobs = if top > 0 {
+            top_n(&logprobs, top)
         } else {
             Vec::new()
         };
@@ -160,8 +161,6 @@ impl Sampler {
     fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let t = p.temperature;
-        // Candidates sorted by logit, most likely first; ties broken by id so the order is
-        // deterministic.
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -171,14 +170,45 @@ impl Sampler {
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Most likely first; ties broken by id so the order is deterministic.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && cand.len() > p.top_k {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
         }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
+        let prob = |c: &(u32, f32)| (c.1 - max).exp() / sum;
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Plain temperature: no order needed, no sort of a 100k+ vocabulary per token.
+            let mut r = self.rng.random::<f32>();
+            for c in &cand {
+                r -= prob(c);
+                if r < 0.0 {
+                    return c.0;
+                }
+            }
+            return cand[cand.len() - 1].0;
+        }
+        // Sort only as much of the head as the filters can keep: the top 256 usually hold
+        // the top-p mass or fall below the min-p floor; otherwise sort everything.
+        let mut head = cand.len().min(SORTED_HEAD);
+        loop {
+            if head < cand.len() {
+                cand.select_nth_unstable_by(head - 1, by_logit);
+            }
+            cand[..head].sort_by(by_logit);
+            let mass: f32 = cand[..head].iter().map(prob).sum();
+            let floor = prob(&cand[0]) * p.min_p;
+            let enough = head == cand.len()
+                || (p.top_p < 1.0 && mass >= p.top_p)
+                || (p.min_p > 0.0 && prob(&cand[head - 1]) < floor);
+            if enough {
+                break;
+            }
+            head = cand.len();
+        }
+        let mut probs: Vec<f32> = cand[..head].iter().map(prob).collect();
         if p.min_p > 0.0 {
             let floor = probs[0] * p.min_p;
             let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
@@ -207,6 +237,9 @@ impl Sampler {
         cand[probs.len() - 1].0
     }
 }
+
+/// Candidates sorted before checking whether top-p / min-p need more.
+const SORTED_HEAD: usize = 256;
 
 /// Index of the largest value (the first of equals).
 pub fn argmax(values: &[f32]) -> u32 {
@@ -324,6 +357,48 @@ mod tests {
             .collect();
         assert!(picks.iter().all(|t| *t == 1 || *t == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
+    }
+
+    #[test]
+    fn nucleus_over_a_large_flat_vocabulary_keeps_exactly_the_smallest_set() {
+        // Nearly flat logits over 5000 tokens: a top-p of 0.9 needs far more than the
+        // first 256 candidates, so the full-sort path runs; top-p 0.05 stays in the head.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 5000) as f32 / 5000.0)
+            .collect();
+        for top_p in [0.9f32, 0.05] {
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let max = logits[order[0]];
+            let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            let mut acc = 0.0;
+            let nucleus: Vec<usize> = order
+                .iter()
+                .copied()
+                .take_while(|&i| {
+                    let before = acc;
+                    acc += (logits[i] - max).exp() / sum;
+                    before < top_p
+                })
+                .collect();
+            let allowed: std::collections::HashSet<u32> =
+                nucleus.iter().map(|&i| i as u32).collect();
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                seed: 9,
+                ..params()
+            })
+            .unwrap();
+            for _ in 0..300 {
+                let t = s.sample(&logits, &[]).unwrap().token;
+                assert!(
+                    allowed.contains(&t),
+                    "top_p {top_p}: token {t} outside the nucleus of {}",
+                    allowed.len()
+                );
+            }
+        }
     }
 
     #[test]
