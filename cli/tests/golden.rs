@@ -110,6 +110,10 @@ fn safetensors_matches_transformers_for_every_architecture_and_stage_count() {
             let n = case.greedy_ids.len();
             let (tokens, logits) = greedy(&file, 1, &case.prompt_ids, n);
             let diff = max_abs_diff(&logits, &case.last_logits);
+            eprintln!(
+                "{}: max |logit - transformers| = {diff:.2e} on {:?}",
+                g.name, case.prompt
+            );
             assert!(
                 diff < 1e-3,
                 "{}: last logits differ from transformers by {diff} (std {})",
@@ -150,6 +154,10 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
             let n = case.greedy_ids.len();
             let (tokens, logits) = greedy(&file, 1, &case.prompt_ids, n);
             let diff = max_abs_diff(&logits, &case.last_logits);
+            eprintln!(
+                "{}: llama.cpp f16 GGUF max |logit - transformers| = {diff:.2e}",
+                g.name
+            );
             assert!(
                 diff < 5e-2,
                 "{}: f16 GGUF logits differ from transformers by {diff}",
@@ -174,6 +182,10 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
             let case = &g.cases[0];
             let (_, logits) = greedy(&file, 1, &case.prompt_ids, 1);
             let rel = max_abs_diff(&logits, &case.last_logits) / std_dev(&case.last_logits);
+            eprintln!(
+                "{}: llama.cpp q8_0 GGUF max logit error {rel:.3} of a std",
+                g.name
+            );
             assert!(
                 rel < 0.15,
                 "{}: q8_0 logits differ by {rel} of a std",

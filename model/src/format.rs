@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -110,8 +110,15 @@ impl TensorEntry {
 /// A tensor read from a file: dense, or still block-quantized.
 #[derive(Debug)]
 pub enum Weight {
-    /// F32 or F16 values.
+    /// F32 values (or any float type on a GPU).
     Dense(Tensor),
+    /// F16 values (bf16 converted, on CPU) as read: handed to our kernel without a copy.
+    F16 {
+        /// Row-major values.
+        values: Vec<half::f16>,
+        /// Rows first.
+        shape: Vec<usize>,
+    },
     /// Packed ggml blocks, multiplied packed.
     Quantized(QTensor),
 }
@@ -404,20 +411,29 @@ impl ModelFile {
             StorageType::F16 => {
                 let mut values = vec![half::f16::ZERO; elements];
                 read(bytemuck::cast_slice_mut(&mut values))?;
-                Weight::Dense(Tensor::from_vec(values, entry.shape.as_slice(), device)?)
+                Weight::F16 {
+                    values,
+                    shape: entry.shape.clone(),
+                }
+            }
+            StorageType::BF16 if device.is_cpu() => {
+                // CPU kernels have no bf16 path: convert to f16 in place, which keeps the
+                // footprint and holds bf16's 8-bit mantissa exactly (values below f16's
+                // normal range, ~6e-5, lose precision; weights that small do not matter).
+                let mut values = vec![half::f16::ZERO; elements];
+                read(bytemuck::cast_slice_mut(&mut values))?;
+                for v in &mut values {
+                    *v = half::f16::from_f32(half::bf16::from_bits(v.to_bits()).to_f32());
+                }
+                Weight::F16 {
+                    values,
+                    shape: entry.shape.clone(),
+                }
             }
             StorageType::BF16 => {
-                // CPU matmul has no bf16 kernel: hold bf16 weights as f16, which keeps the
-                // memory footprint and represents bf16's 8-bit mantissa exactly.
                 let mut values = vec![half::bf16::ZERO; elements];
                 read(bytemuck::cast_slice_mut(&mut values))?;
-                let t = Tensor::from_vec(values, entry.shape.as_slice(), device)?;
-                let dtype = if device.is_cpu() {
-                    DType::F16
-                } else {
-                    DType::BF16
-                };
-                Weight::Dense(t.to_dtype(dtype)?)
+                Weight::Dense(Tensor::from_vec(values, entry.shape.as_slice(), device)?)
             }
             StorageType::Quantized(q) => {
                 let mut bytes = vec![0u8; len as usize];

@@ -1,5 +1,5 @@
-//! Matrix multiplication kernels for x86-64 CPUs with AVX2, FMA and F16C: packed Q4_0,
-//! and F16 weights against F32 activations.
+//! Matrix multiplication kernels for x86-64 CPUs with AVX2, FMA and F16C: packed Q4_0 and
+//! Q8_0, and F16 weights against F32 activations.
 //!
 //! Why our own kernel: candle's CPU path computes one dot product per (activation row,
 //! weight row) pair and so unpacks every 4-bit weight block again for each activation
@@ -20,8 +20,6 @@ use rayon::prelude::*;
 
 /// Values per Q4_0 / Q8_0 block.
 const QK: usize = 32;
-/// Bytes of one Q4_0 block: an f16 scale and 16 bytes of nibbles.
-const Q4_0_BLOCK_BYTES: usize = 18;
 /// Weight rows per tile.
 const TILE: usize = 4;
 
@@ -45,14 +43,34 @@ pub fn available() -> bool {
     }
 }
 
-/// A Q4_0 matrix `[n, k]` repacked into tiles of four rows.
+/// The block formats the tiles hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileFormat {
+    /// 4-bit: an f16 scale and 16 bytes of nibbles per 32 values.
+    Q4_0,
+    /// 8-bit: an f16 scale and 32 signed bytes per 32 values.
+    Q8_0,
+}
+
+impl TileFormat {
+    /// Bytes of weights (after the scale) per block.
+    fn quant_bytes(self) -> usize {
+        match self {
+            TileFormat::Q4_0 => 16,
+            TileFormat::Q8_0 => 32,
+        }
+    }
+}
+
+/// A Q4_0 or Q8_0 matrix `[n, k]` repacked into tiles of four rows.
 #[derive(Debug)]
-pub struct Q4Tiles {
+pub struct QuantTiles {
+    format: TileFormat,
     n: usize,
     k: usize,
     /// `[n / 4][k / 32][4]` f16 scales.
     scales: Vec<u16>,
-    /// `[n / 4][k / 32][4][16]` nibbles, as in the file.
+    /// `[n / 4][k / 32][4][quant_bytes]` weights, as in the file.
     quants: Vec<u8>,
 }
 
@@ -65,31 +83,34 @@ struct Q8Rows {
     offset: Vec<f32>,
 }
 
-impl Q4Tiles {
-    /// Repacks GGUF Q4_0 data of a `[n, k]` matrix; `None` when this CPU or shape is not
-    /// supported (the caller then uses candle's kernels).
-    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+impl QuantTiles {
+    /// Repacks GGUF Q4_0 / Q8_0 data of a `[n, k]` matrix; `None` when this CPU or shape
+    /// is not supported (the caller then uses candle's kernels).
+    pub fn from_ggml(format: TileFormat, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        let qb = format.quant_bytes();
+        let block = 2 + qb;
         if !available()
             || !n.is_multiple_of(TILE)
             || !k.is_multiple_of(QK)
-            || bytes.len() != n * (k / QK) * Q4_0_BLOCK_BYTES
+            || bytes.len() != n * (k / QK) * block
         {
             return None;
         }
         let kb = k / QK;
         let mut scales = vec![0u16; n * kb];
-        let mut quants = vec![0u8; n * kb * 16];
+        let mut quants = vec![0u8; n * kb * qb];
         for t in 0..n / TILE {
             for b in 0..kb {
                 for r in 0..TILE {
-                    let src = ((t * TILE + r) * kb + b) * Q4_0_BLOCK_BYTES;
+                    let src = ((t * TILE + r) * kb + b) * block;
                     let dst = (t * kb + b) * TILE + r;
                     scales[dst] = u16::from_le_bytes([bytes[src], bytes[src + 1]]);
-                    quants[dst * 16..dst * 16 + 16].copy_from_slice(&bytes[src + 2..src + 18]);
+                    quants[dst * qb..(dst + 1) * qb].copy_from_slice(&bytes[src + 2..src + block]);
                 }
             }
         }
-        Some(Q4Tiles {
+        Some(QuantTiles {
+            format,
             n,
             k,
             scales,
@@ -111,14 +132,24 @@ impl Q4Tiles {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let kb = self.k / QK;
         let (t, r) = (row / TILE, row % TILE);
+        let qb = self.format.quant_bytes();
         for b in 0..kb {
             let i = (t * kb + b) * TILE + r;
             let d = half::f16::from_bits(self.scales[i]).to_f32();
-            let q = &self.quants[i * 16..i * 16 + 16];
+            let q = &self.quants[i * qb..(i + 1) * qb];
             let dst = &mut out[b * QK..(b + 1) * QK];
-            for j in 0..16 {
-                dst[j] = d * (f32::from(q[j] & 0x0F) - 8.0);
-                dst[j + 16] = d * (f32::from(q[j] >> 4) - 8.0);
+            match self.format {
+                TileFormat::Q4_0 => {
+                    for j in 0..16 {
+                        dst[j] = d * (f32::from(q[j] & 0x0F) - 8.0);
+                        dst[j + 16] = d * (f32::from(q[j] >> 4) - 8.0);
+                    }
+                }
+                TileFormat::Q8_0 => {
+                    for (v, &q) in dst.iter_mut().zip(q) {
+                        *v = d * f32::from(q as i8);
+                    }
+                }
             }
         }
     }
@@ -139,8 +170,10 @@ impl Q4Tiles {
 
     /// One tile against every activation row, two rows at a time.
     fn tile(&self, t: usize, kb: usize, acts: &Q8Rows, m: usize, out: &mut [f32]) {
+        let qb = self.format.quant_bytes();
         let scales = &self.scales[t * kb * TILE..(t + 1) * kb * TILE];
-        let quants = &self.quants[t * kb * TILE * 16..(t + 1) * kb * TILE * 16];
+        let quants = &self.quants[t * kb * TILE * qb..(t + 1) * kb * TILE * qb];
+        let q8 = self.format == TileFormat::Q8_0;
         let row = |a: usize| ActRow {
             q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
             d: &acts.d[a * kb..(a + 1) * kb],
@@ -152,18 +185,37 @@ impl Q4Tiles {
             // SAFETY: `available()` was checked when the tiles were built; slice lengths
             // are `kb` blocks by construction.
             let rows: Vec<[f32; TILE]> = unsafe {
-                match n {
-                    4 => x86::tile_dot::<4>(
+                match (q8, n) {
+                    (false, 4) => x86::tile_dot::<4>(
                         kb,
                         scales,
                         quants,
                         [row(a), row(a + 1), row(a + 2), row(a + 3)],
                     )
                     .to_vec(),
-                    3 => x86::tile_dot::<3>(kb, scales, quants, [row(a), row(a + 1), row(a + 2)])
-                        .to_vec(),
-                    2 => x86::tile_dot::<2>(kb, scales, quants, [row(a), row(a + 1)]).to_vec(),
-                    _ => x86::tile_dot::<1>(kb, scales, quants, [row(a)]).to_vec(),
+                    (false, 3) => {
+                        x86::tile_dot::<3>(kb, scales, quants, [row(a), row(a + 1), row(a + 2)])
+                            .to_vec()
+                    }
+                    (false, 2) => {
+                        x86::tile_dot::<2>(kb, scales, quants, [row(a), row(a + 1)]).to_vec()
+                    }
+                    (false, _) => x86::tile_dot::<1>(kb, scales, quants, [row(a)]).to_vec(),
+                    (true, 4) => x86::q8_tile_dot::<4>(
+                        kb,
+                        scales,
+                        quants,
+                        [row(a), row(a + 1), row(a + 2), row(a + 3)],
+                    )
+                    .to_vec(),
+                    (true, 3) => {
+                        x86::q8_tile_dot::<3>(kb, scales, quants, [row(a), row(a + 1), row(a + 2)])
+                            .to_vec()
+                    }
+                    (true, 2) => {
+                        x86::q8_tile_dot::<2>(kb, scales, quants, [row(a), row(a + 1)]).to_vec()
+                    }
+                    (true, _) => x86::q8_tile_dot::<1>(kb, scales, quants, [row(a)]).to_vec(),
                 }
             };
             for (i, r) in rows.iter().enumerate() {
@@ -214,12 +266,13 @@ pub struct F16Matrix {
 }
 
 impl F16Matrix {
-    /// Wraps row-major F16 weights; `None` when this CPU or shape is not supported.
-    pub fn new(data: Vec<half::f16>, n: usize, k: usize) -> Option<Self> {
+    /// Wraps row-major F16 weights; gives them back when this CPU or shape is not
+    /// supported.
+    pub fn new(data: Vec<half::f16>, n: usize, k: usize) -> Result<Self, Vec<half::f16>> {
         if !available() || !n.is_multiple_of(TILE) || !k.is_multiple_of(8) || data.len() != n * k {
-            return None;
+            return Err(data);
         }
-        Some(F16Matrix { n, k, data })
+        Ok(F16Matrix { n, k, data })
     }
 
     /// Output features (rows).
@@ -384,6 +437,62 @@ mod x86 {
         out
     }
 
+    /// Dot products of a Q8_0 tile's four weight rows with `A` activation rows. Signed
+    /// weights go through `maddubs` as `|w|` times `a` carrying `w`'s sign.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `scales` holds `kb * 4` values, `quants`
+    /// `kb * 128` bytes, and each activation row `kb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_tile_dot<const A: usize>(
+        kb: usize,
+        scales: &[u16],
+        quants: &[u8],
+        acts: [ActRow; A],
+    ) -> [[f32; TILE]; A] {
+        debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * QK);
+        let ones = _mm256_set1_epi16(1);
+        // Lanes [r0 r1 r2 r3 | r0 r1 r2 r3]: the halves are summed at the end.
+        let mut acc = [_mm256_setzero_ps(); A];
+        for b in 0..kb {
+            let dw = _mm_cvtph_ps(_mm_loadl_epi64(
+                scales.as_ptr().add(b * TILE) as *const __m128i
+            ));
+            let dw2 = _mm256_set_m128(dw, dw);
+            let mut w = [_mm256_setzero_si256(); TILE];
+            let mut w_abs = [_mm256_setzero_si256(); TILE];
+            for r in 0..TILE {
+                w[r] =
+                    _mm256_loadu_si256(quants.as_ptr().add((b * TILE + r) * QK) as *const __m256i);
+                w_abs[r] = _mm256_sign_epi8(w[r], w[r]);
+            }
+            for a in 0..A {
+                let act = acts[a];
+                let av = _mm256_loadu_si256(act.q.as_ptr().add(b * QK) as *const __m256i);
+                let mut p = [_mm256_setzero_si256(); TILE];
+                for r in 0..TILE {
+                    p[r] = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(w_abs[r], _mm256_sign_epi8(av, w[r])),
+                        ones,
+                    );
+                }
+                let sums =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+                let scale = _mm256_mul_ps(dw2, _mm256_set1_ps(*act.d.get_unchecked(b)));
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[a]);
+            }
+        }
+        let mut out = [[0f32; TILE]; A];
+        for a in 0..A {
+            let halves = _mm_add_ps(
+                _mm256_castps256_ps128(acc[a]),
+                _mm256_extractf128_ps(acc[a], 1),
+            );
+            _mm_storeu_ps(out[a].as_mut_ptr(), halves);
+        }
+        out
+    }
+
     /// Dot products of four F16 weight rows with `A` F32 activation rows.
     ///
     /// # Safety
@@ -430,6 +539,16 @@ mod x86 {
     use super::{ActRow, TILE};
 
     /// Never called: `available()` is false off x86-64.
+    pub(super) unsafe fn q8_tile_dot<const A: usize>(
+        _: usize,
+        _: &[u16],
+        _: &[u8],
+        _: [ActRow; A],
+    ) -> [[f32; TILE]; A] {
+        unreachable!("the Q8_0 kernels only run on x86-64")
+    }
+
+    /// Never called: `available()` is false off x86-64.
     pub(super) unsafe fn f16_tile_dot<const A: usize>(
         _: usize,
         _: &[half::f16],
@@ -473,10 +592,19 @@ mod tests {
             eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
             return;
         }
+        for (ggml, format) in [
+            (GgmlDType::Q4_0, TileFormat::Q4_0),
+            (GgmlDType::Q8_0, TileFormat::Q8_0),
+        ] {
+            check_format(ggml, format);
+        }
+    }
+
+    fn check_format(ggml: GgmlDType, format: TileFormat) {
         let (n, k) = (12, 256);
         let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
-        let tiles = Q4Tiles::from_ggml(&q.data().unwrap(), n, k).unwrap();
+        let q = QTensor::quantize(&w, ggml).unwrap();
+        let tiles = QuantTiles::from_ggml(format, &q.data().unwrap(), n, k).unwrap();
         let dequantized = q.dequantize(&Device::Cpu).unwrap();
         let mut row = vec![0f32; k];
         tiles.dequantize_row(5, &mut row);
@@ -549,7 +677,8 @@ mod tests {
 
     #[test]
     fn unsupported_shapes_fall_back() {
-        assert!(Q4Tiles::from_ggml(&[0u8; 18 * 3], 3, 32).is_none());
-        assert!(Q4Tiles::from_ggml(&[0u8; 17], 4, 32).is_none());
+        assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 18 * 3], 3, 32).is_none());
+        assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 17], 4, 32).is_none());
+        assert!(QuantTiles::from_ggml(TileFormat::Q8_0, &[0u8; 18 * 4], 4, 32).is_none());
     }
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
-use crate::kernels::{self, F16Matrix, Q4Tiles};
+use crate::kernels::{F16Matrix, QuantTiles, TileFormat};
 use crate::kv::{KvCache, SeqId};
 
 /// Which part of the model a stage holds.
@@ -109,7 +109,7 @@ pub enum StageOutput {
 #[derive(Debug, Clone)]
 enum Matrix {
     Candle(QMatMul),
-    Q4(Arc<Q4Tiles>),
+    Quant(Arc<QuantTiles>),
     F16(Arc<F16Matrix>),
 }
 
@@ -118,7 +118,9 @@ impl Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Matrix::Candle(m) => Ok(m.forward(x)?),
-            Matrix::Q4(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
+            Matrix::Quant(t) => {
+                own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out))
+            }
             Matrix::F16(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
         }
     }
@@ -129,7 +131,7 @@ impl Matrix {
             Matrix::Candle(m) => Ok(m
                 .embedding(&Tensor::new(ids, device)?)?
                 .to_dtype(DType::F32)?),
-            Matrix::Q4(t) => {
+            Matrix::Quant(t) => {
                 gather_rows(ids, t.cols(), device, |id, row| t.dequantize_row(id, row))
             }
             Matrix::F16(t) => gather_rows(ids, t.cols(), device, |id, row| t.row(id, row)),
@@ -187,29 +189,40 @@ impl Linear {
     }
 }
 
-/// A weight as a matmul operand: quantized weights stay packed (Q4_0 in our tiles where
-/// the CPU supports them), F16 stays F16.
-fn matrix(weight: Weight) -> Result<Matrix> {
+/// A weight as a matmul operand: quantized weights stay packed (Q4_0 and Q8_0 in our tiles
+/// where the CPU supports them), F16 stays F16.
+fn matrix(weight: Weight, device: &Device) -> Result<Matrix> {
     Ok(match weight {
-        Weight::Quantized(q) if q.dtype() == GgmlDType::Q4_0 && q.device().is_cpu() => {
+        Weight::Quantized(q)
+            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q8_0) && q.device().is_cpu() =>
+        {
             let (n, k) = q.shape().dims2()?;
-            match Q4Tiles::from_ggml(&q.data()?, n, k) {
-                Some(tiles) => Matrix::Q4(Arc::new(tiles)),
+            let format = if q.dtype() == GgmlDType::Q4_0 {
+                TileFormat::Q4_0
+            } else {
+                TileFormat::Q8_0
+            };
+            match QuantTiles::from_ggml(format, &q.data()?, n, k) {
+                Some(tiles) => Matrix::Quant(Arc::new(tiles)),
                 None => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
             }
         }
         Weight::Quantized(q) => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
         Weight::Dense(t) if t.dtype() == DType::F32 => Matrix::Candle(QMatMul::Tensor(t)),
-        Weight::Dense(t) if t.dtype() == DType::F16 && t.device().is_cpu() && t.rank() == 2 => {
-            let (n, k) = t.dims2()?;
-            if !kernels::available() {
-                Matrix::Candle(QMatMul::TensorF16(t))
-            } else {
-                let data = t.flatten_all()?.to_vec1::<half::f16>()?;
-                match F16Matrix::new(data, n, k) {
-                    Some(m) => Matrix::F16(Arc::new(m)),
-                    None => Matrix::Candle(QMatMul::TensorF16(t)),
-                }
+        Weight::F16 { values, shape } => {
+            let fallback = |values: Vec<half::f16>| -> Result<Matrix> {
+                Ok(Matrix::Candle(QMatMul::TensorF16(Tensor::from_vec(
+                    values,
+                    shape.as_slice(),
+                    device,
+                )?)))
+            };
+            match shape[..] {
+                [n, k] if device.is_cpu() => match F16Matrix::new(values, n, k) {
+                    Ok(m) => Matrix::F16(Arc::new(m)),
+                    Err(values) => fallback(values)?,
+                },
+                _ => fallback(values)?,
             }
         }
         Weight::Dense(t) => Matrix::Candle(QMatMul::TensorF16(t.to_dtype(DType::F16)?)),
@@ -220,6 +233,9 @@ fn matrix(weight: Weight) -> Result<Matrix> {
 fn dense_f32(weight: Weight, device: &Device) -> Result<Tensor> {
     Ok(match weight {
         Weight::Dense(t) => t.to_dtype(DType::F32)?,
+        Weight::F16 { values, shape } => {
+            Tensor::from_vec(values, shape, device)?.to_dtype(DType::F32)?
+        }
         Weight::Quantized(q) => q.dequantize(device)?,
     })
 }
@@ -295,7 +311,7 @@ impl Stage {
         };
         let eps = config.rms_norm_eps as f32;
         let embed = if slice.embed {
-            Some(matrix(load(Role::Embed)?)?)
+            Some(matrix(load(Role::Embed)?, device)?)
         } else {
             None
         };
@@ -315,7 +331,7 @@ impl Stage {
                 (None, None)
             };
             let mut linear = |w: Role, b: Option<Role>| -> Result<Linear> {
-                let weight = matrix(load(w)?)?;
+                let weight = matrix(load(w)?, device)?;
                 let bias = match b {
                     Some(b) => Some(dense_f32(load(b)?, device)?),
                     None => None,
@@ -344,7 +360,7 @@ impl Stage {
                 eps,
             };
             let head = if file.entry(Role::LmHead).is_some() {
-                matrix(load(Role::LmHead)?)?
+                matrix(load(Role::LmHead)?, device)?
             } else if !config.tie_word_embeddings {
                 // Untied, yet no head: fail loudly rather than silently reuse the embedding.
                 return Err(Error::MissingTensor {
@@ -356,7 +372,7 @@ impl Stage {
                 // Tied: share the embedding's storage.
                 embed.clone()
             } else {
-                matrix(load(Role::Embed)?)?
+                matrix(load(Role::Embed)?, device)?
             };
             (Some(final_norm), Some(head))
         } else {
