@@ -27,7 +27,7 @@ use crate::chat::CHATML_TEMPLATE;
 use crate::config::{llama3_freq_factors, Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::format::Role;
-use crate::tokenizer::{byte_level_bpe_json, LLAMA3_PATTERN};
+use crate::tokenizer::{byte_level_bpe_json, ByteLevelStyle};
 
 /// Special tokens of synthetic vocabularies, in order at the end of the vocabulary.
 pub const SPECIAL_TOKENS: [&str; 4] = ["<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -568,7 +568,7 @@ pub fn synth_tokenizer_json(vocab: usize) -> Result<serde_json::Value> {
         &tokens,
         &merges,
         &specials,
-        Some(LLAMA3_PATTERN),
+        ByteLevelStyle::Llama3,
         Some("<s>"),
     ))
 }

@@ -177,19 +177,19 @@ impl Tokenizer {
                     .and_then(|v| v.to_string().ok())
                     .map(String::as_str)
                     .unwrap_or("default");
-                let pattern = match pre {
-                    "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_PATTERN),
-                    "gpt-2" | "gpt2" | "default" => None,
-                    "llama-bpe" | "llama3" | "smaug-bpe" => Some(LLAMA3_PATTERN),
+                let style = match pre {
+                    "qwen2" | "deepseek-r1-qwen" => ByteLevelStyle::Qwen2,
+                    "gpt-2" | "gpt2" | "default" => ByteLevelStyle::Gpt2,
+                    "llama-bpe" | "llama3" | "smaug-bpe" => ByteLevelStyle::Llama3,
                     other => {
                         tracing::warn!(
                             pre = other,
                             "unknown GGUF pre-tokenizer; using Llama 3's split"
                         );
-                        Some(LLAMA3_PATTERN)
+                        ByteLevelStyle::Llama3
                     }
                 };
-                byte_level_bpe_json(&tokens, &merges, &specials, pattern, bos_text.as_deref())
+                byte_level_bpe_json(&tokens, &merges, &specials, style, bos_text.as_deref())
             }
             "llama" => {
                 let scores: Vec<f32> = md
@@ -358,16 +358,35 @@ fn bos_post_processor(bos: Option<&str>, bos_id: Option<u32>) -> Json {
     }
 }
 
-/// A `tokenizer.json` document for byte-level BPE (GPT-2 / Llama 3 / Qwen style). With a
-/// `pattern`, text is split by that regex before the byte-level mapping; without, GPT-2's
-/// own split is used. `bos` names a token added in front of every encoded prompt.
+/// The byte-level BPE families, which differ in how text is split before merging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteLevelStyle {
+    /// GPT-2's own split.
+    Gpt2,
+    /// Llama 3: its split regex; whole words in the vocabulary skip the merges.
+    Llama3,
+    /// Qwen2: single digits, NFC-normalised text.
+    Qwen2,
+}
+
+/// A `tokenizer.json` document for byte-level BPE, as transformers writes one for each
+/// family. `bos` names a token added in front of every encoded prompt.
 pub fn byte_level_bpe_json(
     tokens: &[String],
     merges: &[String],
     specials: &[(u32, String, bool)],
-    pattern: Option<&str>,
+    style: ByteLevelStyle,
     bos: Option<&str>,
 ) -> Json {
+    let pattern = match style {
+        ByteLevelStyle::Gpt2 => None,
+        ByteLevelStyle::Llama3 => Some(LLAMA3_PATTERN),
+        ByteLevelStyle::Qwen2 => Some(QWEN2_PATTERN),
+    };
+    let normalizer = match style {
+        ByteLevelStyle::Qwen2 => json!({"type": "NFC"}),
+        _ => Json::Null,
+    };
     let vocab: serde_json::Map<String, Json> = tokens
         .iter()
         .enumerate()
@@ -390,13 +409,13 @@ pub fn byte_level_bpe_json(
         "truncation": null,
         "padding": null,
         "added_tokens": added_tokens_json(specials),
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": bos_post_processor(bos, bos_id),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": pattern.is_some(), "vocab": vocab, "merges": merges}
+                  "ignore_merges": style == ByteLevelStyle::Llama3, "vocab": vocab, "merges": merges}
     })
 }
 
@@ -525,6 +544,35 @@ mod tests {
         assert!(ids.iter().any(|&i| t.id_to_token(i).unwrap() == "<0xC3>"));
         assert_eq!(t.decode(&ids, true).unwrap(), "hé");
         assert_eq!(t.eos(), &[2]);
+    }
+
+    #[test]
+    fn qwen2_style_normalises_to_nfc_and_splits_digits_one_by_one() {
+        let (tokens, merges) = crate::synth::synth_vocab(2000).unwrap();
+        let build = |style| {
+            let doc = byte_level_bpe_json(&tokens, &merges, &[], style, None);
+            Tokenizer {
+                inner: tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes()).unwrap(),
+                bos: None,
+                eos: Vec::new(),
+                chat_template: None,
+            }
+        };
+        let qwen = build(ByteLevelStyle::Qwen2);
+        let llama = build(ByteLevelStyle::Llama3);
+        // "é" composed and decomposed are one text after NFC.
+        assert_eq!(
+            qwen.encode("caf\u{e9}", false).unwrap(),
+            qwen.encode("cafe\u{301}", false).unwrap()
+        );
+        assert_ne!(
+            llama.encode("caf\u{e9}", false).unwrap(),
+            llama.encode("cafe\u{301}", false).unwrap()
+        );
+        // Qwen splits every digit; Llama 3 groups up to three before merging.
+        let digits = qwen.encode("2024", false).unwrap();
+        assert_eq!(digits.len(), 4);
+        assert_eq!(qwen.decode(&digits, true).unwrap(), "2024");
     }
 
     #[test]
