@@ -50,13 +50,17 @@ pub enum TileFormat {
     Q4_0,
     /// 8-bit: an f16 scale and 32 signed bytes per 32 values.
     Q8_0,
+    /// llama.cpp's Q4_K, unpacked at load into Q4_0-shaped blocks of 32 that carry their
+    /// own scale and minimum (`value = scale * q - min`): 5 bits per weight instead of 4.5,
+    /// and the Q4_0 kernel with one more term.
+    Q4K,
 }
 
 impl TileFormat {
     /// Bytes of weights (after the scale) per block.
     fn quant_bytes(self) -> usize {
         match self {
-            TileFormat::Q4_0 => 16,
+            TileFormat::Q4_0 | TileFormat::Q4K => 16,
             TileFormat::Q8_0 => 32,
         }
     }
@@ -72,6 +76,55 @@ pub struct QuantTiles {
     scales: Vec<u16>,
     /// `[n / 4][k / 32][4][quant_bytes]` weights, as in the file.
     quants: Vec<u8>,
+    /// `[n / 4][k / 32][4]` f16 minimums (Q4_K only; empty otherwise).
+    mins: Vec<u16>,
+}
+
+/// Bytes of one Q4_K super-block of 256 values: d, dmin, 12 bytes of 6-bit scales and
+/// mins, 128 bytes of nibbles.
+const Q4K_BLOCK_BYTES: usize = 144;
+
+/// Unpacks Q4_K rows into per-32 blocks: (f16 scale, f16 min, Q4_0-ordered nibbles).
+fn q4k_to_blocks(bytes: &[u8], n: usize, k: usize) -> Option<(Vec<u16>, Vec<u16>, Vec<u8>)> {
+    if !k.is_multiple_of(256) || bytes.len() != n * (k / 256) * Q4K_BLOCK_BYTES {
+        return None;
+    }
+    let kb = k / QK;
+    let mut scales = vec![0u16; n * kb];
+    let mut mins = vec![0u16; n * kb];
+    let mut quants = vec![0u8; n * kb * 16];
+    for (sb, block) in bytes.chunks_exact(Q4K_BLOCK_BYTES).enumerate() {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let dmin = half::f16::from_le_bytes([block[2], block[3]]).to_f32();
+        let packed = &block[4..16];
+        let qs = &block[16..144];
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (packed[j] & 63, packed[j + 4] & 63)
+            } else {
+                (
+                    (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+                    (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+                )
+            };
+            let i = sb * 8 + j; // sub-block index over the whole matrix, row-major
+            scales[i] = half::f16::from_f32(d * f32::from(sc)).to_bits();
+            mins[i] = half::f16::from_f32(dmin * f32::from(m)).to_bits();
+            // Sub-blocks 2g and 2g+1 share 32 bytes: low nibbles, then high nibbles.
+            let group = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let value = |l: usize| {
+                if j % 2 == 0 {
+                    group[l] & 0x0F
+                } else {
+                    group[l] >> 4
+                }
+            };
+            for l in 0..16 {
+                quants[i * 16 + l] = value(l) | (value(l + 16) << 4);
+            }
+        }
+    }
+    Some((scales, mins, quants))
 }
 
 /// Activation rows quantized to 8 bits per block of 32.
@@ -79,7 +132,7 @@ struct Q8Rows {
     q: Vec<i8>,
     /// Scale per block.
     d: Vec<f32>,
-    /// `8 * d * sum(q)` per block: the offset term of unsigned 4-bit weights.
+    /// `d * sum(q)` per block: what a weight block's constant term multiplies.
     offset: Vec<f32>,
 }
 
@@ -87,25 +140,44 @@ impl QuantTiles {
     /// Repacks GGUF Q4_0 / Q8_0 data of a `[n, k]` matrix; `None` when this CPU or shape
     /// is not supported (the caller then uses candle's kernels).
     pub fn from_ggml(format: TileFormat, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let qb = format.quant_bytes();
-        let block = 2 + qb;
-        if !available()
-            || !n.is_multiple_of(TILE)
-            || !k.is_multiple_of(QK)
-            || bytes.len() != n * (k / QK) * block
-        {
+        if !available() || !n.is_multiple_of(TILE) || !k.is_multiple_of(QK) {
             return None;
         }
+        let qb = format.quant_bytes();
         let kb = k / QK;
+        // Row-major blocks first (scale, optional min, weights), then tiled.
+        let (row_scales, row_mins, row_quants) = match format {
+            TileFormat::Q4K => q4k_to_blocks(bytes, n, k)?,
+            _ => {
+                let block = 2 + qb;
+                if bytes.len() != n * kb * block {
+                    return None;
+                }
+                let scales = bytes
+                    .chunks_exact(block)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                let quants = bytes
+                    .chunks_exact(block)
+                    .flat_map(|b| b[2..].iter().copied())
+                    .collect();
+                (scales, Vec::new(), quants)
+            }
+        };
         let mut scales = vec![0u16; n * kb];
+        let mut mins = vec![0u16; row_mins.len()];
         let mut quants = vec![0u8; n * kb * qb];
         for t in 0..n / TILE {
             for b in 0..kb {
                 for r in 0..TILE {
-                    let src = ((t * TILE + r) * kb + b) * block;
+                    let src = (t * TILE + r) * kb + b;
                     let dst = (t * kb + b) * TILE + r;
-                    scales[dst] = u16::from_le_bytes([bytes[src], bytes[src + 1]]);
-                    quants[dst * qb..(dst + 1) * qb].copy_from_slice(&bytes[src + 2..src + block]);
+                    scales[dst] = row_scales[src];
+                    if !row_mins.is_empty() {
+                        mins[dst] = row_mins[src];
+                    }
+                    quants[dst * qb..(dst + 1) * qb]
+                        .copy_from_slice(&row_quants[src * qb..(src + 1) * qb]);
                 }
             }
         }
@@ -115,6 +187,7 @@ impl QuantTiles {
             k,
             scales,
             quants,
+            mins,
         })
     }
 
@@ -143,6 +216,13 @@ impl QuantTiles {
                     for j in 0..16 {
                         dst[j] = d * (f32::from(q[j] & 0x0F) - 8.0);
                         dst[j + 16] = d * (f32::from(q[j] >> 4) - 8.0);
+                    }
+                }
+                TileFormat::Q4K => {
+                    let min = half::f16::from_bits(self.mins[i]).to_f32();
+                    for j in 0..16 {
+                        dst[j] = d * f32::from(q[j] & 0x0F) - min;
+                        dst[j + 16] = d * f32::from(q[j] >> 4) - min;
                     }
                 }
                 TileFormat::Q8_0 => {
@@ -174,6 +254,11 @@ impl QuantTiles {
         let scales = &self.scales[t * kb * TILE..(t + 1) * kb * TILE];
         let quants = &self.quants[t * kb * TILE * qb..(t + 1) * kb * TILE * qb];
         let q8 = self.format == TileFormat::Q8_0;
+        let mins = if self.mins.is_empty() {
+            &[][..]
+        } else {
+            &self.mins[t * kb * TILE..(t + 1) * kb * TILE]
+        };
         let row = |a: usize| ActRow {
             q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
             d: &acts.d[a * kb..(a + 1) * kb],
@@ -189,18 +274,23 @@ impl QuantTiles {
                     (false, 4) => x86::tile_dot::<4>(
                         kb,
                         scales,
+                        mins,
                         quants,
                         [row(a), row(a + 1), row(a + 2), row(a + 3)],
                     )
                     .to_vec(),
-                    (false, 3) => {
-                        x86::tile_dot::<3>(kb, scales, quants, [row(a), row(a + 1), row(a + 2)])
-                            .to_vec()
-                    }
+                    (false, 3) => x86::tile_dot::<3>(
+                        kb,
+                        scales,
+                        mins,
+                        quants,
+                        [row(a), row(a + 1), row(a + 2)],
+                    )
+                    .to_vec(),
                     (false, 2) => {
-                        x86::tile_dot::<2>(kb, scales, quants, [row(a), row(a + 1)]).to_vec()
+                        x86::tile_dot::<2>(kb, scales, mins, quants, [row(a), row(a + 1)]).to_vec()
                     }
-                    (false, _) => x86::tile_dot::<1>(kb, scales, quants, [row(a)]).to_vec(),
+                    (false, _) => x86::tile_dot::<1>(kb, scales, mins, quants, [row(a)]).to_vec(),
                     (true, 4) => x86::q8_tile_dot::<4>(
                         kb,
                         scales,
@@ -350,7 +440,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
             sum += i32::from(v);
         }
         d[i] = scale;
-        offset[i] = 8.0 * scale * sum as f32;
+        offset[i] = scale * sum as f32;
     }
     Q8Rows { q, d, offset }
 }
@@ -369,10 +459,14 @@ mod x86 {
     pub(super) unsafe fn tile_dot<const A: usize>(
         kb: usize,
         scales: &[u16],
+        mins: &[u16],
         quants: &[u8],
         acts: [ActRow; A],
     ) -> [[f32; TILE]; A] {
         debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
+        // Q4_0's value is d * (q - 8): its constant term is 8d. Q4_K blocks carry theirs.
+        let with_mins = !mins.is_empty();
+        let eight = _mm_set1_ps(8.0);
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         // Lane order of the accumulators: [r0 r0 r2 r2 | r1 r1 r3 r3] (two partial sums per
@@ -385,6 +479,13 @@ mod x86 {
                 scales.as_ptr().add(b * TILE) as *const __m128i
             ));
             let dw_lanes = _mm256_permutevar8x32_ps(_mm256_set_m128(dw, dw), order);
+            let constant = if with_mins {
+                _mm_cvtph_ps(_mm_loadl_epi64(
+                    mins.as_ptr().add(b * TILE) as *const __m128i
+                ))
+            } else {
+                _mm_mul_ps(dw, eight)
+            };
             // Rows 0 and 1 (and 2 and 3) are adjacent: one load each, low nibbles are
             // values 0..16 of the block, high nibbles values 16..32.
             let q01 = _mm256_loadu_si256(quants.as_ptr().add(b * TILE * 16) as *const __m256i);
@@ -418,7 +519,11 @@ mod x86 {
                 let sums = _mm256_hadd_epi32(p01, p23);
                 let scale = _mm256_mul_ps(dw_lanes, _mm256_set1_ps(*act.d.get_unchecked(b)));
                 acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[a]);
-                offset[a] = _mm_fmadd_ps(dw, _mm_set1_ps(*act.offset.get_unchecked(b)), offset[a]);
+                offset[a] = _mm_fmadd_ps(
+                    constant,
+                    _mm_set1_ps(*act.offset.get_unchecked(b)),
+                    offset[a],
+                );
             }
         }
         let mut out = [[0f32; TILE]; A];
@@ -608,7 +713,14 @@ mod tests {
         let dequantized = q.dequantize(&Device::Cpu).unwrap();
         let mut row = vec![0f32; k];
         tiles.dequantize_row(5, &mut row);
-        assert_eq!(row, dequantized.get(5).unwrap().to_vec1::<f32>().unwrap());
+        let want = dequantized.get(5).unwrap().to_vec1::<f32>().unwrap();
+        // Q4_K's scale times sub-scale is rounded to f16 once unpacked: within 0.1%.
+        for (a, b) in row.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(0.05),
+                "{format:?}: {a} vs {b}"
+            );
+        }
         let candle = QMatMul::from_qtensor(q).unwrap();
         for m in [1, 2, 3, 4, 7, 9] {
             let x = random(m * k, 7 + m as u32);

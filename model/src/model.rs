@@ -189,18 +189,21 @@ impl Linear {
     }
 }
 
-/// A weight as a matmul operand: quantized weights stay packed (Q4_0 and Q8_0 in our tiles
-/// where the CPU supports them), F16 stays F16.
+/// A weight as a matmul operand: quantized weights stay packed (Q4_0, Q8_0 and Q4_K in our
+/// tiles where the CPU supports them), F16 stays F16.
 fn matrix(weight: Weight, device: &Device) -> Result<Matrix> {
     Ok(match weight {
         Weight::Quantized(q)
-            if matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q8_0) && q.device().is_cpu() =>
+            if matches!(
+                q.dtype(),
+                GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q4K
+            ) && q.device().is_cpu() =>
         {
             let (n, k) = q.shape().dims2()?;
-            let format = if q.dtype() == GgmlDType::Q4_0 {
-                TileFormat::Q4_0
-            } else {
-                TileFormat::Q8_0
+            let format = match q.dtype() {
+                GgmlDType::Q4_0 => TileFormat::Q4_0,
+                GgmlDType::Q8_0 => TileFormat::Q8_0,
+                _ => TileFormat::Q4K,
             };
             match QuantTiles::from_ggml(format, &q.data()?, n, k) {
                 Some(tiles) => Matrix::Quant(Arc::new(tiles)),
