@@ -415,44 +415,29 @@ fn cli_generate_and_inspect_work_as_documented() {
             "missing {needle:?} in:\n{inspect}"
         );
     }
-    let sampled = run_ok(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt-ids",
-        "1,2,3",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0.9",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "4",
-        "--json",
-        "--ignore-eos",
-    ]);
-    let again = run_ok(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt-ids",
-        "1,2,3",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0.9",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "4",
-        "--json",
-        "--ignore-eos",
-        "--stages",
-        "2",
-    ]);
-    let a: serde_json::Value = serde_json::from_str(&sampled).unwrap();
-    let b: serde_json::Value = serde_json::from_str(&again).unwrap();
+    let sample = |stages: &str| -> serde_json::Value {
+        let out = run_ok(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "4",
+            "--json",
+            "--ignore-eos",
+            "--stages",
+            stages,
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let (a, b) = (sample("1"), sample("2"));
     assert_eq!(
         a["tokens"], b["tokens"],
         "same seed, same tokens, whatever the split"
