@@ -278,6 +278,9 @@ struct BatchContext<'a> {
     offsets: Vec<usize>,
     cos: Tensor,
     sin: Tensor,
+    /// Causal mask of each chunk of more than one position (built once, used by every
+    /// layer).
+    masks: Vec<Option<Tensor>>,
 }
 
 /// A loaded slice of a model, ready to run forwards.
@@ -543,11 +546,20 @@ impl Stage {
         let pos = Tensor::from_vec(positions, (rows, 1), &self.device)?;
         let inv = Tensor::from_slice(&self.inv_freq, (1, half), &self.device)?;
         let angles = pos.broadcast_mul(&inv)?;
+        let masks = chunks
+            .iter()
+            .map(|c| {
+                (c.len > 1)
+                    .then(|| causal_mask(c.start, c.len, &self.device))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(BatchContext {
             chunks,
             offsets,
             cos: angles.cos()?,
             sin: angles.sin()?,
+            masks,
         })
     }
 
@@ -588,7 +600,7 @@ impl Stage {
         let groups = heads / kv_heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outputs = Vec::with_capacity(ctx.chunks.len());
-        for (chunk, &offset) in ctx.chunks.iter().zip(&ctx.offsets) {
+        for ((chunk, &offset), mask) in ctx.chunks.iter().zip(&ctx.offsets).zip(&ctx.masks) {
             let n = chunk.len;
             let k_new = k.narrow(1, offset, n)?;
             let v_new = v.narrow(1, offset, n)?;
@@ -601,14 +613,12 @@ impl Stage {
                 .contiguous()?
                 .reshape((kv_heads, groups * n, hd))?;
             let scores = (q_c.matmul(&k_all.t()?)? * scale)?;
-            let scores = if n > 1 {
-                let mask = causal_mask(chunk.start, n, &self.device)?;
-                scores
+            let scores = match mask {
+                Some(mask) => scores
                     .reshape((kv_heads, groups, n, total))?
-                    .broadcast_add(&mask)?
-                    .reshape((kv_heads, groups * n, total))?
-            } else {
-                scores
+                    .broadcast_add(mask)?
+                    .reshape((kv_heads, groups * n, total))?,
+                None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs.matmul(&v_all)?; // [kv_heads, groups * n, hd]
