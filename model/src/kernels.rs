@@ -666,6 +666,7 @@ mod x86 {
     pub(super) unsafe fn tile_dot<const A: usize>(
         _: usize,
         _: &[u16],
+        _: &[u16],
         _: &[u8],
         _: [ActRow; A],
     ) -> [[f32; TILE]; A] {

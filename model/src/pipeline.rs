@@ -156,13 +156,24 @@ impl LocalPipeline {
     }
 
     /// Runs one batch through every stage and returns the last stage's logits, one row per
-    /// chunk.
+    /// chunk. If a stage fails, the stages before it forget the batch's positions.
     pub fn forward(&mut self, chunks: &[Chunk], tokens: Vec<u32>) -> Result<Tensor> {
         let mut input = StageInput::Tokens(tokens);
-        for (stage, cache) in &mut self.stages {
-            match stage.forward(chunks, input, cache)? {
-                StageOutput::Hidden(h) => input = StageInput::Hidden(h),
-                StageOutput::Logits(l) => return Ok(l),
+        for i in 0..self.stages.len() {
+            let (stage, cache) = &mut self.stages[i];
+            match stage.forward(chunks, input, cache) {
+                Ok(StageOutput::Hidden(h)) => input = StageInput::Hidden(h),
+                Ok(StageOutput::Logits(l)) => return Ok(l),
+                Err(e) => {
+                    // Earlier stages already cached these positions: forget them so the
+                    // sequences stay consistent across stages and can be retried.
+                    for (_, cache) in &mut self.stages[..i] {
+                        for c in chunks {
+                            cache.truncate(c.seq, c.start)?;
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(Error::InvalidBatch(
