@@ -37,12 +37,33 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Show what Strata does on this machine, with nothing to download.
     Demo(cmd::demo::DemoArgs),
+    /// Run the coordinator: find workers, plan the split, serve the gRPC API.
+    Serve(cmd::cluster::ServeArgs),
+    /// Run a worker: join a cluster and hold a slice of the model.
+    Worker(cmd::cluster::WorkerArgs),
+    /// Cluster membership and plans: status, plan, join, drain, remove.
+    Cluster {
+        #[command(subcommand)]
+        command: cmd::cluster::ClusterCommand,
+    },
+    /// The cluster's join token.
+    Token {
+        #[command(subcommand)]
+        command: cmd::cluster::TokenCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Long-running roles say what they are doing; one-shot commands stay quiet.
+    let default_filter = match cli.command {
+        Command::Serve(_) | Command::Worker(_) | Command::Cluster { .. } => {
+            "warn,strata=info,strata_worker=info,strata_coordinator=info"
+        }
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -55,5 +76,9 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Demo(args) => cmd::demo::run(args),
+        Command::Serve(args) => cmd::cluster::serve(args),
+        Command::Worker(args) => cmd::cluster::worker(args),
+        Command::Cluster { command } => cmd::cluster::cluster(command),
+        Command::Token { command } => cmd::cluster::token(command),
     }
 }

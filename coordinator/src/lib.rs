@@ -1,4 +1,275 @@
-//! `strata-coordinator`: discovery, the planner, sessions and scheduling, recovery, and the
-//! public gRPC and HTTP APIs.
+//! `strata-coordinator`: the node clients talk to. It owns:
 //!
-//! Not yet written: the cluster issue builds it. Model math never enters this crate.
+//! - [`membership`]: admission by join token, certificates, heartbeats, mDNS browsing;
+//! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
+//! - [`reconcile`]: applying a plan: streaming slices, wiring the chain, re-planning;
+//! - [`session`]: every live sequence's token history, and the decode loop;
+//! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection).
+//!
+//! Model math never enters here: it tokenizes and renders chat templates, and the
+//! workers do the rest.
+
+pub mod api;
+pub mod error;
+pub mod membership;
+pub mod planner;
+pub mod profile;
+pub mod reconcile;
+pub mod registry;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strata_model::{ChatTemplate, ModelFile, Tokenizer};
+use strata_proto::v1::WireDType;
+use strata_worker::identity::{ClusterCa, Identity, COORDINATOR_NAME};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+pub use error::{Error, Result};
+use planner::{ModelProfile, PlanOptions};
+use registry::Registry;
+use session::{Pipeline, Sessions};
+
+/// How the coordinator runs. Built by the CLI.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The model to serve (GGUF file or safetensors directory).
+    pub model: PathBuf,
+    /// Where the cluster CA and secret live (created on first start).
+    pub state_dir: PathBuf,
+    /// UDP port of the coordinator's QUIC endpoint (default 0: any).
+    pub data_port: u16,
+    /// Address to bind the data endpoint on (default 0.0.0.0).
+    pub bind: IpAddr,
+    /// Require `authorization: Bearer <key>` on the public API (default: none).
+    pub api_key: Option<String>,
+    /// Workers to wait for before the first plan (default 1).
+    pub min_workers: usize,
+    /// Announce over mDNS and browse for workers (default true).
+    pub mdns: bool,
+    /// Activations' wire type (default F16).
+    pub wire_dtype: WireDType,
+    /// Planner knobs.
+    pub plan: PlanOptions,
+    /// Membership must be quiet this long before a re-plan (default 1.5 s).
+    pub settle: Duration,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for serving `model`.
+    pub fn new(model: PathBuf, state_dir: PathBuf) -> Self {
+        CoordinatorConfig {
+            model,
+            state_dir,
+            data_port: 0,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            api_key: None,
+            min_workers: 1,
+            mdns: true,
+            wire_dtype: WireDType::F16,
+            plan: PlanOptions::default(),
+            settle: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// The served model.
+pub struct ServedModel {
+    /// Its name (file or directory name).
+    pub name: String,
+    /// Names its bytes: path, length and modification time.
+    pub digest: String,
+    /// The open model (the coordinator reads slices from it; it loads no weights).
+    pub file: ModelFile,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, when it has one.
+    pub chat: Option<ChatTemplate>,
+    /// Sizes for the planner.
+    pub profile: ModelProfile,
+}
+
+impl ServedModel {
+    /// Opens the model's directory, tokenizer and template (no weights).
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        let file = ModelFile::open(path)?;
+        let tokenizer = Tokenizer::for_model(&file)?;
+        let chat = match tokenizer.chat_template() {
+            Some(src) => Some(ChatTemplate::new(src)?),
+            None => None,
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let meta = std::fs::metadata(path).ok();
+        let stamp = format!(
+            "{}:{}:{:?}",
+            path.display(),
+            meta.as_ref().map_or(0, |m| m.len()),
+            meta.and_then(|m| m.modified().ok())
+        );
+        let digest = strata_worker::identity::sha256_hex(stamp.as_bytes())[..16].to_string();
+        let profile = profile::of_file(&name, &file);
+        Ok(ServedModel {
+            name,
+            digest,
+            file,
+            tokenizer,
+            chat,
+            profile,
+        })
+    }
+}
+
+/// State shared by every task of the coordinator.
+pub struct Shared {
+    /// Its config.
+    pub config: CoordinatorConfig,
+    /// The model.
+    pub model: ServedModel,
+    /// The cluster CA.
+    pub ca: ClusterCa,
+    /// The coordinator's own certificate.
+    pub identity: Identity,
+    /// The QUIC endpoint (to stage 0, from the last stage).
+    pub endpoint: quinn::Endpoint,
+    /// Its UDP port.
+    pub data_port: u16,
+    /// Members.
+    pub registry: Mutex<Registry>,
+    /// Wakes the reconciler.
+    pub changed: Notify,
+    /// The pipeline new requests use; `None` while (re)planning.
+    pub pipeline: watch::Sender<Option<Arc<Pipeline>>>,
+    /// Why there is no pipeline.
+    pub detail: Mutex<String>,
+    /// Plan epoch.
+    pub epoch: AtomicU64,
+    /// Live sequences.
+    pub sessions: Sessions,
+    /// Shutdown.
+    pub cancel: CancellationToken,
+}
+
+impl Shared {
+    /// Records why the cluster is not serving.
+    pub fn set_detail(&self, d: impl Into<String>) {
+        if let Ok(mut g) = self.detail.lock() {
+            *g = d.into();
+        }
+    }
+
+    /// Why the cluster is not serving.
+    pub fn detail(&self) -> String {
+        self.detail.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Locks the registry. A poisoned lock means a task panicked while holding it; the
+    /// data is plain bookkeeping, so carry on with it.
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs a coordinator on `listener` (the public gRPC API) until `shutdown`.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let model = ServedModel::open(&config.model)?;
+    let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
+    if created {
+        info!(
+            dir = %config.state_dir.display(),
+            "created a new cluster; join workers with this token:\n\n    {}\n",
+            ca.token().to_text()
+        );
+    }
+    let identity = ca.issue_identity(COORDINATOR_NAME)?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(config.bind, config.data_port))?;
+    let data_port = socket.local_addr()?.port();
+    let endpoint = strata_worker::transport::endpoint(socket, &identity)?;
+    let api_addr = listener.local_addr()?;
+    let (pipeline, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        model,
+        ca,
+        identity,
+        endpoint: endpoint.clone(),
+        data_port,
+        registry: Mutex::new(Registry::default()),
+        changed: Notify::new(),
+        pipeline,
+        detail: Mutex::new(format!(
+            "waiting for {} worker(s) to join",
+            config.min_workers
+        )),
+        epoch: AtomicU64::new(0),
+        sessions: Sessions::default(),
+        cancel: shutdown.clone(),
+        config,
+    });
+    let tracker = TaskTracker::new();
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(session::TOKEN_QUEUE);
+    strata_worker::transport::spawn_acceptor(
+        endpoint.clone(),
+        frames_tx,
+        shutdown.clone(),
+        "coordinator",
+    );
+    tracker.spawn(
+        session::dispatch(shared.clone(), frames_rx).instrument(tracing::info_span!("dispatch")),
+    );
+    tracker.spawn(
+        membership::heartbeats(shared.clone()).instrument(tracing::info_span!("heartbeats")),
+    );
+    tracker.spawn(reconcile::run(shared.clone()).instrument(tracing::info_span!("reconcile")));
+    let _announcement = if shared.config.mdns {
+        let txt: HashMap<String, String> = [
+            ("role", "coordinator".to_string()),
+            ("cluster", shared.ca.token().cluster_id().to_string()),
+            ("proto", strata_proto::PROTOCOL_VERSION.to_string()),
+            ("v", env!("CARGO_PKG_VERSION").to_string()),
+            ("model", shared.model.name.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let ip = (!api_addr.ip().is_unspecified()).then_some(api_addr.ip());
+        let instance = format!("strata-coordinator-{}", shared.ca.token().cluster_id());
+        tracker.spawn(membership::browse(shared.clone()).instrument(tracing::info_span!("mdns")));
+        match strata_worker::discovery::announce(&instance, api_addr.port(), txt, ip) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!(cause = %e, "could not announce over mDNS; workers must join with --coordinator");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    info!(
+        api = %api_addr,
+        data_port,
+        cluster = %shared.ca.token().cluster_id(),
+        model = %shared.model.name,
+        "coordinator listening"
+    );
+    let served = api::serve(shared.clone(), listener, shutdown.clone()).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    endpoint.close(0u32.into(), b"coordinator shutting down");
+    endpoint.wait_idle().await;
+    served
+}

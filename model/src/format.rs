@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::model::Slice;
 
 /// Largest safetensors JSON header we accept before allocating it (real ones are < 10 MB).
 const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
@@ -84,6 +85,19 @@ pub fn ggml_type_name(t: GgmlDType) -> &'static str {
 /// Elements of a shape, `None` on overflow (a corrupt header).
 fn element_count(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// A file of a model and the byte ranges of it that one slice needs.
+#[derive(Debug, Clone)]
+pub struct FileExtent {
+    /// Where it is here.
+    pub path: PathBuf,
+    /// Its path relative to the directory holding the model root.
+    pub relative: String,
+    /// Its full length.
+    pub length: u64,
+    /// `(offset, length)` ranges to copy, sorted and merged.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Where one tensor lives.
@@ -470,6 +484,114 @@ impl ModelFile {
             .into_iter()
             .map(|r| self.role_bytes(r))
             .sum()
+    }
+
+    /// The bytes a worker needs to load `slice`: for each file of the model, its length
+    /// and the byte ranges to copy (its header and the slice's tensors), so that the same
+    /// files, sparse elsewhere, open with [`ModelFile::open`] and load that slice. Small
+    /// side files (`config.json`, a shard index) are copied whole. Paths are relative to
+    /// the directory holding the model root, which is named by the first value returned.
+    pub fn slice_extents(&self, slice: &Slice) -> (String, Vec<FileExtent>) {
+        let c = &self.config;
+        let mut needed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut all: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for l in 0..c.num_layers {
+            for role in Role::layer_roles(l, c) {
+                let name = self.tensor_name(role);
+                if slice.layers.contains(&l) {
+                    needed.insert(name.clone());
+                }
+                all.insert(name);
+            }
+        }
+        for role in [Role::Embed, Role::FinalNorm, Role::LmHead] {
+            all.insert(self.tensor_name(role));
+        }
+        let head_is_embed = self.entry(Role::LmHead).is_none();
+        if slice.embed || (slice.head && head_is_embed) {
+            needed.insert(self.tensor_name(Role::Embed));
+        }
+        if slice.head {
+            needed.insert(self.tensor_name(Role::FinalNorm));
+            needed.insert(self.tensor_name(Role::LmHead));
+        }
+        let mut ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.files.len()];
+        let mut data_start: Vec<u64> = vec![u64::MAX; self.files.len()];
+        for (name, e) in &self.tensors {
+            data_start[e.file] = data_start[e.file].min(e.offset);
+            // Tensors no role names (llama.cpp's rope_freqs, say) are small: always sent.
+            if needed.contains(name) || !all.contains(name) {
+                ranges[e.file].push((e.offset, e.bytes()));
+            }
+        }
+        let base = match self.format {
+            Format::Gguf => self.path.parent().map(Path::to_path_buf),
+            Format::Safetensors => {
+                let dir = if self.path.is_dir() {
+                    self.path.clone()
+                } else {
+                    self.path
+                        .parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default()
+                };
+                dir.parent().map(Path::to_path_buf)
+            }
+        }
+        .unwrap_or_default();
+        let relative = |p: &Path| -> String {
+            p.strip_prefix(&base)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut out = Vec::new();
+        for (i, (path, file)) in self.files.iter().enumerate() {
+            let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let mut r = std::mem::take(&mut ranges[i]);
+            if data_start[i] != u64::MAX {
+                r.push((0, data_start[i]));
+            }
+            r.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (o, l) in r {
+                match merged.last_mut() {
+                    Some(last) if last.0 + last.1 >= o => {
+                        last.1 = last.1.max(o + l - last.0);
+                    }
+                    _ => merged.push((o, l)),
+                }
+            }
+            out.push(FileExtent {
+                path: path.clone(),
+                relative: relative(path),
+                length,
+                ranges: merged,
+            });
+        }
+        let root = match self.format {
+            Format::Gguf => relative(&self.path),
+            Format::Safetensors => {
+                let dir = self
+                    .files
+                    .first()
+                    .and_then(|(p, _)| p.parent())
+                    .unwrap_or(Path::new("."));
+                for side in ["config.json", "model.safetensors.index.json"] {
+                    let p = dir.join(side);
+                    if let Ok(m) = std::fs::metadata(&p) {
+                        out.push(FileExtent {
+                            path: p.clone(),
+                            relative: relative(&p),
+                            length: m.len(),
+                            ranges: vec![(0, m.len())],
+                        });
+                    }
+                }
+                relative(dir)
+            }
+        };
+        (root, out)
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {

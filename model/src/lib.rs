@@ -41,7 +41,7 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use format::{Format, ModelFile, Role, Weight};
+pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};
 pub use model::{Chunk, Slice, Stage, StageInput, StageOutput};
 

@@ -1,6 +1,31 @@
-//! `strata-proto`: the wire messages of every Strata plane (`strata.v1` public API, the
-//! coordinator <-> worker control service, the data-plane frame header), generated from
-//! the `.proto` files under `proto/` with protox so no system `protoc` is needed.
+//! `strata-proto`: the wire messages of every Strata plane, generated from the `.proto`
+//! files under `proto/strata/v1/` with protox, so no system `protoc` is needed:
 //!
-//! Not yet written: the cluster issue builds it. It must never hold logic beyond message
-//! definitions and their size limits.
+//! - `Inference` and `Cluster`: the public gRPC API (`strata.v1`), served by the coordinator;
+//! - `WorkerControl`: the coordinator -> worker control service (mutual TLS);
+//! - `FrameHeader`: the header of a data-plane frame (QUIC, ALPN [`DATA_ALPN`]).
+//!
+//! It holds message definitions, versions and size limits only: no logic, no I/O.
+
+#![allow(missing_docs)] // generated code; every message and field is documented in the .proto
+
+/// The generated `strata.v1` package.
+pub mod v1 {
+    tonic::include_proto!("strata.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Strata proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_descriptor");
+
+/// Version of the control and data-plane messages. A peer with another version is refused
+/// with a message naming both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN of the data plane: names the frame format version.
+pub const DATA_ALPN: &[u8] = b"strata/1";
+
+/// Largest frame header accepted, in bytes.
+pub const MAX_FRAME_HEADER_BYTES: usize = 1 << 20;
+
+/// Largest frame payload accepted, in bytes (a prefill of 8192 tokens of hidden 8192 in F32).
+pub const MAX_FRAME_PAYLOAD_BYTES: u64 = 256 << 20;

@@ -16,8 +16,14 @@ use strata_model::{
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// The model: a .gguf file or a safetensors directory.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "coordinator")]
+    pub model: Option<PathBuf>,
+    /// Generate on a running cluster instead: the coordinator's API address.
+    #[arg(long, conflicts_with = "model")]
+    pub coordinator: Option<String>,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "STRATA_API_KEY")]
+    pub api_key: Option<String>,
     /// Prompt text.
     #[arg(
         long,
@@ -135,8 +141,12 @@ pub fn prompt_ids(
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(addr) = a.coordinator.clone() {
+        return run_remote(&a, &addr);
+    }
     let t0 = Instant::now();
-    let file = ModelFile::open(&a.model)?;
+    let model = a.model.clone().context("--model is required")?;
+    let file = ModelFile::open(&model)?;
     let tokenizer = match Tokenizer::for_model(&file) {
         Ok(t) => Some(t),
         Err(e) if a.prompt_ids.is_some() => {
@@ -156,7 +166,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--stages must be at least 1");
     }
     let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
-        .with_context(|| format!("loading {} in {} stages", a.model.display(), a.stages))?;
+        .with_context(|| format!("loading {} in {} stages", model.display(), a.stages))?;
     if let Some(t) = &tokenizer {
         pipeline.add_eos(t.eos());
     }
@@ -239,4 +249,95 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `strata generate --coordinator`: the same request through the cluster's gRPC API.
+fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
+    use strata_proto::v1::{
+        ChatMessage, ChatRequest, FinishReason, GenerateRequest as Req, Sampling,
+    };
+    let p = a.sampling.params();
+    let sampling = Some(Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_window: p.repeat_window as u32,
+        seed: p.seed,
+    });
+    let rt = super::cluster::runtime()?;
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let mut client = super::cluster::inference_client(addr, a.api_key.as_deref()).await?;
+        let mut stream = if a.chat {
+            let mut messages = Vec::new();
+            if let Some(sys) = &a.system {
+                messages.push(ChatMessage { role: "system".into(), content: sys.clone() });
+            }
+            messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone().unwrap_or_default() });
+            client
+                .chat(ChatRequest { messages, max_tokens: a.max_tokens as u32, sampling, ..Default::default() })
+                .await?
+                .into_inner()
+        } else {
+            client
+                .generate(Req {
+                    prompt: a.prompt.clone().unwrap_or_default(),
+                    prompt_ids: a.prompt_ids.clone().unwrap_or_default(),
+                    max_tokens: a.max_tokens as u32,
+                    sampling,
+                    ignore_eos: a.ignore_eos,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+        };
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut finish = String::new();
+        let mut usage = None;
+        let mut stdout = std::io::stdout();
+        while let Some(msg) = stream.message().await? {
+            tokens.extend(&msg.token_ids);
+            text.push_str(&msg.text);
+            if !a.json {
+                let _ = write!(stdout, "{}", msg.text);
+                let _ = stdout.flush();
+            }
+            if msg.finish_reason != 0 {
+                finish = match FinishReason::try_from(msg.finish_reason) {
+                    Ok(FinishReason::Stop) => "stop",
+                    Ok(FinishReason::Length) => "length",
+                    Ok(FinishReason::Context) => "context",
+                    _ => "unknown",
+                }
+                .into();
+                usage = msg.usage;
+            }
+        }
+        let usage = usage.unwrap_or_default();
+        if a.json {
+            let json = serde_json::json!({
+                "tokens": tokens,
+                "text": text,
+                "finish_reason": finish,
+                "timings": {
+                    "total_s": t0.elapsed().as_secs_f64(),
+                    "prompt_tokens": usage.prompt_tokens,
+                    "generated_tokens": usage.completion_tokens,
+                    "time_to_first_token_ms": usage.time_to_first_token_ms,
+                    "decode_tokens_per_s": usage.decode_tokens_per_second,
+                }
+            });
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            println!();
+            eprintln!(
+                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster, finish: {finish}]",
+                usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second
+            );
+        }
+        Ok(())
+    })
 }

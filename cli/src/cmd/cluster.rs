@@ -1,0 +1,621 @@
+//! The cluster commands: `strata serve` (the coordinator), `strata worker`, `strata token`,
+//! and `strata cluster status|plan|join|drain|remove`, plus the gRPC client helpers that
+//! `generate` and `bench` use with `--coordinator`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use strata_coordinator::planner::{self, Candidate, PlanOptions};
+use strata_coordinator::{profile, CoordinatorConfig};
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::inference_client::InferenceClient;
+use strata_proto::v1::{
+    DrainRequest, PlanRequest, PlanResponse, RemoveRequest, StatusRequest, WorkerState,
+};
+use strata_worker::identity::{ClusterCa, JoinToken};
+use strata_worker::memory::parse_size;
+use strata_worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::human_bytes;
+
+/// Default address of the coordinator's public gRPC API.
+pub const DEFAULT_API: &str = "127.0.0.1:7433";
+/// Paper workers stream weights at this fraction of their stated memory bandwidth (our CPU
+/// kernels measured 0.33-0.46 of the copy roofline).
+const PAPER_EFFICIENCY: f64 = 0.5;
+
+fn default_state_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STRATA_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".local/share/strata")
+}
+
+/// A multi-thread runtime for the network commands.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Cancels on Ctrl-C (and SIGTERM on Unix).
+fn shutdown_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        c.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        c.cancel();
+    });
+    cancel
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model to serve: a .gguf file or a safetensors directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address of the public gRPC API.
+    #[arg(long, default_value = "0.0.0.0:7433")]
+    listen: SocketAddr,
+    /// UDP port of the coordinator's QUIC endpoint (0: any).
+    #[arg(long, default_value_t = 0)]
+    data_port: u16,
+    /// Where the cluster's CA and secret live (created on first start).
+    #[arg(long, env = "STRATA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Require `authorization: Bearer <key>` on the public API.
+    #[arg(long, env = "STRATA_API_KEY")]
+    api_key: Option<String>,
+    /// Workers to wait for before the first plan.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Neither announce nor browse over mDNS (workers then join with --coordinator).
+    #[arg(long)]
+    no_mdns: bool,
+    /// Activations' type on the wire: f16, bf16 or f32 (f32 for exactness checks).
+    #[arg(long, default_value = "f16")]
+    wire_dtype: String,
+    /// KV-cache positions reserved per layer on each stage (context x concurrency).
+    #[arg(long, default_value_t = 4096)]
+    kv_tokens: u64,
+    /// Also hold a stage in this process.
+    #[arg(long)]
+    local_worker: bool,
+    /// Memory the local worker accepts (default: 75% of available memory).
+    #[arg(long)]
+    local_memory: Option<String>,
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = a.state_dir.unwrap_or_else(default_state_dir);
+    let (ca, created) = ClusterCa::load_or_create(&state_dir)
+        .with_context(|| format!("opening the cluster state in {}", state_dir.display()))?;
+    let token = ca.token().to_text();
+    if created {
+        println!("created a new cluster in {}", state_dir.display());
+    }
+    println!("join token: {token}");
+    println!("  on each machine: strata worker --token {token}");
+    let dtype = strata_worker::frame::parse_wire_dtype(&a.wire_dtype)
+        .with_context(|| format!("--wire-dtype {}: use f16, bf16 or f32", a.wire_dtype))?;
+    let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
+    config.api_key = a.api_key;
+    config.min_workers = a.min_workers;
+    config.mdns = !a.no_mdns;
+    config.data_port = a.data_port;
+    config.wire_dtype = dtype;
+    config.plan = PlanOptions {
+        kv_tokens: a.kv_tokens,
+        ..PlanOptions::default()
+    };
+    let local_memory = match &a.local_memory {
+        Some(m) => Some(
+            parse_size(m).with_context(|| format!("--local-memory {m}: use sizes like 12GiB"))?,
+        ),
+        None => None,
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        println!("listening on {addr} (gRPC: strata.v1.Inference, strata.v1.Cluster)");
+        let shutdown = shutdown_on_signal();
+        if a.local_worker {
+            let mut w = WorkerConfig::new(JoinToken::parse(&token)?);
+            let reach = if addr.ip().is_unspecified() {
+                "127.0.0.1".parse()?
+            } else {
+                addr.ip()
+            };
+            w.coordinator = Some(SocketAddr::new(reach, addr.port()).to_string());
+            w.id = Some("local".into());
+            w.mdns = false;
+            w.bind = reach;
+            w.memory_budget = local_memory;
+            let cancel = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = strata_worker::run(w, cancel).await {
+                    tracing::error!(cause = %e, "the local worker stopped");
+                }
+            });
+        }
+        strata_coordinator::run(config, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The cluster's join token (`strata token create` on the coordinator's machine).
+    #[arg(long, env = "STRATA_TOKEN")]
+    token: String,
+    /// Join this coordinator (host:port of its API) directly, where multicast is blocked.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// This worker's name (default: the host name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Memory it accepts for weights and caches, e.g. 12GiB (default: 75% of available).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Where layers run: auto, cpu, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// TCP port of the control service (0: any).
+    #[arg(long, default_value_t = 0)]
+    control_port: u16,
+    /// UDP port of the data plane (0: any).
+    #[arg(long, default_value_t = 0)]
+    data_port: u16,
+    /// Where received slices are written before loading.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not announce over mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Use this speed (bytes/s) instead of measuring it.
+    #[arg(long, hide = true)]
+    speed: Option<f64>,
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let token = JoinToken::parse(&a.token)?;
+    let mut w = WorkerConfig::new(token);
+    w.coordinator = a.coordinator;
+    w.id = a.id;
+    w.memory_budget = match &a.memory {
+        Some(m) => Some(
+            parse_size(m)
+                .with_context(|| format!("--memory {m}: use sizes like 12GiB or 512MiB"))?,
+        ),
+        None => None,
+    };
+    w.device = a.device;
+    w.bind = a.bind;
+    w.control_port = a.control_port;
+    w.data_port = a.data_port;
+    w.cache_dir = a.cache_dir;
+    w.mdns = !a.no_mdns;
+    w.speed = a.speed;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        strata_worker::run(w, shutdown).await?;
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create the cluster's secret (if there is none) and print its join token.
+    Create {
+        /// Where the cluster's CA and secret live.
+        #[arg(long, env = "STRATA_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+pub fn token(c: TokenCommand) -> anyhow::Result<()> {
+    match c {
+        TokenCommand::Create { state_dir } => {
+            let dir = state_dir.unwrap_or_else(default_state_dir);
+            let (ca, created) = ClusterCa::load_or_create(&dir)?;
+            if created {
+                eprintln!("created a new cluster in {}", dir.display());
+            } else {
+                eprintln!("the cluster in {} exists; its token is:", dir.display());
+            }
+            println!("{}", ca.token().to_text());
+            Ok(())
+        }
+    }
+}
+
+/// Adds the bearer key to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Channel::from_shared(url.clone())?
+        .connect()
+        .await
+        .with_context(|| {
+            format!("connecting to the coordinator at {addr} (is `strata serve` running?)")
+        })
+}
+
+fn bearer(key: Option<&str>) -> anyhow::Result<Bearer> {
+    Ok(Bearer(match key {
+        Some(k) => Some(
+            format!("Bearer {k}")
+                .parse()
+                .context("the API key has characters a header cannot hold")?,
+        ),
+        None => None,
+    }))
+}
+
+/// A client of the coordinator's Cluster service.
+pub async fn cluster_client(
+    addr: &str,
+    key: Option<&str>,
+) -> anyhow::Result<ClusterClient<InterceptedService<Channel, Bearer>>> {
+    Ok(ClusterClient::with_interceptor(
+        channel(addr).await?,
+        bearer(key)?,
+    ))
+}
+
+/// A client of the coordinator's Inference service.
+pub async fn inference_client(
+    addr: &str,
+    key: Option<&str>,
+) -> anyhow::Result<InferenceClient<InterceptedService<Channel, Bearer>>> {
+    Ok(
+        InferenceClient::with_interceptor(channel(addr).await?, bearer(key)?)
+            .max_decoding_message_size(64 << 20),
+    )
+}
+
+#[derive(Debug, Args)]
+pub struct Remote {
+    /// The coordinator's API address.
+    #[arg(long, env = "STRATA_COORDINATOR", default_value = DEFAULT_API)]
+    coordinator: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "STRATA_API_KEY")]
+    api_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Workers, stages, layers, memory, load progress and health.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The plan the coordinator would make now, or a plan on paper with --worker.
+    Plan(PlanArgs),
+    /// Join a coordinator from this machine (a worker that skips mDNS).
+    Join(WorkerArgs),
+    /// Stop giving a worker new work, re-plan without it, release it when its sequences end.
+    Drain {
+        /// The worker's id.
+        worker: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Drop a worker at once (its sequences fail; the cluster re-plans).
+    Remove {
+        /// The worker's id.
+        worker: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Workers on paper: `name:MEMORY:BANDWIDTH`, e.g. `mac-studio:64GiB:400GB/s`.
+    #[arg(long = "worker")]
+    workers: Vec<String>,
+    /// A model not on disk: `preset:quant`, e.g. `llama-3.1-70b:q4_k_m`.
+    #[arg(long)]
+    model_spec: Option<String>,
+    /// A model on disk, for a plan on paper.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// KV-cache positions reserved per layer on each stage.
+    #[arg(long, default_value_t = 4096)]
+    kv_tokens: u64,
+    /// Ask this coordinator (used when no --worker is given).
+    #[arg(long, env = "STRATA_COORDINATOR", default_value = DEFAULT_API)]
+    coordinator: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "STRATA_API_KEY")]
+    api_key: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `name:64GiB:400GB/s`.
+pub fn paper_worker(spec: &str) -> anyhow::Result<Candidate> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [name, mem, bw] = parts.as_slice() else {
+        bail!("--worker {spec}: expected NAME:MEMORY:BANDWIDTH, e.g. mac-studio:64GiB:400GB/s");
+    };
+    let budget = parse_size(mem)
+        .with_context(|| format!("--worker {spec}: memory `{mem}` is not a size like 64GiB"))?;
+    let bw_bytes = parse_size(bw.trim_end_matches("/s"))
+        .with_context(|| format!("--worker {spec}: bandwidth `{bw}` is not a rate like 400GB/s"))?;
+    Ok(Candidate {
+        id: name.to_string(),
+        budget,
+        speed: bw_bytes as f64 * PAPER_EFFICIENCY,
+    })
+}
+
+fn print_plan(p: &PlanResponse) {
+    if p.stages.is_empty() {
+        println!("{}", p.shortfall);
+        return;
+    }
+    println!("plan for {}:", p.model);
+    println!(
+        "{:<6} {:<20} {:<10} {:>24} {:>14}",
+        "stage", "worker", "layers", "memory used / budget", "est ms/token"
+    );
+    for (i, s) in p.stages.iter().enumerate() {
+        let mut layers = format!("{}..{}", s.layer_start, s.layer_end);
+        if s.embed {
+            layers.push_str(" +emb");
+        }
+        if s.head {
+            layers.push_str(" +head");
+        }
+        println!(
+            "{:<6} {:<20} {:<10} {:>24} {:>14.1}",
+            i,
+            s.worker_id,
+            layers,
+            format!(
+                "{} / {}",
+                human_bytes(s.memory_bytes),
+                human_bytes(s.budget_bytes)
+            ),
+            s.est_ms_per_token
+        );
+    }
+    println!(
+        "estimated {:.1} ms/token for one stream ({:.1} tokens/s); {:.1} ms/token when the pipeline is kept busy",
+        p.est_ms_per_token,
+        1e3 / p.est_ms_per_token.max(1e-9),
+        p.est_ms_per_token_pipelined
+    );
+    if !p.shortfall.is_empty() {
+        println!("note: {}", p.shortfall);
+    }
+}
+
+fn plan_json(p: &PlanResponse) -> serde_json::Value {
+    serde_json::json!({
+        "model": p.model,
+        "fits": !p.stages.is_empty(),
+        "missing_bytes": p.missing_bytes,
+        "shortfall": p.shortfall,
+        "est_ms_per_token": p.est_ms_per_token,
+        "est_ms_per_token_pipelined": p.est_ms_per_token_pipelined,
+        "stages": p.stages.iter().map(|s| serde_json::json!({
+            "worker": s.worker_id, "layers": [s.layer_start, s.layer_end], "embed": s.embed, "head": s.head,
+            "memory_bytes": s.memory_bytes, "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn state_name(s: i32) -> &'static str {
+    match WorkerState::try_from(s) {
+        Ok(WorkerState::Discovered) => "discovered",
+        Ok(WorkerState::Idle) => "idle",
+        Ok(WorkerState::Loading) => "loading",
+        Ok(WorkerState::Ready) => "ready",
+        Ok(WorkerState::Draining) => "draining",
+        Ok(WorkerState::Dead) => "dead",
+        Ok(WorkerState::Refused) => "refused",
+        _ => "unknown",
+    }
+}
+
+pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
+    if let ClusterCommand::Join(a) = c {
+        if a.coordinator.is_none() {
+            bail!("`strata cluster join` needs --coordinator HOST:PORT (or run `strata worker` to find it over mDNS)");
+        }
+        return worker(a);
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        match c {
+            ClusterCommand::Status { remote, json } => {
+                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+                let s = client.status(StatusRequest {}).await?.into_inner();
+                if json {
+                    let workers: Vec<_> = s.workers.iter().map(|w| {
+                        let info = w.info.clone().unwrap_or_default();
+                        serde_json::json!({
+                            "id": info.id, "state": state_name(w.state), "address": w.address, "stage": w.stage,
+                            "layers": [w.layer_start, w.layer_end], "memory_budget": info.memory_budget,
+                            "speed_bytes_per_second": info.speed_bytes_per_second,
+                            "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
+                            "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
+                            "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
+                        })
+                    }).collect();
+                    let v = serde_json::json!({
+                        "cluster_id": s.cluster_id,
+                        "model": s.model.as_ref().map(|m| &m.id),
+                        "serving": s.serving,
+                        "detail": s.detail,
+                        "active_sequences": s.active_sequences,
+                        "workers": workers,
+                        "plan": s.plan.as_ref().map(plan_json),
+                    });
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(());
+                }
+                let m = s.model.clone().unwrap_or_default();
+                println!(
+                    "cluster {}: {} ({}, {} layers, {}) — {}{}",
+                    s.cluster_id,
+                    m.id,
+                    m.architecture,
+                    m.layers,
+                    human_bytes(m.weight_bytes),
+                    if s.serving { "serving" } else { "not serving" },
+                    if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) }
+                );
+                println!("active sequences: {}", s.active_sequences);
+                println!(
+                    "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  detail",
+                    "worker", "state", "address", "stage", "layers", "rss / peak / budget", "load", "seen"
+                );
+                for w in &s.workers {
+                    let info = w.info.clone().unwrap_or_default();
+                    let load = if w.load_bytes_total > 0 {
+                        format!("{:.0}% of {}", 100.0 * w.load_bytes_done as f64 / w.load_bytes_total as f64, human_bytes(w.load_bytes_total))
+                    } else {
+                        "-".into()
+                    };
+                    println!(
+                        "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  {}",
+                        info.id,
+                        state_name(w.state),
+                        w.address,
+                        if w.stage < 0 { "-".into() } else { w.stage.to_string() },
+                        if w.layer_end > 0 { format!("{}..{}", w.layer_start, w.layer_end) } else { "-".into() },
+                        format!("{} / {} / {}", human_bytes(w.resident_bytes), human_bytes(w.peak_resident_bytes), human_bytes(info.memory_budget)),
+                        load,
+                        format!("{:.1}s", w.last_seen_ms as f64 / 1e3),
+                        w.detail
+                    );
+                }
+                if let Some(p) = &s.plan {
+                    println!();
+                    print_plan(p);
+                }
+                Ok(())
+            }
+            ClusterCommand::Plan(a) => plan(a).await,
+            ClusterCommand::Drain { worker, remote } => {
+                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+                let r = client.drain(DrainRequest { worker_id: worker }).await?.into_inner();
+                println!("{}", r.detail);
+                Ok(())
+            }
+            ClusterCommand::Remove { worker, remote } => {
+                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+                let r = client.remove(RemoveRequest { worker_id: worker }).await?.into_inner();
+                println!("{}", r.detail);
+                Ok(())
+            }
+            ClusterCommand::Join(_) => Ok(()),
+        }
+    })
+}
+
+async fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    let response = if a.workers.is_empty() {
+        let mut client = cluster_client(&a.coordinator, a.api_key.as_deref()).await?;
+        client
+            .plan(PlanRequest {
+                workers: Vec::new(),
+                model_spec: a.model_spec.clone().unwrap_or_default(),
+            })
+            .await?
+            .into_inner()
+    } else {
+        // On paper: no coordinator needed.
+        let workers = a
+            .workers
+            .iter()
+            .map(|w| paper_worker(w))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let profile = match (&a.model_spec, &a.model) {
+            (Some(spec), _) => profile::of_spec(spec)?,
+            (None, Some(path)) => {
+                let file = strata_model::ModelFile::open(path)?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                profile::of_file(&name, &file)
+            }
+            (None, None) => bail!(
+                "a plan on paper needs --model-spec (e.g. llama-3.1-70b:q4_k_m) or --model PATH"
+            ),
+        };
+        let options = PlanOptions {
+            kv_tokens: a.kv_tokens,
+            ..PlanOptions::default()
+        };
+        strata_coordinator::api::plan_response(
+            &profile.name,
+            planner::plan(&profile, &workers, &options),
+            0,
+        )
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&plan_json(&response))?);
+    } else {
+        print_plan(&response);
+    }
+    if response.stages.is_empty() {
+        std::process::exit(2);
+    }
+    Ok(())
+}

@@ -1,0 +1,436 @@
+//! The public gRPC API (`strata.v1.Inference`, `strata.v1.Cluster`), the standard health
+//! service and server reflection (so `grpcurl` works without the .proto files). Errors
+//! become `tonic::Status` here, once, with a message a user can act on. An optional
+//! bearer key guards everything but `Cluster/Join`, which the join token guards.
+
+use std::sync::Arc;
+
+use strata_model::{Message, SamplingParams};
+use strata_proto::v1::cluster_server::{Cluster, ClusterServer};
+use strata_proto::v1::inference_server::{Inference, InferenceServer};
+use strata_proto::v1::{
+    ChatRequest, DrainRequest, DrainResponse, GenerateRequest, GenerateResponse, JoinRequest,
+    JoinResponse, ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse,
+    ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest, RemoveResponse, Sampling,
+    StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::planner::{self, Candidate, Plan, Shortfall};
+use crate::session::{self, Job};
+use crate::{membership, profile, reconcile, Shared};
+
+/// Streamed responses waiting for a slow client.
+const STREAM_QUEUE: usize = 16;
+/// Default tokens to generate.
+const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// The public API's handlers.
+#[derive(Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+}
+
+impl Api {
+    fn check_key<T>(&self, req: &Request<T>) -> std::result::Result<(), Status> {
+        let Some(key) = &self.shared.config.api_key else {
+            return Ok(());
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return Err(Status::unauthenticated(
+                "this cluster needs an API key: send `authorization: Bearer <key>`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn model_info(&self) -> ModelInfo {
+        let m = &self.shared.model;
+        let c = m.file.config();
+        ModelInfo {
+            id: m.name.clone(),
+            architecture: c.arch.name().to_string(),
+            layers: c.num_layers as u32,
+            context_length: c.max_position_embeddings as u32,
+            weight_bytes: m.profile.weight_bytes(),
+            ready: self.shared.pipeline.borrow().is_some(),
+        }
+    }
+
+    fn start(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        sampling: Option<Sampling>,
+        stop: Vec<String>,
+        ignore_eos: bool,
+    ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
+    {
+        let sampling = sampling_params(sampling);
+        sampling
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = format!("req-{:x}", rand_id());
+        let job = Job {
+            id: id.clone(),
+            prompt,
+            max_tokens: if max_tokens == 0 {
+                DEFAULT_MAX_TOKENS
+            } else {
+                max_tokens as usize
+            },
+            sampling,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            ignore_eos,
+        };
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let span = tracing::info_span!("request", id = %id, prompt_tokens = job.prompt.len());
+        tokio::spawn(session::generate(self.shared.clone(), job, tx).instrument(span));
+        Ok(ReceiverStream::new(rx))
+    }
+
+    fn check_model(&self, model: &str) -> std::result::Result<(), Status> {
+        if !model.is_empty() && model != self.shared.model.name {
+            return Err(Status::not_found(format!(
+                "this cluster serves `{}`, not `{model}`",
+                self.shared.model.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn rand_id() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom_fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) -> std::result::Result<(), ()> {
+    use std::hash::{BuildHasher, Hasher};
+    // Request ids only need to differ, not to be secret.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    b.copy_from_slice(&h.finish().to_le_bytes()[..b.len().min(8)]);
+    Ok(())
+}
+
+fn sampling_params(s: Option<Sampling>) -> SamplingParams {
+    let d = SamplingParams::default();
+    let Some(s) = s else { return d };
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: if s.top_p > 0.0 { s.top_p } else { 1.0 },
+        min_p: s.min_p,
+        repeat_penalty: if s.repeat_penalty > 0.0 {
+            s.repeat_penalty
+        } else {
+            1.0
+        },
+        repeat_window: if s.repeat_window > 0 {
+            s.repeat_window as usize
+        } else {
+            d.repeat_window
+        },
+        seed: s.seed,
+        ..d
+    }
+}
+
+type TokenStream = ReceiverStream<std::result::Result<GenerateResponse, Status>>;
+
+#[tonic::async_trait]
+impl Inference for Api {
+    type GenerateStream = TokenStream;
+    type ChatStream = TokenStream;
+
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> std::result::Result<Response<TokenStream>, Status> {
+        self.check_key(&req)?;
+        let r = req.into_inner();
+        self.check_model(&r.model)?;
+        let prompt = if !r.prompt_ids.is_empty() {
+            let vocab = self.shared.model.file.config().vocab_size as u32;
+            if let Some(bad) = r.prompt_ids.iter().find(|&&t| t >= vocab) {
+                return Err(Status::invalid_argument(format!(
+                    "prompt id {bad} is outside the vocabulary of {vocab} tokens"
+                )));
+            }
+            r.prompt_ids
+        } else {
+            self.shared
+                .model
+                .tokenizer
+                .encode(&r.prompt, !r.no_special_tokens)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
+        Ok(Response::new(self.start(
+            prompt,
+            r.max_tokens,
+            r.sampling,
+            r.stop,
+            r.ignore_eos,
+        )?))
+    }
+
+    async fn chat(
+        &self,
+        req: Request<ChatRequest>,
+    ) -> std::result::Result<Response<TokenStream>, Status> {
+        self.check_key(&req)?;
+        let r = req.into_inner();
+        self.check_model(&r.model)?;
+        let m = &self.shared.model;
+        let template = m.chat.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this model has no chat template: use Generate")
+        })?;
+        let messages: Vec<Message> = r
+            .messages
+            .iter()
+            .map(|m| Message::new(m.role.clone(), m.content.clone()))
+            .collect();
+        if messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "a chat needs at least one message",
+            ));
+        }
+        let t = &m.tokenizer;
+        let rendered = template
+            .render(
+                &messages,
+                true,
+                &t.token_text(t.bos()),
+                &t.token_text(t.eos().first().copied()),
+            )
+            .map_err(|e| Status::invalid_argument(format!("rendering the chat template: {e}")))?;
+        // The template writes BOS itself when the model wants one.
+        let prompt = t
+            .encode(&rendered, false)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(self.start(
+            prompt,
+            r.max_tokens,
+            r.sampling,
+            r.stop,
+            false,
+        )?))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<TokenizeRequest>,
+    ) -> std::result::Result<Response<TokenizeResponse>, Status> {
+        self.check_key(&req)?;
+        let r = req.into_inner();
+        let t = &self.shared.model.tokenizer;
+        let ids = t
+            .encode(&r.text, r.add_bos)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let tokens = ids
+            .iter()
+            .map(|&i| t.id_to_token(i).unwrap_or_default())
+            .collect();
+        Ok(Response::new(TokenizeResponse {
+            token_ids: ids,
+            tokens,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        req: Request<ListModelsRequest>,
+    ) -> std::result::Result<Response<ListModelsResponse>, Status> {
+        self.check_key(&req)?;
+        Ok(Response::new(ListModelsResponse {
+            models: vec![self.model_info()],
+        }))
+    }
+}
+
+/// A plan as the API returns it.
+pub fn plan_response(
+    model: &str,
+    r: std::result::Result<Plan, Shortfall>,
+    epoch: u64,
+) -> PlanResponse {
+    match r {
+        Ok(p) => PlanResponse {
+            stages: p
+                .stages
+                .iter()
+                .map(|s| PlanStage {
+                    worker_id: s.worker.clone(),
+                    layer_start: s.layers.start as u32,
+                    layer_end: s.layers.end as u32,
+                    embed: s.embed,
+                    head: s.head,
+                    memory_bytes: s.memory,
+                    budget_bytes: s.budget,
+                    est_ms_per_token: s.est_ms,
+                })
+                .collect(),
+            est_ms_per_token: p.est_ms_per_token,
+            est_ms_per_token_pipelined: p.est_ms_pipelined,
+            shortfall: p.notes.join("; "),
+            missing_bytes: 0,
+            model: model.to_string(),
+            epoch,
+        },
+        Err(s) => PlanResponse {
+            shortfall: s.detail,
+            missing_bytes: s.missing,
+            model: model.to_string(),
+            epoch,
+            ..Default::default()
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Api {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> std::result::Result<Response<StatusResponse>, Status> {
+        self.check_key(&req)?;
+        let pipeline = self.shared.pipeline.borrow().clone();
+        let plan = pipeline
+            .as_ref()
+            .map(|p| plan_response(&self.shared.model.name, Ok(p.plan.clone()), p.epoch));
+        Ok(Response::new(StatusResponse {
+            model: Some(self.model_info()),
+            workers: self.shared.registry().statuses(),
+            plan,
+            serving: pipeline.is_some(),
+            active_sequences: self.shared.sessions.active() as u32,
+            cluster_id: self.shared.ca.token().cluster_id().to_string(),
+            detail: self.shared.detail(),
+        }))
+    }
+
+    async fn plan(
+        &self,
+        req: Request<PlanRequest>,
+    ) -> std::result::Result<Response<PlanResponse>, Status> {
+        self.check_key(&req)?;
+        let r = req.into_inner();
+        let profile = if r.model_spec.is_empty() {
+            self.shared.model.profile.clone()
+        } else {
+            profile::of_spec(&r.model_spec)?
+        };
+        let result = if r.workers.is_empty() {
+            if r.model_spec.is_empty() {
+                reconcile::plan_now(&self.shared)
+            } else {
+                let live: Vec<Candidate> = self
+                    .shared
+                    .registry()
+                    .workers
+                    .values()
+                    .filter(|w| w.eligible())
+                    .map(|w| Candidate {
+                        id: w.info.id.clone(),
+                        budget: w.info.memory_budget,
+                        speed: w.info.speed_bytes_per_second,
+                    })
+                    .collect();
+                planner::plan(&profile, &live, &self.shared.config.plan)
+            }
+        } else {
+            let paper: Vec<Candidate> = r
+                .workers
+                .iter()
+                .map(|w| Candidate {
+                    id: w.id.clone(),
+                    budget: w.memory_bytes,
+                    speed: w.speed_bytes_per_second,
+                })
+                .collect();
+            planner::plan(&profile, &paper, &self.shared.config.plan)
+        };
+        Ok(Response::new(plan_response(&profile.name, result, 0)))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<ListWorkersRequest>,
+    ) -> std::result::Result<Response<ListWorkersResponse>, Status> {
+        self.check_key(&req)?;
+        Ok(Response::new(ListWorkersResponse {
+            workers: self.shared.registry().statuses(),
+        }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<JoinRequest>,
+    ) -> std::result::Result<Response<JoinResponse>, Status> {
+        let remote = req.remote_addr();
+        let local = req.local_addr();
+        membership::admit(&self.shared, req.into_inner(), remote, local).map(Response::new)
+    }
+
+    async fn drain(
+        &self,
+        req: Request<DrainRequest>,
+    ) -> std::result::Result<Response<DrainResponse>, Status> {
+        self.check_key(&req)?;
+        let detail = membership::drain(&self.shared, &req.into_inner().worker_id)?;
+        Ok(Response::new(DrainResponse { detail }))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> std::result::Result<Response<RemoveResponse>, Status> {
+        self.check_key(&req)?;
+        let detail = membership::remove(&self.shared, &req.into_inner().worker_id).await?;
+        Ok(Response::new(RemoveResponse { detail }))
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let api = Api { shared };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<InferenceServer<Api>>().await;
+    health_reporter.set_serving::<ClusterServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Unavailable(format!("reflection: {e}")))?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(api.clone()))
+        .add_service(ClusterServer::new(api))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { shutdown.cancelled().await },
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Errors of the coordinator, and their one conversion to gRPC statuses at the API edge.
+
+/// What went wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model could not be opened or run.
+    #[error(transparent)]
+    Model(#[from] strata_model::Error),
+    /// Identity, transport or discovery failed.
+    #[error(transparent)]
+    Worker(#[from] strata_worker::Error),
+    /// The cluster cannot serve right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A request was malformed.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A model spec for planning on paper is unknown.
+    #[error("{0}")]
+    UnknownSpec(String),
+    /// A worker failed while serving a request.
+    #[error("{0}")]
+    WorkerFailed(String),
+    /// No worker with that id.
+    #[error("no worker `{0}`; `strata cluster status` lists them")]
+    NoSuchWorker(String),
+    /// A socket failed.
+    #[error("network: {0}")]
+    Net(#[from] std::io::Error),
+    /// A gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidRequest(_) | Error::UnknownSpec(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
+            Error::NoSuchWorker(_) => tonic::Status::not_found(msg),
+            Error::Unavailable(_) | Error::WorkerFailed(_) => tonic::Status::unavailable(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,251 @@
+//! Membership: admitting workers that prove the join token, heartbeats that notice a
+//! worker that died or dropped off the network, mDNS browsing, drain and remove.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_proto::v1::worker_control_client::WorkerControlClient;
+use strata_proto::v1::{HealthRequest, JoinRequest, JoinResponse, UnloadRequest, WorkerState};
+use strata_proto::PROTOCOL_VERSION;
+use strata_worker::identity::{sanitize_id, worker_name};
+use tonic::transport::Channel;
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::registry::{Refusal, Worker, DEAD_AFTER, HEARTBEAT, HEARTBEAT_TIMEOUT};
+use crate::Shared;
+
+/// Handles a join request that arrived from `remote` on the coordinator's `local` address.
+pub fn admit(
+    shared: &Shared,
+    req: JoinRequest,
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+) -> Result<JoinResponse, Status> {
+    let from = remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+    let info = req
+        .worker
+        .ok_or_else(|| Status::invalid_argument("a join request must describe the worker"))?;
+    let asked = sanitize_id(&info.id);
+    let refuse = |reason: String| {
+        warn!(from = %from, id = %asked, "refused a worker: {reason}");
+        shared.registry().refuse(Refusal {
+            from: from.clone(),
+            id: asked.clone(),
+            reason: reason.clone(),
+        });
+    };
+    if info.protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
+            "worker speaks protocol {} and the coordinator {PROTOCOL_VERSION}: run the same strata version on both",
+            info.protocol_version
+        );
+        refuse(reason.clone());
+        return Err(Status::failed_precondition(reason));
+    }
+    if !shared
+        .ca
+        .token()
+        .verify_join(&req.csr_der, &req.token_proof)
+    {
+        let reason = format!(
+            "its join token is not this cluster's (cluster {}); print the right one with `strata token create --state-dir` on the coordinator's machine",
+            shared.ca.token().cluster_id()
+        );
+        refuse(reason.clone());
+        return Err(Status::permission_denied(reason));
+    }
+    if shared.registry().removed.contains(&asked) {
+        let reason = format!("worker `{asked}` was removed with `strata cluster remove`; restart the coordinator or join with another --id");
+        refuse(reason.clone());
+        return Err(Status::permission_denied(reason));
+    }
+    let remote =
+        remote.ok_or_else(|| Status::failed_precondition("cannot tell where the worker is"))?;
+    let local = local.ok_or_else(|| {
+        Status::failed_precondition("cannot tell which address the worker reached")
+    })?;
+    let mut registry = shared.registry();
+    let id = registry.free_id(&asked, &info.key_fingerprint);
+    let cert = shared
+        .ca
+        .sign_request(&req.csr_der, &worker_name(&id))
+        .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+    let control_addr = SocketAddr::new(remote.ip(), info.control_port as u16);
+    let data_addr = SocketAddr::new(remote.ip(), info.data_port as u16);
+    let channel = Channel::from_shared(format!("https://{control_addr}"))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .tls_config(shared.identity.grpc_client_tls(&worker_name(&id)))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .connect_timeout(HEARTBEAT_TIMEOUT)
+        .connect_lazy();
+    let mut info = info;
+    info.id = id.clone();
+    info!(
+        id = %id,
+        from = %from,
+        budget_mib = info.memory_budget >> 20,
+        speed_gb_s = info.speed_bytes_per_second / 1e9,
+        "admitted a worker"
+    );
+    registry.workers.insert(
+        id.clone(),
+        Worker {
+            info,
+            requested_id: asked,
+            control_addr,
+            data_addr,
+            coordinator_ip: local.ip(),
+            client: WorkerControlClient::new(channel),
+            state: WorkerState::Idle,
+            draining: false,
+            last_seen: Instant::now(),
+            load_done: Arc::new(AtomicU64::new(0)),
+            load_total: 0,
+            resident: 0,
+            peak: 0,
+            sequences: 0,
+            detail: String::new(),
+            held: None,
+            stage: None,
+        },
+    );
+    registry.changed_at = Some(Instant::now());
+    drop(registry);
+    shared.changed.notify_one();
+    Ok(JoinResponse {
+        assigned_id: id,
+        certificate_der: cert.to_vec(),
+        ca_certificate_der: shared.ca.cert_der().to_vec(),
+        admit_proof: shared.ca.token().admit_proof(&cert),
+        cluster_id: shared.ca.token().cluster_id().to_string(),
+        coordinator_certificate_der: shared.identity.cert_der().to_vec(),
+    })
+}
+
+/// Asks every worker how it is, forever; marks the silent ones dead and fails the
+/// sequences that were using them.
+pub async fn heartbeats(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        let clients: Vec<(String, WorkerControlClient<Channel>)> = shared
+            .registry()
+            .workers
+            .iter()
+            .filter(|(_, w)| w.state != WorkerState::Dead)
+            .map(|(id, w)| (id.clone(), w.client.clone()))
+            .collect();
+        let calls = clients.into_iter().map(|(id, mut client)| async move {
+            let r = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.health(HealthRequest {})).await;
+            (id, r)
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut died = Vec::new();
+        {
+            let mut registry = shared.registry();
+            for (id, result) in results {
+                let Some(w) = registry.workers.get_mut(&id) else {
+                    continue;
+                };
+                match result {
+                    Ok(Ok(h)) => {
+                        let h = h.into_inner();
+                        w.last_seen = Instant::now();
+                        w.resident = h.resident_bytes;
+                        w.peak = h.peak_resident_bytes;
+                        w.sequences = h.sequences;
+                        w.detail = h.error;
+                    }
+                    Ok(Err(s)) => w.detail = format!("heartbeat failed: {}", s.message()),
+                    Err(_) => w.detail = "heartbeat timed out".into(),
+                }
+                if w.state != WorkerState::Dead && w.last_seen.elapsed() > DEAD_AFTER {
+                    let reason = format!(
+                        "worker {id} at {} missed its heartbeats for {:.1}s ({})",
+                        w.control_addr,
+                        w.last_seen.elapsed().as_secs_f64(),
+                        w.detail
+                    );
+                    warn!("{reason}");
+                    w.state = WorkerState::Dead;
+                    w.detail = reason.clone();
+                    w.held = None;
+                    died.push((id.clone(), reason));
+                }
+            }
+            if !died.is_empty() {
+                registry.changed_at = Some(Instant::now());
+            }
+        }
+        for (id, reason) in died {
+            crate::session::fail_worker(&shared, &id, &reason);
+            shared.changed.notify_one();
+        }
+    }
+}
+
+/// Records every Strata node mDNS shows, for the status.
+pub async fn browse(shared: Arc<Shared>) {
+    let mut seen = match strata_worker::discovery::browse(shared.cancel.child_token()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(cause = %e, "cannot browse mDNS; workers must join with --coordinator");
+            return;
+        }
+    };
+    while let Some(s) = seen.recv().await {
+        if s.get("role") == Some("worker") {
+            info!(instance = %s.instance, addresses = ?s.addresses, "saw a worker over mDNS");
+        }
+        shared.registry().seen.insert(s.instance.clone(), s);
+    }
+}
+
+/// Stops giving `id` new work; the reconciler re-plans without it once its sequences end.
+pub fn drain(shared: &Shared, id: &str) -> Result<String, Error> {
+    let mut registry = shared.registry();
+    let w = registry
+        .workers
+        .get_mut(id)
+        .ok_or_else(|| Error::NoSuchWorker(id.to_string()))?;
+    w.draining = true;
+    registry.changed_at = Some(Instant::now());
+    drop(registry);
+    shared.changed.notify_one();
+    info!(id, "draining");
+    Ok(format!(
+        "draining {id}: new requests wait for a plan without it, which starts as soon as its in-flight sequences finish; it is then released"
+    ))
+}
+
+/// Drops `id` at once: fails its sequences, unloads it, forgets it.
+pub async fn remove(shared: &Shared, id: &str) -> Result<String, Error> {
+    let w = shared
+        .registry()
+        .workers
+        .remove(id)
+        .ok_or_else(|| Error::NoSuchWorker(id.to_string()))?;
+    {
+        let mut registry = shared.registry();
+        registry.removed.insert(w.requested_id.clone());
+        registry.changed_at = Some(Instant::now());
+    }
+    crate::session::fail_worker(
+        shared,
+        id,
+        &format!("worker {id} was removed by an operator"),
+    );
+    let mut client = w.client.clone();
+    let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.unload(UnloadRequest {})).await;
+    shared.changed.notify_one();
+    info!(id, "removed");
+    Ok(format!(
+        "removed {id}; its slice is unloaded and the cluster re-plans without it"
+    ))
+}

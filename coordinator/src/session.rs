@@ -1,0 +1,410 @@
+//! Sessions: every live sequence's token history and its decode loop. A sequence's
+//! prompt goes to stage 0 as token ids; each sampled token comes back from the last
+//! stage and goes out again as the next step. Many sequences are in flight at once, on
+//! different stages (pipelining), and a stage batches whatever is waiting for it.
+//!
+//! The history kept here is everything needed to rebuild a sequence's caches on a new
+//! pipeline (replay), which later recovery builds on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_model::{SamplingParams, StreamDecoder};
+use strata_proto::v1::{
+    FinishReason, FrameChunk, FrameHeader, FrameKind, FrameSampling, GenerateResponse, Usage,
+    WireDType,
+};
+use strata_proto::PROTOCOL_VERSION;
+use strata_worker::frame::Frame;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::error::Error;
+use crate::planner::Plan;
+use crate::Shared;
+
+/// Token frames waiting for the dispatcher.
+pub const TOKEN_QUEUE: usize = 1024;
+/// Events waiting for one session.
+const SESSION_QUEUE: usize = 8;
+/// How long a request waits for the cluster to be ready.
+pub const READY_WAIT: Duration = Duration::from_secs(120);
+/// How long a step may take before the request fails (a stuck pipeline, not a slow one).
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A wired pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Plan epoch.
+    pub epoch: u64,
+    /// The plan.
+    pub plan: Plan,
+    /// Connection to stage 0.
+    pub first: quinn::Connection,
+}
+
+impl Pipeline {
+    /// Whether `worker` holds a stage of it.
+    pub fn uses(&self, worker: &str) -> bool {
+        self.plan.stages.iter().any(|s| s.worker == worker)
+    }
+}
+
+enum Event {
+    Token(u32),
+    Failed(String),
+}
+
+struct Entry {
+    tx: mpsc::Sender<Event>,
+    pipeline: Arc<Pipeline>,
+}
+
+/// Live sequences by id.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<u64, Entry>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sequences being generated.
+    pub fn active(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Sequences on pipeline `epoch`.
+    pub fn active_on(&self, epoch: u64) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.pipeline.epoch == epoch)
+            .count()
+    }
+}
+
+/// Fails every sequence whose pipeline uses `worker`, and takes that pipeline out of service.
+pub fn fail_worker(shared: &Shared, worker: &str, reason: &str) {
+    let failed: Vec<mpsc::Sender<Event>> = shared
+        .sessions
+        .lock()
+        .values()
+        .filter(|e| e.pipeline.uses(worker))
+        .map(|e| e.tx.clone())
+        .collect();
+    for tx in &failed {
+        let _ = tx.try_send(Event::Failed(reason.to_string()));
+    }
+    let in_use = shared
+        .pipeline
+        .borrow()
+        .as_ref()
+        .is_some_and(|p| p.uses(worker));
+    if in_use {
+        shared.pipeline.send_replace(None);
+        shared.set_detail(format!("re-planning: {reason}"));
+    }
+    if !failed.is_empty() {
+        warn!(
+            sequences = failed.len(),
+            "{reason}: failed the requests using it"
+        );
+    }
+}
+
+/// Routes sampled tokens and errors from the last stage to their sessions.
+pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
+    loop {
+        let frame = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            f = frames.recv() => match f { Some(f) => f, None => return },
+        };
+        let h = frame.header;
+        if FrameKind::try_from(h.kind) != Ok(FrameKind::Tokens) {
+            warn!(
+                kind = h.kind,
+                "the coordinator got a frame that is not tokens; dropped"
+            );
+            continue;
+        }
+        let map = shared.sessions.lock();
+        for t in &h.tokens {
+            if let Some(e) = map.get(&t.sequence) {
+                let _ = e.tx.try_send(Event::Token(t.token_id));
+            }
+        }
+        for err in &h.errors {
+            if let Some(e) = map.get(&err.sequence) {
+                let _ = e.tx.try_send(Event::Failed(err.message.clone()));
+            }
+        }
+    }
+}
+
+/// Waits until a pipeline is serving.
+pub async fn ready_pipeline(shared: &Shared) -> Result<Arc<Pipeline>, Error> {
+    let mut rx = shared.pipeline.subscribe();
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    loop {
+        if let Some(p) = rx.borrow_and_update().clone() {
+            return Ok(p);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Error::Unavailable(format!(
+                    "the cluster is not serving after {}s: {}",
+                    READY_WAIT.as_secs(),
+                    shared.detail()
+                )))
+            }
+            r = rx.changed() => if r.is_err() { return Err(Error::Unavailable("shutting down".into())) },
+        }
+    }
+}
+
+/// What a client asked to generate, tokenized.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Request id for logs.
+    pub id: String,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+fn frame_sampling(p: &SamplingParams) -> FrameSampling {
+    FrameSampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_window: p.repeat_window as u32,
+        seed: p.seed,
+    }
+}
+
+fn forward(epoch: u64, chunk: FrameChunk) -> FrameHeader {
+    FrameHeader {
+        protocol_version: PROTOCOL_VERSION,
+        kind: FrameKind::Forward as i32,
+        epoch,
+        chunks: vec![chunk],
+        dtype: WireDType::None as i32,
+        ..Default::default()
+    }
+}
+
+/// Runs one sequence to the end, streaming each step into `out`.
+pub async fn generate(
+    shared: Arc<Shared>,
+    job: Job,
+    out: mpsc::Sender<Result<GenerateResponse, Status>>,
+) {
+    let started = Instant::now();
+    let result = run_sequence(&shared, &job, &out, started).await;
+    if let Err(e) = result {
+        info!(request = %job.id, cause = %e, "request failed");
+        let _ = out.send(Err(e.into())).await;
+    }
+}
+
+async fn run_sequence(
+    shared: &Arc<Shared>,
+    job: &Job,
+    out: &mpsc::Sender<Result<GenerateResponse, Status>>,
+    started: Instant,
+) -> Result<(), Error> {
+    let context = shared.model.file.config().max_position_embeddings;
+    if job.prompt.is_empty() {
+        return Err(Error::InvalidRequest("the prompt has no tokens".into()));
+    }
+    if job.prompt.len() >= context {
+        return Err(Error::InvalidRequest(format!(
+            "the prompt has {} tokens but the model's context holds {context}: shorten it",
+            job.prompt.len()
+        )));
+    }
+    let pipeline = ready_pipeline(shared).await?;
+    let seq = shared
+        .sessions
+        .next
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    shared.sessions.lock().insert(
+        seq,
+        Entry {
+            tx,
+            pipeline: pipeline.clone(),
+        },
+    );
+    // Whatever happens below, the session leaves the table.
+    struct Remove<'a>(&'a Shared, u64);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            self.0.sessions.lock().remove(&self.1);
+        }
+    }
+    let _remove = Remove(shared, seq);
+    let stage0 = pipeline
+        .plan
+        .stages
+        .first()
+        .map(|s| s.worker.clone())
+        .unwrap_or_default();
+    let send = |h: FrameHeader| {
+        let conn = pipeline.first.clone();
+        let stage0 = stage0.clone();
+        async move {
+            strata_worker::transport::send_frame(&conn, &h, &[])
+                .await
+                .map_err(|e| {
+                    Error::WorkerFailed(format!("stage 0 (worker {stage0}) is unreachable: {e}"))
+                })
+        }
+    };
+    let free = |epoch: u64| FrameHeader {
+        protocol_version: PROTOCOL_VERSION,
+        kind: FrameKind::Free as i32,
+        epoch,
+        free: vec![seq],
+        ..Default::default()
+    };
+    send(forward(
+        pipeline.epoch,
+        FrameChunk {
+            sequence: seq,
+            start: 0,
+            length: job.prompt.len() as u32,
+            token_ids: job.prompt.clone(),
+            sampling: Some(frame_sampling(&job.sampling)),
+        },
+    ))
+    .await?;
+    let tokenizer = &shared.model.tokenizer;
+    let eos = tokenizer.eos();
+    let mut history = job.prompt.clone();
+    let mut decoder = StreamDecoder::new();
+    let mut text = String::new();
+    let mut sent_chars = 0usize;
+    let mut generated = 0usize;
+    let mut first_token_at: Option<Instant> = None;
+    let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    loop {
+        let event = tokio::select! {
+            e = tokio::time::timeout(STEP_TIMEOUT, rx.recv()) => match e {
+                Ok(Some(e)) => e,
+                Ok(None) => return Err(Error::WorkerFailed("the session was dropped".into())),
+                Err(_) => {
+                    let _ = send(free(pipeline.epoch)).await;
+                    return Err(Error::WorkerFailed(format!("no token for {}s: the pipeline is stuck", STEP_TIMEOUT.as_secs())));
+                }
+            },
+            _ = out.closed() => {
+                // The client left: let the step in flight land, then free the caches.
+                let _ = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+                let _ = send(free(pipeline.epoch)).await;
+                debug!(request = %job.id, "client left; sequence freed");
+                return Ok(());
+            }
+        };
+        let token = match event {
+            Event::Token(t) => t,
+            Event::Failed(reason) => {
+                let _ = send(free(pipeline.epoch)).await;
+                return Err(Error::WorkerFailed(reason));
+            }
+        };
+        first_token_at.get_or_insert_with(Instant::now);
+        history.push(token);
+        generated += 1;
+        let is_eos = (!job.ignore_eos && eos.contains(&token))
+            || job.sampling.stop_token_ids.contains(&token);
+        let mut finish = if is_eos {
+            Some(FinishReason::Stop)
+        } else if generated >= job.max_tokens {
+            Some(FinishReason::Length)
+        } else if history.len() >= context {
+            Some(FinishReason::Context)
+        } else {
+            None
+        };
+        if !is_eos {
+            text.push_str(&decoder.push(tokenizer, token)?);
+        }
+        if finish.is_some() {
+            text.push_str(&decoder.finish(tokenizer)?);
+        }
+        // Stop strings end the text before them; hold back what could start one.
+        let mut visible = text.len();
+        if let Some(at) = job.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            visible = at;
+            finish = Some(FinishReason::Stop);
+        } else if finish.is_none() && hold > 0 {
+            visible = text.len().saturating_sub(hold - 1);
+            while !text.is_char_boundary(visible) {
+                visible -= 1;
+            }
+        }
+        let delta = if visible > sent_chars {
+            let d = text[sent_chars..visible].to_string();
+            sent_chars = visible;
+            d
+        } else {
+            String::new()
+        };
+        let mut msg = GenerateResponse {
+            text: delta,
+            token_ids: vec![token],
+            request_id: job.id.clone(),
+            ..Default::default()
+        };
+        if let Some(reason) = finish {
+            let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            msg.finish_reason = reason as i32;
+            msg.usage = Some(Usage {
+                prompt_tokens: job.prompt.len() as u32,
+                completion_tokens: generated as u32,
+                time_to_first_token_ms: first_token_at
+                    .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3),
+                decode_tokens_per_second: if generated > 1 && decode_secs > 0.0 {
+                    (generated - 1) as f64 / decode_secs
+                } else {
+                    0.0
+                },
+            });
+            let _ = send(free(pipeline.epoch)).await;
+            let _ = out.send(Ok(msg)).await;
+            return Ok(());
+        }
+        if out.send(Ok(msg)).await.is_err() {
+            // Client gone between steps: nothing in flight, free now.
+            let _ = send(free(pipeline.epoch)).await;
+            return Ok(());
+        }
+        send(forward(
+            pipeline.epoch,
+            FrameChunk {
+                sequence: seq,
+                start: (history.len() - 1) as u32,
+                length: 1,
+                token_ids: vec![token],
+                sampling: None,
+            },
+        ))
+        .await?;
+    }
+}

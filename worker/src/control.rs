@@ -1,0 +1,362 @@
+//! The worker's control service (`WorkerControl`, gRPC over mutual TLS): receives its
+//! slice's bytes and loads them, wires its output to the next hop, answers heartbeats,
+//! and unloads. Only the coordinator that admitted this worker may call it: every call's
+//! client certificate must be exactly the one the join answer named.
+
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use rustls_pki_types::CertificateDer;
+use strata_model::{ModelFile, Slice, Stage};
+use strata_proto::v1::load_chunk::Chunk;
+use strata_proto::v1::worker_control_server::WorkerControl;
+use strata_proto::v1::{
+    HealthRequest, HealthResponse, LoadChunk, LoadHeader, LoadResponse, UnloadRequest,
+    UnloadResponse, WireRequest, WireResponse, WorkerInfo,
+};
+use strata_proto::PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn, Instrument};
+
+use crate::frame::parse_wire_dtype;
+use crate::stage::{Command, Outgoing, StageHandle, Wiring};
+use crate::{memory, transport};
+
+/// Frames waiting to go to the next hop.
+const OUTGOING_QUEUE: usize = 256;
+/// How long wiring waits for the next hop to accept a connection.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the worker started: a clock for "last heard from the coordinator".
+#[derive(Debug, Clone)]
+pub struct Contact {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Contact {
+    /// A clock that starts now, as if just contacted.
+    pub fn new() -> Self {
+        Contact {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    /// Records a contact.
+    pub fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// Time since the last contact.
+    pub fn silence(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Contact {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The control service of one admitted worker.
+pub struct ControlService {
+    /// The compute thread.
+    pub stage: StageHandle,
+    /// The data-plane endpoint (dials the next hop).
+    pub endpoint: quinn::Endpoint,
+    /// The only certificate allowed to call.
+    pub coordinator_cert: CertificateDer<'static>,
+    /// Where received slices are written before loading.
+    pub cache_dir: PathBuf,
+    /// What this worker accepts.
+    pub memory_budget: u64,
+    /// What it says about itself.
+    pub info: WorkerInfo,
+    /// Where layers run.
+    pub device: Device,
+    /// Last time the coordinator called.
+    pub contact: Contact,
+    /// Cancels the current next-hop sender.
+    pub sender: Mutex<Option<CancellationToken>>,
+    /// The worker's shutdown.
+    pub cancel: CancellationToken,
+}
+
+impl ControlService {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let ok = req
+            .peer_certs()
+            .is_some_and(|certs| certs.first() == Some(&self.coordinator_cert));
+        if !ok {
+            warn!("refused a control call: the caller is not the coordinator that admitted this worker");
+            return Err(Status::permission_denied(
+                "only the coordinator that admitted this worker may control it",
+            ));
+        }
+        self.contact.touch();
+        Ok(())
+    }
+}
+
+fn safe_relative(path: &str) -> Result<PathBuf, Status> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(Status::invalid_argument(format!(
+            "slice file path `{path}` must be relative and stay inside the model"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn status(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+struct Receiving {
+    files: Vec<(std::fs::File, u64, Vec<(u64, u64)>)>,
+    received: Vec<u64>,
+}
+
+impl Receiving {
+    fn create(dir: &Path, header: &LoadHeader) -> Result<Self, Status> {
+        let mut files = Vec::new();
+        for f in &header.files {
+            let rel = safe_relative(&f.path)?;
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(status)?;
+            }
+            let file = std::fs::File::create(&path)
+                .map_err(|e| status(format!("{}: {e}", path.display())))?;
+            // A sparse file of the original length: only the slice's ranges get bytes.
+            file.set_len(f.length).map_err(status)?;
+            let ranges = f.ranges.iter().map(|r| (r.offset, r.length)).collect();
+            files.push((file, f.length, ranges));
+        }
+        let received = vec![0; files.len()];
+        Ok(Receiving { files, received })
+    }
+
+    fn write(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<(), Status> {
+        let (f, _, ranges) = self.files.get(file as usize).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "data for file {file}, which the header did not list"
+            ))
+        })?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| Status::invalid_argument("data offset overflows"))?;
+        if !ranges.iter().any(|&(o, l)| offset >= o && end <= o + l) {
+            return Err(Status::invalid_argument(format!(
+                "data {offset}..{end} of file {file} lies outside the ranges the header listed"
+            )));
+        }
+        std::os::unix::fs::FileExt::write_all_at(f, data, offset).map_err(status)?;
+        self.received[file as usize] += data.len() as u64;
+        Ok(())
+    }
+
+    fn complete(&self) -> Result<(), Status> {
+        for (i, (_, _, ranges)) in self.files.iter().enumerate() {
+            let want: u64 = ranges.iter().map(|r| r.1).sum();
+            if self.received[i] != want {
+                return Err(Status::data_loss(format!(
+                    "file {i}: received {} of {want} bytes; the coordinator will retry",
+                    self.received[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerControl for ControlService {
+    async fn load(
+        &self,
+        req: Request<Streaming<LoadChunk>>,
+    ) -> Result<Response<LoadResponse>, Status> {
+        self.authorize(&req)?;
+        let started = Instant::now();
+        let mut stream = req.into_inner();
+        let header = match stream.message().await?.and_then(|m| m.chunk) {
+            Some(Chunk::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a load stream starts with its header",
+                ))
+            }
+        };
+        if header.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "coordinator speaks protocol {}, this worker {PROTOCOL_VERSION}: run the same strata version on both",
+                header.protocol_version
+            )));
+        }
+        if header.reserved_bytes > self.memory_budget {
+            return Err(Status::resource_exhausted(format!(
+                "this slice needs {} bytes but worker {} accepts {} (--memory)",
+                header.reserved_bytes, self.info.id, self.memory_budget
+            )));
+        }
+        let root_rel = safe_relative(&header.model_name)?;
+        let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end));
+        async {
+            // Free the old slice first: the budget must hold one slice, never two.
+            self.stage.call(Command::Unload).await;
+            self.stage.stats.set_state("loading");
+            std::fs::create_dir_all(&self.cache_dir).map_err(status)?;
+            let dir = tempfile::Builder::new()
+                .prefix("slice-")
+                .tempdir_in(&self.cache_dir)
+                .map_err(status)?;
+            let mut receiving = Receiving::create(dir.path(), &header)?;
+            while let Some(msg) = stream.message().await? {
+                match msg.chunk {
+                    Some(Chunk::Data(d)) => receiving.write(d.file, d.offset, &d.data)?,
+                    _ => return Err(Status::invalid_argument("a second header in a load stream")),
+                }
+            }
+            receiving.complete()?;
+            drop(receiving);
+            let root = dir.path().join(root_rel);
+            let slice = Slice {
+                layers: header.layer_start as usize..header.layer_end as usize,
+                embed: header.embed,
+                head: header.head,
+            };
+            let device = self.device.clone();
+            let stage = tokio::task::spawn_blocking(move || -> strata_model::Result<Stage> {
+                let file = ModelFile::open(&root)?;
+                Stage::load(&file, slice, &device)
+            })
+            .await
+            .map_err(status)?
+            .map_err(|e| {
+                self.stage.stats.set_state("idle");
+                Status::invalid_argument(format!("loading the slice: {e}"))
+            })?;
+            // The slice is in memory; the received files are not needed any more.
+            drop(dir);
+            let weight_bytes = stage.weight_bytes();
+            self.stage
+                .call(|r| Command::Install(Box::new(stage), r))
+                .await;
+            info!(
+                weight_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "slice loaded"
+            );
+            Ok(Response::new(LoadResponse {
+                weight_bytes,
+                resident_bytes: memory::resident_bytes(),
+                load_ms: started.elapsed().as_millis() as u64,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn wire(&self, req: Request<WireRequest>) -> Result<Response<WireResponse>, Status> {
+        self.authorize(&req)?;
+        let w = req.into_inner();
+        let addr: SocketAddr = w.next_address.parse().map_err(|_| {
+            Status::invalid_argument(format!("next address `{}` is not ip:port", w.next_address))
+        })?;
+        let dtype = parse_wire_dtype(&w.wire_dtype).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "wire dtype `{}`: use f16, bf16 or f32",
+                w.wire_dtype
+            ))
+        })?;
+        let deadline = Instant::now() + CONNECT_DEADLINE;
+        let conn = loop {
+            match transport::connect(&self.endpoint, addr, &w.next_server_name).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!(
+                        "cannot reach the next hop: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let cancel = self.cancel.child_token();
+        if let Ok(mut g) = self.sender.lock() {
+            if let Some(old) = g.replace(cancel.clone()) {
+                old.cancel();
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+        let stats = self.stage.stats.clone();
+        let next = format!("{} at {addr}", w.next_server_name);
+        tokio::spawn(async move {
+            loop {
+                let (header, payload) = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = rx.recv() => match m { Some(m) => m, None => break },
+                };
+                if let Err(e) = transport::send_frame(&conn, &header, &payload).await {
+                    warn!(cause = %e, "lost the next hop");
+                    stats.set_error(Some(format!("next hop {next} unreachable: {e}")));
+                }
+            }
+            conn.close(0u32.into(), b"rewired");
+        });
+        self.stage
+            .call(|r| {
+                Command::Wire(
+                    Wiring {
+                        epoch: w.epoch,
+                        dtype,
+                        next: tx,
+                    },
+                    r,
+                )
+            })
+            .await;
+        info!(stage = w.stage, of = w.stages, next = %w.next_address, epoch = w.epoch, "wired");
+        Ok(Response::new(WireResponse {}))
+    }
+
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        self.authorize(&req)?;
+        let stats = &self.stage.stats;
+        Ok(Response::new(HealthResponse {
+            state: stats.state(),
+            resident_bytes: memory::resident_bytes(),
+            peak_resident_bytes: memory::peak_resident_bytes(),
+            sequences: stats.sequences.load(Ordering::Relaxed),
+            queued_frames: stats.queued.load(Ordering::Relaxed),
+            info: Some(self.info.clone()),
+            epoch: stats.epoch.load(Ordering::Relaxed),
+            error: stats.error().unwrap_or_default(),
+        }))
+    }
+
+    async fn unload(
+        &self,
+        req: Request<UnloadRequest>,
+    ) -> Result<Response<UnloadResponse>, Status> {
+        self.authorize(&req)?;
+        self.stage.call(Command::Unload).await;
+        if let Ok(mut g) = self.sender.lock() {
+            if let Some(old) = g.take() {
+                old.cancel();
+            }
+        }
+        info!("slice unloaded");
+        Ok(Response::new(UnloadResponse {}))
+    }
+}

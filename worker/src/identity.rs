@@ -1,0 +1,529 @@
+//! Cluster identity: the secret and the join token that carries it, the cluster CA that
+//! the coordinator runs, the certificates it issues, and the rustls configurations of
+//! mutual TLS for the control (gRPC) and data (QUIC) planes.
+//!
+//! The join protocol never sends the secret: a worker proves it with an HMAC over its
+//! certificate signing request (useless to anyone without the request's private key),
+//! and the coordinator proves it back with an HMAC over the certificate it issues. After
+//! that, every connection is mutual TLS with the cluster CA as the only root.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// TLS server name of the coordinator's certificate.
+pub const COORDINATOR_NAME: &str = "coordinator.strata";
+
+/// Prefix of a join token; names the token format version.
+const TOKEN_PREFIX: &str = "strata1";
+
+/// Bytes of the cluster secret.
+const SECRET_BYTES: usize = 32;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// TLS server name of a worker's certificate.
+pub fn worker_name(id: &str) -> String {
+    format!("{id}.worker.strata")
+}
+
+/// Turns a host name into a worker id: lowercase letters, digits and `-`, at most 40.
+pub fn sanitize_id(raw: &str) -> String {
+    let mut id: String = raw
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    id.truncate(40);
+    let id = id.trim_matches('-').to_string();
+    if id.is_empty() {
+        "worker".into()
+    } else {
+        id
+    }
+}
+
+/// SHA-256 of some bytes, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A join token: which cluster, and the secret that proves membership.
+#[derive(Clone)]
+pub struct JoinToken {
+    cluster_id: String,
+    secret: [u8; SECRET_BYTES],
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        write!(f, "JoinToken({})", self.cluster_id)
+    }
+}
+
+impl JoinToken {
+    /// Parses `strata1-<cluster id>-<secret>`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = |why: &str| Error::BadToken(why.to_string());
+        let mut parts = text.trim().split('-');
+        if parts.next() != Some(TOKEN_PREFIX) {
+            return Err(bad(
+                "a join token starts with `strata1-`; print one with `strata token create`",
+            ));
+        }
+        let cluster_id = parts
+            .next()
+            .ok_or_else(|| bad("the cluster id is missing"))?;
+        let secret_hex = parts.next().ok_or_else(|| bad("the secret is missing"))?;
+        if parts.next().is_some() || cluster_id.len() != 16 || hex::decode(cluster_id).is_err() {
+            return Err(bad(
+                "expected `strata1-` then 16 hex digits, `-`, and 64 hex digits",
+            ));
+        }
+        let secret: [u8; SECRET_BYTES] = hex::decode(secret_hex)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("the secret must be 64 hex digits"))?;
+        Ok(JoinToken {
+            cluster_id: cluster_id.to_string(),
+            secret,
+        })
+    }
+
+    /// The cluster this token joins.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// The token's text.
+    pub fn to_text(&self) -> String {
+        format!(
+            "{TOKEN_PREFIX}-{}-{}",
+            self.cluster_id,
+            hex::encode(self.secret)
+        )
+    }
+
+    fn mac(&self, label: &[u8], data: &[u8]) -> HmacSha256 {
+        #[allow(clippy::expect_used)] // HMAC takes keys of any length
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("hmac accepts any key");
+        mac.update(label);
+        mac.update(data);
+        mac
+    }
+
+    /// A worker's proof of the token, bound to its signing request.
+    pub fn join_proof(&self, csr_der: &[u8]) -> Vec<u8> {
+        self.mac(b"strata-join-v1", csr_der)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    }
+
+    /// Checks a worker's proof (in constant time).
+    pub fn verify_join(&self, csr_der: &[u8], proof: &[u8]) -> bool {
+        self.mac(b"strata-join-v1", csr_der)
+            .verify_slice(proof)
+            .is_ok()
+    }
+
+    /// The coordinator's proof of the token, bound to the certificate it issued.
+    pub fn admit_proof(&self, cert_der: &[u8]) -> Vec<u8> {
+        self.mac(b"strata-admit-v1", cert_der)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    }
+
+    /// Checks the coordinator's proof (in constant time).
+    pub fn verify_admit(&self, cert_der: &[u8], proof: &[u8]) -> bool {
+        self.mac(b"strata-admit-v1", cert_der)
+            .verify_slice(proof)
+            .is_ok()
+    }
+}
+
+/// The cluster's certificate authority and secret, kept by the coordinator.
+pub struct ClusterCa {
+    key: KeyPair,
+    cert_der: CertificateDer<'static>,
+    token: JoinToken,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterCa({})", self.token.cluster_id)
+    }
+}
+
+/// The cluster id of a CA certificate: the first 8 bytes of its SHA-256, in hex.
+pub fn cluster_id_of(ca_der: &[u8]) -> String {
+    sha256_hex(ca_der)[..16].to_string()
+}
+
+impl ClusterCa {
+    /// Loads the CA and secret from `dir`, or creates them there (files readable by the
+    /// owner only). Returns whether they were created.
+    pub fn load_or_create(dir: &Path) -> Result<(Self, bool)> {
+        let key_path = dir.join("ca.key.pem");
+        let cert_path = dir.join("ca.cert.der");
+        let secret_path = dir.join("cluster.secret");
+        if key_path.exists() && cert_path.exists() && secret_path.exists() {
+            let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+            let key_pem = String::from_utf8(read(&key_path)?)
+                .map_err(|_| Error::State(format!("{} is not PEM text", key_path.display())))?;
+            let key = KeyPair::from_pem(&key_pem)?;
+            let cert_der = CertificateDer::from(read(&cert_path)?);
+            let secret: [u8; SECRET_BYTES] = hex::decode(read(&secret_path)?.trim_ascii())
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| {
+                    Error::State(format!(
+                        "{} does not hold a 64-hex-digit secret; delete the directory to start a new cluster",
+                        secret_path.display()
+                    ))
+                })?;
+            let token = JoinToken {
+                cluster_id: cluster_id_of(&cert_der),
+                secret,
+            };
+            return Ok((
+                ClusterCa {
+                    key,
+                    cert_der,
+                    token,
+                },
+                false,
+            ));
+        }
+        let ca = Self::create()?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_private(&key_path, ca.key.serialize_pem().as_bytes())?;
+        write_private(&cert_path, &ca.cert_der)?;
+        write_private(&secret_path, hex::encode(ca.token.secret).as_bytes())?;
+        Ok((ca, true))
+    }
+
+    /// A new CA and secret, in memory.
+    pub fn create() -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Strata cluster CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let cert_der = cert.der().clone();
+        let mut secret = [0u8; SECRET_BYTES];
+        getrandom::fill(&mut secret).map_err(|e| Error::State(format!("no randomness: {e}")))?;
+        let token = JoinToken {
+            cluster_id: cluster_id_of(&cert_der),
+            secret,
+        };
+        Ok(ClusterCa {
+            key,
+            cert_der,
+            token,
+        })
+    }
+
+    /// The join token of this cluster.
+    pub fn token(&self) -> &JoinToken {
+        &self.token
+    }
+
+    /// The CA certificate.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Issues a certificate for `name` over the public key of a signing request. The
+    /// request's own names and extensions are ignored: the CA decides what it certifies.
+    pub fn sign_request(&self, csr_der: &[u8], name: &str) -> Result<CertificateDer<'static>> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())?;
+        self.issue_for(&csr.public_key, name)
+    }
+
+    fn issue_for(
+        &self,
+        public_key: &impl PublicKeyData,
+        name: &str,
+    ) -> Result<CertificateDer<'static>> {
+        let mut params = CertificateParams::new(vec![name.to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        Ok(params.signed_by(public_key, &issuer)?.der().clone())
+    }
+
+    /// A fresh key and certificate for `name`, signed by this CA (the coordinator's own).
+    pub fn issue_identity(&self, name: &str) -> Result<Identity> {
+        let key = KeyPair::generate()?;
+        let cert_der = self.issue_for(&key, name)?;
+        Ok(Identity::new(name, cert_der, &key, self.cert_der.clone()))
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))
+}
+
+/// A key that will be certified: kept by a worker from start until it has joined.
+pub struct PendingKey {
+    key: KeyPair,
+}
+
+impl PendingKey {
+    /// A new key.
+    pub fn generate() -> Result<Self> {
+        Ok(PendingKey {
+            key: KeyPair::generate()?,
+        })
+    }
+
+    /// SHA-256 (hex) of the public key: advertised over mDNS, certified on join.
+    pub fn fingerprint(&self) -> String {
+        sha256_hex(&self.key.subject_public_key_info())
+    }
+
+    /// A signing request for this key (DER).
+    pub fn signing_request(&self, name: &str) -> Result<Vec<u8>> {
+        let params = CertificateParams::new(vec![name.to_string()])?;
+        Ok(params.serialize_request(&self.key)?.der().to_vec())
+    }
+
+    /// The identity once the coordinator has certified this key.
+    pub fn into_identity(&self, name: &str, cert_der: Vec<u8>, ca_der: Vec<u8>) -> Identity {
+        Identity::new(
+            name,
+            CertificateDer::from(cert_der),
+            &self.key,
+            CertificateDer::from(ca_der),
+        )
+    }
+}
+
+/// A certified key: what a node presents on every control and data connection.
+#[derive(Clone)]
+pub struct Identity {
+    name: String,
+    cert_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+    ca_der: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.name)
+    }
+}
+
+fn der_to_pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str(&format!("-----END {label}-----\n"));
+    pem
+}
+
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Identity {
+    fn new(
+        name: &str,
+        cert_der: CertificateDer<'static>,
+        key: &KeyPair,
+        ca_der: CertificateDer<'static>,
+    ) -> Self {
+        Identity {
+            name: name.to_string(),
+            cert_der,
+            key_der: key.serialize_der(),
+            ca_der,
+        }
+    }
+
+    /// The name the certificate is for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This node's certificate.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        Ok(roots)
+    }
+
+    /// QUIC server side: TLS 1.3, ALPN `strata/1`, client certificates required and
+    /// verified against the cluster CA.
+    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig> {
+        let provider = crypto_provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert_der.clone()], self.key())?;
+        tls.alpn_protocols = vec![strata_proto::DATA_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(crate::transport::transport_config()));
+        Ok(config)
+    }
+
+    /// QUIC client side: presents this identity, trusts only the cluster CA.
+    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(vec![self.cert_der.clone()], self.key())?;
+        tls.alpn_protocols = vec![strata_proto::DATA_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(crate::transport::transport_config()));
+        Ok(config)
+    }
+
+    /// gRPC server side (a worker's control service): client certificates required.
+    pub fn grpc_server_tls(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(self.grpc_identity())
+            .client_ca_root(tonic::transport::Certificate::from_pem(der_to_pem(
+                "CERTIFICATE",
+                &self.ca_der,
+            )))
+    }
+
+    /// gRPC client side, expecting the server's certificate to be for `server_name`.
+    pub fn grpc_client_tls(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(der_to_pem(
+                "CERTIFICATE",
+                &self.ca_der,
+            )))
+            .identity(self.grpc_identity())
+            .domain_name(server_name)
+    }
+
+    fn grpc_identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(
+            der_to_pem("CERTIFICATE", &self.cert_der),
+            der_to_pem("PRIVATE KEY", &self.key_der),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trips_and_rejects_garbage() {
+        let ca = ClusterCa::create().unwrap();
+        let text = ca.token().to_text();
+        let parsed = JoinToken::parse(&text).unwrap();
+        assert_eq!(parsed.cluster_id(), ca.token().cluster_id());
+        assert_eq!(parsed.to_text(), text);
+        for bad in [
+            "",
+            "strata1-zz-00",
+            "strata2-0011223344556677-00",
+            &text[..text.len() - 2],
+        ] {
+            assert!(JoinToken::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn join_proof_needs_the_secret_and_the_same_request() {
+        let ca = ClusterCa::create().unwrap();
+        let other = ClusterCa::create().unwrap();
+        let key = PendingKey::generate().unwrap();
+        let csr = key.signing_request("w1").unwrap();
+        let proof = ca.token().join_proof(&csr);
+        assert!(ca.token().verify_join(&csr, &proof));
+        assert!(!other.token().verify_join(&csr, &proof));
+        let csr2 = PendingKey::generate()
+            .unwrap()
+            .signing_request("w1")
+            .unwrap();
+        assert!(!ca.token().verify_join(&csr2, &proof));
+    }
+
+    #[test]
+    fn issued_certificate_names_the_worker_and_chains_to_the_ca() {
+        let ca = ClusterCa::create().unwrap();
+        let key = PendingKey::generate().unwrap();
+        let csr = key.signing_request("evil.example").unwrap();
+        let cert = ca.sign_request(&csr, &worker_name("w1")).unwrap();
+        let identity = key.into_identity("w1", cert.to_vec(), ca.cert_der().to_vec());
+        // Both TLS configurations build from it (they parse key and chain).
+        identity.quic_server_config().unwrap();
+        identity.quic_client_config().unwrap();
+        let text = String::from_utf8_lossy(&cert);
+        assert!(text.contains("w1.worker.strata"));
+        assert!(!text.contains("evil.example"));
+    }
+
+    #[test]
+    fn state_dir_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, created) = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert!(created);
+        let (b, created) = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(a.token().to_text(), b.token().to_text());
+    }
+}

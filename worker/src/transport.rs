@@ -1,0 +1,177 @@
+//! The QUIC data plane (quinn, mutual TLS, ALPN `strata/1`): one unidirectional stream
+//! per frame, so sequences never wait behind each other's bytes (no head-of-line
+//! blocking), and an accept loop that hands validated frames to a bounded channel.
+//! Shared by workers and the coordinator (which sends to stage 0 and hears the last).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::v1::FrameHeader;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Frame};
+use crate::identity::Identity;
+
+/// A peer that stays silent this long is gone: the failure-detection bound of the data plane.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Keep-alive interval, well inside the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
+/// Concurrent frames in flight on one connection.
+const MAX_STREAMS: u32 = 1024;
+
+/// Transport parameters of every Strata QUIC connection.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    #[allow(clippy::expect_used)] // a constant of a few seconds always fits
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_concurrent_uni_streams(MAX_STREAMS.into());
+    t.max_concurrent_bidi_streams(0u32.into());
+    // Activations of a long prefill are megabytes: let one stream carry them unthrottled.
+    t.stream_receive_window((64u32 << 20).into());
+    t.receive_window((256u32 << 20).into());
+    t.send_window(256 << 20);
+    t
+}
+
+/// A QUIC endpoint on an already-bound UDP socket, serving and dialing with `identity`.
+pub fn endpoint(socket: std::net::UdpSocket, identity: &Identity) -> Result<quinn::Endpoint> {
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(identity.quic_server_config()?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    ep.set_default_client_config(identity.quic_client_config()?);
+    Ok(ep)
+}
+
+/// Dials `addr`, expecting its certificate to name `server_name`.
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection> {
+    let peer = format!("{server_name} at {addr}");
+    let connecting = ep
+        .connect(addr, server_name)
+        .map_err(|e| Error::Connection {
+            peer: peer.clone(),
+            reason: e.to_string(),
+        })?;
+    connecting.await.map_err(|e| Error::Connection {
+        peer,
+        reason: e.to_string(),
+    })
+}
+
+/// Sends one frame on its own stream.
+pub async fn send_frame(
+    conn: &quinn::Connection,
+    header: &FrameHeader,
+    payload: &[u8],
+) -> Result<()> {
+    let fail = |reason: String| Error::Connection {
+        peer: conn.remote_address().to_string(),
+        reason,
+    };
+    let mut stream = conn.open_uni().await.map_err(|e| fail(e.to_string()))?;
+    stream
+        .write_all(&frame::encode_header(header))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !payload.is_empty() {
+        stream
+            .write_all(payload)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    stream.finish().map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// Reads one frame from a stream, validating the header before reading the payload.
+pub async fn read_frame(stream: &mut quinn::RecvStream, peer: &str) -> Result<Frame> {
+    let bad = |reason: String| Error::BadFrame {
+        peer: peer.to_string(),
+        reason,
+    };
+    let mut prefix = [0u8; 4];
+    stream
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| bad(format!("reading the length: {e}")))?;
+    let len = frame::header_len(prefix).map_err(bad)?;
+    let mut header_bytes = vec![0u8; len];
+    stream
+        .read_exact(&mut header_bytes)
+        .await
+        .map_err(|e| bad(format!("reading the header: {e}")))?;
+    let header = frame::decode_header(&header_bytes).map_err(bad)?;
+    // Validated above against MAX_FRAME_PAYLOAD_BYTES, so this allocation is bounded.
+    let mut payload = vec![0u8; header.payload_bytes as usize];
+    stream
+        .read_exact(&mut payload)
+        .await
+        .map_err(|e| bad(format!("reading the payload: {e}")))?;
+    Ok(Frame { header, payload })
+}
+
+/// Accepts connections on `ep` until cancelled, feeding each valid frame to `frames`.
+/// A peer that fails the TLS handshake (no cluster certificate) is refused and logged.
+pub fn spawn_acceptor(
+    ep: quinn::Endpoint,
+    frames: mpsc::Sender<Frame>,
+    cancel: CancellationToken,
+    role: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                i = ep.accept() => match i { Some(i) => i, None => break },
+            };
+            let frames = frames.clone();
+            let cancel = cancel.clone();
+            let remote = incoming.remote_address();
+            let span = tracing::info_span!("connection", remote = %remote);
+            tokio::spawn(
+                async move {
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(cause = %e, "{role}: refused a data-plane connection: it did not present a certificate of this cluster");
+                            return;
+                        }
+                    };
+                    debug!("data-plane connection up");
+                    let peer = remote.to_string();
+                    loop {
+                        let mut stream = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            s = conn.accept_uni() => match s {
+                                Ok(s) => s,
+                                Err(e) => { debug!(cause = %e, "data-plane connection closed"); break; }
+                            },
+                        };
+                        let frames = frames.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move {
+                            match read_frame(&mut stream, &peer).await {
+                                Ok(f) => {
+                                    let _ = frames.send(f).await;
+                                }
+                                Err(e) => warn!(cause = %e, "dropped a frame"),
+                            }
+                        });
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    })
+}
