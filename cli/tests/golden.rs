@@ -199,3 +199,54 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
         "expected llama.cpp files for at least three models"
     );
 }
+
+/// The default wire type (F16 activations between stages) against transformers' greedy
+/// tokens on every golden prompt, through a real three-worker cluster.
+#[test]
+fn golden_prompts_through_a_three_worker_cluster_on_the_default_f16_wire() {
+    use common::cluster::{tokens, ClusterOptions, TestCluster};
+    let (mut same, mut total) = (0usize, 0usize);
+    for g in goldens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join(&g.name);
+        let args = synth_args(&g, &["--format", "safetensors", "--dtype", "f32"]);
+        synth(&args.iter().map(String::as_str).collect::<Vec<_>>(), &model);
+        let options = ClusterOptions {
+            worker_args: vec!["--speed".into(), "1e9".into()],
+            ..Default::default()
+        };
+        let cluster = TestCluster::start(&model, &options);
+        cluster.wait_serving(3);
+        for case in &g.cases {
+            let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
+            let n = case.greedy_ids.len().to_string();
+            let out = cluster.generate(&[
+                "--prompt-ids",
+                &ids.join(","),
+                "--max-tokens",
+                &n,
+                "--ignore-eos",
+            ]);
+            let got = tokens(&out);
+            for (i, (&want, &margin)) in
+                case.greedy_ids.iter().zip(&case.greedy_margins).enumerate()
+            {
+                total += 1;
+                if got.get(i) == Some(&u64::from(want)) {
+                    same += 1;
+                } else {
+                    // Past a divergence the histories differ; only a near-tie may diverge.
+                    assert!(
+                        margin < 0.05,
+                        "{}: token {i} of {:?} changed on the F16 wire although transformers' top-2 margin is {margin}",
+                        g.name,
+                        case.prompt
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("F16 wire: {same} of {total} golden greedy tokens identical to transformers");
+    assert!(same > 0);
+}

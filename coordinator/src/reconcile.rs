@@ -63,6 +63,8 @@ fn same_layout(a: &Plan, b: &Plan) -> bool {
 
 /// Reconciles forever.
 pub async fn run(shared: Arc<Shared>) {
+    // --min-workers holds back the first plan only; after that, any plan that fits serves.
+    let mut served_once = false;
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
@@ -71,7 +73,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
         let current = shared.pipeline.borrow().clone();
         let eligible = candidates(&shared);
-        if current.is_none() && eligible.len() < shared.config.min_workers {
+        if current.is_none() && !served_once && eligible.len() < shared.config.min_workers {
             shared.set_detail(format!(
                 "waiting for workers: {} of the {} asked for with --min-workers have joined",
                 eligible.len(),
@@ -110,6 +112,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
         match apply(&shared, desired).await {
             Ok(p) => {
+                served_once = true;
                 shared.set_detail("");
                 shared.pipeline.send_replace(Some(Arc::new(p)));
             }

@@ -16,8 +16,15 @@ use super::{human_bytes, peak_rss_bytes};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The model: a .gguf file or a safetensors directory.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "coordinator")]
+    model: Option<PathBuf>,
+    /// Measure a running cluster through its gRPC API instead: aggregate tokens/s of
+    /// `--concurrency` simultaneous clients against one client, in the same run.
+    #[arg(long, conflicts_with = "model")]
+    coordinator: Option<String>,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "STRATA_API_KEY")]
+    api_key: Option<String>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -59,12 +66,16 @@ fn random_prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(addr) = a.coordinator.clone() {
+        return run_remote(&a, &addr);
+    }
     let bandwidth = copy_bandwidth();
     let t0 = Instant::now();
-    let file = ModelFile::open(&a.model)?;
+    let model = a.model.clone().context("--model is required")?;
+    let file = ModelFile::open(&model)?;
     let config = file.config().clone();
     let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+        .with_context(|| format!("loading {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let weight_bytes: u64 = pipeline.stages().map(|s| s.weight_bytes()).sum();
     // Decode reads every layer, the final norm and the head once per step (the embedding
@@ -148,7 +159,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    println!("model                 {}", a.model.display());
+    println!("model                 {}", model.display());
     println!(
         "shape                 {} x {} layers, hidden {}, vocab {}",
         config.arch.name(),
@@ -184,4 +195,84 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
 fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One client's stream: tokens received, time to the first, and when it ended.
+struct ClientRun {
+    tokens: usize,
+    first: Duration,
+    done: Duration,
+}
+
+/// `strata bench --coordinator`: for each concurrency, that many clients each stream a
+/// generation of `--decode-tokens` (past EOS) from a `--prompt-tokens` prompt at once.
+fn run_remote(a: &BenchArgs, addr: &str) -> anyhow::Result<()> {
+    use strata_proto::v1::GenerateRequest as Req;
+    let rt = super::cluster::runtime()?;
+    rt.block_on(async {
+        let mut rows = Vec::new();
+        for &clients in &a.concurrency {
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let mut client = super::cluster::inference_client(addr, a.api_key.as_deref()).await?;
+                let req = Req {
+                    prompt_ids: random_prompt(a.prompt_tokens, 512, 100 + c as u64),
+                    max_tokens: a.decode_tokens as u32,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = client.generate(req).await?.into_inner();
+                    let mut run = ClientRun { tokens: 0, first: Duration::ZERO, done: Duration::ZERO };
+                    while let Some(m) = stream.message().await? {
+                        if run.tokens == 0 {
+                            run.first = start.elapsed();
+                        }
+                        run.tokens += m.token_ids.len();
+                    }
+                    run.done = start.elapsed();
+                    Ok::<_, anyhow::Error>(run)
+                }));
+            }
+            let mut runs = Vec::new();
+            for t in tasks {
+                runs.push(t.await??);
+            }
+            let wall = runs.iter().map(|r| r.done).max().unwrap_or_default().as_secs_f64();
+            let tokens: usize = runs.iter().map(|r| r.tokens).sum();
+            // Decode throughput: tokens after each stream's first, over the span in which
+            // streams were decoding (from the earliest first token to the last end).
+            let first = runs.iter().map(|r| r.first).min().unwrap_or_default().as_secs_f64();
+            let decoded: usize = runs.iter().map(|r| r.tokens.saturating_sub(1)).sum();
+            let complete = runs.iter().all(|r| r.tokens == a.decode_tokens);
+            rows.push(serde_json::json!({
+                "clients": clients,
+                "tokens": tokens,
+                "complete_streams": complete,
+                "wall_s": wall,
+                "aggregate_tokens_per_s": tokens as f64 / wall.max(1e-9),
+                "decode_tokens_per_s": decoded as f64 / (wall - first).max(1e-9),
+                "mean_time_to_first_token_ms": runs.iter().map(|r| r.first.as_secs_f64()).sum::<f64>() * 1e3 / runs.len().max(1) as f64,
+            }));
+        }
+        let base = rows.first().and_then(|r| r["aggregate_tokens_per_s"].as_f64()).unwrap_or(1.0);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"coordinator": addr, "runs": rows}))?);
+        } else {
+            println!("{:>8} {:>8} {:>10} {:>18} {:>16} {:>10} {:>9}", "clients", "tokens", "wall s", "aggregate tok/s", "decode tok/s", "ttft ms", "vs first");
+            for r in &rows {
+                let agg = r["aggregate_tokens_per_s"].as_f64().unwrap_or(0.0);
+                println!(
+                    "{:>8} {:>8} {:>10.2} {:>18.1} {:>16.1} {:>10.0} {:>8.2}x{}",
+                    r["clients"], r["tokens"], r["wall_s"].as_f64().unwrap_or(0.0), agg,
+                    r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    r["mean_time_to_first_token_ms"].as_f64().unwrap_or(0.0),
+                    agg / base.max(1e-9),
+                    if r["complete_streams"].as_bool() == Some(true) { "" } else { "  (incomplete streams!)" }
+                );
+            }
+        }
+        Ok(())
+    })
 }

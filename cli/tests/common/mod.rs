@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod cluster;
+
 use candle_core::Device;
 use strata_model::{GenerateRequest, LocalPipeline, ModelFile};
 

@@ -1,0 +1,393 @@
+//! A real cluster on loopback: `strata serve` and three `strata worker` processes. The
+//! greedy tokens through the gRPC API must equal `strata generate --stages 1`; a worker
+//! that dies is detected, its requests fail promptly naming it, and the cluster re-plans;
+//! a worker with a wrong token is refused; drain re-plans while the cluster keeps serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+
+const PROMPTS: [&str; 2] = [
+    "The quick brown fox",
+    "Once upon a time, in a land far away",
+];
+
+fn small_llama(dir: &std::path::Path, format: &[&str], name: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let mut args = vec![
+        "--arch",
+        "llama",
+        "--layers",
+        "6",
+        "--hidden",
+        "256",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "512",
+        "--vocab",
+        "512",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(format);
+    synth(&args, &out);
+    out
+}
+
+fn check_same_tokens(cluster: &TestCluster, model: &std::path::Path) {
+    for prompt in PROMPTS {
+        let args = ["--prompt", prompt, "--max-tokens", "16", "--ignore-eos"];
+        let local = local_generate(model, &args);
+        let remote = cluster.generate(&args);
+        assert_eq!(tokens(&remote), tokens(&local), "prompt {prompt:?}");
+        assert_eq!(tokens(&remote).len(), 16);
+    }
+}
+
+/// Workers that report equal speeds get equal shares (2 layers each of 6): the stage
+/// boundaries, where activations are rounded to F16 on the default wire, never move.
+fn equal_speeds() -> ClusterOptions {
+    ClusterOptions {
+        worker_args: vec!["--speed".into(), "1e9".into()],
+        ..Default::default()
+    }
+}
+
+/// Exactness mode: F32 activations on the wire, so any split gives the local tokens.
+fn exact_wire() -> ClusterOptions {
+    ClusterOptions {
+        serve_args: vec!["--wire-dtype".into(), "f32".into()],
+        ..Default::default()
+    }
+}
+
+fn three_distinct_stages(status: &serde_json::Value) {
+    let stages = status["plan"]["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 3);
+    let workers: std::collections::HashSet<&str> = stages
+        .iter()
+        .map(|s| s["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 3, "{status:#}");
+    assert_eq!(stages[0]["layers"][0], 0);
+    assert_eq!(stages[2]["layers"][1], 6);
+}
+
+#[test]
+fn three_loopback_workers_match_one_process_for_q4_0_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q4_0"],
+        "m.gguf",
+    );
+    let cluster = TestCluster::start(&model, &equal_speeds());
+    let status = cluster.wait_serving(3);
+    three_distinct_stages(&status);
+    for w in status["workers"].as_array().unwrap() {
+        assert!(w["peak_resident_bytes"].as_u64().unwrap() > 0, "{w:#}");
+        assert_eq!(w["state"], "ready");
+    }
+    check_same_tokens(&cluster, &model);
+}
+
+#[test]
+fn three_loopback_workers_match_one_process_for_f16_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "safetensors", "--dtype", "f16"],
+        "m-f16",
+    );
+    let cluster = TestCluster::start(&model, &equal_speeds());
+    three_distinct_stages(&cluster.wait_serving(3));
+    check_same_tokens(&cluster, &model);
+}
+
+#[test]
+fn a_dead_worker_fails_its_requests_promptly_and_the_rest_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let mut cluster = TestCluster::start(&model, &exact_wire());
+    let status = cluster.wait_serving(3);
+    // Each worker measured its own speed with a real layer forward.
+    for w in status["workers"].as_array().unwrap() {
+        assert!(w["speed_bytes_per_second"].as_f64().unwrap() > 1e6, "{w:#}");
+    }
+    let middle = status["plan"]["stages"][1]["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A long generation is in flight when the middle stage's process dies.
+    let mut long = Proc::spawn("long request", {
+        let mut c = strata();
+        c.args([
+            "generate",
+            "--coordinator",
+            &cluster.api,
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "100000",
+            "--ignore-eos",
+            "--json",
+        ]);
+        c
+    });
+    cluster.wait_status("a sequence in flight", Duration::from_secs(30), |s| {
+        s["active_sequences"] == 1
+    });
+    let killed_at = Instant::now();
+    let victim = cluster
+        .workers
+        .iter_mut()
+        .find(|w| w.name == middle)
+        .unwrap();
+    victim.kill();
+    let exit = long.wait_exit(Duration::from_secs(15));
+    let failed_after = killed_at.elapsed();
+    assert!(!exit.success(), "the request should fail");
+    let out = long.output();
+    assert!(
+        out.contains(&format!("worker {middle}")),
+        "the error should name the worker: {out}"
+    );
+    assert!(
+        failed_after < Duration::from_secs(10),
+        "failed after {failed_after:?}"
+    );
+    eprintln!("request failed {failed_after:?} after the worker died");
+    // The status shows it dead, and the other two (which hold the model) serve again.
+    let status = cluster.wait_serving(2);
+    let dead = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == middle.as_str())
+        .unwrap();
+    assert_eq!(dead["state"], "dead");
+    check_same_tokens(&cluster, &model);
+}
+
+#[test]
+fn a_worker_with_a_wrong_token_is_refused_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let cluster = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    );
+    cluster.wait_serving(1);
+    // Same cluster id, another secret: the proof cannot match.
+    let (head, _) = cluster.token.rsplit_once('-').unwrap();
+    let forged = format!("{head}-{}", "ab".repeat(32));
+    let mut intruder = Proc::spawn("intruder", {
+        let mut c = strata();
+        c.args([
+            "worker",
+            "--token",
+            &forged,
+            "--coordinator",
+            &cluster.api,
+            "--id",
+            "intruder",
+            "--no-mdns",
+            "--bind",
+            "127.0.0.1",
+            "--speed",
+            "1e9",
+        ]);
+        c
+    });
+    let exit = intruder.wait_exit(Duration::from_secs(30));
+    assert!(!exit.success());
+    assert!(
+        intruder.output().contains("refused"),
+        "{}",
+        intruder.output()
+    );
+    cluster
+        .coordinator
+        .wait_for("refused a worker", Duration::from_secs(5));
+    let status = cluster.status();
+    let row = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "intruder")
+        .unwrap();
+    assert_eq!(row["state"], "refused");
+    // It never became a stage.
+    assert_eq!(status["plan"]["stages"].as_array().unwrap().len(), 1);
+    // A token that is not even well-formed is refused before any network traffic.
+    let out = strata()
+        .args([
+            "worker",
+            "--token",
+            "letmein",
+            "--coordinator",
+            &cluster.api,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("strata1-"));
+}
+
+#[test]
+fn drain_replans_without_the_worker_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let cluster = TestCluster::start(&model, &exact_wire());
+    let status = cluster.wait_serving(3);
+    let first = status["plan"]["stages"][0]["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = run_ok(&["cluster", "drain", &first, "--coordinator", &cluster.api]);
+    assert!(out.contains("draining"), "{out}");
+    let status = cluster.wait_serving(2);
+    assert!(status["plan"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["worker"] != first.as_str()));
+    check_same_tokens(&cluster, &model);
+}
+
+fn concurrent_generate(cluster: &TestCluster, prompts: &[String]) -> Vec<Vec<u64>> {
+    let clients: Vec<Proc> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = strata();
+            c.args([
+                "generate",
+                "--coordinator",
+                &cluster.api,
+                "--json",
+                "--prompt",
+                p,
+                "--max-tokens",
+                "24",
+                "--ignore-eos",
+            ]);
+            Proc::spawn("client", c)
+        })
+        .collect();
+    clients
+        .into_iter()
+        .map(|mut c| {
+            assert!(
+                c.wait_exit(Duration::from_secs(60)).success(),
+                "{}",
+                c.output()
+            );
+            let out = c.output();
+            let json: serde_json::Value =
+                serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+            let t = tokens(&json);
+            assert_eq!(t.len(), 24, "incomplete stream");
+            t
+        })
+        .collect()
+}
+
+#[test]
+fn eight_concurrent_clients_get_complete_correct_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("client {i} says hello {}", "again ".repeat(i)))
+        .collect();
+    // With F32 activations on the wire, batching and pipelining change nothing: every
+    // stream equals the single-process run.
+    let exact = TestCluster::start(&model, &exact_wire());
+    exact.wait_serving(3);
+    let local: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| {
+            tokens(&local_generate(
+                &model,
+                &["--prompt", p, "--max-tokens", "24", "--ignore-eos"],
+            ))
+        })
+        .collect();
+    assert_eq!(concurrent_generate(&exact, &prompts), local);
+    drop(exact);
+    // With the default F16 wire, rounding the activations may move a near-tie, but batching
+    // must not: eight at once give exactly what each gives alone on the same cluster.
+    let cluster = TestCluster::start(&model, &ClusterOptions::default());
+    cluster.wait_serving(3);
+    let alone: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| tokens(&cluster.generate(&["--prompt", p, "--max-tokens", "24", "--ignore-eos"])))
+        .collect();
+    assert_eq!(concurrent_generate(&cluster, &prompts), alone);
+}
+
+#[test]
+fn plan_on_paper_says_what_is_missing() {
+    let out = strata()
+        .args([
+            "cluster",
+            "plan",
+            "--model-spec",
+            "llama-3.1-70b:q4_k_m",
+            "--worker",
+            "mac-mini:16GiB:120GB/s",
+            "--worker",
+            "linux-box:24GiB:80GB/s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("missing") && text.contains("mac-mini"),
+        "{text}"
+    );
+    let fits = run_ok(&[
+        "cluster",
+        "plan",
+        "--model-spec",
+        "llama-3.1-70b:q4_k_m",
+        "--json",
+        "--worker",
+        "mac-studio:64GiB:400GB/s",
+        "--worker",
+        "linux-box:24GiB:80GB/s",
+    ]);
+    let plan: serde_json::Value = serde_json::from_str(&fits).unwrap();
+    let stages = plan["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0]["worker"], "mac-studio");
+    assert_eq!(stages[1]["layers"][1], 80);
+    for s in stages {
+        assert!(s["memory_bytes"].as_u64() <= s["budget_bytes"].as_u64());
+    }
+}

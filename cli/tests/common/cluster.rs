@@ -1,0 +1,351 @@
+//! A multi-process cluster harness: a real `strata serve` and real `strata worker`
+//! processes on loopback (or inside network namespaces), torn down on drop. Everything
+//! waits on signals with deadlines (a "listening on" line, `cluster status`), never on
+//! fixed sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::strata;
+
+/// A process whose output is collected in the background.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr collected.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        let mut child = cmd.spawn().expect("spawn strata");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Proc {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until its output contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if out.contains(needle) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never printed {needle:?}; it printed:\n{out}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for it to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit; it printed:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory (VmHWM) of the live process, in bytes.
+    pub fn vm_hwm(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A coordinator and its workers.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub token: String,
+    pub api: String,
+    pub coordinator: Proc,
+    pub workers: Vec<Proc>,
+}
+
+/// Options of a test cluster.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    pub workers: usize,
+    /// Extra `serve` flags.
+    pub serve_args: Vec<String>,
+    /// Extra flags for every worker.
+    pub worker_args: Vec<String>,
+    /// Wrap commands (e.g. `ip netns exec NAME`): index 0 is the coordinator.
+    pub prefix: Vec<Vec<String>>,
+    /// Address the API listens on.
+    pub listen: String,
+    /// Workers join with --coordinator (not mDNS).
+    pub direct: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            workers: 3,
+            serve_args: Vec::new(),
+            worker_args: Vec::new(),
+            prefix: Vec::new(),
+            listen: "127.0.0.1:0".into(),
+            direct: true,
+        }
+    }
+}
+
+fn command(prefix: Option<&Vec<String>>) -> Command {
+    match prefix {
+        Some(p) if !p.is_empty() => {
+            let mut c = Command::new(&p[0]);
+            c.args(&p[1..]).arg(env!("CARGO_BIN_EXE_strata"));
+            c
+        }
+        _ => strata(),
+    }
+}
+
+impl TestCluster {
+    /// Starts `strata serve --model model` and the workers; returns once the API listens.
+    pub fn start(model: &Path, o: &ClusterOptions) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let out = strata()
+            .args(["token", "create", "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let mut serve = command(o.prefix.first());
+        serve
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--listen",
+                &o.listen,
+            ])
+            .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--min-workers", &o.workers.to_string()])
+            .args(&o.serve_args);
+        if o.direct {
+            serve.arg("--no-mdns");
+        }
+        let coordinator = Proc::spawn("coordinator", serve);
+        let out = coordinator.wait_for("listening on ", Duration::from_secs(30));
+        let api = out
+            .lines()
+            .find_map(|l| l.strip_prefix("listening on "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        let mut cluster = TestCluster {
+            dir,
+            token,
+            api,
+            coordinator,
+            workers: Vec::new(),
+        };
+        for i in 0..o.workers {
+            cluster.add_worker(&format!("w{}", i + 1), o, o.prefix.get(i + 1));
+        }
+        cluster
+    }
+
+    /// Starts one more worker.
+    pub fn add_worker(&mut self, id: &str, o: &ClusterOptions, prefix: Option<&Vec<String>>) {
+        let mut w = command(prefix);
+        w.args(["worker", "--token", &self.token, "--id", id])
+            .args(&o.worker_args);
+        w.args([
+            "--cache-dir",
+            self.dir
+                .path()
+                .join(format!("cache-{id}"))
+                .to_str()
+                .unwrap(),
+        ]);
+        if o.direct {
+            w.args([
+                "--coordinator",
+                &self.api,
+                "--no-mdns",
+                "--bind",
+                "127.0.0.1",
+            ]);
+        }
+        self.workers.push(Proc::spawn(id, w));
+    }
+
+    /// `strata cluster status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = strata()
+            .args(["cluster", "status", "--json", "--coordinator", &self.api])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Polls the status until `pred` holds.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached: {what}\nlast status: {s:#}\ncoordinator log:\n{}\nworker logs:\n{}",
+                self.coordinator.output(),
+                self.workers.iter().map(|w| format!("--- {}\n{}", w.name, w.output())).collect::<String>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the cluster serves with `stages` stages.
+    pub fn wait_serving(&self, stages: usize) -> serde_json::Value {
+        self.wait_status(
+            &format!("serving with {stages} stages"),
+            Duration::from_secs(60),
+            |s| {
+                s["serving"] == true
+                    && s["plan"]["stages"]
+                        .as_array()
+                        .is_some_and(|a| a.len() == stages)
+            },
+        )
+    }
+
+    /// `strata generate --coordinator ... --json` with `args`.
+    pub fn generate(&self, args: &[&str]) -> serde_json::Value {
+        let out = strata()
+            .args(["generate", "--coordinator", &self.api, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "remote generate failed: {}\ncoordinator log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.coordinator.output()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// `strata generate --model ... --json` in this process's way (one stage).
+pub fn local_generate(model: &Path, args: &[&str]) -> serde_json::Value {
+    let out = strata()
+        .args(["generate", "--model", model.to_str().unwrap(), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "local generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Token ids of a generate JSON.
+pub fn tokens(v: &serde_json::Value) -> Vec<u64> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// Whether this process runs as root (network namespaces need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A path inside the cluster's temp dir.
+pub fn path_in(c: &TestCluster, name: &str) -> PathBuf {
+    c.dir.path().join(name)
+}
