@@ -391,3 +391,101 @@ fn plan_on_paper_says_what_is_missing() {
         assert!(s["memory_bytes"].as_u64() <= s["budget_bytes"].as_u64());
     }
 }
+
+#[test]
+fn a_model_bigger_than_any_worker_is_served_within_every_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.gguf");
+    // About 150 MB of Q8_0 weights: 8 layers of 16.7 MB, embedding and head of 9 MB.
+    synth(
+        &[
+            "--arch",
+            "llama",
+            "--layers",
+            "8",
+            "--hidden",
+            "1024",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "4096",
+            "--vocab",
+            "8192",
+            "--seed",
+            "9",
+            "--format",
+            "gguf",
+            "--quant",
+            "q8_0",
+        ],
+        &model,
+    );
+    let model_bytes = std::fs::metadata(&model).unwrap().len();
+    let budget: u64 = 150 << 20;
+    assert!(
+        model_bytes > budget - (48 << 20),
+        "the model must not fit one worker"
+    );
+    // On paper first: one such worker is short, and the plan says by how much.
+    let out = strata()
+        .args([
+            "cluster",
+            "plan",
+            "--model",
+            model.to_str().unwrap(),
+            "--kv-tokens",
+            "512",
+            "--worker",
+            "small:150MiB:20GB/s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
+    let options = ClusterOptions {
+        workers: 1,
+        serve_args: vec![
+            "--kv-tokens".into(),
+            "512".into(),
+            "--wire-dtype".into(),
+            "f32".into(),
+        ],
+        worker_args: vec!["--memory".into(), "150MiB".into()],
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(&model, &options);
+    // One worker cannot hold it: the coordinator says how much is missing and where.
+    let status = cluster.wait_status("a shortfall", Duration::from_secs(30), |s| {
+        s["detail"].as_str().unwrap_or("").contains("missing")
+    });
+    let detail = status["detail"].as_str().unwrap();
+    assert!(detail.contains("w1 (150.0 MiB budget"), "{detail}");
+    cluster.add_worker("w2", &options, None);
+    cluster.add_worker("w3", &options, None);
+    let status = cluster.wait_serving(3);
+    let local = local_generate(
+        &model,
+        &["--prompt", "big model", "--max-tokens", "8", "--ignore-eos"],
+    );
+    let remote = cluster.generate(&["--prompt", "big model", "--max-tokens", "8", "--ignore-eos"]);
+    assert_eq!(tokens(&remote), tokens(&local));
+    for w in &cluster.workers {
+        let hwm = w.vm_hwm();
+        eprintln!(
+            "{}: VmHWM {:.1} MiB of a {:.0} MiB budget",
+            w.name,
+            hwm as f64 / (1 << 20) as f64,
+            budget as f64 / (1 << 20) as f64
+        );
+        assert!(
+            hwm > 0 && hwm <= budget,
+            "{} peaked at {hwm} bytes, over its budget of {budget}",
+            w.name
+        );
+    }
+    for s in status["plan"]["stages"].as_array().unwrap() {
+        assert!(s["memory_bytes"].as_u64().unwrap() <= budget);
+    }
+}

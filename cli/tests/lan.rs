@@ -20,7 +20,11 @@ struct Lan {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Lan {
@@ -38,14 +42,27 @@ impl Lan {
         ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &br]);
         ip(&["link", "set", &br, "up"]);
         // Multicast (mDNS) must reach every port of the bridge.
-        let _ = std::fs::write(format!("/sys/class/net/{br}/bridge/multicast_snooping"), "0");
+        let _ = std::fs::write(
+            format!("/sys/class/net/{br}/bridge/multicast_snooping"),
+            "0",
+        );
         for (i, ns) in lan.hosts.iter().enumerate() {
             let outside = format!("{tag}v{}", i + 1);
             ip(&["netns", "add", ns]);
-            ip(&["link", "add", &outside, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ]);
             ip(&["link", "set", &outside, "master", &br]);
             ip(&["link", "set", &outside, "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{subnet}.{}/24", i + 1), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{subnet}.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", ns, "link", "set", "eth0", "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
             ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
@@ -54,7 +71,12 @@ impl Lan {
     }
 
     fn prefix(&self, host: usize) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.hosts[host].clone()]
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.hosts[host].clone(),
+        ]
     }
 
     /// Cuts a host off the LAN, as if its cable were pulled.
@@ -68,7 +90,9 @@ impl Drop for Lan {
         for ns in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
-        let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}br", self.tag)])
+            .output();
     }
 }
 
@@ -81,8 +105,28 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.gguf");
     synth(
-        &["--arch", "llama", "--layers", "6", "--hidden", "256", "--heads", "8", "--kv-heads", "2",
-          "--intermediate", "512", "--vocab", "512", "--seed", "5", "--format", "gguf", "--quant", "q8_0"],
+        &[
+            "--arch",
+            "llama",
+            "--layers",
+            "6",
+            "--hidden",
+            "256",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "512",
+            "--vocab",
+            "512",
+            "--seed",
+            "5",
+            "--format",
+            "gguf",
+            "--quant",
+            "q8_0",
+        ],
         &model,
     );
     let lan = Lan::new(5);
@@ -100,11 +144,28 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     cluster.api = format!("{}.1:7433", lan.subnet);
     let status = cluster.wait_serving(3);
     eprintln!("found by mDNS and serving after {:?}", started.elapsed());
-    for w in status["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "ready") {
-        assert!(w["address"].as_str().unwrap().starts_with(&lan.subnet), "{w:#}");
+    for w in status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+    {
+        assert!(
+            w["address"].as_str().unwrap().starts_with(&lan.subnet),
+            "{w:#}"
+        );
     }
-    assert!(cluster.coordinator.output().contains("saw a worker over mDNS"));
-    let prompt = ["--prompt", "Across the LAN", "--max-tokens", "12", "--ignore-eos"];
+    assert!(cluster
+        .coordinator
+        .output()
+        .contains("saw a worker over mDNS"));
+    let prompt = [
+        "--prompt",
+        "Across the LAN",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ];
     let local = tokens(&local_generate(&model, &prompt));
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
 
@@ -115,23 +176,46 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     let mut intruder = Proc::spawn("intruder", {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &lan.hosts[4], env!("CARGO_BIN_EXE_strata")]);
-        c.args(["worker", "--token", &forged, "--id", "intruder", "--speed", "1e9"]);
+        c.args([
+            "worker", "--token", &forged, "--id", "intruder", "--speed", "1e9",
+        ]);
         c
     });
     assert!(!intruder.wait_exit(Duration::from_secs(30)).success());
-    assert!(intruder.output().contains("refused"), "{}", intruder.output());
-    cluster.coordinator.wait_for("refused a worker", Duration::from_secs(5));
+    assert!(
+        intruder.output().contains("refused"),
+        "{}",
+        intruder.output()
+    );
+    cluster
+        .coordinator
+        .wait_for("refused a worker", Duration::from_secs(5));
 
     // Pull the cable of the last stage's host: the other two hold the model and serve on.
-    let last = status["plan"]["stages"][2]["worker"].as_str().unwrap().to_string();
+    let last = status["plan"]["stages"][2]["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let host = cluster.workers.iter().position(|w| w.name == last).unwrap() + 1;
     lan.unplug(host);
     let cut = Instant::now();
-    let status = cluster.wait_status("the unplugged worker marked dead", Duration::from_secs(20), |s| {
-        s["workers"].as_array().unwrap().iter().any(|w| w["id"] == last.as_str() && w["state"] == "dead")
-    });
+    let status = cluster.wait_status(
+        "the unplugged worker marked dead",
+        Duration::from_secs(20),
+        |s| {
+            s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["id"] == last.as_str() && w["state"] == "dead")
+        },
+    );
     eprintln!("unplugged worker detected after {:?}", cut.elapsed());
-    assert!(status["workers"].as_array().unwrap().iter().any(|w| w["detail"].as_str().unwrap().contains("heartbeat")));
+    assert!(status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["detail"].as_str().unwrap().contains("heartbeat")));
     cluster.wait_serving(2);
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
     drop(cluster);

@@ -25,7 +25,7 @@ use crate::session::Pipeline;
 use crate::Shared;
 
 /// Bytes per load message.
-const LOAD_CHUNK: usize = 4 << 20;
+const LOAD_CHUNK: usize = 1 << 20;
 /// Load messages read ahead of the network.
 const LOAD_QUEUE: usize = 4;
 /// How long wiring one stage may take.
