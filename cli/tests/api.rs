@@ -1,0 +1,181 @@
+//! The public gRPC API as generic clients see it: the standard health service and server
+//! reflection (what `grpcurl` uses instead of .proto files), and the optional bearer key.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("m.gguf");
+    synth(
+        &[
+            "--arch",
+            "qwen2",
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "128",
+            "--vocab",
+            "512",
+            "--format",
+            "gguf",
+            "--quant",
+            "q8_0",
+        ],
+        &model,
+    );
+    model
+}
+
+#[test]
+fn health_and_reflection_answer_generic_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let cluster = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    );
+    cluster.wait_serving(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("http://{}", cluster.api);
+        let channel = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["strata.v1.Inference", "strata.v1.Cluster"] {
+            let r = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+        }
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("not a service list: {first:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for want in [
+            "strata.v1.Inference",
+            "strata.v1.Cluster",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn an_api_key_guards_the_public_api_but_not_joining() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let options = ClusterOptions {
+        workers: 1,
+        serve_args: vec!["--api-key".into(), "s3cret".into()],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    // The worker joined without the key (the join token guards joining).
+    let serving = |key: Option<&str>| {
+        let mut c = strata();
+        c.args(["cluster", "status", "--json", "--coordinator", &cluster.api]);
+        if let Some(k) = key {
+            c.args(["--api-key", k]);
+        }
+        c.env_remove("STRATA_API_KEY").output().unwrap()
+    };
+    let denied = serving(None);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("API key"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = serving(Some("s3cret"));
+        assert!(out.status.success());
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if s["serving"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never served: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = strata()
+        .args([
+            "generate",
+            "--coordinator",
+            &cluster.api,
+            "--api-key",
+            "s3cret",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = strata()
+        .args([
+            "generate",
+            "--coordinator",
+            &cluster.api,
+            "--api-key",
+            "guess",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+}
