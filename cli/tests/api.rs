@@ -1,6 +1,8 @@
 //! The public gRPC API as generic clients see it: the standard health service and server
 //! reflection (what `grpcurl` uses instead of .proto files), and the optional bearer key.
 
+#![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
+
 mod common;
 
 use std::time::Duration;

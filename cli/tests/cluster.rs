@@ -3,6 +3,8 @@
 //! that dies is detected, its requests fail promptly naming it, and the cluster re-plans;
 //! a worker with a wrong token is refused; drain re-plans while the cluster keeps serving.
 
+#![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //! requests after one worker's link goes down, and refuse a worker with a wrong token.
 //! Without root the test prints why it skipped; CI runs as root, so there it runs.
 
+#![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
+
 mod common;
 
 use std::process::Command;

@@ -1,6 +1,8 @@
 //! A batch that mixes several prefills and decodes of different sequences gives each
 //! sequence exactly what it gets alone: the cluster's stages batch whatever is waiting.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a test failure
+
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use strata_model::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};

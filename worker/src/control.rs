@@ -120,8 +120,11 @@ fn status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// A file being received: the open file, its length, and the ranges that will arrive.
+type IncomingFile = (std::fs::File, u64, Vec<(u64, u64)>);
+
 struct Receiving {
-    files: Vec<(std::fs::File, u64, Vec<(u64, u64)>)>,
+    files: Vec<IncomingFile>,
     received: Vec<u64>,
 }
 

@@ -3,6 +3,8 @@
 //! waits on signals with deadlines (a "listening on" line, `cluster status`), never on
 //! fixed sleeps.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a failure is a test failure
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
