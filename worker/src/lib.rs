@@ -319,7 +319,13 @@ async fn find_coordinator(config: &WorkerConfig) -> Result<String> {
             );
             continue;
         }
-        if let Some(ip) = s.addresses.first() {
+        // A coordinator also answers on its loopback: only use that when it is all there is.
+        let ip = s
+            .addresses
+            .iter()
+            .find(|a| !a.is_loopback() && !a.is_link_local())
+            .or(s.addresses.first());
+        if let Some(ip) = ip {
             let addr = SocketAddr::new(IpAddr::V4(*ip), s.port).to_string();
             info!(%addr, "found the coordinator over mDNS");
             return Ok(addr);
