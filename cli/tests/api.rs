@@ -181,3 +181,96 @@ fn an_api_key_guards_the_public_api_but_not_joining() {
         .unwrap();
     assert!(!wrong.status.success());
 }
+
+#[test]
+fn chat_tokenize_and_list_models_over_grpc() {
+    use strata_proto::v1::inference_client::InferenceClient;
+    use strata_proto::v1::{ChatMessage, ChatRequest, ListModelsRequest, TokenizeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let cluster = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 2,
+            serve_args: vec!["--wire-dtype".into(), "f32".into()],
+            ..Default::default()
+        },
+    );
+    cluster.wait_serving(2);
+    let local = local_generate(
+        &model,
+        &[
+            "--prompt",
+            "What is a stage?",
+            "--chat",
+            "--max-tokens",
+            "10",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", cluster.api))
+            .await
+            .unwrap();
+        let models = client
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        assert_eq!(models.len(), 1);
+        assert_eq!(models[0].id, "m.gguf");
+        assert_eq!(models[0].layers, 2);
+        assert!(models[0].ready);
+        let t = client
+            .tokenize(TokenizeRequest {
+                text: "hello world".into(),
+                add_bos: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!t.token_ids.is_empty());
+        assert_eq!(t.token_ids.len(), t.tokens.len());
+        let mut stream = client
+            .chat(ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "What is a stage?".into(),
+                }],
+                max_tokens: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ids = Vec::new();
+        let mut finished = false;
+        while let Some(m) = stream.message().await.unwrap() {
+            ids.extend(m.token_ids.iter().map(|&t| u64::from(t)));
+            finished |= m.finish_reason != 0 && m.usage.is_some();
+        }
+        assert!(
+            finished,
+            "the last message carries the finish reason and usage"
+        );
+        // F32 on the wire: the split changes nothing.
+        assert_eq!(ids, tokens(&local));
+        // A prompt longer than the context is refused with a reason, not a hang.
+        let long = client
+            .chat(ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "word ".repeat(5000),
+                }],
+                max_tokens: 4,
+                ..Default::default()
+            })
+            .await;
+        let err = match long {
+            Err(e) => e,
+            Ok(r) => r.into_inner().message().await.unwrap_err(),
+        };
+        assert!(err.message().contains("context"), "{err:?}");
+    });
+}

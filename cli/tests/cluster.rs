@@ -275,6 +275,16 @@ fn drain_replans_without_the_worker_and_keeps_serving() {
         .unwrap()
         .iter()
         .all(|s| s["worker"] != first.as_str()));
+    let drained = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == first.as_str())
+        .unwrap();
+    assert!(
+        drained["detail"].as_str().unwrap().contains("drained"),
+        "{drained:#}"
+    );
     check_same_tokens(&cluster, &model);
 }
 

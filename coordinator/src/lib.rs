@@ -8,6 +8,22 @@
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
 //! workers do the rest.
+//!
+//! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
+//! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
+//! via `strata-worker`'s transport.
+//!
+//! Choices where the design was silent:
+//! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
+//!   coordinator also browses mDNS and lists workers it saw but that never joined;
+//! - `--min-workers` holds back only the first plan; after that every change of
+//!   membership (join, death, drain, remove) re-plans once membership has been quiet for
+//!   1.5 s. A planned change (join, drain) lets the old pipeline's sequences finish while
+//!   new requests wait; a death fails the sequences that used the dead worker at once;
+//! - a worker's slice is streamed from the coordinator's copy of the model (only the
+//!   bytes of its tensors), so weights live on one machine;
+//! - default wire type F16: the golden prompts give transformers' greedy tokens on it;
+//!   `--wire-dtype f32` makes any split exact.
 
 pub mod api;
 pub mod error;

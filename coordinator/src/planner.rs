@@ -29,6 +29,8 @@ pub struct ModelProfile {
     pub head_bytes: u64,
     /// KV-cache bytes per token per layer.
     pub kv_bytes_per_token: u64,
+    /// Bytes of the largest tensor of a layer.
+    pub largest_layer_tensor: u64,
 }
 
 impl ModelProfile {
@@ -142,7 +144,21 @@ fn stage_memory(
         + if embed { p.embed_bytes } else { 0 }
         + if head { p.head_bytes } else { 0 };
     let kv = o.kv_tokens * p.kv_bytes_per_token * layers.len() as u64;
-    (weights, weights + kv + o.overhead)
+    // Loading repacks each tensor for our kernels: while it does, the tensor exists as read
+    // and as repacked (measured: up to two extra copies of the largest one at the peak).
+    let largest = [
+        if layers.is_empty() {
+            0
+        } else {
+            p.largest_layer_tensor
+        },
+        if embed { p.embed_bytes } else { 0 },
+        if head { p.head_bytes } else { 0 },
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    (weights, weights + kv + o.overhead + 2 * largest)
 }
 
 /// How many layers from `start` fit in `budget` at position `embed`/`head`.
@@ -338,6 +354,7 @@ mod tests {
             embed_bytes: 50 * MIB,
             head_bytes: 50 * MIB,
             kv_bytes_per_token: 1024,
+            largest_layer_tensor: 40 * MIB,
         }
     }
 
@@ -408,7 +425,7 @@ mod tests {
         // "fast" would take 9 layers by speed but holds only 3 beside the embedding.
         let p = plan(
             &profile(12),
-            &[w("fast", 400, 3e9), w("big", 10_000, 1e9)],
+            &[w("fast", 500, 3e9), w("big", 10_000, 1e9)],
             &opts(),
         )
         .unwrap();
@@ -432,9 +449,9 @@ mod tests {
     #[test]
     fn shortfall_says_how_much_and_where() {
         let err = plan(&profile(12), &[w("a", 500, 1e9), w("b", 500, 1e9)], &opts()).unwrap_err();
-        // 12 x 100 MiB + 100 MiB embed/head + KV + overheads against 1000 MiB.
+        // 12 x 100 MiB + 100 MiB embed/head + KV + overheads + load transient against 1000 MiB.
         assert!(
-            err.missing > 300 * MIB && err.missing < 400 * MIB,
+            err.missing > 400 * MIB && err.missing < 500 * MIB,
             "{}",
             human(err.missing)
         );

@@ -28,6 +28,11 @@ pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
         embed_bytes: embed,
         head_bytes: head,
         kv_bytes_per_token: kv_bytes_per_token(c),
+        largest_layer_tensor: (0..c.num_layers)
+            .flat_map(|l| Role::layer_roles(l, c))
+            .map(|r| file.role_bytes(r))
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -76,6 +81,7 @@ pub fn of_spec(spec: &str) -> Result<ModelProfile> {
         embed_bytes: embed,
         head_bytes: head,
         kv_bytes_per_token: kv_bytes_per_token(&c),
+        largest_layer_tensor: bytes(h * c.intermediate_size),
     })
 }
 

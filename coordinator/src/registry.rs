@@ -86,7 +86,7 @@ impl Worker {
         let held = self.held.clone();
         WorkerStatus {
             info: Some(self.info.clone()),
-            state: if self.draining && self.state != WorkerState::Dead {
+            state: if self.draining && self.held.is_some() && self.state != WorkerState::Dead {
                 WorkerState::Draining as i32
             } else {
                 self.state as i32
@@ -100,7 +100,11 @@ impl Worker {
             resident_bytes: self.resident,
             peak_resident_bytes: self.peak,
             last_seen_ms: self.last_seen.elapsed().as_millis() as u64,
-            detail: self.detail.clone(),
+            detail: if self.draining && self.held.is_none() && self.detail.is_empty() {
+                "drained: released from the plan (`strata cluster remove` forgets it)".into()
+            } else {
+                self.detail.clone()
+            },
             sequences: self.sequences,
         }
     }

@@ -9,6 +9,17 @@
 //! - [`run`]: join a cluster and serve until cancelled.
 //!
 //! It never plans, never tokenizes, and never talks to clients: that is the coordinator's.
+//!
+//! Dependencies, and why: `quinn` (QUIC: streams without head-of-line blocking, idle
+//! timeouts for failure detection) over `rustls` with the `ring` provider (no C toolchain
+//! beyond `cc`); `rcgen` (the cluster CA and certificate requests); `hmac`/`sha2` (token
+//! proofs, fingerprints); `tonic` (the control service, mutual TLS); `mdns-sd` (pure-Rust
+//! mDNS responder and browser that shares port 5353 with avahi/mDNSResponder).
+//!
+//! Choices where the design was silent: a worker's id defaults to its host name (the
+//! coordinator adds `-2`, `-3` when taken); it keeps no copy of its slice on disk once
+//! loaded; the default memory budget is 75% of the memory available at start; a worker
+//! that has not heard from its coordinator for 15 s looks for it again and rejoins.
 
 pub mod control;
 pub mod discovery;

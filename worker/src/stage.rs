@@ -427,6 +427,12 @@ impl Runtime {
                 len: c.length as usize,
             })
             .collect();
+        let _span = tracing::debug_span!("stage", layers = ?loaded.stage.slice().layers).entered();
+        debug!(
+            sequences = chunks.len(),
+            rows = chunks.iter().map(|c| c.len).sum::<usize>(),
+            "batched forward"
+        );
         let input = if is_first {
             Ok(StageInput::Tokens(token_rows))
         } else {
