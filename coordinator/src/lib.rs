@@ -172,6 +172,8 @@ pub struct Shared {
     pub epoch: AtomicU64,
     /// Live sequences.
     pub sessions: Sessions,
+    /// Sequences' next steps, batched into frames to stage 0.
+    pub outbox: tokio::sync::mpsc::Sender<session::Outbound>,
     /// Shutdown.
     pub cancel: CancellationToken,
 }
@@ -217,6 +219,7 @@ pub async fn run(
     let endpoint = strata_worker::transport::endpoint(socket, &identity)?;
     let api_addr = listener.local_addr()?;
     let (pipeline, _) = watch::channel(None);
+    let (outbox, outbox_rx) = tokio::sync::mpsc::channel(session::OUTBOX_QUEUE);
     let shared = Arc::new(Shared {
         model,
         ca,
@@ -232,6 +235,7 @@ pub async fn run(
         )),
         epoch: AtomicU64::new(0),
         sessions: Sessions::default(),
+        outbox,
         cancel: shutdown.clone(),
         config,
     });
@@ -245,6 +249,9 @@ pub async fn run(
     );
     tracker.spawn(
         session::dispatch(shared.clone(), frames_rx).instrument(tracing::info_span!("dispatch")),
+    );
+    tracker.spawn(
+        session::batcher(shared.clone(), outbox_rx).instrument(tracing::info_span!("batcher")),
     );
     tracker.spawn(
         membership::heartbeats(shared.clone()).instrument(tracing::info_span!("heartbeats")),

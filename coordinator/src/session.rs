@@ -27,6 +27,8 @@ use crate::Shared;
 
 /// Token frames waiting for the dispatcher.
 pub const TOKEN_QUEUE: usize = 1024;
+/// Chunks waiting for the batcher.
+pub const OUTBOX_QUEUE: usize = 1024;
 /// Events waiting for one session.
 const SESSION_QUEUE: usize = 8;
 /// How long a request waits for the cluster to be ready.
@@ -146,6 +148,77 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
     }
 }
 
+/// One sequence's next chunk, waiting to go to stage 0.
+pub struct Outbound {
+    /// The pipeline the sequence runs on.
+    pub pipeline: Arc<Pipeline>,
+    /// The chunk.
+    pub chunk: FrameChunk,
+}
+
+/// Sends the chunks of every sequence that is ready at the same moment as one frame, so
+/// stage 0 runs them as one batch. Sequences become ready together when the last stage
+/// sampled them in one batch; their sessions wake at once and hand their next step here.
+pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) {
+    loop {
+        let first = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            o = outbox.recv() => match o { Some(o) => o, None => return },
+        };
+        let mut batch = vec![first];
+        // Let the sessions woken with this one hand theirs in too (a few scheduler
+        // rounds, no timer: an idle pipeline adds no latency).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+            let before = batch.len();
+            while batch.len() < strata_worker::frame::MAX_CHUNKS {
+                match outbox.try_recv() {
+                    Ok(o) => batch.push(o),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() == before {
+                break;
+            }
+        }
+        // One frame per pipeline (a re-plan can leave two in use for a moment).
+        while !batch.is_empty() {
+            let epoch = batch[0].pipeline.epoch;
+            let (group, rest): (Vec<Outbound>, Vec<Outbound>) =
+                batch.into_iter().partition(|o| o.pipeline.epoch == epoch);
+            batch = rest;
+            let pipeline = group[0].pipeline.clone();
+            let seqs: Vec<u64> = group.iter().map(|o| o.chunk.sequence).collect();
+            let header = FrameHeader {
+                protocol_version: PROTOCOL_VERSION,
+                kind: FrameKind::Forward as i32,
+                epoch,
+                chunks: group.into_iter().map(|o| o.chunk).collect(),
+                dtype: WireDType::None as i32,
+                ..Default::default()
+            };
+            debug!(sequences = seqs.len(), "to stage 0");
+            if let Err(e) =
+                strata_worker::transport::send_frame(&pipeline.first, &header, &[]).await
+            {
+                let stage0 = pipeline
+                    .plan
+                    .stages
+                    .first()
+                    .map(|s| s.worker.clone())
+                    .unwrap_or_default();
+                let reason = format!("stage 0 (worker {stage0}) is unreachable: {e}");
+                let map = shared.sessions.lock();
+                for seq in seqs {
+                    if let Some(e) = map.get(&seq) {
+                        let _ = e.tx.try_send(Event::Failed(reason.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Waits until a pipeline is serving.
 pub async fn ready_pipeline(shared: &Shared) -> Result<Arc<Pipeline>, Error> {
     let mut rx = shared.pipeline.subscribe();
@@ -193,17 +266,6 @@ fn frame_sampling(p: &SamplingParams) -> FrameSampling {
         repeat_penalty: p.repeat_penalty,
         repeat_window: p.repeat_window as u32,
         seed: p.seed,
-    }
-}
-
-fn forward(epoch: u64, chunk: FrameChunk) -> FrameHeader {
-    FrameHeader {
-        protocol_version: PROTOCOL_VERSION,
-        kind: FrameKind::Forward as i32,
-        epoch,
-        chunks: vec![chunk],
-        dtype: WireDType::None as i32,
-        ..Default::default()
     }
 }
 
@@ -283,16 +345,26 @@ async fn run_sequence(
         free: vec![seq],
         ..Default::default()
     };
-    send(forward(
-        pipeline.epoch,
-        FrameChunk {
-            sequence: seq,
-            start: 0,
-            length: job.prompt.len() as u32,
-            token_ids: job.prompt.clone(),
-            sampling: Some(frame_sampling(&job.sampling)),
-        },
-    ))
+    let step = |chunk: FrameChunk| {
+        let outbound = Outbound {
+            pipeline: pipeline.clone(),
+            chunk,
+        };
+        async move {
+            shared
+                .outbox
+                .send(outbound)
+                .await
+                .map_err(|_| Error::Unavailable("shutting down".into()))
+        }
+    };
+    step(FrameChunk {
+        sequence: seq,
+        start: 0,
+        length: job.prompt.len() as u32,
+        token_ids: job.prompt.clone(),
+        sampling: Some(frame_sampling(&job.sampling)),
+    })
     .await?;
     let tokenizer = &shared.model.tokenizer;
     let eos = tokenizer.eos();
@@ -395,16 +467,13 @@ async fn run_sequence(
             let _ = send(free(pipeline.epoch)).await;
             return Ok(());
         }
-        send(forward(
-            pipeline.epoch,
-            FrameChunk {
-                sequence: seq,
-                start: (history.len() - 1) as u32,
-                length: 1,
-                token_ids: vec![token],
-                sampling: None,
-            },
-        ))
+        step(FrameChunk {
+            sequence: seq,
+            start: (history.len() - 1) as u32,
+            length: 1,
+            token_ids: vec![token],
+            sampling: None,
+        })
         .await?;
     }
 }

@@ -92,6 +92,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         config.plan.kv_tokens = 1024;
         let coordinator = tokio::spawn(strata_coordinator::run(config, listener, shutdown.clone()));
         println!("\nCoordinator on {api}; cluster {}.", token.cluster_id());
+        let mut cluster = super::cluster::cluster_client(&api.to_string(), None).await?;
+        // One at a time: each measures its speed with the machine to itself.
         let mut workers = Vec::new();
         for i in 0..a.workers {
             let mut w = WorkerConfig::new(token.clone());
@@ -100,8 +102,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             w.mdns = false;
             w.bind = "127.0.0.1".parse()?;
             workers.push(tokio::spawn(strata_worker::run(w, shutdown.clone())));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while cluster.status(StatusRequest {}).await?.into_inner().workers.len() <= i {
+                ensure!(Instant::now() < deadline, "worker-{} did not join", i + 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        let mut cluster = super::cluster::cluster_client(&api.to_string(), None).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             let s = cluster.status(StatusRequest {}).await?.into_inner();

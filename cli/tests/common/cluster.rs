@@ -18,6 +18,7 @@ pub struct Proc {
     pub child: Child,
     pub name: String,
     pub log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -28,6 +29,7 @@ impl Proc {
             .env("NO_COLOR", "1");
         let mut child = cmd.spawn().expect("spawn strata");
         let log = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -42,18 +44,19 @@ impl Proc {
         .flatten()
         {
             let log = log.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let mut l = log.lock().unwrap();
                     l.push_str(&line);
                     l.push('\n');
                 }
-            });
+            }));
         }
         Proc {
             child,
             name: name.to_string(),
             log,
+            readers,
         }
     }
 
@@ -84,6 +87,10 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                // Everything it wrote is read once its pipes close.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return s;
             }
             assert!(
