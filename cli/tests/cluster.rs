@@ -501,3 +501,40 @@ fn a_model_bigger_than_any_worker_is_served_within_every_budget() {
         assert!(s["memory_bytes"].as_u64().unwrap() <= budget);
     }
 }
+
+#[test]
+fn the_coordinators_machine_can_hold_a_stage_with_local_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let options = ClusterOptions {
+        workers: 1,
+        serve_args: vec!["--local-worker".into(), "--wire-dtype".into(), "f32".into()],
+        ..Default::default()
+    };
+    // Wait for two: the local worker and one remote.
+    let mut cluster = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 0,
+            min_workers: Some(2),
+            ..options.clone()
+        },
+    );
+    cluster.add_worker("remote", &options, None);
+    let status = cluster.wait_serving(2);
+    let holders: Vec<&str> = status["plan"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["worker"].as_str().unwrap())
+        .collect();
+    assert!(
+        holders.contains(&"local") && holders.contains(&"remote"),
+        "{holders:?}"
+    );
+    check_same_tokens(&cluster, &model);
+}

@@ -52,6 +52,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The requested device is unavailable in this build or on this machine.
+    #[error("--device {device}: {reason}")]
+    Device {
+        /// What was asked for.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// mDNS failed.
     #[error("mDNS: {0}")]
     Mdns(String),

@@ -101,27 +101,28 @@ impl WorkerConfig {
 
 /// Picks the device a `--device` value names.
 pub fn pick_device(name: &str) -> Result<Device> {
+    let unavailable = |reason: String| Error::Device {
+        device: name.to_string(),
+        reason,
+    };
     match name {
         "auto" | "cpu" => Ok(Device::Cpu),
         other if other.starts_with("cuda") => {
-            let n: usize = other
-                .strip_prefix("cuda:")
-                .map(|n| n.parse().unwrap_or(0))
-                .unwrap_or(0);
+            let n: usize = match other.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| unavailable("expected cuda:N with N a GPU index".into()))?,
+                None => 0,
+            };
             Device::new_cuda(n).map_err(|e| {
-                Error::Rpc(format!(
-                    "--device {other}: {e} (build with `--features cuda` on a machine with CUDA)"
+                unavailable(format!(
+                    "{e} (build with `--features cuda` on a machine with CUDA)"
                 ))
             })
         }
-        "metal" => Device::new_metal(0).map_err(|e| {
-            Error::Rpc(format!(
-                "--device metal: {e} (build with `--features metal` on a Mac)"
-            ))
-        }),
-        other => Err(Error::Rpc(format!(
-            "--device {other}: use auto, cpu, cuda:N or metal"
-        ))),
+        "metal" => Device::new_metal(0)
+            .map_err(|e| unavailable(format!("{e} (build with `--features metal` on a Mac)"))),
+        _ => Err(unavailable("use auto, cpu, cuda:N or metal".into())),
     }
 }
 

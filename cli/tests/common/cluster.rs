@@ -151,6 +151,8 @@ pub struct ClusterOptions {
     pub listen: String,
     /// Workers join with --coordinator (not mDNS).
     pub direct: bool,
+    /// `--min-workers` (default: `workers`).
+    pub min_workers: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -162,6 +164,7 @@ impl Default for ClusterOptions {
             prefix: Vec::new(),
             listen: "127.0.0.1:0".into(),
             direct: true,
+            min_workers: None,
         }
     }
 }
@@ -198,7 +201,10 @@ impl TestCluster {
                 &o.listen,
             ])
             .args(["--state-dir", state.to_str().unwrap()])
-            .args(["--min-workers", &o.workers.to_string()])
+            .args([
+                "--min-workers",
+                &o.min_workers.unwrap_or(o.workers).to_string(),
+            ])
             .args(&o.serve_args);
         if o.direct {
             serve.arg("--no-mdns");
