@@ -17,31 +17,6 @@ const PROMPTS: [&str; 2] = [
     "Once upon a time, in a land far away",
 ];
 
-fn small_llama(dir: &std::path::Path, format: &[&str], name: &str) -> std::path::PathBuf {
-    let out = dir.join(name);
-    let mut args = vec![
-        "--arch",
-        "llama",
-        "--layers",
-        "6",
-        "--hidden",
-        "256",
-        "--heads",
-        "8",
-        "--kv-heads",
-        "2",
-        "--intermediate",
-        "512",
-        "--vocab",
-        "512",
-        "--seed",
-        "3",
-    ];
-    args.extend_from_slice(format);
-    synth(&args, &out);
-    out
-}
-
 fn check_same_tokens(cluster: &TestCluster, model: &std::path::Path) {
     for prompt in PROMPTS {
         let args = ["--prompt", prompt, "--max-tokens", "16", "--ignore-eos"];

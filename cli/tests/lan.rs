@@ -11,7 +11,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::*;
 
 /// A bridge with namespaces hanging off it; removed on drop.
 struct Lan {
@@ -181,31 +180,10 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m.gguf");
-    synth(
-        &[
-            "--arch",
-            "llama",
-            "--layers",
-            "6",
-            "--hidden",
-            "256",
-            "--heads",
-            "8",
-            "--kv-heads",
-            "2",
-            "--intermediate",
-            "512",
-            "--vocab",
-            "512",
-            "--seed",
-            "5",
-            "--format",
-            "gguf",
-            "--quant",
-            "q8_0",
-        ],
-        &model,
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
     );
     let lan = Lan::new(5);
     let options = ClusterOptions {

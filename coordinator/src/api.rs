@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use strata_model::{Message, SamplingParams};
+use strata_model::Message;
 use strata_proto::v1::cluster_server::{Cluster, ClusterServer};
 use strata_proto::v1::inference_server::{Inference, InferenceServer};
 use strata_proto::v1::{
@@ -76,7 +76,7 @@ impl Api {
         ignore_eos: bool,
     ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
     {
-        let sampling = sampling_params(sampling);
+        let sampling = strata_worker::stage::sampling_params(sampling.as_ref());
         sampling
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -127,29 +127,6 @@ fn getrandom_fill(b: &mut [u8]) -> std::result::Result<(), ()> {
     );
     b.copy_from_slice(&h.finish().to_le_bytes()[..b.len().min(8)]);
     Ok(())
-}
-
-fn sampling_params(s: Option<Sampling>) -> SamplingParams {
-    let d = SamplingParams::default();
-    let Some(s) = s else { return d };
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: if s.top_p > 0.0 { s.top_p } else { 1.0 },
-        min_p: s.min_p,
-        repeat_penalty: if s.repeat_penalty > 0.0 {
-            s.repeat_penalty
-        } else {
-            1.0
-        },
-        repeat_window: if s.repeat_window > 0 {
-            s.repeat_window as usize
-        } else {
-            d.repeat_window
-        },
-        seed: s.seed,
-        ..d
-    }
 }
 
 type TokenStream = ReceiverStream<std::result::Result<GenerateResponse, Status>>;
@@ -340,18 +317,7 @@ impl Cluster for Api {
             if r.model_spec.is_empty() {
                 reconcile::plan_now(&self.shared)
             } else {
-                let live: Vec<Candidate> = self
-                    .shared
-                    .registry()
-                    .workers
-                    .values()
-                    .filter(|w| w.eligible())
-                    .map(|w| Candidate {
-                        id: w.info.id.clone(),
-                        budget: w.info.memory_budget,
-                        speed: w.info.speed_bytes_per_second,
-                    })
-                    .collect();
+                let live = reconcile::candidates(&self.shared);
                 planner::plan(&profile, &live, &self.shared.config.plan)
             }
         } else {

@@ -138,7 +138,8 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             .registry()
             .workers
             .iter()
-            .filter(|(_, w)| w.state != WorkerState::Dead)
+            // Dead workers are still asked: one that was only unreachable for a while
+            // (a pulled cable put back, a machine too busy to answer) comes back.
             .map(|(id, w)| (id.clone(), w.client.clone()))
             .collect();
         let calls = clients.into_iter().map(|(id, mut client)| async move {
@@ -147,6 +148,7 @@ pub async fn heartbeats(shared: Arc<Shared>) {
         });
         let results = futures::future::join_all(calls).await;
         let mut died = Vec::new();
+        let mut revived = false;
         {
             let mut registry = shared.registry();
             for (id, result) in results {
@@ -156,6 +158,13 @@ pub async fn heartbeats(shared: Arc<Shared>) {
                 match result {
                     Ok(Ok(h)) => {
                         let h = h.into_inner();
+                        if w.state == WorkerState::Dead {
+                            info!(id = %id, "a dead worker answers again; it can be planned anew");
+                            w.state = WorkerState::Idle;
+                            w.held = None;
+                            w.stage = None;
+                            revived = true;
+                        }
                         w.last_seen = Instant::now();
                         w.resident = h.resident_bytes;
                         w.peak = h.peak_resident_bytes;
@@ -179,9 +188,12 @@ pub async fn heartbeats(shared: Arc<Shared>) {
                     died.push((id.clone(), reason));
                 }
             }
-            if !died.is_empty() {
+            if !died.is_empty() || revived {
                 registry.changed_at = Some(Instant::now());
             }
+        }
+        if revived {
+            shared.changed.notify_one();
         }
         for (id, reason) in died {
             crate::session::fail_worker(&shared, &id, &reason);

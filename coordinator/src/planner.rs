@@ -181,6 +181,35 @@ fn capacity(
     n
 }
 
+/// `total` layers shared in proportion to speed, at least one each (largest remainders
+/// get the rounding), for `workers.len() <= total`.
+fn proportional_shares(total: usize, workers: &[&Candidate]) -> Vec<usize> {
+    let k = workers.len();
+    let sum: f64 = workers.iter().map(|w| w.speed.max(1.0)).sum();
+    let exact: Vec<f64> = workers
+        .iter()
+        .map(|w| total as f64 * w.speed.max(1.0) / sum)
+        .collect();
+    let mut shares: Vec<usize> = exact.iter().map(|e| (e.floor() as usize).max(1)).collect();
+    let mut by_remainder: Vec<usize> = (0..k).collect();
+    by_remainder
+        .sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let mut i = 0;
+    while shares.iter().sum::<usize>() < total {
+        shares[by_remainder[i % k]] += 1;
+        i += 1;
+    }
+    // The minimum of one may overshoot: take back from the largest shares.
+    while shares.iter().sum::<usize>() > total {
+        if let Some(big) = (0..k).filter(|&j| shares[j] > 1).max_by_key(|&j| shares[j]) {
+            shares[big] -= 1;
+        } else {
+            break;
+        }
+    }
+    shares
+}
+
 /// Plans `profile` over `workers`.
 pub fn plan(
     profile: &ModelProfile,
@@ -209,13 +238,19 @@ pub fn plan(
         if k == 0 {
             break;
         }
-        let speed_sum: f64 = order.iter().map(|w| w.speed.max(1.0)).sum();
+        if k > total_layers {
+            // More workers than layers: the slowest sit this model out.
+            let w = order.remove(k - 1);
+            notes.push(format!("{} left out: more workers than layers", w.id));
+            continue;
+        }
+        let shares = proportional_shares(total_layers, &order);
         let mut assigned = vec![0usize; k];
         let mut start = 0usize;
         let mut caps = vec![0usize; k];
         // Water filling: first a proportional share, capped; then leftovers by speed.
         for (i, w) in order.iter().enumerate() {
-            let share = (total_layers as f64 * w.speed.max(1.0) / speed_sum).round() as usize;
+            let share = shares[i];
             let cap = capacity(profile, options, start, w.budget, i == 0, i == k - 1);
             caps[i] = cap;
             assigned[i] = share.min(cap).min(total_layers - start);
@@ -266,7 +301,7 @@ pub fn plan(
             if k > 1 {
                 let w = order.remove(empty);
                 notes.push(format!(
-                    "{} left out: {} is too little for a layer here",
+                    "{} left out: its {} holds no layer beside the others' share",
                     w.id,
                     human(w.budget)
                 ));
@@ -432,6 +467,37 @@ mod tests {
         check_contiguous(&p, 12);
         assert_eq!(p.stages[0].worker, "fast");
         assert_eq!(p.stages[0].layers.len(), 3);
+    }
+
+    #[test]
+    fn a_slow_worker_still_gets_a_layer() {
+        // By speed alone the slow one would round to zero of 6 layers.
+        let p = plan(
+            &profile(6),
+            &[
+                w("a", 10_000, 7.3e9),
+                w("slow", 10_000, 2.5e9),
+                w("b", 10_000, 7.6e9),
+            ],
+            &opts(),
+        )
+        .unwrap();
+        check_contiguous(&p, 6);
+        assert_eq!(p.stages.len(), 3);
+        assert!(p.stages.iter().all(|s| !s.layers.is_empty()));
+        assert_eq!(p.stages[2].worker, "slow");
+        let more_workers_than_layers = plan(
+            &profile(2),
+            &[
+                w("a", 10_000, 3e9),
+                w("b", 10_000, 2e9),
+                w("c", 10_000, 1e9),
+            ],
+            &opts(),
+        )
+        .unwrap();
+        assert_eq!(more_workers_than_layers.stages.len(), 2);
+        assert!(more_workers_than_layers.notes[0].contains("c left out"));
     }
 
     #[test]

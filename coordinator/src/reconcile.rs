@@ -31,7 +31,8 @@ const LOAD_QUEUE: usize = 4;
 /// How long wiring one stage may take.
 const WIRE_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn candidates(shared: &Shared) -> Vec<Candidate> {
+/// The workers a plan may use now: admitted, alive, not draining.
+pub fn candidates(shared: &Shared) -> Vec<Candidate> {
     shared
         .registry()
         .workers

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use strata_model::{SamplingParams, StreamDecoder};
 use strata_proto::v1::{
-    FinishReason, FrameChunk, FrameHeader, FrameKind, FrameSampling, GenerateResponse, Usage,
-    WireDType,
+    FinishReason, FrameChunk, FrameHeader, FrameKind, GenerateResponse, Usage, WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
 use strata_worker::frame::Frame;
@@ -257,18 +256,6 @@ pub struct Job {
     pub ignore_eos: bool,
 }
 
-fn frame_sampling(p: &SamplingParams) -> FrameSampling {
-    FrameSampling {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repeat_penalty: p.repeat_penalty,
-        repeat_window: p.repeat_window as u32,
-        seed: p.seed,
-    }
-}
-
 /// Runs one sequence to the end, streaming each step into `out`.
 pub async fn generate(
     shared: Arc<Shared>,
@@ -363,7 +350,7 @@ async fn run_sequence(
         start: 0,
         length: job.prompt.len() as u32,
         token_ids: job.prompt.clone(),
-        sampling: Some(frame_sampling(&job.sampling)),
+        sampling: Some(strata_worker::stage::wire_sampling(&job.sampling)),
     })
     .await?;
     let tokenizer = &shared.model.tokenizer;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use strata_model::{Chunk, KvCache, Sampler, SamplingParams, Stage, StageInput, StageOutput};
 use strata_proto::v1::{
-    FrameChunk, FrameHeader, FrameKind, FrameSampling, SampledToken, SequenceError, WireDType,
+    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::{mpsc, oneshot};
@@ -136,7 +136,8 @@ struct Runtime {
     wiring: Option<Wiring>,
 }
 
-fn sampling_params(s: Option<&FrameSampling>) -> SamplingParams {
+/// Sampling parameters from their wire form; zero fields mean the defaults.
+pub fn sampling_params(s: Option<&Sampling>) -> SamplingParams {
     let d = SamplingParams::default();
     let Some(s) = s else { return d };
     SamplingParams {
@@ -156,6 +157,19 @@ fn sampling_params(s: Option<&FrameSampling>) -> SamplingParams {
         },
         seed: s.seed,
         ..d
+    }
+}
+
+/// Sampling parameters in their wire form.
+pub fn wire_sampling(p: &SamplingParams) -> Sampling {
+    Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_window: p.repeat_window as u32,
+        seed: p.seed,
     }
 }
 

@@ -253,19 +253,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
 
 /// `strata generate --coordinator`: the same request through the cluster's gRPC API.
 fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
-    use strata_proto::v1::{
-        ChatMessage, ChatRequest, FinishReason, GenerateRequest as Req, Sampling,
-    };
-    let p = a.sampling.params();
-    let sampling = Some(Sampling {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repeat_penalty: p.repeat_penalty,
-        repeat_window: p.repeat_window as u32,
-        seed: p.seed,
-    });
+    use strata_proto::v1::{ChatMessage, ChatRequest, FinishReason, GenerateRequest as Req};
+    let sampling = Some(strata_worker::stage::wire_sampling(&a.sampling.params()));
     let rt = super::cluster::runtime()?;
     rt.block_on(async {
         let t0 = Instant::now();

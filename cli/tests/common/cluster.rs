@@ -364,3 +364,29 @@ pub fn is_root() -> bool {
 pub fn path_in(c: &TestCluster, name: &str) -> PathBuf {
     c.dir.path().join(name)
 }
+
+/// A 6-layer Llama of hidden 256 (seed 3), in the format `format` names.
+pub fn small_llama(dir: &std::path::Path, format: &[&str], name: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let mut args = vec![
+        "--arch",
+        "llama",
+        "--layers",
+        "6",
+        "--hidden",
+        "256",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "512",
+        "--vocab",
+        "512",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(format);
+    super::synth(&args, &out);
+    out
+}
