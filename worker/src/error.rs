@@ -60,6 +60,9 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+    /// No usable memory budget.
+    #[error("memory budget: {0}")]
+    Budget(String),
     /// mDNS failed.
     #[error("mDNS: {0}")]
     Mdns(String),

@@ -144,6 +144,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let span = tracing::info_span!("worker", id = %requested_id);
     async move {
         let budget = config.memory_budget.unwrap_or_else(memory::default_budget);
+        if budget == 0 {
+            return Err(Error::Budget(
+                "cannot read this machine's memory (no /proc/meminfo); pass --memory, e.g. --memory 12GiB".into(),
+            ));
+        }
         let speed = match config.speed {
             Some(s) => s,
             None => {
