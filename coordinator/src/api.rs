@@ -14,21 +14,14 @@ use strata_proto::v1::{
     ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest, RemoveResponse, Sampling,
     StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse,
 };
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::planner::{self, Candidate, Plan, Shortfall};
-use crate::session::{self, Job};
+use crate::session;
 use crate::{membership, profile, reconcile, Shared};
-
-/// Streamed responses waiting for a slow client.
-const STREAM_QUEUE: usize = 16;
-/// Default tokens to generate.
-const DEFAULT_MAX_TOKENS: usize = 256;
 
 /// The public API's handlers.
 #[derive(Clone)]
@@ -77,25 +70,14 @@ impl Api {
     ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
     {
         let sampling = strata_worker::stage::sampling_params(sampling.as_ref());
-        sampling
-            .validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let id = format!("req-{:x}", rand_id());
-        let job = Job {
-            id: id.clone(),
+        let rx = session::start(
+            &self.shared,
             prompt,
-            max_tokens: if max_tokens == 0 {
-                DEFAULT_MAX_TOKENS
-            } else {
-                max_tokens as usize
-            },
+            max_tokens as usize,
             sampling,
-            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop,
             ignore_eos,
-        };
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let span = tracing::info_span!("request", id = %id, prompt_tokens = job.prompt.len());
-        tokio::spawn(session::generate(self.shared.clone(), job, tx).instrument(span));
+        )?;
         Ok(ReceiverStream::new(rx))
     }
 
@@ -108,25 +90,6 @@ impl Api {
         }
         Ok(())
     }
-}
-
-fn rand_id() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom_fill(&mut b);
-    u64::from_le_bytes(b)
-}
-
-fn getrandom_fill(b: &mut [u8]) -> std::result::Result<(), ()> {
-    use std::hash::{BuildHasher, Hasher};
-    // Request ids only need to differ, not to be secret.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    b.copy_from_slice(&h.finish().to_le_bytes()[..b.len().min(8)]);
-    Ok(())
 }
 
 type TokenStream = ReceiverStream<std::result::Result<GenerateResponse, Status>>;
@@ -174,33 +137,12 @@ impl Inference for Api {
         self.check_key(&req)?;
         let r = req.into_inner();
         self.check_model(&r.model)?;
-        let m = &self.shared.model;
-        let template = m.chat.as_ref().ok_or_else(|| {
-            Status::failed_precondition("this model has no chat template: use Generate")
-        })?;
         let messages: Vec<Message> = r
             .messages
             .iter()
             .map(|m| Message::new(m.role.clone(), m.content.clone()))
             .collect();
-        if messages.is_empty() {
-            return Err(Status::invalid_argument(
-                "a chat needs at least one message",
-            ));
-        }
-        let t = &m.tokenizer;
-        let rendered = template
-            .render(
-                &messages,
-                true,
-                &t.token_text(t.bos()),
-                &t.token_text(t.eos().first().copied()),
-            )
-            .map_err(|e| Status::invalid_argument(format!("rendering the chat template: {e}")))?;
-        // The template writes BOS itself when the model wants one.
-        let prompt = t
-            .encode(&rendered, false)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let prompt = session::chat_prompt(&self.shared, &messages)?;
         Ok(Response::new(self.start(
             prompt,
             r.max_tokens,

@@ -4,7 +4,8 @@
 //! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
 //! - [`reconcile`]: applying a plan: streaming slices, wiring the chain, re-planning;
 //! - [`session`]: every live sequence's token history, and the decode loop;
-//! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection).
+//! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
+//! - [`http`]: the OpenAI-compatible HTTP API.
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
 //! workers do the rest.
@@ -27,6 +28,7 @@
 
 pub mod api;
 pub mod error;
+pub mod http;
 pub mod membership;
 pub mod planner;
 pub mod profile;
@@ -198,10 +200,12 @@ impl Shared {
     }
 }
 
-/// Runs a coordinator on `listener` (the public gRPC API) until `shutdown`.
+/// Runs a coordinator on `listener` (the public gRPC API), and on `http` (the
+/// OpenAI-compatible API) when given, until `shutdown`.
 pub async fn run(
     config: CoordinatorConfig,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let model = ServedModel::open(&config.model)?;
@@ -288,6 +292,14 @@ pub async fn run(
         model = %shared.model.name,
         "coordinator listening"
     );
+    if let Some(http_listener) = http {
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = http::serve(shared, http_listener, shutdown).await {
+                warn!(cause = %e, "the HTTP API stopped");
+            }
+        });
+    }
     let served = api::serve(shared.clone(), listener, shutdown.clone()).await;
     shutdown.cancel();
     tracker.close();

@@ -218,6 +218,82 @@ pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) 
     }
 }
 
+/// Tokens generated when a request does not say.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// Streamed responses waiting for a slow client.
+const STREAM_QUEUE: usize = 16;
+
+/// A request id for logs: unique enough, not secret.
+pub fn request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("req-{:016x}", h.finish())
+}
+
+/// Renders a conversation with the model's chat template and tokenizes it.
+pub fn chat_prompt(shared: &Shared, messages: &[strata_model::Message]) -> Result<Vec<u32>, Error> {
+    let m = &shared.model;
+    let template = m.chat.as_ref().ok_or_else(|| {
+        Error::InvalidRequest("this model has no chat template: send a plain prompt".into())
+    })?;
+    if messages.is_empty() {
+        return Err(Error::InvalidRequest(
+            "a chat needs at least one message".into(),
+        ));
+    }
+    let t = &m.tokenizer;
+    let rendered = template
+        .render(
+            messages,
+            true,
+            &t.token_text(t.bos()),
+            &t.token_text(t.eos().first().copied()),
+        )
+        .map_err(|e| Error::InvalidRequest(format!("rendering the chat template: {e}")))?;
+    // The template writes BOS itself when the model wants one.
+    t.encode(&rendered, false)
+        .map_err(|e| Error::InvalidRequest(e.to_string()))
+}
+
+/// Starts a generation; its steps arrive on the returned channel (an `Err` ends it).
+pub fn start(
+    shared: &Arc<Shared>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    ignore_eos: bool,
+) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Error> {
+    sampling
+        .validate()
+        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let id = request_id();
+    let job = Job {
+        id: id.clone(),
+        prompt,
+        max_tokens: if max_tokens == 0 {
+            DEFAULT_MAX_TOKENS
+        } else {
+            max_tokens
+        },
+        sampling,
+        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        ignore_eos,
+    };
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let span = tracing::info_span!("request", id = %id, prompt_tokens = job.prompt.len());
+    tokio::spawn(tracing::Instrument::instrument(
+        generate(shared.clone(), job, tx),
+        span,
+    ));
+    Ok(rx)
+}
+
 /// Waits until a pipeline is serving.
 pub async fn ready_pipeline(shared: &Shared) -> Result<Arc<Pipeline>, Error> {
     let mut rx = shared.pipeline.subscribe();

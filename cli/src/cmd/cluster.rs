@@ -80,6 +80,12 @@ pub struct ServeArgs {
     /// Address of the public gRPC API.
     #[arg(long, default_value = "0.0.0.0:7433")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, ...).
+    #[arg(long, default_value = "0.0.0.0:7434")]
+    http: SocketAddr,
+    /// Serve no HTTP API.
+    #[arg(long)]
+    no_http: bool,
     /// UDP port of the coordinator's QUIC endpoint (0: any).
     #[arg(long, default_value_t = 0)]
     data_port: u16,
@@ -164,7 +170,19 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        strata_coordinator::run(config, listener, shutdown).await?;
+        let http = if a.no_http {
+            None
+        } else {
+            let l = tokio::net::TcpListener::bind(a.http)
+                .await
+                .with_context(|| format!("binding {} (or pass --no-http)", a.http))?;
+            println!(
+                "http on {} (OpenAI-compatible: /v1/chat/completions, /v1/completions, /v1/models)",
+                l.local_addr()?
+            );
+            Some(l)
+        };
+        strata_coordinator::run(config, listener, http, shutdown).await?;
         Ok(())
     })
 }

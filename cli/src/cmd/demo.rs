@@ -90,7 +90,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         // Exact activations on the wire, so the check below is token for token.
         config.wire_dtype = WireDType::F32;
         config.plan.kv_tokens = 1024;
-        let coordinator = tokio::spawn(strata_coordinator::run(config, listener, shutdown.clone()));
+        let coordinator = tokio::spawn(strata_coordinator::run(config, listener, None, shutdown.clone()));
         println!("\nCoordinator on {api}; cluster {}.", token.cluster_id());
         let mut cluster = super::cluster::cluster_client(&api.to_string(), None).await?;
         // One at a time: each measures its speed with the machine to itself.

@@ -133,6 +133,8 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub token: String,
     pub api: String,
+    /// The OpenAI-compatible HTTP API's address.
+    pub http: String,
     pub coordinator: Proc,
     pub workers: Vec<Proc>,
 }
@@ -201,6 +203,7 @@ impl TestCluster {
                 &o.listen,
             ])
             .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--http", &o.listen.replace(":7433", ":7434")])
             .args([
                 "--min-workers",
                 &o.min_workers.unwrap_or(o.workers).to_string(),
@@ -210,17 +213,25 @@ impl TestCluster {
             serve.arg("--no-mdns");
         }
         let coordinator = Proc::spawn("coordinator", serve);
-        let out = coordinator.wait_for("listening on ", Duration::from_secs(30));
+        // "http on" comes after "listening on": both addresses are known then.
+        let out = coordinator.wait_for("http on ", Duration::from_secs(30));
         let api = out
             .lines()
             .find_map(|l| l.strip_prefix("listening on "))
             .and_then(|l| l.split_whitespace().next())
             .unwrap()
             .to_string();
+        let http = out
+            .lines()
+            .find_map(|l| l.strip_prefix("http on "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
         let mut cluster = TestCluster {
             dir,
             token,
             api,
+            http,
             coordinator,
             workers: Vec::new(),
         };
