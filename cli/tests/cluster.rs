@@ -36,14 +36,6 @@ fn equal_speeds() -> ClusterOptions {
     }
 }
 
-/// Exactness mode: F32 activations on the wire, so any split gives the local tokens.
-fn exact_wire() -> ClusterOptions {
-    ClusterOptions {
-        serve_args: vec!["--wire-dtype".into(), "f32".into()],
-        ..Default::default()
-    }
-}
-
 fn three_distinct_stages(status: &serde_json::Value) {
     let stages = status["plan"]["stages"].as_array().unwrap();
     assert_eq!(stages.len(), 3);

@@ -31,15 +31,11 @@ pub struct Api {
 
 impl Api {
     fn check_key<T>(&self, req: &Request<T>) -> std::result::Result<(), Status> {
-        let Some(key) = &self.shared.config.api_key else {
-            return Ok(());
-        };
-        let given = req
+        let header = req
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+            .and_then(|v| v.to_str().ok());
+        if !self.shared.authorized(header) {
             return Err(Status::unauthenticated(
                 "this cluster needs an API key: send `authorization: Bearer <key>`",
             ));

@@ -196,14 +196,8 @@ impl Common {
 }
 
 fn check_key(shared: &Shared, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
-    let Some(key) = &shared.config.api_key else {
-        return Ok(());
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(key.as_str()) {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if !shared.authorized(header) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",

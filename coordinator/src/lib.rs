@@ -193,6 +193,14 @@ impl Shared {
         self.detail.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
+    /// Whether an `authorization` header value passes the optional API key.
+    pub fn authorized(&self, header: Option<&str>) -> bool {
+        match &self.config.api_key {
+            None => true,
+            Some(key) => header.and_then(|v| v.strip_prefix("Bearer ")) == Some(key.as_str()),
+        }
+    }
+
     /// Locks the registry. A poisoned lock means a task panicked while holding it; the
     /// data is plain bookkeeping, so carry on with it.
     pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {

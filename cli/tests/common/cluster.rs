@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a failure is a test failure
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -371,13 +371,8 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A path inside the cluster's temp dir.
-pub fn path_in(c: &TestCluster, name: &str) -> PathBuf {
-    c.dir.path().join(name)
-}
-
 /// A 6-layer Llama of hidden 256 (seed 3), in the format `format` names.
-pub fn small_llama(dir: &std::path::Path, format: &[&str], name: &str) -> std::path::PathBuf {
+pub fn small_llama(dir: &Path, format: &[&str], name: &str) -> std::path::PathBuf {
     let out = dir.join(name);
     let mut args = vec![
         "--arch",
@@ -400,4 +395,12 @@ pub fn small_llama(dir: &std::path::Path, format: &[&str], name: &str) -> std::p
     args.extend_from_slice(format);
     super::synth(&args, &out);
     out
+}
+
+/// Exactness mode: F32 activations on the wire, so any split gives the local tokens.
+pub fn exact_wire() -> ClusterOptions {
+    ClusterOptions {
+        serve_args: vec!["--wire-dtype".into(), "f32".into()],
+        ..Default::default()
+    }
 }
