@@ -33,6 +33,8 @@ enum Command {
     },
     /// Generate text from a model in this process (optionally split into stages).
     Generate(cmd::generate::GenerateArgs),
+    /// Chat in the terminal with a cluster (or a model run here).
+    Chat(cmd::chat::ChatArgs),
     /// Measure prefill and decode speed, memory and the bandwidth roofline.
     Bench(cmd::bench::BenchArgs),
     /// Show what Strata does on this machine, with nothing to download.
@@ -74,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => cmd::model::run(command),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Demo(args) => cmd::demo::run(args),
         Command::Serve(args) => cmd::cluster::serve(args),

@@ -1,13 +1,17 @@
 //! The OpenAI-compatible HTTP API as plain HTTP clients (curl, the `openai` libraries) use
 //! it: models, chat and text completions whole and streamed (SSE ending in `[DONE]`),
-//! OpenAI-shaped errors with their status codes, and `/health`.
+//! OpenAI-shaped errors with their status codes, `/health`, logprobs, `/metrics`, a client
+//! that hangs up mid-stream, the dashboard in headless Chromium, and the official `openai`
+//! Python client.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use common::cluster::*;
 
@@ -202,4 +206,300 @@ fn openai_endpoints_answer_like_openai() {
         key,
     );
     assert_eq!(status, 404);
+}
+
+/// Waits until `/health` says 200.
+fn wait_healthy(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while http(addr, "GET", "/health", None, None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every sample of a Prometheus text page: `name{labels}` -> value. Panics on a line that
+/// is neither a comment nor `series value`.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (series.to_string(), value)
+        })
+        .collect()
+}
+
+fn metrics(addr: &str) -> HashMap<String, f64> {
+    let (status, body) = http(addr, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    samples(&body)
+}
+
+/// A program the test needs, found on PATH or named by an environment variable. Without it
+/// the test prints why it skipped; under CI (where .ci/run installs it) it fails instead.
+fn required_tool(env: &str, candidates: &[&str], probe: &[&str], what: &str) -> Option<String> {
+    let names: Vec<String> = match std::env::var(env) {
+        Ok(v) => vec![v],
+        Err(_) => candidates.iter().map(|s| s.to_string()).collect(),
+    };
+    for name in names {
+        let ok = std::process::Command::new(&name)
+            .args(probe)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(name);
+        }
+    }
+    let why = format!("{what} not found (set {env}, or run .ci/run which installs it)");
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+#[test]
+fn logprobs_metrics_dashboard_and_a_client_that_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let cluster = TestCluster::start(&model, &exact_wire());
+    wait_healthy(&cluster.http);
+    let before = metrics(&cluster.http);
+
+    // Chat logprobs: one entry per token, the greedy choice is the most likely alternative.
+    let req = r#"{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":6,"temperature":0,"logprobs":true,"top_logprobs":3}"#;
+    let (status, body) = http(
+        &cluster.http,
+        "POST",
+        "/v1/chat/completions",
+        Some(req),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let generated = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(content.len() as u64, generated);
+    for step in content {
+        let top = step["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{step}");
+        let lp: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lp.windows(2).all(|w| w[0] >= w[1]), "sorted: {lp:?}");
+        assert!(lp[0] <= 0.0);
+        assert_eq!(
+            step["logprob"].as_f64().unwrap(),
+            lp[0],
+            "greedy picks the top"
+        );
+        assert!(step["bytes"].is_array());
+    }
+    // Legacy completions: `logprobs: 2` gives tokens, token_logprobs and top_logprobs maps.
+    let req = r#"{"prompt":[1,2,3,4],"max_tokens":4,"temperature":0,"logprobs":2}"#;
+    let (status, body) = http(&cluster.http, "POST", "/v1/completions", Some(req), None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 4, "{lp}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), 4);
+    // Without logprobs, the field is null.
+    let req = r#"{"prompt":[1,2,3],"max_tokens":2}"#;
+    let (_, body) = http(&cluster.http, "POST", "/v1/completions", Some(req), None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["choices"][0]["logprobs"].is_null());
+    let (status, _) = http(
+        &cluster.http,
+        "POST",
+        "/v1/chat/completions",
+        Some(r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":50}"#),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // The counters moved by what was served.
+    let after = metrics(&cluster.http);
+    let grew =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    assert_eq!(
+        grew("strata_generated_tokens_total"),
+        (generated + 4 + 2) as f64
+    );
+    assert!(grew("strata_prompt_tokens_total") > 7.0);
+    assert!(grew("strata_time_to_first_token_seconds_count") >= 3.0);
+    assert!(grew("strata_requests_total{outcome=\"length\"}") >= 2.0);
+    assert_eq!(after["strata_workers{state=\"ready\"}"], 3.0);
+    for w in ["w1", "w2", "w3"] {
+        assert!(after[&format!("strata_worker_budget_bytes{{worker=\"{w}\"}}")] > 0.0);
+    }
+    // Per-stage compute time arrives with the next heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&cluster.http);
+        let all = ["w1", "w2", "w3"].iter().all(|w| {
+            m.get(&format!(
+                "strata_stage_compute_seconds_total{{worker=\"{w}\"}}"
+            ))
+            .is_some_and(|s| *s > 0.0)
+                && m.contains_key(&format!(
+                    "strata_stage_network_seconds_total{{worker=\"{w}\"}}"
+                ))
+        });
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no per-stage compute time: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A streaming client that hangs up after three events: its sequence is cancelled and
+    // every stage frees its cache.
+    let mut s = TcpStream::connect(&cluster.http).unwrap();
+    let body = r#"{"messages":[{"role":"user","content":"Tell me everything"}],"max_tokens":400,"temperature":0.8,"stream":true}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http(&cluster.http, "GET", "/v1/cluster", None, None);
+        let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let cached: u64 = c["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["sequences"].as_u64().unwrap())
+            .sum();
+        let cancelled = c["recent_requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["outcome"] == "cancelled")
+            .cloned();
+        if c["active_sequences"] == 0 && cached == 0 {
+            if let Some(r) = cancelled {
+                assert!(r["completion_tokens"].as_u64().unwrap() < 400, "{r}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the sequence was not freed: {c}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metrics(&cluster.http)["strata_requests_total{outcome=\"cancelled\"}"],
+        1.0
+    );
+
+    // The dashboard in a real browser: the rendered DOM shows the workers and stages.
+    let Some(chromium) = required_tool(
+        "STRATA_TEST_CHROMIUM",
+        &["chromium", "chromium-browser", "google-chrome"],
+        &["--version"],
+        "Chromium (Debian package `chromium`)",
+    ) else {
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{}/", cluster.http))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rows and stage blocks exist only once the page's script fetched and drew the cluster.
+    for w in ["w1", "w2", "w3"] {
+        assert!(
+            dom.contains(&format!("<tr data-worker=\"{w}\">")),
+            "no row for {w}:\n{dom}"
+        );
+        assert!(
+            dom.contains(&format!("class=\"stage\" data-worker=\"{w}\"")),
+            "no stage for {w}"
+        );
+    }
+    assert!(
+        dom.contains("id=\"serving\" class=\"on\">serving<"),
+        "{dom}"
+    );
+    assert!(dom.contains(">cancelled<"), "recent requests are listed");
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    let Some(python) = required_tool(
+        "STRATA_TEST_PYTHON",
+        &["python3"],
+        &["-c", "import openai, prometheus_client"],
+        "Python with the `openai` and `prometheus_client` packages",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let mut options = exact_wire();
+    options.workers = 2;
+    options
+        .serve_args
+        .extend(["--api-key".into(), "s3cret".into()]);
+    let cluster = TestCluster::start(&model, &options);
+    wait_healthy(&cluster.http);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_client/check.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(format!("http://{}", cluster.http))
+        .args(["s3cret", "m.gguf"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
 }

@@ -44,16 +44,7 @@ impl Api {
     }
 
     fn model_info(&self) -> ModelInfo {
-        let m = &self.shared.model;
-        let c = m.file.config();
-        ModelInfo {
-            id: m.name.clone(),
-            architecture: c.arch.name().to_string(),
-            layers: c.num_layers as u32,
-            context_length: c.max_position_embeddings as u32,
-            weight_bytes: m.profile.weight_bytes(),
-            ready: self.shared.pipeline.borrow().is_some(),
-        }
+        model_info(&self.shared)
     }
 
     fn start(
@@ -65,6 +56,7 @@ impl Api {
         ignore_eos: bool,
     ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
     {
+        let logprobs = sampling.as_ref().is_some_and(|s| s.logprobs);
         let sampling = strata_worker::stage::sampling_params(sampling.as_ref());
         let rx = session::start(
             &self.shared,
@@ -73,6 +65,7 @@ impl Api {
             sampling,
             stop,
             ignore_eos,
+            logprobs,
         )?;
         Ok(ReceiverStream::new(rx))
     }
@@ -85,6 +78,37 @@ impl Api {
             )));
         }
         Ok(())
+    }
+}
+
+/// The served model, as the APIs describe it.
+pub fn model_info(shared: &Shared) -> ModelInfo {
+    let m = &shared.model;
+    let c = m.file.config();
+    ModelInfo {
+        id: m.name.clone(),
+        architecture: c.arch.name().to_string(),
+        layers: c.num_layers as u32,
+        context_length: c.max_position_embeddings as u32,
+        weight_bytes: m.profile.weight_bytes(),
+        ready: shared.pipeline.borrow().is_some(),
+    }
+}
+
+/// The cluster's status: model, workers, the plan in force.
+pub fn status(shared: &Shared) -> StatusResponse {
+    let pipeline = shared.pipeline.borrow().clone();
+    let plan = pipeline
+        .as_ref()
+        .map(|p| plan_response(&shared.model.name, Ok(p.plan.clone()), p.epoch));
+    StatusResponse {
+        model: Some(model_info(shared)),
+        workers: shared.registry().statuses(),
+        plan,
+        serving: pipeline.is_some(),
+        active_sequences: shared.sessions.active() as u32,
+        cluster_id: shared.ca.token().cluster_id().to_string(),
+        detail: shared.detail(),
     }
 }
 
@@ -225,19 +249,7 @@ impl Cluster for Api {
         req: Request<StatusRequest>,
     ) -> std::result::Result<Response<StatusResponse>, Status> {
         self.check_key(&req)?;
-        let pipeline = self.shared.pipeline.borrow().clone();
-        let plan = pipeline
-            .as_ref()
-            .map(|p| plan_response(&self.shared.model.name, Ok(p.plan.clone()), p.epoch));
-        Ok(Response::new(StatusResponse {
-            model: Some(self.model_info()),
-            workers: self.shared.registry().statuses(),
-            plan,
-            serving: pipeline.is_some(),
-            active_sequences: self.shared.sessions.active() as u32,
-            cluster_id: self.shared.ca.token().cluster_id().to_string(),
-            detail: self.shared.detail(),
-        }))
+        Ok(Response::new(status(&self.shared)))
     }
 
     async fn plan(

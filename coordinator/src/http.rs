@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::{Message, SamplingParams};
-use strata_proto::v1::{FinishReason, GenerateResponse};
+use strata_proto::v1::{FinishReason, GenerateResponse, SampledLogprob, TokenLogprob, WorkerState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -126,6 +126,10 @@ struct Common {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Chat: `true`/`false`; completions: how many alternatives per token (0..=5 in OpenAI's).
+    logprobs: Option<Value>,
+    /// Chat: alternatives per token (0..=20), with `logprobs: true`.
+    top_logprobs: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +172,28 @@ impl Common {
             seed: self.seed.unwrap_or(0),
             ..d
         }
+    }
+
+    /// Whether to return log-probabilities, and how many alternatives per token.
+    fn logprobs(&self) -> std::result::Result<(bool, usize), ApiError> {
+        let (on, top) = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => (false, 0),
+            Some(Value::Bool(true)) => (true, self.top_logprobs.unwrap_or(0)),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(n) => (true, n as u32),
+                None => return Err(bad("`logprobs` must be true/false or a count of 0 to 20")),
+            },
+            Some(_) => return Err(bad("`logprobs` must be true/false or a count of 0 to 20")),
+        };
+        if top > 20 {
+            return Err(bad(format!(
+                "at most 20 log-probability alternatives per token, not {top}"
+            )));
+        }
+        if !on && self.top_logprobs.is_some_and(|t| t > 0) {
+            return Err(bad("`top_logprobs` needs `logprobs: true`"));
+        }
+        Ok((on, top as usize))
     }
 
     fn stops(&self) -> Vec<String> {
@@ -227,6 +253,69 @@ fn usage_json(m: &GenerateResponse) -> Value {
            "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
 
+/// Writes log-probabilities in the shape each endpoint uses: chat's
+/// `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, or the legacy
+/// completions' `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`.
+struct LogprobText {
+    shared: Arc<Shared>,
+    kind: Kind,
+    on: bool,
+}
+
+impl LogprobText {
+    fn text(&self, id: u32) -> String {
+        self.shared
+            .model
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default()
+    }
+
+    fn json(&self, steps: &[SampledLogprob]) -> Value {
+        if !self.on {
+            return Value::Null;
+        }
+        let entry = |t: &TokenLogprob| {
+            let text = self.text(t.token_id);
+            json!({"token": text, "logprob": t.logprob, "bytes": text.as_bytes()})
+        };
+        match self.kind {
+            Kind::Chat => json!({"content": steps
+                .iter()
+                .filter_map(|s| {
+                    let mut e = entry(s.token.as_ref()?);
+                    e["top_logprobs"] = s.top.iter().map(entry).collect();
+                    Some(e)
+                })
+                .collect::<Vec<_>>()}),
+            Kind::Text => {
+                let chosen: Vec<&TokenLogprob> =
+                    steps.iter().filter_map(|s| s.token.as_ref()).collect();
+                let texts: Vec<String> = chosen.iter().map(|t| self.text(t.token_id)).collect();
+                let offsets: Vec<usize> = texts
+                    .iter()
+                    .scan(0usize, |at, t| {
+                        let here = *at;
+                        *at += t.len();
+                        Some(here)
+                    })
+                    .collect();
+                json!({
+                    "text_offset": offsets,
+                    "tokens": texts,
+                    "token_logprobs": chosen.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": steps.iter().map(|s| s
+                        .top
+                        .iter()
+                        .map(|t| (self.text(t.token_id), json!(t.logprob)))
+                        .collect::<serde_json::Map<_, _>>())
+                        .collect::<Vec<_>>(),
+                })
+            }
+        }
+    }
+}
+
 /// Which endpoint is answering: their JSON differs in names only.
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -249,14 +338,23 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let model = shared.model.name.clone();
+    let (logprobs, top_logprobs) = common.logprobs()?;
+    let mut sampling = common.sampling();
+    sampling.top_logprobs = top_logprobs;
     let mut rx = session::start(
         &shared,
         prompt,
         max,
-        common.sampling(),
+        sampling,
         common.stops(),
         false,
+        logprobs,
     )?;
+    let tokens = LogprobText {
+        shared: shared.clone(),
+        kind,
+        on: logprobs,
+    };
     // The first step tells whether the request runs at all: errors before it are HTTP errors.
     let first = match rx.recv().await {
         Some(Ok(m)) => m,
@@ -281,11 +379,13 @@ async fn respond(
     let created = now();
     if !common.stream {
         let mut text = first.text.clone();
+        let mut all_logprobs = first.logprobs.clone();
         let mut last = first;
         while last.finish_reason == 0 {
             match rx.recv().await {
                 Some(Ok(m)) => {
                     text.push_str(&m.text);
+                    all_logprobs.extend(m.logprobs.iter().cloned());
                     last = m;
                 }
                 Some(Err(s)) => return Err(from_status(&s)),
@@ -293,15 +393,16 @@ async fn respond(
             }
         }
         let finish = finish_name(last.finish_reason);
+        let lp = tokens.json(&all_logprobs);
         let body = match kind {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}],
                 "usage": usage_json(&last),
             }),
             Kind::Text => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}],
                 "usage": usage_json(&last),
             }),
         };
@@ -311,6 +412,7 @@ async fn respond(
     tokio::spawn(async move {
         let chunk = |m: &GenerateResponse, first: bool| -> Value {
             let finish = finish_name(m.finish_reason);
+            let lp = tokens.json(&m.logprobs);
             match kind {
                 Kind::Chat => {
                     let mut delta = json!({"content": m.text});
@@ -318,11 +420,11 @@ async fn respond(
                         delta["role"] = json!("assistant");
                     }
                     json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}]})
                 }
                 Kind::Text => {
                     json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                                     "choices": [{"index": 0, "text": m.text, "finish_reason": finish, "logprobs": null}]})
+                                     "choices": [{"index": 0, "text": m.text, "finish_reason": finish, "logprobs": lp}]})
                 }
             }
         };
@@ -466,9 +568,140 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// Prometheus text: counters as they stand, gauges read now.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let m = &shared.metrics;
+    {
+        let registry = shared.registry();
+        m.workers.reset();
+        m.worker_resident.reset();
+        m.worker_budget.reset();
+        for status in registry.statuses() {
+            let state = WorkerState::try_from(status.state)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("WORKER_STATE_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| "unknown".into());
+            m.workers.with_label_values(&[&state]).inc();
+        }
+        for (id, w) in &registry.workers {
+            m.worker_resident
+                .with_label_values(&[id])
+                .set(w.resident as i64);
+            m.worker_budget
+                .with_label_values(&[id])
+                .set(w.info.memory_budget as i64);
+        }
+    }
+    m.stage_layers.reset();
+    if let Some(p) = shared.pipeline.borrow().as_ref() {
+        for (i, stage) in p.plan.stages.iter().enumerate() {
+            m.stage_layers
+                .with_label_values(&[&i.to_string(), &stage.worker])
+                .set(stage.layers.len() as i64);
+        }
+    }
+    m.active_sequences.set(shared.sessions.active() as i64);
+    m.coordinator_resident
+        .set(strata_worker::memory::resident_bytes() as i64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+/// The cluster as the dashboard draws it: model, workers, stages, counters, recent requests.
+async fn cluster(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> std::result::Result<Response, ApiError> {
+    check_key(&shared, &headers)?;
+    let status = crate::api::status(&shared);
+    let workers: Vec<Value> = status
+        .workers
+        .iter()
+        .map(|w| {
+            let info = w.info.clone().unwrap_or_default();
+            let state = WorkerState::try_from(w.state)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("WORKER_STATE_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| "unknown".into());
+            json!({
+                "id": info.id, "hostname": info.hostname, "device": info.device,
+                "address": w.address, "state": state, "stage": w.stage,
+                "layers": [w.layer_start, w.layer_end],
+                "budget_bytes": info.memory_budget, "resident_bytes": w.resident_bytes,
+                "peak_resident_bytes": w.peak_resident_bytes,
+                "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
+                "speed_bytes_per_second": info.speed_bytes_per_second,
+                "sequences": w.sequences, "last_seen_ms": w.last_seen_ms,
+                "compute_seconds": w.compute_seconds, "network_seconds": w.network_seconds,
+                "forwards": w.forwards, "detail": w.detail,
+            })
+        })
+        .collect();
+    let stages: Vec<Value> = status
+        .plan
+        .as_ref()
+        .map(|p| {
+            p.stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    json!({"stage": i, "worker": s.worker_id, "layers": [s.layer_start, s.layer_end],
+                           "embed": s.embed, "head": s.head, "memory_bytes": s.memory_bytes,
+                           "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let model = status.model.clone().unwrap_or_default();
+    let m = &shared.metrics;
+    Ok(Json(json!({
+        "model": {"id": model.id, "architecture": model.architecture, "layers": model.layers,
+                  "context_length": model.context_length, "weight_bytes": model.weight_bytes},
+        "serving": status.serving,
+        "detail": status.detail,
+        "cluster_id": status.cluster_id,
+        "active_sequences": status.active_sequences,
+        "epoch": status.plan.as_ref().map_or(0, |p| p.epoch),
+        "est_ms_per_token": status.plan.as_ref().map_or(0.0, |p| p.est_ms_per_token),
+        "workers": workers,
+        "stages": stages,
+        "generated_tokens_total": m.generated_tokens.get(),
+        "prompt_tokens_total": m.prompt_tokens.get(),
+        "recent_requests": m.recent(),
+        "now_unix_ms": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    }))
+    .into_response())
+}
+
+/// The dashboard: one page, its script and style inline, compiled into the binary.
+async fn dashboard() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD_HTML,
+    )
+        .into_response()
+}
+
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
 /// The HTTP routes.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))

@@ -5,14 +5,15 @@
 //! - [`reconcile`]: applying a plan: streaming slices, wiring the chain, re-planning;
 //! - [`session`]: every live sequence's token history, and the decode loop;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
-//! - [`http`]: the OpenAI-compatible HTTP API.
+//! - [`http`]: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
+//! - [`metrics`]: the Prometheus metrics and the recent-requests list.
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
 //! workers do the rest.
 //!
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
-//! via `strata-worker`'s transport.
+//! via `strata-worker`'s transport, `axum` (the HTTP API), `prometheus` (see [`metrics`]).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -30,6 +31,7 @@ pub mod api;
 pub mod error;
 pub mod http;
 pub mod membership;
+pub mod metrics;
 pub mod planner;
 pub mod profile;
 pub mod reconcile;
@@ -178,6 +180,8 @@ pub struct Shared {
     pub outbox: tokio::sync::mpsc::Sender<session::Outbound>,
     /// Shutdown.
     pub cancel: CancellationToken,
+    /// Prometheus metrics and recent requests.
+    pub metrics: metrics::Metrics,
 }
 
 impl Shared {
@@ -249,6 +253,7 @@ pub async fn run(
         sessions: Sessions::default(),
         outbox,
         cancel: shutdown.clone(),
+        metrics: metrics::Metrics::new(),
         config,
     });
     let tracker = TaskTracker::new();

@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::error::Error;
+use crate::metrics::growth;
 use crate::registry::{Refusal, Worker, DEAD_AFTER, HEARTBEAT, HEARTBEAT_TIMEOUT};
 use crate::Shared;
 
@@ -108,6 +109,9 @@ pub fn admit(
             resident: 0,
             peak: 0,
             sequences: 0,
+            compute_seconds: 0.0,
+            network_seconds: 0.0,
+            forwards: 0,
             detail: String::new(),
             held: None,
             stage: None,
@@ -170,6 +174,21 @@ pub async fn heartbeats(shared: Arc<Shared>) {
                         w.peak = h.peak_resident_bytes;
                         w.sequences = h.sequences;
                         w.detail = h.error;
+                        let m = &shared.metrics;
+                        m.stage_compute
+                            .with_label_values(&[&id])
+                            .inc_by(growth(h.compute_seconds, w.compute_seconds));
+                        m.stage_network
+                            .with_label_values(&[&id])
+                            .inc_by(growth(h.network_seconds, w.network_seconds));
+                        m.stage_forwards.with_label_values(&[&id]).inc_by(growth(
+                            h.forwards as f64,
+                            w.forwards as f64,
+                        )
+                            as u64);
+                        w.compute_seconds = h.compute_seconds;
+                        w.network_seconds = h.network_seconds;
+                        w.forwards = h.forwards;
                     }
                     Ok(Err(s)) => w.detail = format!("heartbeat failed: {}", s.message()),
                     Err(_) => w.detail = "heartbeat timed out".into(),

@@ -63,6 +63,12 @@ pub struct Worker {
     pub peak: u64,
     /// Sequences cached.
     pub sequences: u32,
+    /// Seconds its stage has computed (its own running total).
+    pub compute_seconds: f64,
+    /// Seconds its stage has spent sending (its own running total).
+    pub network_seconds: f64,
+    /// Forwards its stage has run (its own running total).
+    pub forwards: u64,
     /// Why it is not well.
     pub detail: String,
     /// The slice it holds now.
@@ -106,6 +112,9 @@ impl Worker {
                 self.detail.clone()
             },
             sequences: self.sequences,
+            compute_seconds: self.compute_seconds,
+            network_seconds: self.network_seconds,
+            forwards: self.forwards,
         }
     }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use strata_model::{SamplingParams, StreamDecoder};
 use strata_proto::v1::{
-    FinishReason, FrameChunk, FrameHeader, FrameKind, GenerateResponse, Usage, WireDType,
+    FinishReason, FrameChunk, FrameHeader, FrameKind, GenerateResponse, SampledLogprob,
+    SampledToken, TokenLogprob, Usage, WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
 use strata_worker::frame::Frame;
@@ -21,6 +22,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::metrics::RequestRecord;
 use crate::planner::Plan;
 use crate::Shared;
 
@@ -54,7 +56,7 @@ impl Pipeline {
 }
 
 enum Event {
-    Token(u32),
+    Token(SampledToken),
     Failed(String),
 }
 
@@ -136,7 +138,7 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
         let map = shared.sessions.lock();
         for t in &h.tokens {
             if let Some(e) = map.get(&t.sequence) {
-                let _ = e.tx.try_send(Event::Token(t.token_id));
+                let _ = e.tx.try_send(Event::Token(t.clone()));
             }
         }
         for err in &h.errors {
@@ -268,6 +270,7 @@ pub fn start(
     sampling: SamplingParams,
     stop: Vec<String>,
     ignore_eos: bool,
+    logprobs: bool,
 ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Error> {
     sampling
         .validate()
@@ -284,6 +287,7 @@ pub fn start(
         sampling,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         ignore_eos,
+        logprobs,
     };
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
     let span = tracing::info_span!("request", id = %id, prompt_tokens = job.prompt.len());
@@ -330,6 +334,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Return each token's log-probability (and `sampling.top_logprobs` alternatives).
+    pub logprobs: bool,
 }
 
 /// Runs one sequence to the end, streaming each step into `out`.
@@ -339,10 +345,57 @@ pub async fn generate(
     out: mpsc::Sender<Result<GenerateResponse, Status>>,
 ) {
     let started = Instant::now();
-    let result = run_sequence(&shared, &job, &out, started).await;
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut tally = Tally::default();
+    let result = run_sequence(&shared, &job, &out, started, &mut tally).await;
+    let outcome = match &result {
+        Ok(Some(reason)) => match reason {
+            FinishReason::Stop => "stop",
+            _ => "length",
+        },
+        Ok(None) => "cancelled",
+        Err(_) => "failed",
+    };
+    let decode_secs = tally
+        .first_token_at
+        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+    shared.metrics.finished(RequestRecord {
+        id: job.id.clone(),
+        started_unix_ms,
+        prompt_tokens: job.prompt.len(),
+        completion_tokens: tally.generated,
+        time_to_first_token_ms: tally
+            .first_token_at
+            .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3),
+        tokens_per_second: if tally.generated > 1 && decode_secs > 0.0 {
+            (tally.generated - 1) as f64 / decode_secs
+        } else {
+            0.0
+        },
+        outcome: outcome.into(),
+    });
     if let Err(e) = result {
         info!(request = %job.id, cause = %e, "request failed");
         let _ = out.send(Err(e.into())).await;
+    }
+}
+
+/// What a sequence produced, for its metrics even when it fails.
+#[derive(Default)]
+struct Tally {
+    generated: usize,
+    first_token_at: Option<Instant>,
+}
+
+fn logprob_of(t: &SampledToken) -> SampledLogprob {
+    SampledLogprob {
+        token: Some(TokenLogprob {
+            token_id: t.token_id,
+            logprob: t.logprob,
+        }),
+        top: t.top.clone(),
     }
 }
 
@@ -351,7 +404,8 @@ async fn run_sequence(
     job: &Job,
     out: &mpsc::Sender<Result<GenerateResponse, Status>>,
     started: Instant,
-) -> Result<(), Error> {
+    tally: &mut Tally,
+) -> Result<Option<FinishReason>, Error> {
     let context = shared.model.file.config().max_position_embeddings;
     if job.prompt.is_empty() {
         return Err(Error::InvalidRequest("the prompt has no tokens".into()));
@@ -363,6 +417,7 @@ async fn run_sequence(
         )));
     }
     let pipeline = ready_pipeline(shared).await?;
+    shared.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
     let seq = shared
         .sessions
         .next
@@ -435,8 +490,6 @@ async fn run_sequence(
     let mut decoder = StreamDecoder::new();
     let mut text = String::new();
     let mut sent_chars = 0usize;
-    let mut generated = 0usize;
-    let mut first_token_at: Option<Instant> = None;
     let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     loop {
         let event = tokio::select! {
@@ -453,19 +506,29 @@ async fn run_sequence(
                 let _ = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
                 let _ = send(free(pipeline.epoch)).await;
                 debug!(request = %job.id, "client left; sequence freed");
-                return Ok(());
+                return Ok(None);
             }
         };
-        let token = match event {
+        let sampled = match event {
             Event::Token(t) => t,
             Event::Failed(reason) => {
                 let _ = send(free(pipeline.epoch)).await;
                 return Err(Error::WorkerFailed(reason));
             }
         };
-        first_token_at.get_or_insert_with(Instant::now);
+        let token = sampled.token_id;
+        if tally.first_token_at.is_none() {
+            let now = Instant::now();
+            tally.first_token_at = Some(now);
+            shared
+                .metrics
+                .time_to_first_token
+                .observe((now - started).as_secs_f64());
+        }
+        shared.metrics.generated_tokens.inc();
         history.push(token);
-        generated += 1;
+        tally.generated += 1;
+        let generated = tally.generated;
         let is_eos = (!job.ignore_eos && eos.contains(&token))
             || job.sampling.stop_token_ids.contains(&token);
         let mut finish = if is_eos {
@@ -505,9 +568,15 @@ async fn run_sequence(
             text: delta,
             token_ids: vec![token],
             request_id: job.id.clone(),
+            logprobs: if job.logprobs {
+                vec![logprob_of(&sampled)]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         if let Some(reason) = finish {
+            let first_token_at = tally.first_token_at;
             let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
             msg.finish_reason = reason as i32;
             msg.usage = Some(Usage {
@@ -523,12 +592,12 @@ async fn run_sequence(
             });
             let _ = send(free(pipeline.epoch)).await;
             let _ = out.send(Ok(msg)).await;
-            return Ok(());
+            return Ok(Some(reason));
         }
         if out.send(Ok(msg)).await.is_err() {
             // Client gone between steps: nothing in flight, free now.
             let _ = send(free(pipeline.epoch)).await;
-            return Ok(());
+            return Ok(None);
         }
         step(FrameChunk {
             sequence: seq,

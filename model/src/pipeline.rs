@@ -134,7 +134,8 @@ impl LocalPipeline {
         }
     }
 
-    fn context_length(&self) -> usize {
+    /// Positions the model can hold.
+    pub fn context_length(&self) -> usize {
         self.stages[0].0.config().max_position_embeddings
     }
 

@@ -307,10 +307,14 @@ impl WorkerControl for ControlService {
                     _ = cancel.cancelled() => break,
                     m = rx.recv() => match m { Some(m) => m, None => break },
                 };
+                let started = std::time::Instant::now();
                 if let Err(e) = transport::send_frame(&conn, &header, &payload).await {
                     warn!(cause = %e, "lost the next hop");
                     stats.set_error(Some(format!("next hop {next} unreachable: {e}")));
                 }
+                stats
+                    .network_nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             conn.close(0u32.into(), b"rewired");
         });
@@ -345,6 +349,9 @@ impl WorkerControl for ControlService {
             info: Some(self.info.clone()),
             epoch: stats.epoch.load(Ordering::Relaxed),
             error: stats.error().unwrap_or_default(),
+            compute_seconds: stats.compute_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            network_seconds: stats.network_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            forwards: stats.forwards.load(Ordering::Relaxed),
         }))
     }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use strata_model::{Chunk, KvCache, Sampler, SamplingParams, Stage, StageInput, StageOutput};
 use strata_proto::v1::{
-    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, WireDType,
+    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, TokenLogprob,
+    WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::{mpsc, oneshot};
@@ -63,6 +64,12 @@ pub struct StageStats {
     pub error: Mutex<Option<String>>,
     /// "idle", "loading" or "ready".
     pub state: Mutex<String>,
+    /// Nanoseconds spent in forwards and sampling.
+    pub compute_nanos: AtomicU64,
+    /// Nanoseconds spent sending frames to the next hop.
+    pub network_nanos: AtomicU64,
+    /// Batched forwards run.
+    pub forwards: AtomicU64,
 }
 
 impl StageStats {
@@ -156,6 +163,7 @@ pub fn sampling_params(s: Option<&Sampling>) -> SamplingParams {
             d.repeat_window
         },
         seed: s.seed,
+        top_logprobs: s.top_logprobs as usize,
         ..d
     }
 }
@@ -170,6 +178,8 @@ pub fn wire_sampling(p: &SamplingParams) -> Sampling {
         repeat_penalty: p.repeat_penalty,
         repeat_window: p.repeat_window as u32,
         seed: p.seed,
+        logprobs: false,
+        top_logprobs: p.top_logprobs as u32,
     }
 }
 
@@ -213,7 +223,12 @@ impl Runtime {
                             Err(_) => break,
                         }
                     }
+                    let started = std::time::Instant::now();
                     self.run_batch(batch);
+                    self.stats
+                        .compute_nanos
+                        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    self.stats.forwards.fetch_add(1, Ordering::Relaxed);
                 }
                 Command::Install(stage, reply) => {
                     let cache = stage.new_cache();
@@ -530,6 +545,12 @@ impl Runtime {
                             sequence: c.sequence,
                             position: c.start + c.length,
                             token_id: s.token,
+                            logprob: s.logprob,
+                            top: s
+                                .top_logprobs
+                                .iter()
+                                .map(|&(token_id, logprob)| TokenLogprob { token_id, logprob })
+                                .collect(),
                         }),
                         Err(e) => errors.push(SequenceError {
                             sequence: c.sequence,

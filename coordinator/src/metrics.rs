@@ -1,0 +1,280 @@
+//! What `/metrics` reports, in Prometheus' text format, through the `prometheus` crate (the
+//! long-standing Rust client, also used by TiKV): request outcomes, tokens in and out, time
+//! to first token, per-stage compute and network time, workers by state, memory. Counters
+//! that the coordinator sees happen (requests, tokens) are counted as they happen; what the
+//! workers measure arrives with their heartbeats and is added as the difference from the
+//! last heartbeat; gauges are read from the registry when scraped.
+//!
+//! It also keeps the last few requests for the dashboard.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use prometheus::{
+    CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Serialize;
+
+/// Requests kept for the dashboard.
+const RECENT: usize = 20;
+
+/// One finished request, as the dashboard lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    /// Request id (as in the logs).
+    pub id: String,
+    /// When it started, in Unix milliseconds.
+    pub started_unix_ms: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Time to the first token, milliseconds (0 when there was none).
+    pub time_to_first_token_ms: f64,
+    /// Decode speed after the first token.
+    pub tokens_per_second: f64,
+    /// `stop`, `length`, `cancelled` or `failed`.
+    pub outcome: String,
+}
+
+/// The coordinator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Finished requests by outcome.
+    pub requests: IntCounterVec,
+    /// Prompt tokens accepted.
+    pub prompt_tokens: IntCounter,
+    /// Tokens generated.
+    pub generated_tokens: IntCounter,
+    /// Time to first token.
+    pub time_to_first_token: Histogram,
+    /// Seconds each worker's stage spent computing.
+    pub stage_compute: CounterVec,
+    /// Seconds each worker's stage spent sending to the next hop.
+    pub stage_network: CounterVec,
+    /// Batched forwards per worker.
+    pub stage_forwards: IntCounterVec,
+    /// Workers by state.
+    pub workers: IntGaugeVec,
+    /// Each worker's resident memory.
+    pub worker_resident: IntGaugeVec,
+    /// Each worker's memory budget.
+    pub worker_budget: IntGaugeVec,
+    /// The coordinator's own resident memory.
+    pub coordinator_resident: IntGauge,
+    /// Sequences being generated.
+    pub active_sequences: IntGauge,
+    /// Model layers per stage of the plan in force.
+    pub stage_layers: IntGaugeVec,
+    recent: Mutex<VecDeque<RequestRecord>>,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // The names and labels below are constants; a failure here is a programming error
+    // caught by the unit test, never input.
+    r.expect("metric definitions are valid")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let requests = must(IntCounterVec::new(
+            Opts::new(
+                "strata_requests_total",
+                "Finished generation requests (gRPC and HTTP) by outcome: stop, length, cancelled, failed",
+            ),
+            &["outcome"],
+        ));
+        reg(Box::new(requests.clone()));
+        let prompt_tokens = must(IntCounter::new(
+            "strata_prompt_tokens_total",
+            "Prompt tokens of accepted requests",
+        ));
+        reg(Box::new(prompt_tokens.clone()));
+        let generated_tokens = must(IntCounter::new(
+            "strata_generated_tokens_total",
+            "Tokens generated",
+        ));
+        reg(Box::new(generated_tokens.clone()));
+        let time_to_first_token = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "strata_time_to_first_token_seconds",
+                "From a request's arrival to its first generated token",
+            )
+            .buckets(vec![
+                0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        ));
+        reg(Box::new(time_to_first_token.clone()));
+        let stage_compute = must(CounterVec::new(
+            Opts::new(
+                "strata_stage_compute_seconds_total",
+                "Seconds a worker's stage spent in forwards and sampling",
+            ),
+            &["worker"],
+        ));
+        reg(Box::new(stage_compute.clone()));
+        let stage_network = must(CounterVec::new(
+            Opts::new(
+                "strata_stage_network_seconds_total",
+                "Seconds a worker's stage spent sending frames to the next hop",
+            ),
+            &["worker"],
+        ));
+        reg(Box::new(stage_network.clone()));
+        let stage_forwards = must(IntCounterVec::new(
+            Opts::new(
+                "strata_stage_forwards_total",
+                "Batched forwards a worker's stage ran",
+            ),
+            &["worker"],
+        ));
+        reg(Box::new(stage_forwards.clone()));
+        let workers = must(IntGaugeVec::new(
+            Opts::new(
+                "strata_workers",
+                "Workers known to the coordinator, by state",
+            ),
+            &["state"],
+        ));
+        reg(Box::new(workers.clone()));
+        let worker_resident = must(IntGaugeVec::new(
+            Opts::new(
+                "strata_worker_resident_bytes",
+                "A worker's resident memory at its last heartbeat",
+            ),
+            &["worker"],
+        ));
+        reg(Box::new(worker_resident.clone()));
+        let worker_budget = must(IntGaugeVec::new(
+            Opts::new("strata_worker_budget_bytes", "A worker's memory budget"),
+            &["worker"],
+        ));
+        reg(Box::new(worker_budget.clone()));
+        let coordinator_resident = must(IntGauge::new(
+            "strata_coordinator_resident_bytes",
+            "The coordinator's resident memory",
+        ));
+        reg(Box::new(coordinator_resident.clone()));
+        let active_sequences = must(IntGauge::new(
+            "strata_active_sequences",
+            "Sequences being generated now",
+        ));
+        reg(Box::new(active_sequences.clone()));
+        let stage_layers = must(IntGaugeVec::new(
+            Opts::new(
+                "strata_stage_layers",
+                "Model layers each stage of the plan in force holds",
+            ),
+            &["stage", "worker"],
+        ));
+        reg(Box::new(stage_layers.clone()));
+        Metrics {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            time_to_first_token,
+            stage_compute,
+            stage_network,
+            stage_forwards,
+            workers,
+            worker_resident,
+            worker_budget,
+            coordinator_resident,
+            active_sequences,
+            stage_layers,
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Records a finished request.
+    pub fn finished(&self, record: RequestRecord) {
+        self.requests.with_label_values(&[&record.outcome]).inc();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    /// The last requests, newest first.
+    pub fn recent(&self) -> Vec<RequestRecord> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().rev().cloned().collect()
+    }
+
+    /// The text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(cause = %e, "encoding metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Adds what a monotonically growing total grew by since `last` (a total that shrank
+/// means the worker restarted: all of it is new).
+pub fn growth(now: f64, last: f64) -> f64 {
+    if now >= last {
+        now - last
+    } else {
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_every_family() {
+        let m = Metrics::new();
+        m.prompt_tokens.inc_by(7);
+        m.generated_tokens.inc_by(3);
+        m.time_to_first_token.observe(0.2);
+        m.stage_compute.with_label_values(&["w1"]).inc_by(1.5);
+        m.workers.with_label_values(&["ready"]).set(3);
+        m.finished(RequestRecord {
+            id: "req-1".into(),
+            started_unix_ms: 0,
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            time_to_first_token_ms: 200.0,
+            tokens_per_second: 10.0,
+            outcome: "stop".into(),
+        });
+        let text = m.render();
+        for line in [
+            "strata_prompt_tokens_total 7",
+            "strata_generated_tokens_total 3",
+            "strata_requests_total{outcome=\"stop\"} 1",
+            "strata_stage_compute_seconds_total{worker=\"w1\"} 1.5",
+            "strata_workers{state=\"ready\"} 3",
+            "strata_time_to_first_token_seconds_count 1",
+            "# TYPE strata_time_to_first_token_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert_eq!(m.recent()[0].id, "req-1");
+    }
+
+    #[test]
+    fn growth_survives_a_restarted_worker() {
+        assert_eq!(growth(5.0, 3.0), 2.0);
+        assert_eq!(growth(1.0, 3.0), 1.0);
+    }
+}
