@@ -300,6 +300,13 @@ async fn load(
         epoch,
     };
     let (tx, rx) = mpsc::channel::<LoadChunk>(LOAD_QUEUE);
+    let mut bar = strata_worker::progress::Progress::bytes(
+        format!(
+            "sending layers {}..{} to {worker}",
+            held.layers.start, held.layers.end
+        ),
+        total,
+    );
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         if tx
             .blocking_send(LoadChunk {
@@ -328,10 +335,12 @@ async fn load(
                         return Ok(());
                     }
                     progress.fetch_add(n as u64, Ordering::Relaxed);
+                    bar.advance(n as u64);
                     at += n as u64;
                 }
             }
         }
+        bar.finish("sent");
         Ok(())
     });
     let started = Instant::now();

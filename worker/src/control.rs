@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
 
 use crate::frame::parse_wire_dtype;
+use crate::progress::Progress;
 use crate::stage::{Command, Outgoing, StageHandle, Wiring};
 use crate::{memory, transport};
 
@@ -167,6 +168,14 @@ impl Receiving {
         Ok(())
     }
 
+    /// Bytes the header promised.
+    fn expected(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|(_, _, ranges)| ranges.iter().map(|r| r.1))
+            .sum()
+    }
+
     fn complete(&self) -> Result<(), Status> {
         for (i, (_, _, ranges)) in self.files.iter().enumerate() {
             let want: u64 = ranges.iter().map(|r| r.1).sum();
@@ -222,14 +231,21 @@ impl WorkerControl for ControlService {
                 .tempdir_in(&self.cache_dir)
                 .map_err(status)?;
             let mut receiving = Receiving::create(dir.path(), &header)?;
+            let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
+            let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
             while let Some(msg) = stream.message().await? {
                 match msg.chunk {
-                    Some(Chunk::Data(d)) => receiving.write(d.file, d.offset, &d.data)?,
+                    Some(Chunk::Data(d)) => {
+                        receiving.write(d.file, d.offset, &d.data)?;
+                        progress.advance(d.data.len() as u64);
+                    }
                     _ => return Err(Status::invalid_argument("a second header in a load stream")),
                 }
             }
             receiving.complete()?;
+            progress.finish("received");
             drop(receiving);
+            let loading = Progress::spinner(format!("loading {layers} into memory"));
             let root = dir.path().join(root_rel);
             let slice = Slice {
                 layers: header.layer_start as usize..header.layer_end as usize,
@@ -247,6 +263,7 @@ impl WorkerControl for ControlService {
                 self.stage.stats.set_state("idle");
                 Status::invalid_argument(format!("loading the slice: {e}"))
             })?;
+            loading.finish("loaded");
             // The slice is in memory; the received files are not needed any more.
             drop(dir);
             let weight_bytes = stage.weight_bytes();

@@ -6,6 +6,7 @@
 //! - [`stage`]: the compute thread that batches frames through the slice;
 //! - [`control`]: the `WorkerControl` gRPC service the coordinator drives;
 //! - [`speed`] and [`memory`]: what the worker measures about its machine;
+//! - [`progress`]: bars (or log lines) for loads, shared with the coordinator and CLI;
 //! - [`run`]: join a cluster and serve until cancelled.
 //!
 //! It never plans, never tokenizes, and never talks to clients: that is the coordinator's.
@@ -14,7 +15,8 @@
 //! timeouts for failure detection) over `rustls` with the `ring` provider (no C toolchain
 //! beyond `cc`); `rcgen` (the cluster CA and certificate requests); `hmac`/`sha2` (token
 //! proofs, fingerprints); `tonic` (the control service, mutual TLS); `mdns-sd` (pure-Rust
-//! mDNS responder and browser that shares port 5353 with avahi/mDNSResponder).
+//! mDNS responder and browser that shares port 5353 with avahi/mDNSResponder); `indicatif`
+//! (progress bars that share the terminal with logs).
 //!
 //! Choices where the design was silent: a worker's id defaults to its host name (the
 //! coordinator adds `-2`, `-3` when taken); it keeps no copy of its slice on disk once
@@ -27,6 +29,7 @@ pub mod error;
 pub mod frame;
 pub mod identity;
 pub mod memory;
+pub mod progress;
 pub mod speed;
 pub mod stage;
 pub mod transport;

@@ -10,6 +10,7 @@ use candle_core::Device;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use strata_model::{GenerateRequest, LocalPipeline, ModelFile, Role};
+use strata_worker::progress::Progress;
 
 use super::{human_bytes, peak_rss_bytes};
 
@@ -74,8 +75,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let model = a.model.clone().context("--model is required")?;
     let file = ModelFile::open(&model)?;
     let config = file.config().clone();
+    let loading = Progress::spinner(format!("loading {}", model.display()));
     let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
         .with_context(|| format!("loading {}", model.display()))?;
+    loading.finish("loaded");
     let load_s = t0.elapsed().as_secs_f64();
     let weight_bytes: u64 = pipeline.stages().map(|s| s.weight_bytes()).sum();
     // Decode reads every layer, the final norm and the head once per step (the embedding

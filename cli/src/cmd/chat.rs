@@ -14,6 +14,7 @@ use clap::Args;
 use strata_model::{
     ChatTemplate, GenerateRequest, LocalPipeline, Message, ModelFile, StreamDecoder, Tokenizer,
 };
+use strata_worker::progress::Progress;
 
 use super::generate::SamplingArgs;
 
@@ -200,8 +201,10 @@ fn connect(a: &ChatArgs) -> anyhow::Result<(Backend, String)> {
         ChatTemplate::new(tokenizer.chat_template().context(
             "this model has no chat template, so it cannot chat: use `strata generate`",
         )?)?;
+    let loading = Progress::spinner(format!("loading {}", path.display()));
     let mut pipeline = LocalPipeline::load(&file, 1, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
+    loading.finish("loaded");
     pipeline.add_eos(tokenizer.eos());
     let backend = Backend::Local(LocalChat {
         pipeline,

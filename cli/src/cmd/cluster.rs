@@ -45,7 +45,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Cancels on Ctrl-C (and SIGTERM on Unix).
-fn shutdown_on_signal() -> CancellationToken {
+pub fn shutdown_on_signal() -> CancellationToken {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     tokio::spawn(async move {
@@ -128,7 +128,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let dtype = strata_worker::frame::parse_wire_dtype(&a.wire_dtype)
         .with_context(|| format!("--wire-dtype {}: use f16, bf16 or f32", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
-    config.api_key = a.api_key;
+    // An empty key (STRATA_API_KEY= in a config file) means none, not the empty string.
+    config.api_key = a.api_key.filter(|k| !k.is_empty());
     config.min_workers = a.min_workers;
     config.mdns = !a.no_mdns;
     config.data_port = a.data_port;
@@ -305,7 +306,7 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
 }
 
 fn bearer(key: Option<&str>) -> anyhow::Result<Bearer> {
-    Ok(Bearer(match key {
+    Ok(Bearer(match key.filter(|k| !k.is_empty()) {
         Some(k) => Some(
             format!("Bearer {k}")
                 .parse()

@@ -1,36 +1,91 @@
-//! `strata demo`: the README's first command.
+//! `strata demo`: the README's first command. It serves the bundled demo model (a small
+//! Llama trained on the King James Bible, compiled into the binary; see
+//! `models/demo/README.md`) on a real cluster on this machine:
 //!
-//! Until the bundled demo model that talks exists, it shows the best real thing Strata
-//! does: it writes a seeded synthetic Llama model in GGUF (Q8_0, tokenizer inside), starts
-//! a real cluster on loopback in this process — a coordinator with its own certificate
-//! authority and `--workers` workers that join with the token, receive only their slices,
-//! and pass activations to each other over mutual-TLS QUIC — generates through the public
-//! gRPC API, and checks the tokens against the unsplit model run in one piece.
+//! - a coordinator with its own certificate authority, serving gRPC and the OpenAI-compatible
+//!   HTTP API (with the dashboard at `/`);
+//! - three workers (tasks of this process, each a full worker: its own certificate, control
+//!   service and QUIC endpoint) that find the coordinator over mDNS on loopback, or by
+//!   address when multicast does not answer here;
+//! - the plan it made, the addresses, a curl line, and one answer streamed through the
+//!   pipeline; then it serves until Ctrl-C (`--once` exits after the answer).
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use candle_core::Device;
 use clap::Args;
 use strata_coordinator::CoordinatorConfig;
-use strata_model::synth::{self, SynthDType, SynthFormat, SynthOptions, SynthSpec};
-use strata_model::{Arch, GenerateRequest, LocalPipeline, ModelFile, Tokenizer};
-use strata_proto::v1::{GenerateRequest as ApiRequest, StatusRequest, WireDType};
+use strata_model::SamplingParams;
+use strata_proto::v1::{ChatMessage, ChatRequest, StatusRequest, WorkerState};
 use strata_worker::identity::ClusterCa;
 use strata_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::human_bytes;
 
+/// The demo model, compiled in so that `strata demo` needs nothing else.
+const DEMO_MODEL: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../models/demo/strata-demo-q8_0.gguf"
+));
+/// How long workers look for the coordinator over mDNS before the demo joins them by address.
+const MDNS_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Workers to start (each holds one stage).
     #[arg(long, default_value_t = 3)]
     workers: usize,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 24)]
+    /// What to ask the model.
+    #[arg(
+        long,
+        default_value = "In the beginning God created the heaven and the earth."
+    )]
+    prompt: String,
+    /// Most tokens in the answer.
+    #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Sampling temperature (0 is greedy; a model this small loops when greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The gRPC API's address (another free port is used if this one is taken).
+    #[arg(long, default_value = "127.0.0.1:7433")]
+    listen: SocketAddr,
+    /// The HTTP API's address (another free port is used if this one is taken).
+    #[arg(long, default_value = "127.0.0.1:7434")]
+    http: SocketAddr,
+    /// Join workers by address instead of mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Serve another model instead of the bundled one.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Exit after the answer instead of serving until Ctrl-C.
+    #[arg(long)]
+    once: bool,
+}
+
+/// Binds `want`, or any free port on its address when it is taken.
+async fn bind(want: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(want).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let l = tokio::net::TcpListener::bind(SocketAddr::new(want.ip(), 0)).await?;
+            println!(
+                "({what} port {} is taken, probably by another Strata; using {})",
+                want.port(),
+                l.local_addr()?.port()
+            );
+            Ok(l)
+        }
+        Err(e) => Err(e).with_context(|| format!("listening on {want}")),
+    }
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -38,77 +93,112 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         bail!("--workers must be at least 1");
     }
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let path = dir.path().join("demo-synthetic.gguf");
-    let spec = SynthSpec {
-        layers: 6,
-        hidden: 256,
-        heads: 8,
-        kv_heads: 2,
-        intermediate: 768,
-        vocab: 4096,
-        seed: 7,
-        ..SynthSpec::tiny(Arch::Llama)
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.path().join("strata-demo.gguf");
+            std::fs::write(&p, DEMO_MODEL).context("writing the demo model")?;
+            p
+        }
     };
-    let t0 = Instant::now();
-    let report = synth::write_model(
-        &spec,
-        &SynthOptions {
-            format: SynthFormat::Gguf,
-            dtype: SynthDType::Quant(candle_core::quantized::GgmlDType::Q8_0),
-            shard_bytes: None,
-        },
-        &path,
-    )?;
+    let file = strata_model::ModelFile::open(&path)?;
+    let c = file.config();
     println!(
-        "Strata demo: a real cluster on this machine (the talking demo model comes later).\n\
-         Wrote a synthetic Llama model ({} layers, Q8_0 GGUF, {}) in {:.1}s.",
-        spec.layers,
-        human_bytes(report.tensor_bytes),
-        t0.elapsed().as_secs_f64()
+        "Strata demo: a real {}-worker cluster on this machine.",
+        a.workers
     );
-    let file = ModelFile::open(&path)?;
-    let tokenizer = Tokenizer::for_model(&file)?;
-    let prompt = "the cluster of machines in the house";
-    let ids = tokenizer.encode(prompt, true)?;
-    let request = GenerateRequest {
-        stop_at_eos: false,
-        ..GenerateRequest::greedy(ids.clone(), a.max_tokens)
-    };
-    let reference = LocalPipeline::load(&file, 1, &Device::Cpu)?.generate(&request, |_| {})?;
-
+    if a.model.is_none() {
+        println!(
+            "Model: strata-demo, a {}-layer Llama trained on the King James Bible ({} Q8_0 GGUF, built in; models/demo/README.md).",
+            c.num_layers,
+            human_bytes(DEMO_MODEL.len() as u64)
+        );
+    } else {
+        println!("Model: {} ({} layers).", path.display(), c.num_layers);
+    }
+    drop(file);
     let state = dir.path().join("state");
     let (ca, _) = ClusterCa::load_or_create(&state)?;
     let token = ca.token().clone();
     let rt = super::cluster::runtime()?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let api: SocketAddr = listener.local_addr()?;
+        let shutdown = super::cluster::shutdown_on_signal();
+        let listener = bind(a.listen, "gRPC").await?;
+        let http = bind(a.http, "HTTP").await?;
+        let api = listener.local_addr()?;
+        let http_addr = http.local_addr()?;
         let mut config = CoordinatorConfig::new(path.clone(), state);
-        config.mdns = false;
+        config.mdns = !a.no_mdns;
+        config.bind = api.ip();
         config.min_workers = a.workers;
-        // Exact activations on the wire, so the check below is token for token.
-        config.wire_dtype = WireDType::F32;
-        config.plan.kv_tokens = 1024;
-        let coordinator = tokio::spawn(strata_coordinator::run(config, listener, None, shutdown.clone()));
-        println!("\nCoordinator on {api}; cluster {}.", token.cluster_id());
+        config.plan.kv_tokens = 512;
+        let coordinator = tokio::spawn(strata_coordinator::run(
+            config,
+            listener,
+            Some(http),
+            shutdown.clone(),
+        ));
         let mut cluster = super::cluster::cluster_client(&api.to_string(), None).await?;
-        // One at a time: each measures its speed with the machine to itself.
-        let mut workers = Vec::new();
-        for i in 0..a.workers {
+        let joined = |cluster: &mut strata_proto::v1::cluster_client::ClusterClient<_>| {
+            let mut cluster = cluster.clone();
+            async move {
+                anyhow::Ok(
+                    cluster
+                        .status(StatusRequest {})
+                        .await?
+                        .into_inner()
+                        .workers
+                        .iter()
+                        .filter(|w| {
+                            w.state != WorkerState::Discovered as i32
+                                && w.state != WorkerState::Refused as i32
+                        })
+                        .count(),
+                )
+            }
+        };
+        let start_worker = |i: usize, by_mdns: bool, cancel: CancellationToken| {
             let mut w = WorkerConfig::new(token.clone());
             w.id = Some(format!("worker-{}", i + 1));
-            w.coordinator = Some(api.to_string());
-            w.mdns = false;
-            w.bind = "127.0.0.1".parse()?;
-            workers.push(tokio::spawn(strata_worker::run(w, shutdown.clone())));
+            w.mdns = by_mdns;
+            if !by_mdns {
+                w.coordinator = Some(api.to_string());
+            }
+            w.bind = api.ip();
+            tokio::spawn(strata_worker::run(w, cancel))
+        };
+        // The first worker tells whether multicast works here.
+        let mut by_mdns = !a.no_mdns;
+        let mut workers = Vec::new();
+        let started = Instant::now();
+        if by_mdns {
+            let first = shutdown.child_token();
+            let handle = start_worker(0, true, first.clone());
+            while joined(&mut cluster).await? == 0 && started.elapsed() < MDNS_WAIT {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if joined(&mut cluster).await? == 0 {
+                first.cancel();
+                let _ = handle.await;
+                by_mdns = false;
+                println!(
+                    "Workers did not find the coordinator over mDNS within {}s (no multicast here?); joining them by address.",
+                    MDNS_WAIT.as_secs()
+                );
+            } else {
+                workers.push(handle);
+            }
+        }
+        // One at a time: each measures its speed with the machine to itself.
+        for i in workers.len()..a.workers {
+            workers.push(start_worker(i, by_mdns, shutdown.clone()));
             let deadline = Instant::now() + Duration::from_secs(60);
-            while cluster.status(StatusRequest {}).await?.into_inner().workers.len() <= i {
+            while joined(&mut cluster).await? <= i {
                 ensure!(Instant::now() < deadline, "worker-{} did not join", i + 1);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             let s = cluster.status(StatusRequest {}).await?.into_inner();
             if s.serving {
@@ -118,14 +208,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         println!(
-            "{} workers joined with the token, got certificates from the cluster CA, and measured their speed.\n",
-            a.workers
+            "{} workers {}, joined with the cluster's token, got certificates from its CA and measured their speed ({:.1}s).\n",
+            a.workers,
+            if by_mdns { "found the coordinator over mDNS on loopback" } else { "were given the coordinator's address" },
+            started.elapsed().as_secs_f64()
         );
         if let Some(plan) = &status.plan {
-            println!("Plan (each worker received only its slice's bytes):");
+            println!("Plan (each worker received only its slice's bytes, over mutual TLS):");
             for (i, s) in plan.stages.iter().enumerate() {
                 println!(
-                    "  stage {i}: {:<9} layers {:>2}..{:<2} {:>10}{}{}",
+                    "  stage {i}: {:<9} layers {}..{} {:>10}{}{}",
                     s.worker_id,
                     s.layer_start,
                     s.layer_end,
@@ -135,48 +227,67 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        let model_id = status.model.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+        println!("\nServing:");
+        println!("  gRPC       {api}   (strata chat --coordinator {api})");
+        println!("  HTTP       http://{http_addr}/v1   (OpenAI-compatible)");
+        println!("  dashboard  http://{http_addr}/");
+        println!("  metrics    http://{http_addr}/metrics");
+        println!("\nTry:");
+        println!(
+            "  curl http://{http_addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"The LORD is my shepherd; I shall not want.\"}}], \"max_tokens\": 48}}'"
+        );
+
+        println!("\n> {}", a.prompt);
+        let sampling = SamplingParams {
+            temperature: a.temperature,
+            top_p: 0.9,
+            repeat_penalty: 1.1,
+            seed: a.seed,
+            ..SamplingParams::default()
+        };
         let mut client = super::cluster::inference_client(&api.to_string(), None).await?;
-        let started = Instant::now();
         let mut stream = client
-            .generate(ApiRequest {
-                prompt_ids: ids.clone(),
+            .chat(ChatRequest {
+                messages: vec![ChatMessage { role: "user".into(), content: a.prompt.clone() }],
                 max_tokens: a.max_tokens as u32,
-                ignore_eos: true,
+                sampling: Some(strata_worker::stage::wire_sampling(&sampling)),
                 ..Default::default()
             })
             .await?
             .into_inner();
-        let mut tokens = Vec::new();
         let mut usage = None;
+        let mut stdout = std::io::stdout();
         while let Some(m) = stream.message().await? {
-            tokens.extend(m.token_ids);
+            write!(stdout, "{}", m.text)?;
+            stdout.flush()?;
             if m.usage.is_some() {
                 usage = m.usage;
             }
         }
         let usage = usage.unwrap_or_default();
-        let text = tokenizer.decode(&tokens, true)?;
-        println!("\nprompt: {prompt:?} ({} tokens)", ids.len());
-        println!("tokens: {tokens:?}");
-        println!("text:   {text:?}  (random weights: the words are noise, the arithmetic is real)");
         println!(
-            "speed:  first token after {:.0} ms, then {:.1} tokens/s through {} workers over QUIC ({:.2}s in all)",
+            "\n\n[{} prompt tokens; first token after {:.0} ms, then {:.1} tokens/s through {} workers over QUIC]",
+            usage.prompt_tokens,
             usage.time_to_first_token_ms,
             usage.decode_tokens_per_second,
-            a.workers,
-            started.elapsed().as_secs_f64()
+            a.workers
         );
+        if a.once {
+            shutdown.cancel();
+        } else {
+            println!("\nServing until Ctrl-C. Open http://{http_addr}/ for the dashboard and a chat box.");
+        }
+        let served = coordinator.await;
         shutdown.cancel();
-        let _ = coordinator.await;
         for w in workers {
             let _ = w.await;
         }
-        ensure!(
-            tokens == reference.tokens,
-            "the cluster diverged from the unsplit model: {tokens:?} vs {:?}",
-            reference.tokens
-        );
-        println!("check:  the cluster generates exactly the tokens of the model run in one piece");
+        match served {
+            Ok(r) => r.context("the coordinator stopped")?,
+            Err(e) => bail!("the coordinator task failed: {e}"),
+        }
+        println!("Stopped.");
         Ok(())
     })
 }

@@ -12,6 +12,7 @@ use strata_model::{
     ChatTemplate, GenerateRequest, LocalPipeline, Message, ModelFile, SamplingParams,
     StreamDecoder, Tokenizer,
 };
+use strata_worker::progress::Progress;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -165,8 +166,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if a.stages == 0 {
         bail!("--stages must be at least 1");
     }
+    let loading = Progress::spinner(format!("loading {}", model.display()));
     let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
         .with_context(|| format!("loading {} in {} stages", model.display(), a.stages))?;
+    loading.finish("loaded");
     if let Some(t) = &tokenizer {
         pipeline.add_eos(t.eos());
     }
