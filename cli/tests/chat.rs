@@ -61,12 +61,7 @@ const INPUT: &str = "Hello there\nAnd then?\n/stats\n/nope\n/reset\n/stats\n/qui
 
 #[test]
 fn chat_locally_and_through_a_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
+    let (_dir, model) = small_gguf("q8_0");
     let expected = local_generate(
         &model,
         &["--prompt", "Hello there", "--chat", "--max-tokens", "6"],

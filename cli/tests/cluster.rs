@@ -441,6 +441,16 @@ fn a_model_bigger_than_any_worker_is_served_within_every_budget() {
     });
     let detail = status["detail"].as_str().unwrap();
     assert!(detail.contains("w1 (150.0 MiB budget"), "{detail}");
+    // A request meanwhile is told so at once, not after a long wait.
+    let asked = std::time::Instant::now();
+    let out = strata()
+        .args(["generate", "--coordinator", &cluster.api, "--prompt", "x"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot hold the model"), "{stderr}");
+    assert!(asked.elapsed() < Duration::from_secs(10));
     cluster.add_worker("w2", &options, None);
     cluster.add_worker("w3", &options, None);
     let status = cluster.wait_serving(3);

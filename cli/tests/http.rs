@@ -63,12 +63,7 @@ fn http(
 
 #[test]
 fn openai_endpoints_answer_like_openai() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
+    let (_dir, model) = small_gguf("q8_0");
     let options = ClusterOptions {
         workers: 2,
         serve_args: vec![
@@ -271,12 +266,7 @@ fn required_tool(env: &str, candidates: &[&str], probe: &[&str], what: &str) -> 
 
 #[test]
 fn logprobs_metrics_dashboard_and_a_client_that_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
+    let (_dir, model) = small_gguf("q8_0");
     let cluster = TestCluster::start(&model, &exact_wire());
     wait_healthy(&cluster.http);
     let before = metrics(&cluster.http);
@@ -437,7 +427,10 @@ fn logprobs_metrics_dashboard_and_a_client_that_leaves() {
             "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://{}/", cluster.http))
+        .arg(format!(
+            "http://{}/?ask=Hello%20there&max_tokens=4",
+            cluster.http
+        ))
         .output()
         .unwrap();
     let dom = String::from_utf8_lossy(&out.stdout);
@@ -462,6 +455,16 @@ fn logprobs_metrics_dashboard_and_a_client_that_leaves() {
         "{dom}"
     );
     assert!(dom.contains(">cancelled<"), "recent requests are listed");
+    // The chat box asked the question the link carried and streamed an answer into the page.
+    assert!(
+        dom.contains("<div class=\"msg user\">Hello there</div>"),
+        "{dom}"
+    );
+    let answer = dom
+        .split("<div class=\"msg assistant\" data-done=\"true\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no finished answer in the chat box:\n{dom}"));
+    assert!(!answer.starts_with("</div>"), "an empty answer");
 }
 
 #[test]
@@ -474,12 +477,7 @@ fn the_official_openai_python_client_works() {
     ) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
+    let (_dir, model) = small_gguf("q8_0");
     let mut options = exact_wire();
     options.workers = 2;
     options

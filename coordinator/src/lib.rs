@@ -182,6 +182,8 @@ pub struct Shared {
     pub cancel: CancellationToken,
     /// Prometheus metrics and recent requests.
     pub metrics: metrics::Metrics,
+    /// The workers cannot hold the model (no pipeline until one joins or grows).
+    pub shortfall: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -254,6 +256,7 @@ pub async fn run(
         outbox,
         cancel: shutdown.clone(),
         metrics: metrics::Metrics::new(),
+        shortfall: std::sync::atomic::AtomicBool::new(false),
         config,
     });
     let tracker = TaskTracker::new();

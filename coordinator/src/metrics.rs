@@ -76,6 +76,16 @@ fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("metric definitions are valid")
 }
 
+/// Registers a new metric and hands it back.
+fn add<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<C>,
+) -> C {
+    let metric = must(metric);
+    must(registry.register(Box::new(metric.clone())));
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -86,98 +96,114 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
-        let requests = must(IntCounterVec::new(
+        let requests = add(&registry, IntCounterVec::new(
             Opts::new(
                 "strata_requests_total",
                 "Finished generation requests (gRPC and HTTP) by outcome: stop, length, cancelled, failed",
             ),
             &["outcome"],
         ));
-        reg(Box::new(requests.clone()));
-        let prompt_tokens = must(IntCounter::new(
-            "strata_prompt_tokens_total",
-            "Prompt tokens of accepted requests",
-        ));
-        reg(Box::new(prompt_tokens.clone()));
-        let generated_tokens = must(IntCounter::new(
-            "strata_generated_tokens_total",
-            "Tokens generated",
-        ));
-        reg(Box::new(generated_tokens.clone()));
-        let time_to_first_token = must(Histogram::with_opts(
-            HistogramOpts::new(
-                "strata_time_to_first_token_seconds",
-                "From a request's arrival to its first generated token",
-            )
-            .buckets(vec![
-                0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ]),
-        ));
-        reg(Box::new(time_to_first_token.clone()));
-        let stage_compute = must(CounterVec::new(
-            Opts::new(
-                "strata_stage_compute_seconds_total",
-                "Seconds a worker's stage spent in forwards and sampling",
+        let prompt_tokens = add(
+            &registry,
+            IntCounter::new(
+                "strata_prompt_tokens_total",
+                "Prompt tokens of accepted requests",
             ),
-            &["worker"],
-        ));
-        reg(Box::new(stage_compute.clone()));
-        let stage_network = must(CounterVec::new(
-            Opts::new(
-                "strata_stage_network_seconds_total",
-                "Seconds a worker's stage spent sending frames to the next hop",
+        );
+        let generated_tokens = add(
+            &registry,
+            IntCounter::new("strata_generated_tokens_total", "Tokens generated"),
+        );
+        let time_to_first_token = add(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "strata_time_to_first_token_seconds",
+                    "From a request's arrival to its first generated token",
+                )
+                .buckets(vec![
+                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
             ),
-            &["worker"],
-        ));
-        reg(Box::new(stage_network.clone()));
-        let stage_forwards = must(IntCounterVec::new(
-            Opts::new(
-                "strata_stage_forwards_total",
-                "Batched forwards a worker's stage ran",
+        );
+        let stage_compute = add(
+            &registry,
+            CounterVec::new(
+                Opts::new(
+                    "strata_stage_compute_seconds_total",
+                    "Seconds a worker's stage spent in forwards and sampling",
+                ),
+                &["worker"],
             ),
-            &["worker"],
-        ));
-        reg(Box::new(stage_forwards.clone()));
-        let workers = must(IntGaugeVec::new(
-            Opts::new(
-                "strata_workers",
-                "Workers known to the coordinator, by state",
+        );
+        let stage_network = add(
+            &registry,
+            CounterVec::new(
+                Opts::new(
+                    "strata_stage_network_seconds_total",
+                    "Seconds a worker's stage spent sending frames to the next hop",
+                ),
+                &["worker"],
             ),
-            &["state"],
-        ));
-        reg(Box::new(workers.clone()));
-        let worker_resident = must(IntGaugeVec::new(
-            Opts::new(
-                "strata_worker_resident_bytes",
-                "A worker's resident memory at its last heartbeat",
+        );
+        let stage_forwards = add(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "strata_stage_forwards_total",
+                    "Batched forwards a worker's stage ran",
+                ),
+                &["worker"],
             ),
-            &["worker"],
-        ));
-        reg(Box::new(worker_resident.clone()));
-        let worker_budget = must(IntGaugeVec::new(
-            Opts::new("strata_worker_budget_bytes", "A worker's memory budget"),
-            &["worker"],
-        ));
-        reg(Box::new(worker_budget.clone()));
-        let coordinator_resident = must(IntGauge::new(
-            "strata_coordinator_resident_bytes",
-            "The coordinator's resident memory",
-        ));
-        reg(Box::new(coordinator_resident.clone()));
-        let active_sequences = must(IntGauge::new(
-            "strata_active_sequences",
-            "Sequences being generated now",
-        ));
-        reg(Box::new(active_sequences.clone()));
-        let stage_layers = must(IntGaugeVec::new(
-            Opts::new(
-                "strata_stage_layers",
-                "Model layers each stage of the plan in force holds",
+        );
+        let workers = add(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "strata_workers",
+                    "Workers known to the coordinator, by state",
+                ),
+                &["state"],
             ),
-            &["stage", "worker"],
-        ));
-        reg(Box::new(stage_layers.clone()));
+        );
+        let worker_resident = add(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "strata_worker_resident_bytes",
+                    "A worker's resident memory at its last heartbeat",
+                ),
+                &["worker"],
+            ),
+        );
+        let worker_budget = add(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("strata_worker_budget_bytes", "A worker's memory budget"),
+                &["worker"],
+            ),
+        );
+        let coordinator_resident = add(
+            &registry,
+            IntGauge::new(
+                "strata_coordinator_resident_bytes",
+                "The coordinator's resident memory",
+            ),
+        );
+        let active_sequences = add(
+            &registry,
+            IntGauge::new("strata_active_sequences", "Sequences being generated now"),
+        );
+        let stage_layers = add(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "strata_stage_layers",
+                    "Model layers each stage of the plan in force holds",
+                ),
+                &["stage", "worker"],
+            ),
+        );
         Metrics {
             registry,
             requests,

@@ -90,11 +90,15 @@ pub async fn run(shared: Arc<Shared>) {
             continue;
         }
         let desired = match plan_now(&shared) {
-            Ok(p) => p,
+            Ok(p) => {
+                shared.shortfall.store(false, Ordering::Relaxed);
+                p
+            }
             Err(shortfall) => {
                 if current.is_none() {
                     warn!("{shortfall}");
                     shared.set_detail(shortfall.detail.clone());
+                    shared.shortfall.store(true, Ordering::Relaxed);
                 }
                 continue;
             }

@@ -306,6 +306,13 @@ pub async fn ready_pipeline(shared: &Shared) -> Result<Arc<Pipeline>, Error> {
         if let Some(p) = rx.borrow_and_update().clone() {
             return Ok(p);
         }
+        // Waiting helps while a plan loads, not when the workers cannot hold the model.
+        if shared.shortfall.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Unavailable(format!(
+                "the cluster cannot hold the model: {}",
+                shared.detail()
+            )));
+        }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(Error::Unavailable(format!(

@@ -11,7 +11,7 @@ It checks, and exits non-zero with the reason on the first failure:
 - a whole chat completion has text, finish_reason and usage;
 - a streamed chat completion's deltas add up to the same text (greedy), ending with usage;
 - a bad request (temperature -1) raises openai.BadRequestError (400);
-- a client without the key raises openai.AuthenticationError (401);
+- a client without the key, or with a wrong one, raises openai.AuthenticationError (401);
 - /metrics parses with prometheus_client's own parser, and its token counters moved.
 """
 
@@ -78,12 +78,16 @@ def main() -> None:
     except openai.BadRequestError as e:
         check(e.status_code == 400 and "temperature" in str(e), f"a bad request: 400 ({e})")
 
-    try:
-        nokey = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
-        nokey.chat.completions.create(model=model, messages=messages, max_tokens=2)
-        check(False, "a wrong key is refused")
-    except openai.AuthenticationError as e:
-        check(e.status_code == 401, f"a wrong key: 401 ({e})")
+    # The client insists on a key, so "missing" is the Authorization header left out.
+    for label, wrong, headers in (("a missing key", "unused", {"Authorization": openai.Omit()}),
+                                  ("a wrong key", "wrong", None)):
+        try:
+            other = openai.OpenAI(base_url=base + "/v1", api_key=wrong, max_retries=0)
+            other.chat.completions.create(model=model, messages=messages, max_tokens=2,
+                                          extra_headers=headers)
+            check(False, f"{label} is refused")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401 and "API key" in str(e), f"{label}: 401 ({e})")
 
     after = metrics(base)
     grew = after["strata_generated_tokens_total"] - before["strata_generated_tokens_total"]

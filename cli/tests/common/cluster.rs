@@ -397,6 +397,18 @@ pub fn small_llama(dir: &Path, format: &[&str], name: &str) -> std::path::PathBu
     out
 }
 
+/// A small Llama as a GGUF of `quant` in a fresh temporary directory (kept alive by the
+/// returned guard).
+pub fn small_gguf(quant: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", quant],
+        "m.gguf",
+    );
+    (dir, model)
+}
+
 /// Exactness mode: F32 activations on the wire, so any split gives the local tokens.
 pub fn exact_wire() -> ClusterOptions {
     ClusterOptions {
