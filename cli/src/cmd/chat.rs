@@ -255,7 +255,8 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
                     None => println!("no answers yet"),
                 }
                 println!(
-                    "session: {turns} answers, {generated} tokens generated in {seconds:.1} s; the conversation holds {} messages",
+                    "session: {turns} answer{}, {generated} tokens generated in {seconds:.1} s; the conversation holds {} messages",
+                    if turns == 1 { "" } else { "s" },
                     messages.len()
                 );
                 continue;
