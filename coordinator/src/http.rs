@@ -17,11 +17,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::{Message, SamplingParams};
-use strata_proto::v1::{FinishReason, GenerateResponse, SampledLogprob, TokenLogprob, WorkerState};
+use strata_proto::v1::{FinishReason, GenerateResponse, SampledLogprob, TokenLogprob};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::registry::state_name;
 use crate::{session, Shared};
 
 /// An OpenAI-shaped error.
@@ -577,14 +578,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         m.worker_resident.reset();
         m.worker_budget.reset();
         for status in registry.statuses() {
-            let state = WorkerState::try_from(status.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("WORKER_STATE_")
-                        .to_ascii_lowercase()
-                })
-                .unwrap_or_else(|_| "unknown".into());
-            m.workers.with_label_values(&[&state]).inc();
+            m.workers
+                .with_label_values(&[state_name(status.state)])
+                .inc();
         }
         for (id, w) in &registry.workers {
             m.worker_resident
@@ -628,13 +624,7 @@ async fn cluster(
         .iter()
         .map(|w| {
             let info = w.info.clone().unwrap_or_default();
-            let state = WorkerState::try_from(w.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("WORKER_STATE_")
-                        .to_ascii_lowercase()
-                })
-                .unwrap_or_else(|_| "unknown".into());
+            let state = state_name(w.state);
             json!({
                 "id": info.id, "hostname": info.hostname, "device": info.device,
                 "address": w.address, "state": state, "stage": w.stage,

@@ -21,6 +21,20 @@ pub const DEAD_AFTER: Duration = Duration::from_millis(3000);
 /// How long one heartbeat may take.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// A worker state's word, as the CLI, the dashboard and `/metrics` show it.
+pub fn state_name(s: i32) -> &'static str {
+    match WorkerState::try_from(s) {
+        Ok(WorkerState::Discovered) => "discovered",
+        Ok(WorkerState::Idle) => "idle",
+        Ok(WorkerState::Loading) => "loading",
+        Ok(WorkerState::Ready) => "ready",
+        Ok(WorkerState::Draining) => "draining",
+        Ok(WorkerState::Dead) => "dead",
+        Ok(WorkerState::Refused) => "refused",
+        _ => "unknown",
+    }
+}
+
 /// The slice a worker holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {

@@ -136,9 +136,9 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
             continue;
         }
         let map = shared.sessions.lock();
-        for t in &h.tokens {
+        for t in h.tokens {
             if let Some(e) = map.get(&t.sequence) {
-                let _ = e.tx.try_send(Event::Token(t.clone()));
+                let _ = e.tx.try_send(Event::Token(t));
             }
         }
         for err in &h.errors {
@@ -248,17 +248,8 @@ pub fn chat_prompt(shared: &Shared, messages: &[strata_model::Message]) -> Resul
             "a chat needs at least one message".into(),
         ));
     }
-    let t = &m.tokenizer;
-    let rendered = template
-        .render(
-            messages,
-            true,
-            &t.token_text(t.bos()),
-            &t.token_text(t.eos().first().copied()),
-        )
-        .map_err(|e| Error::InvalidRequest(format!("rendering the chat template: {e}")))?;
-    // The template writes BOS itself when the model wants one.
-    t.encode(&rendered, false)
+    template
+        .encode(&m.tokenizer, messages)
         .map_err(|e| Error::InvalidRequest(e.to_string()))
 }
 
@@ -365,22 +356,13 @@ pub async fn generate(
         Ok(None) => "cancelled",
         Err(_) => "failed",
     };
-    let decode_secs = tally
-        .first_token_at
-        .map_or(0.0, |t| t.elapsed().as_secs_f64());
     shared.metrics.finished(RequestRecord {
         id: job.id.clone(),
         started_unix_ms,
         prompt_tokens: job.prompt.len(),
         completion_tokens: tally.generated,
-        time_to_first_token_ms: tally
-            .first_token_at
-            .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3),
-        tokens_per_second: if tally.generated > 1 && decode_secs > 0.0 {
-            (tally.generated - 1) as f64 / decode_secs
-        } else {
-            0.0
-        },
+        time_to_first_token_ms: tally.time_to_first_token_ms(started),
+        tokens_per_second: tally.decode_tokens_per_second(),
         outcome: outcome.into(),
     });
     if let Err(e) = result {
@@ -394,6 +376,26 @@ pub async fn generate(
 struct Tally {
     generated: usize,
     first_token_at: Option<Instant>,
+}
+
+impl Tally {
+    /// From the request's arrival to its first token (0 when there was none).
+    fn time_to_first_token_ms(&self, started: Instant) -> f64 {
+        self.first_token_at
+            .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3)
+    }
+
+    /// Tokens per second after the first, until now.
+    fn decode_tokens_per_second(&self) -> f64 {
+        let secs = self
+            .first_token_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if self.generated > 1 && secs > 0.0 {
+            (self.generated - 1) as f64 / secs
+        } else {
+            0.0
+        }
+    }
 }
 
 fn logprob_of(t: &SampledToken) -> SampledLogprob {
@@ -583,19 +585,12 @@ async fn run_sequence(
             ..Default::default()
         };
         if let Some(reason) = finish {
-            let first_token_at = tally.first_token_at;
-            let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
             msg.finish_reason = reason as i32;
             msg.usage = Some(Usage {
                 prompt_tokens: job.prompt.len() as u32,
                 completion_tokens: generated as u32,
-                time_to_first_token_ms: first_token_at
-                    .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3),
-                decode_tokens_per_second: if generated > 1 && decode_secs > 0.0 {
-                    (generated - 1) as f64 / decode_secs
-                } else {
-                    0.0
-                },
+                time_to_first_token_ms: tally.time_to_first_token_ms(started),
+                decode_tokens_per_second: tally.decode_tokens_per_second(),
             });
             let _ = send(free(pipeline.epoch)).await;
             let _ = out.send(Ok(msg)).await;

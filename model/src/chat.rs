@@ -5,6 +5,7 @@
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 
 use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -55,6 +56,19 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         Ok(ChatTemplate { env })
+    }
+
+    /// The token ids of a conversation with the assistant's turn opened: rendered with the
+    /// tokenizer's BOS/EOS text, then tokenized without adding special tokens (a template
+    /// writes BOS itself when the model wants one).
+    pub fn encode(&self, tokenizer: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+        let rendered = self.render(
+            messages,
+            true,
+            &tokenizer.token_text(tokenizer.bos()),
+            &tokenizer.token_text(tokenizer.eos().first().copied()),
+        )?;
+        tokenizer.encode(&rendered, false)
     }
 
     /// Renders a conversation; `add_generation_prompt` opens the assistant's turn.

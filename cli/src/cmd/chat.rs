@@ -127,13 +127,7 @@ impl Backend {
                     tokenizer,
                     template,
                 } = local;
-                let rendered = template.render(
-                    messages,
-                    true,
-                    &tokenizer.token_text(tokenizer.bos()),
-                    &tokenizer.token_text(tokenizer.eos().first().copied()),
-                )?;
-                let prompt_ids = tokenizer.encode(&rendered, false)?;
+                let prompt_ids = template.encode(tokenizer, messages)?;
                 let context = pipeline.context_length();
                 if prompt_ids.len() >= context {
                     anyhow::bail!(

@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use strata_coordinator::planner::{self, Candidate, PlanOptions};
+use strata_coordinator::registry::state_name;
 use strata_coordinator::{profile, CoordinatorConfig};
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::inference_client::InferenceClient;
-use strata_proto::v1::{
-    DrainRequest, PlanRequest, PlanResponse, RemoveRequest, StatusRequest, WorkerState,
-};
+use strata_proto::v1::{DrainRequest, PlanRequest, PlanResponse, RemoveRequest, StatusRequest};
 use strata_worker::identity::{ClusterCa, JoinToken};
 use strata_worker::memory::parse_size;
 use strata_worker::WorkerConfig;
@@ -475,19 +474,6 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
             "memory_bytes": s.memory_bytes, "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token,
         })).collect::<Vec<_>>(),
     })
-}
-
-fn state_name(s: i32) -> &'static str {
-    match WorkerState::try_from(s) {
-        Ok(WorkerState::Discovered) => "discovered",
-        Ok(WorkerState::Idle) => "idle",
-        Ok(WorkerState::Loading) => "loading",
-        Ok(WorkerState::Ready) => "ready",
-        Ok(WorkerState::Draining) => "draining",
-        Ok(WorkerState::Dead) => "dead",
-        Ok(WorkerState::Refused) => "refused",
-        _ => "unknown",
-    }
 }
 
 pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {

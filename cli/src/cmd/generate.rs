@@ -131,14 +131,7 @@ pub fn prompt_ids(
         messages.push(Message::new("system", s));
     }
     messages.push(Message::new("user", text));
-    let rendered = template.render(
-        &messages,
-        true,
-        &tokenizer.token_text(tokenizer.bos()),
-        &tokenizer.token_text(tokenizer.eos().first().copied()),
-    )?;
-    // The template writes BOS itself when the model wants one.
-    Ok(tokenizer.encode(&rendered, false)?)
+    Ok(template.encode(tokenizer, &messages)?)
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
