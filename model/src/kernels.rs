@@ -1,5 +1,9 @@
-//! Matrix multiplication kernels for x86-64 CPUs with AVX2, FMA and F16C: packed Q4_0 and
-//! Q8_0, and F16 weights against F32 activations.
+//! Matrix multiplication kernels for x86-64 CPUs with AVX2, FMA and F16C: packed Q4_0,
+//! Q8_0 and Q4_K, and F16 weights against F32 activations; and portable dense F32.
+//!
+//! Every kernel here computes each output from its own activation row alone, in a fixed
+//! order: a row's result never depends on how many rows share the batch. Replaying a
+//! sequence in one prefill therefore rebuilds exactly the cache its decode steps built.
 //!
 //! Why our own kernel: candle's CPU path computes one dot product per (activation row,
 //! weight row) pair and so unpacks every 4-bit weight block again for each activation
@@ -414,6 +418,89 @@ impl F16Matrix {
             }
         });
     }
+}
+
+/// Whether our portable kernels are used (`STRATA_KERNELS=candle` opts out everywhere).
+pub fn portable_enabled() -> bool {
+    !std::env::var(KERNELS_ENV).is_ok_and(|v| v == "candle")
+}
+
+/// Dense F32 weights `[n, k]` against F32 activations, in portable code.
+///
+/// Why our own: candle's GEMM picks its blocking by the number of activation rows, so a
+/// row's result depends on which other rows share its batch. Here every output is one
+/// dot product in a fixed order, whatever the batch: a sequence replayed in one prefill
+/// gets bit for bit the keys and values that decoding it step by step produced.
+#[derive(Debug)]
+pub struct DenseMatrix {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl DenseMatrix {
+    /// Wraps row-major weights; gives them back when the shape is not supported.
+    pub fn new(data: Vec<f32>, n: usize, k: usize) -> Result<Self, Vec<f32>> {
+        if !portable_enabled() || !n.is_multiple_of(TILE) || data.len() != n * k {
+            return Err(data);
+        }
+        Ok(DenseMatrix { n, k, data })
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `row`: an embedding lookup.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.data[row * self.k..(row + 1) * self.k]);
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
+        let k = self.k;
+        for_each_tile(self.n, m, out, |t, tile_out| {
+            for a in 0..m {
+                let row = &x[a * k..(a + 1) * k];
+                for r in 0..TILE {
+                    let w = &self.data[(t * TILE + r) * k..(t * TILE + r + 1) * k];
+                    tile_out[a * TILE + r] = dot(row, w);
+                }
+            }
+        });
+    }
+}
+
+/// Lanes of the portable dot product: independent partial sums the compiler vectorizes.
+const LANES: usize = 8;
+
+/// `Σ a[i] · b[i]` in one fixed order (eight interleaved partial sums, then a fixed tree),
+/// so the same inputs give the same bits wherever they are computed.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
 /// One quantized activation row.

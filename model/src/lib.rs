@@ -13,7 +13,9 @@
 //! - [`format`]: the files, their tensor directories, reading one tensor by offset.
 //! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
 //! - [`kv`]: the KV cache, per sequence, per layer.
-//! - [`kernels`]: our packed Q4_0 matmul (AVX2), where candle's CPU kernels fall short.
+//! - [`kernels`]: our packed Q4_0/Q8_0/Q4_K and F16 matmuls (AVX2) and portable dense F32,
+//!   where candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both
+//!   are batch-invariant, so a replayed history rebuilds its caches bit for bit.
 //! - [`sampler`]: logits to tokens.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`pipeline`]: K stages in one process, and the generation loop.
@@ -26,6 +28,7 @@
 //! Python string methods) renders chat templates; `rand_chacha` gives a seeded random
 //! stream that is the same on every platform.
 
+mod attention;
 pub mod chat;
 pub mod config;
 pub mod error;

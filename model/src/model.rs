@@ -4,7 +4,8 @@
 //! first stage and the final norm and LM head when it is the last. One [`Stage::forward`]
 //! takes several sequences at once, each a chunk of new positions (a prefill chunk or one
 //! decode token): the projections and the MLP run as one matmul over all their rows;
-//! only attention, whose context differs per sequence, runs per sequence.
+//! only attention, whose context differs per sequence, runs per sequence. On the CPU every
+//! kernel is batch-invariant: a row's result does not depend on what shares its batch.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,10 +13,11 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::attention::{self, Heads, KvBuffer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
-use crate::kernels::{F16Matrix, QuantTiles, TileFormat};
+use crate::kernels::{DenseMatrix, F16Matrix, QuantTiles, TileFormat};
 use crate::kv::{KvCache, SeqId};
 
 /// Which part of the model a stage holds.
@@ -111,6 +113,7 @@ enum Matrix {
     Candle(QMatMul),
     Quant(Arc<QuantTiles>),
     F16(Arc<F16Matrix>),
+    Dense(Arc<DenseMatrix>),
 }
 
 impl Matrix {
@@ -122,6 +125,9 @@ impl Matrix {
                 own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out))
             }
             Matrix::F16(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
+            Matrix::Dense(t) => {
+                own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out))
+            }
         }
     }
 
@@ -135,6 +141,7 @@ impl Matrix {
                 gather_rows(ids, t.cols(), device, |id, row| t.dequantize_row(id, row))
             }
             Matrix::F16(t) => gather_rows(ids, t.cols(), device, |id, row| t.row(id, row)),
+            Matrix::Dense(t) => gather_rows(ids, t.cols(), device, |id, row| t.row(id, row)),
         }
     }
 }
@@ -211,6 +218,13 @@ fn matrix(weight: Weight, device: &Device) -> Result<Matrix> {
             }
         }
         Weight::Quantized(q) => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
+        Weight::Dense(t) if t.dtype() == DType::F32 && device.is_cpu() => match t.dims() {
+            &[n, k] => match DenseMatrix::new(t.flatten_all()?.to_vec1::<f32>()?, n, k) {
+                Ok(m) => Matrix::Dense(Arc::new(m)),
+                Err(_) => Matrix::Candle(QMatMul::Tensor(t)),
+            },
+            _ => Matrix::Candle(QMatMul::Tensor(t)),
+        },
         Weight::Dense(t) if t.dtype() == DType::F32 => Matrix::Candle(QMatMul::Tensor(t)),
         Weight::F16 { values, shape } => {
             let fallback = |values: Vec<half::f16>| -> Result<Matrix> {
@@ -279,8 +293,10 @@ struct BatchContext<'a> {
     cos: Tensor,
     sin: Tensor,
     /// Causal mask of each chunk of more than one position (built once, used by every
-    /// layer).
+    /// layer), for candle's attention.
     masks: Vec<Option<Tensor>>,
+    /// Attention runs in our portable CPU kernel (which needs no masks).
+    portable: bool,
 }
 
 /// A loaded slice of a model, ready to run forwards.
@@ -546,10 +562,11 @@ impl Stage {
         let pos = Tensor::from_vec(positions, (rows, 1), &self.device)?;
         let inv = Tensor::from_slice(&self.inv_freq, (1, half), &self.device)?;
         let angles = pos.broadcast_mul(&inv)?;
+        let portable = self.device.is_cpu() && crate::kernels::portable_enabled();
         let masks = chunks
             .iter()
             .map(|c| {
-                (c.len > 1)
+                (c.len > 1 && !portable)
                     .then(|| causal_mask(c.start, c.len, &self.device))
                     .transpose()
             })
@@ -560,6 +577,7 @@ impl Stage {
             cos: angles.cos()?,
             sin: angles.sin()?,
             masks,
+            portable,
         })
     }
 
@@ -600,11 +618,34 @@ impl Stage {
         let groups = heads / kv_heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outputs = Vec::with_capacity(ctx.chunks.len());
+        // On the CPU, our row-by-row attention (batch-invariant, no [n, n] scores); elsewhere
+        // candle's matmuls.
+        let q_rows = if ctx.portable {
+            Some(q.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
         for ((chunk, &offset), mask) in ctx.chunks.iter().zip(&ctx.offsets).zip(&ctx.masks) {
             let n = chunk.len;
             let k_new = k.narrow(1, offset, n)?;
             let v_new = v.narrow(1, offset, n)?;
             let (k_all, v_all) = cache.append(chunk.seq, b.layer, chunk.start, &k_new, &v_new)?;
+            if let Some(q_rows) = &q_rows {
+                let q_chunk: Vec<f32> = (0..heads)
+                    .flat_map(|h| &q_rows[(h * rows + offset) * hd..(h * rows + offset + n) * hd])
+                    .copied()
+                    .collect();
+                let shape = Heads {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                };
+                let out = with_kv(&k_all, &v_all, |keys, values| {
+                    attention::causal(&q_chunk, n, chunk.start, shape, keys, values, scale as f32)
+                })?;
+                outputs.push(Tensor::from_vec(out, (n, heads * hd), &self.device)?);
+                continue;
+            }
             let total = chunk.start + n;
             // Query heads that share a kv head sit next to each other, so grouping them
             // as rows of one matmul per kv head avoids copying the cache `groups` times.
@@ -635,6 +676,39 @@ impl Stage {
             .down
             .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
         Ok((x + mlp)?)
+    }
+}
+
+/// Runs `f` over the F32 storage of a sequence's key and value views (narrowed from
+/// `[kv_heads, capacity, head_dim]` buffers, so contiguous within each head).
+fn with_kv<R>(
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(KvBuffer<'_>, KvBuffer<'_>) -> R,
+) -> Result<R> {
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    fn buffer<'a>(
+        storage: &'a candle_core::Storage,
+        layout: &candle_core::Layout,
+    ) -> Option<KvBuffer<'a>> {
+        match storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => {
+                let stride = layout.stride();
+                (stride.len() == 3 && stride[2] == 1).then(|| KvBuffer {
+                    data: data.as_slice(),
+                    offset: layout.start_offset(),
+                    head_stride: stride[0],
+                })
+            }
+            _ => None,
+        }
+    }
+    match (buffer(&k_storage, k_layout), buffer(&v_storage, v_layout)) {
+        (Some(keys), Some(values)) => Ok(f(keys, values)),
+        _ => Err(Error::InvalidBatch(
+            "the KV cache is not F32 on the CPU".into(),
+        )),
     }
 }
 
