@@ -57,7 +57,7 @@ impl Api {
     ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
     {
         let logprobs = sampling.as_ref().is_some_and(|s| s.logprobs);
-        let sampling = strata_worker::stage::sampling_params(sampling.as_ref());
+        let sampling = strata_net::frame::sampling_params(sampling.as_ref());
         let rx = session::start(
             &self.shared,
             prompt,

@@ -8,7 +8,7 @@ pub enum Error {
     Model(#[from] strata_model::Error),
     /// Identity, transport or discovery failed.
     #[error(transparent)]
-    Worker(#[from] strata_worker::Error),
+    Net(#[from] strata_net::Error),
     /// The cluster cannot serve right now.
     #[error("{0}")]
     Unavailable(String),
@@ -26,7 +26,7 @@ pub enum Error {
     NoSuchWorker(String),
     /// A socket failed.
     #[error("network: {0}")]
-    Net(#[from] std::io::Error),
+    Io(#[from] std::io::Error),
     /// A gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),

@@ -601,7 +601,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     }
     m.active_sequences.set(shared.sessions.active() as i64);
     m.coordinator_resident
-        .set(strata_worker::memory::resident_bytes() as i64);
+        .set(strata_net::memory::resident_bytes() as i64);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -708,5 +708,5 @@ pub async fn serve(
     axum::serve(listener, router(shared))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(Error::Net)
+        .map_err(Error::Io)
 }

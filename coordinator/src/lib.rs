@@ -13,7 +13,7 @@
 //!
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
-//! via `strata-worker`'s transport, `axum` (the HTTP API), `prometheus` (see [`metrics`]).
+//! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see [`metrics`]).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -46,8 +46,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strata_model::{ChatTemplate, ModelFile, Tokenizer};
+use strata_net::identity::{ClusterCa, Identity, COORDINATOR_NAME};
 use strata_proto::v1::WireDType;
-use strata_worker::identity::{ClusterCa, Identity, COORDINATOR_NAME};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -137,7 +137,7 @@ impl ServedModel {
             meta.as_ref().map_or(0, |m| m.len()),
             meta.and_then(|m| m.modified().ok())
         );
-        let digest = strata_worker::identity::sha256_hex(stamp.as_bytes())[..16].to_string();
+        let digest = strata_net::identity::sha256_hex(stamp.as_bytes())[..16].to_string();
         let profile = profile::of_file(&name, &file);
         Ok(ServedModel {
             name,
@@ -234,7 +234,7 @@ pub async fn run(
     let identity = ca.issue_identity(COORDINATOR_NAME)?;
     let socket = std::net::UdpSocket::bind(SocketAddr::new(config.bind, config.data_port))?;
     let data_port = socket.local_addr()?.port();
-    let endpoint = strata_worker::transport::endpoint(socket, &identity)?;
+    let endpoint = strata_net::transport::endpoint(socket, &identity)?;
     let api_addr = listener.local_addr()?;
     let (pipeline, _) = watch::channel(None);
     let (outbox, outbox_rx) = tokio::sync::mpsc::channel(session::OUTBOX_QUEUE);
@@ -261,7 +261,7 @@ pub async fn run(
     });
     let tracker = TaskTracker::new();
     let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(session::TOKEN_QUEUE);
-    strata_worker::transport::spawn_acceptor(
+    strata_net::transport::spawn_acceptor(
         endpoint.clone(),
         frames_tx,
         shutdown.clone(),
@@ -291,7 +291,7 @@ pub async fn run(
         let ip = (!api_addr.ip().is_unspecified()).then_some(api_addr.ip());
         let instance = format!("strata-coordinator-{}", shared.ca.token().cluster_id());
         tracker.spawn(membership::browse(shared.clone()).instrument(tracing::info_span!("mdns")));
-        match strata_worker::discovery::announce(&instance, api_addr.port(), txt, ip) {
+        match strata_net::discovery::announce(&instance, api_addr.port(), txt, ip) {
             Ok(a) => Some(a),
             Err(e) => {
                 warn!(cause = %e, "could not announce over mDNS; workers must join with --coordinator");

@@ -6,10 +6,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
+use strata_net::identity::{sanitize_id, worker_name};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
 use strata_proto::v1::{HealthRequest, JoinRequest, JoinResponse, UnloadRequest, WorkerState};
 use strata_proto::PROTOCOL_VERSION;
-use strata_worker::identity::{sanitize_id, worker_name};
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{info, warn};
@@ -223,7 +223,7 @@ pub async fn heartbeats(shared: Arc<Shared>) {
 
 /// Records every Strata node mDNS shows, for the status.
 pub async fn browse(shared: Arc<Shared>) {
-    let mut seen = match strata_worker::discovery::browse(shared.cancel.child_token()) {
+    let mut seen = match strata_net::discovery::browse(shared.cancel.child_token()) {
         Ok(s) => s,
         Err(e) => {
             warn!(cause = %e, "cannot browse mDNS; workers must join with --coordinator");

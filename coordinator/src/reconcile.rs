@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_model::Slice;
+use strata_net::identity::{worker_name, COORDINATOR_NAME};
 use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::{
     ByteRange, FileData, LoadChunk, LoadHeader, SliceFile, UnloadRequest, WireRequest, WorkerState,
 };
 use strata_proto::PROTOCOL_VERSION;
-use strata_worker::identity::{worker_name, COORDINATOR_NAME};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -243,8 +243,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
             .ok_or_else(|| Error::Unavailable("stage 0 left".into()))?;
         (w.data_addr, worker_name(&w.info.id))
     };
-    let first =
-        strata_worker::transport::connect(&shared.endpoint, first_addr, &first_name).await?;
+    let first = strata_net::transport::connect(&shared.endpoint, first_addr, &first_name).await?;
     info!(epoch, "serving");
     Ok(Pipeline { epoch, plan, first })
 }
@@ -304,7 +303,7 @@ async fn load(
         epoch,
     };
     let (tx, rx) = mpsc::channel::<LoadChunk>(LOAD_QUEUE);
-    let mut bar = strata_worker::progress::Progress::bytes(
+    let mut bar = strata_net::progress::Progress::bytes(
         format!(
             "sending layers {}..{} to {worker}",
             held.layers.start, held.layers.end

@@ -9,9 +9,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strata_net::discovery::Seen;
 use strata_proto::v1::worker_control_client::WorkerControlClient;
 use strata_proto::v1::{WorkerInfo, WorkerState, WorkerStatus};
-use strata_worker::discovery::Seen;
 use tonic::transport::Channel;
 
 /// How often the coordinator asks each worker how it is.

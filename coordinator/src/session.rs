@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_model::{SamplingParams, StreamDecoder};
+use strata_net::frame::Frame;
 use strata_proto::v1::{
     FinishReason, FrameChunk, FrameHeader, FrameKind, GenerateResponse, SampledLogprob,
     SampledToken, TokenLogprob, Usage, WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
-use strata_worker::frame::Frame;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -172,7 +172,7 @@ pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) 
         for _ in 0..4 {
             tokio::task::yield_now().await;
             let before = batch.len();
-            while batch.len() < strata_worker::frame::MAX_CHUNKS {
+            while batch.len() < strata_net::frame::MAX_CHUNKS {
                 match outbox.try_recv() {
                     Ok(o) => batch.push(o),
                     Err(_) => break,
@@ -199,9 +199,7 @@ pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) 
                 ..Default::default()
             };
             debug!(sequences = seqs.len(), "to stage 0");
-            if let Err(e) =
-                strata_worker::transport::send_frame(&pipeline.first, &header, &[]).await
-            {
+            if let Err(e) = strata_net::transport::send_frame(&pipeline.first, &header, &[]).await {
                 let stage0 = pipeline
                     .plan
                     .stages
@@ -458,7 +456,7 @@ async fn run_sequence(
         let conn = pipeline.first.clone();
         let stage0 = stage0.clone();
         async move {
-            strata_worker::transport::send_frame(&conn, &h, &[])
+            strata_net::transport::send_frame(&conn, &h, &[])
                 .await
                 .map_err(|e| {
                     Error::WorkerFailed(format!("stage 0 (worker {stage0}) is unreachable: {e}"))
@@ -490,7 +488,7 @@ async fn run_sequence(
         start: 0,
         length: job.prompt.len() as u32,
         token_ids: job.prompt.clone(),
-        sampling: Some(strata_worker::stage::wire_sampling(&job.sampling)),
+        sampling: Some(strata_net::frame::wire_sampling(&job.sampling)),
     })
     .await?;
     let tokenizer = &shared.model.tokenizer;

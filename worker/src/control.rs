@@ -24,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
 
-use crate::frame::parse_wire_dtype;
-use crate::progress::Progress;
+use strata_net::frame::parse_wire_dtype;
+use strata_net::progress::Progress;
+use strata_net::{memory, transport};
+
 use crate::stage::{Command, Outgoing, StageHandle, Wiring};
-use crate::{memory, transport};
 
 /// Frames waiting to go to the next hop.
 const OUTGOING_QUEUE: usize = 256;

@@ -1,22 +1,17 @@
 //! `strata-worker`: everything a machine that holds a slice of the model runs.
 //!
-//! - [`identity`]: the join token, the cluster CA, certificates, mutual-TLS configs;
-//! - [`discovery`]: mDNS announce and browse (`_strata._udp.local.`);
-//! - [`frame`] and [`transport`]: the QUIC data plane (shared with the coordinator);
 //! - [`stage`]: the compute thread that batches frames through the slice;
 //! - [`control`]: the `WorkerControl` gRPC service the coordinator drives;
-//! - [`speed`] and [`memory`]: what the worker measures about its machine;
-//! - [`progress`]: bars (or log lines) for loads, shared with the coordinator and CLI;
+//! - [`speed`]: what the worker measures about its machine;
 //! - [`run`]: join a cluster and serve until cancelled.
+//!
+//! Identity, the QUIC transport, frames and discovery are `strata-net`'s, shared with the
+//! coordinator as a peer.
 //!
 //! It never plans, never tokenizes, and never talks to clients: that is the coordinator's.
 //!
-//! Dependencies, and why: `quinn` (QUIC: streams without head-of-line blocking, idle
-//! timeouts for failure detection) over `rustls` with the `ring` provider (no C toolchain
-//! beyond `cc`); `rcgen` (the cluster CA and certificate requests); `hmac`/`sha2` (token
-//! proofs, fingerprints); `tonic` (the control service, mutual TLS); `mdns-sd` (pure-Rust
-//! mDNS responder and browser that shares port 5353 with avahi/mDNSResponder); `indicatif`
-//! (progress bars that share the terminal with logs).
+//! Dependencies, and why: `strata-net` (identity, QUIC, frames, mDNS); `tonic` (the
+//! control service, mutual TLS); `candle-core` (the device a slice runs on).
 //!
 //! Choices where the design was silent: a worker's id defaults to its host name (the
 //! coordinator adds `-2`, `-3` when taken); it keeps no copy of its slice on disk once
@@ -24,15 +19,9 @@
 //! that has not heard from its coordinator for 15 s looks for it again and rejoins.
 
 pub mod control;
-pub mod discovery;
 pub mod error;
-pub mod frame;
-pub mod identity;
-pub mod memory;
-pub mod progress;
 pub mod speed;
 pub mod stage;
-pub mod transport;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -49,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 pub use error::{Error, Result};
-use identity::{JoinToken, PendingKey};
+use strata_net::identity::{self, JoinToken, PendingKey};
+use strata_net::{discovery, memory, transport};
 
 /// A worker that has not heard from its coordinator for this long rejoins.
 pub const COORDINATOR_SILENCE: Duration = Duration::from_secs(15);
@@ -351,7 +341,7 @@ async fn find_coordinator(config: &WorkerConfig) -> Result<String> {
             return Ok(addr);
         }
     }
-    Err(Error::Mdns("the mDNS browser stopped".into()))
+    Err(strata_net::Error::Mdns("the mDNS browser stopped".into()).into())
 }
 
 /// Asks the coordinator at `address` to admit this worker.

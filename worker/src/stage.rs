@@ -9,16 +9,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
-use strata_model::{Chunk, KvCache, Sampler, SamplingParams, Stage, StageInput, StageOutput};
+use strata_model::{Chunk, KvCache, Sampler, Stage, StageInput, StageOutput};
 use strata_proto::v1::{
-    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, TokenLogprob,
-    WireDType,
+    FrameChunk, FrameHeader, FrameKind, SampledToken, SequenceError, TokenLogprob, WireDType,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::frame::{self, Frame};
+use strata_net::frame::{self, sampling_params, Frame};
 
 /// Most rows one batched forward takes; more waiting frames go into the next batch.
 pub const MAX_BATCH_ROWS: usize = 2048;
@@ -141,46 +140,6 @@ struct Runtime {
     stats: Arc<StageStats>,
     loaded: Option<Loaded>,
     wiring: Option<Wiring>,
-}
-
-/// Sampling parameters from their wire form; zero fields mean the defaults.
-pub fn sampling_params(s: Option<&Sampling>) -> SamplingParams {
-    let d = SamplingParams::default();
-    let Some(s) = s else { return d };
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: if s.top_p > 0.0 { s.top_p } else { 1.0 },
-        min_p: s.min_p,
-        repeat_penalty: if s.repeat_penalty > 0.0 {
-            s.repeat_penalty
-        } else {
-            1.0
-        },
-        repeat_window: if s.repeat_window > 0 {
-            s.repeat_window as usize
-        } else {
-            d.repeat_window
-        },
-        seed: s.seed,
-        top_logprobs: s.top_logprobs as usize,
-        ..d
-    }
-}
-
-/// Sampling parameters in their wire form.
-pub fn wire_sampling(p: &SamplingParams) -> Sampling {
-    Sampling {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repeat_penalty: p.repeat_penalty,
-        repeat_window: p.repeat_window as u32,
-        seed: p.seed,
-        logprobs: false,
-        top_logprobs: p.top_logprobs as u32,
-    }
 }
 
 impl Runtime {

@@ -10,7 +10,7 @@ use candle_core::Device;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use strata_model::{GenerateRequest, LocalPipeline, ModelFile, Role};
-use strata_worker::progress::Progress;
+use strata_net::progress::Progress;
 
 use super::{human_bytes, peak_rss_bytes};
 

@@ -14,7 +14,7 @@ use clap::Args;
 use strata_model::{
     ChatTemplate, GenerateRequest, LocalPipeline, Message, ModelFile, StreamDecoder, Tokenizer,
 };
-use strata_worker::progress::Progress;
+use strata_net::progress::Progress;
 
 use super::generate::SamplingArgs;
 
@@ -92,7 +92,7 @@ impl Backend {
                         })
                         .collect(),
                     max_tokens: a.max_tokens as u32,
-                    sampling: Some(strata_worker::stage::wire_sampling(&a.sampling.params())),
+                    sampling: Some(strata_net::frame::wire_sampling(&a.sampling.params())),
                     ..Default::default()
                 };
                 let mut stream = client.chat(request).await?.into_inner();

@@ -10,11 +10,11 @@ use clap::{Args, Subcommand};
 use strata_coordinator::planner::{self, Candidate, PlanOptions};
 use strata_coordinator::registry::state_name;
 use strata_coordinator::{profile, CoordinatorConfig};
+use strata_net::identity::{ClusterCa, JoinToken};
+use strata_net::memory::parse_size;
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::inference_client::InferenceClient;
 use strata_proto::v1::{DrainRequest, PlanRequest, PlanResponse, RemoveRequest, StatusRequest};
-use strata_worker::identity::{ClusterCa, JoinToken};
-use strata_worker::memory::parse_size;
 use strata_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -124,7 +124,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     println!("join token: {token}");
     println!("  on each machine: strata worker --token {token}");
-    let dtype = strata_worker::frame::parse_wire_dtype(&a.wire_dtype)
+    let dtype = strata_net::frame::parse_wire_dtype(&a.wire_dtype)
         .with_context(|| format!("--wire-dtype {}: use f16, bf16 or f32", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
     // An empty key (STRATA_API_KEY= in a config file) means none, not the empty string.

@@ -19,8 +19,8 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use strata_coordinator::CoordinatorConfig;
 use strata_model::SamplingParams;
+use strata_net::identity::ClusterCa;
 use strata_proto::v1::{ChatMessage, ChatRequest, StatusRequest, WorkerState};
-use strata_worker::identity::ClusterCa;
 use strata_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -251,7 +251,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             .chat(ChatRequest {
                 messages: vec![ChatMessage { role: "user".into(), content: a.prompt.clone() }],
                 max_tokens: a.max_tokens as u32,
-                sampling: Some(strata_worker::stage::wire_sampling(&sampling)),
+                sampling: Some(strata_net::frame::wire_sampling(&sampling)),
                 ..Default::default()
             })
             .await?

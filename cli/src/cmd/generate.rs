@@ -12,7 +12,7 @@ use strata_model::{
     ChatTemplate, GenerateRequest, LocalPipeline, Message, ModelFile, SamplingParams,
     StreamDecoder, Tokenizer,
 };
-use strata_worker::progress::Progress;
+use strata_net::progress::Progress;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -250,7 +250,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
 /// `strata generate --coordinator`: the same request through the cluster's gRPC API.
 fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
     use strata_proto::v1::{ChatMessage, ChatRequest, FinishReason, GenerateRequest as Req};
-    let sampling = Some(strata_worker::stage::wire_sampling(&a.sampling.params()));
+    let sampling = Some(strata_net::frame::wire_sampling(&a.sampling.params()));
     let rt = super::cluster::runtime()?;
     rt.block_on(async {
         let t0 = Instant::now();

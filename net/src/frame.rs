@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use prost::Message;
-use strata_proto::v1::{FrameHeader, FrameKind, WireDType};
+use strata_model::SamplingParams;
+use strata_proto::v1::{FrameHeader, FrameKind, Sampling, WireDType};
 use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION};
 
 /// Most sequence chunks in one frame.
@@ -187,6 +188,46 @@ pub fn wire_to_tensor(
         _ => DType::F32,
     };
     Tensor::from_raw_buffer(bytes, dt, &[rows, hidden], device)?.to_dtype(DType::F32)
+}
+
+/// Sampling parameters from their wire form; zero fields mean the defaults.
+pub fn sampling_params(s: Option<&Sampling>) -> SamplingParams {
+    let d = SamplingParams::default();
+    let Some(s) = s else { return d };
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: if s.top_p > 0.0 { s.top_p } else { 1.0 },
+        min_p: s.min_p,
+        repeat_penalty: if s.repeat_penalty > 0.0 {
+            s.repeat_penalty
+        } else {
+            1.0
+        },
+        repeat_window: if s.repeat_window > 0 {
+            s.repeat_window as usize
+        } else {
+            d.repeat_window
+        },
+        seed: s.seed,
+        top_logprobs: s.top_logprobs as usize,
+        ..d
+    }
+}
+
+/// Sampling parameters in their wire form.
+pub fn wire_sampling(p: &SamplingParams) -> Sampling {
+    Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_window: p.repeat_window as u32,
+        seed: p.seed,
+        logprobs: false,
+        top_logprobs: p.top_logprobs as u32,
+    }
 }
 
 #[cfg(test)]
