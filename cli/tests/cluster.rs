@@ -1,13 +1,13 @@
 //! A real cluster on loopback: `strata serve` and three `strata worker` processes. The
 //! greedy tokens through the gRPC API must equal `strata generate --stages 1`; a worker
-//! that dies is detected, its requests fail promptly naming it, and the cluster re-plans;
-//! a worker with a wrong token is refused; drain re-plans while the cluster keeps serving.
+//! with a wrong token is refused; drain re-plans while the cluster keeps serving. (A worker
+//! that dies mid-answer: `resilience.rs`.)
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::*;
 use common::*;
@@ -28,7 +28,7 @@ fn check_same_tokens(cluster: &TestCluster, model: &std::path::Path) {
 }
 
 /// Workers that report equal speeds get equal shares (2 layers each of 6): the stage
-/// boundaries, where activations are rounded to F16 on the default wire, never move.
+/// boundaries never move.
 fn equal_speeds() -> ClusterOptions {
     ClusterOptions {
         worker_args: vec!["--speed".into(), "1e9".into()],
@@ -76,75 +76,6 @@ fn three_loopback_workers_match_one_process_for_f16_safetensors() {
     );
     let cluster = TestCluster::start(&model, &equal_speeds());
     three_distinct_stages(&cluster.wait_serving(3));
-    check_same_tokens(&cluster, &model);
-}
-
-#[test]
-fn a_dead_worker_fails_its_requests_promptly_and_the_rest_keep_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
-    let mut cluster = TestCluster::start(&model, &exact_wire());
-    let status = cluster.wait_serving(3);
-    // Each worker measured its own speed with a real layer forward.
-    for w in status["workers"].as_array().unwrap() {
-        assert!(w["speed_bytes_per_second"].as_f64().unwrap() > 1e6, "{w:#}");
-    }
-    let middle = status["plan"]["stages"][1]["worker"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    // A long generation is in flight when the middle stage's process dies.
-    let mut long = Proc::spawn("long request", {
-        let mut c = strata();
-        c.args([
-            "generate",
-            "--coordinator",
-            &cluster.api,
-            "--prompt",
-            "hello",
-            "--max-tokens",
-            "100000",
-            "--ignore-eos",
-            "--json",
-        ]);
-        c
-    });
-    cluster.wait_status("a sequence in flight", Duration::from_secs(30), |s| {
-        s["active_sequences"] == 1
-    });
-    let killed_at = Instant::now();
-    let victim = cluster
-        .workers
-        .iter_mut()
-        .find(|w| w.name == middle)
-        .unwrap();
-    victim.kill();
-    let exit = long.wait_exit(Duration::from_secs(15));
-    let failed_after = killed_at.elapsed();
-    assert!(!exit.success(), "the request should fail");
-    let out = long.output();
-    assert!(
-        out.contains(&format!("worker {middle}")),
-        "the error should name the worker: {out}"
-    );
-    assert!(
-        failed_after < Duration::from_secs(10),
-        "failed after {failed_after:?}"
-    );
-    eprintln!("request failed {failed_after:?} after the worker died");
-    // The status shows it dead, and the other two (which hold the model) serve again.
-    let status = cluster.wait_serving(2);
-    let dead = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == middle.as_str())
-        .unwrap();
-    assert_eq!(dead["state"], "dead");
     check_same_tokens(&cluster, &model);
 }
 
@@ -303,9 +234,9 @@ fn eight_concurrent_clients_get_complete_correct_streams() {
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("client {i} says hello {}", "again ".repeat(i)))
         .collect();
-    // With F32 activations on the wire, batching and pipelining change nothing: every
-    // stream equals the single-process run.
-    let exact = TestCluster::start(&model, &exact_wire());
+    // With F32 activations on the wire (the default), batching and pipelining change
+    // nothing: every stream equals the single-process run.
+    let exact = TestCluster::start(&model, &ClusterOptions::default());
     exact.wait_serving(3);
     let local: Vec<Vec<u64>> = prompts
         .iter()
@@ -318,9 +249,13 @@ fn eight_concurrent_clients_get_complete_correct_streams() {
         .collect();
     assert_eq!(concurrent_generate(&exact, &prompts), local);
     drop(exact);
-    // With the default F16 wire, rounding the activations may move a near-tie, but batching
+    // With the opt-in F16 wire, rounding the activations may move a near-tie, but batching
     // must not: eight at once give exactly what each gives alone on the same cluster.
-    let cluster = TestCluster::start(&model, &ClusterOptions::default());
+    let f16 = ClusterOptions {
+        serve_args: vec!["--wire-dtype".into(), "f16".into()],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(&model, &f16);
     cluster.wait_serving(3);
     let alone: Vec<Vec<u64>> = prompts
         .iter()

@@ -12,14 +12,19 @@ use strata_proto::v1::{
     ChatRequest, DrainRequest, DrainResponse, GenerateRequest, GenerateResponse, JoinRequest,
     JoinResponse, ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse,
     ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest, RemoveResponse, Sampling,
-    StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse,
+    StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse, WorkerInfo,
+    WorkerState as ProtoWorkerState, WorkerStatus,
 };
+use strata_proto::v1::{FinishReason as ProtoFinish, SampledLogprob, TokenLogprob, Usage};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
 use crate::planner::{self, Candidate, Plan, Shortfall};
+use crate::registry::{Registry, Worker, WorkerState};
+use crate::sequence::{Delta, FinishReason, SequenceRequest};
 use crate::session;
 use crate::{membership, profile, reconcile, Shared};
 
@@ -54,36 +59,89 @@ impl Api {
         sampling: Option<Sampling>,
         stop: Vec<String>,
         ignore_eos: bool,
-    ) -> std::result::Result<ReceiverStream<std::result::Result<GenerateResponse, Status>>, Status>
-    {
+    ) -> std::result::Result<TokenStream, Status> {
         let logprobs = sampling.as_ref().is_some_and(|s| s.logprobs);
         let sampling = strata_net::frame::sampling_params(sampling.as_ref());
-        let rx = session::start(
+        let answer = session::start(
             &self.shared,
-            prompt,
-            max_tokens as usize,
-            sampling,
-            stop,
-            ignore_eos,
-            logprobs,
+            SequenceRequest {
+                prompt,
+                max_tokens: max_tokens as usize,
+                sampling,
+                stop,
+                ignore_eos,
+                logprobs,
+            },
         )?;
+        // Deltas become GenerateResponses here, at the edge; a client that leaves drops
+        // the stream, which ends the relay and so cancels the sequence.
+        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+        let id = answer.id;
+        let mut deltas = answer.deltas;
+        tokio::spawn(async move {
+            while let Some(d) = deltas.recv().await {
+                let msg = d.map(|d| response(&id, d)).map_err(Status::from);
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
         Ok(ReceiverStream::new(rx))
     }
 
     fn check_model(&self, model: &str) -> std::result::Result<(), Status> {
-        if !model.is_empty() && model != self.shared.model.name {
+        if !model.is_empty() && model != self.shared.model().name {
             return Err(Status::not_found(format!(
                 "this cluster serves `{}`, not `{model}`",
-                self.shared.model.name
+                self.shared.model().name
             )));
         }
         Ok(())
     }
 }
 
+/// Streamed responses waiting for a slow client.
+const RELAY_QUEUE: usize = 16;
+
+/// One delta as the gRPC API sends it.
+fn response(id: &str, d: Delta) -> GenerateResponse {
+    let (finish_reason, usage) = match d.finish {
+        Some((reason, u)) => (
+            match reason {
+                FinishReason::Stop => ProtoFinish::Stop,
+                FinishReason::Length => ProtoFinish::Length,
+                FinishReason::ContextFull => ProtoFinish::Context,
+            } as i32,
+            Some(Usage {
+                prompt_tokens: u.prompt_tokens as u32,
+                completion_tokens: u.completion_tokens as u32,
+                time_to_first_token_ms: u.time_to_first_token_ms,
+                decode_tokens_per_second: u.decode_tokens_per_second,
+            }),
+        ),
+        None => (0, None),
+    };
+    let logprob = |&(token_id, logprob): &(u32, f32)| TokenLogprob { token_id, logprob };
+    GenerateResponse {
+        text: d.text,
+        token_ids: vec![d.token],
+        request_id: id.to_string(),
+        logprobs: d
+            .logprob
+            .iter()
+            .map(|l| SampledLogprob {
+                token: Some(logprob(&l.token)),
+                top: l.top.iter().map(logprob).collect(),
+            })
+            .collect(),
+        finish_reason,
+        usage,
+    }
+}
+
 /// The served model, as the APIs describe it.
 pub fn model_info(shared: &Shared) -> ModelInfo {
-    let m = &shared.model;
+    let m = shared.model();
     let c = m.file.config();
     ModelInfo {
         id: m.name.clone(),
@@ -91,24 +149,112 @@ pub fn model_info(shared: &Shared) -> ModelInfo {
         layers: c.num_layers as u32,
         context_length: c.max_position_embeddings as u32,
         weight_bytes: m.profile.weight_bytes(),
-        ready: shared.pipeline.borrow().is_some(),
+        ready: shared.serving().is_serving(),
+    }
+}
+
+/// The workers as the API lists them: admitted ones, then nodes seen over mDNS that
+/// never joined, then recent refusals.
+pub(crate) fn worker_rows(r: &Registry) -> Vec<WorkerStatus> {
+    let mut out: Vec<WorkerStatus> = r.workers.values().map(worker_row).collect();
+    for s in r.strangers() {
+        let parse = |k: &str| s.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        out.push(WorkerStatus {
+            info: Some(WorkerInfo {
+                id: s.get("id").unwrap_or(&s.instance).to_string(),
+                device: s.get("device").unwrap_or("").to_string(),
+                memory_budget: parse("mem"),
+                speed_bytes_per_second: parse("speed") as f64,
+                data_port: parse("data") as u32,
+                control_port: parse("control") as u32,
+                version: s.get("v").unwrap_or("").to_string(),
+                key_fingerprint: s.get("fpr").unwrap_or("").to_string(),
+                addresses: s.addresses.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            }),
+            state: ProtoWorkerState::Discovered as i32,
+            address: s
+                .addresses
+                .first()
+                .map(|a| format!("{a}:{}", parse("control")))
+                .unwrap_or_default(),
+            stage: -1,
+            detail: "seen over mDNS, not joined (does it have this cluster's token?)".into(),
+            ..Default::default()
+        });
+    }
+    for refusal in &r.refusals {
+        if r.workers.contains_key(&refusal.id) {
+            continue;
+        }
+        out.push(WorkerStatus {
+            info: Some(WorkerInfo {
+                id: refusal.id.clone(),
+                ..Default::default()
+            }),
+            state: ProtoWorkerState::Refused as i32,
+            address: refusal.from.clone(),
+            stage: -1,
+            detail: refusal.reason.clone(),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+fn worker_row(w: &Worker) -> WorkerStatus {
+    let p = &w.profile;
+    let h = &w.health;
+    WorkerStatus {
+        info: Some(WorkerInfo {
+            id: p.id.clone(),
+            hostname: p.hostname.clone(),
+            device: p.device.clone(),
+            memory_budget: p.memory_budget,
+            speed_bytes_per_second: p.speed,
+            data_port: u32::from(w.data_addr.port()),
+            control_port: u32::from(w.control_addr.port()),
+            version: p.version.clone(),
+            protocol_version: strata_proto::PROTOCOL_VERSION,
+            key_fingerprint: p.key_fingerprint.clone(),
+            addresses: p.addresses.clone(),
+        }),
+        state: w.state.to_proto() as i32,
+        address: w.control_addr.to_string(),
+        stage: w.stage.map_or(-1, |s| s as i32),
+        layer_start: w.held.as_ref().map_or(0, |h| h.layers.start as u32),
+        layer_end: w.held.as_ref().map_or(0, |h| h.layers.end as u32),
+        load_bytes_done: w.load_done.load(std::sync::atomic::Ordering::Relaxed),
+        load_bytes_total: w.load_total,
+        resident_bytes: h.resident,
+        peak_resident_bytes: h.peak,
+        last_seen_ms: w.last_seen.elapsed().as_millis() as u64,
+        detail: if w.state == WorkerState::Drained && w.detail.is_empty() {
+            "drained: released from the plan (`strata cluster remove` forgets it)".into()
+        } else {
+            w.detail.clone()
+        },
+        sequences: h.sequences,
+        compute_seconds: h.compute_seconds,
+        network_seconds: h.network_seconds,
+        forwards: h.forwards,
     }
 }
 
 /// The cluster's status: model, workers, the plan in force.
 pub fn status(shared: &Shared) -> StatusResponse {
-    let pipeline = shared.pipeline.borrow().clone();
-    let plan = pipeline
-        .as_ref()
-        .map(|p| plan_response(&shared.model.name, Ok(p.plan.clone()), p.epoch));
+    let serving = shared.serving();
+    let plan = serving
+        .pipeline()
+        .map(|p| plan_response(&shared.model().name, Ok(p.plan.clone()), p.epoch));
     StatusResponse {
         model: Some(model_info(shared)),
-        workers: shared.registry().statuses(),
+        workers: worker_rows(&shared.registry()),
         plan,
-        serving: pipeline.is_some(),
-        active_sequences: shared.sessions.active() as u32,
-        cluster_id: shared.ca.token().cluster_id().to_string(),
-        detail: shared.detail(),
+        serving: serving.is_serving(),
+        active_sequences: shared.sessions().active() as u32,
+        cluster_id: shared.ca().token().cluster_id().to_string(),
+        detail: serving.detail(),
     }
 }
 
@@ -127,7 +273,7 @@ impl Inference for Api {
         let r = req.into_inner();
         self.check_model(&r.model)?;
         let prompt = if !r.prompt_ids.is_empty() {
-            let vocab = self.shared.model.file.config().vocab_size as u32;
+            let vocab = self.shared.model().file.config().vocab_size as u32;
             if let Some(bad) = r.prompt_ids.iter().find(|&&t| t >= vocab) {
                 return Err(Status::invalid_argument(format!(
                     "prompt id {bad} is outside the vocabulary of {vocab} tokens"
@@ -136,7 +282,7 @@ impl Inference for Api {
             r.prompt_ids
         } else {
             self.shared
-                .model
+                .model()
                 .tokenizer
                 .encode(&r.prompt, !r.no_special_tokens)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?
@@ -178,7 +324,7 @@ impl Inference for Api {
     ) -> std::result::Result<Response<TokenizeResponse>, Status> {
         self.check_key(&req)?;
         let r = req.into_inner();
-        let t = &self.shared.model.tokenizer;
+        let t = &self.shared.model().tokenizer;
         let ids = t
             .encode(&r.text, r.add_bos)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -259,7 +405,7 @@ impl Cluster for Api {
         self.check_key(&req)?;
         let r = req.into_inner();
         let profile = if r.model_spec.is_empty() {
-            self.shared.model.profile.clone()
+            self.shared.model().profile.clone()
         } else {
             profile::of_spec(&r.model_spec)?
         };
@@ -268,7 +414,7 @@ impl Cluster for Api {
                 reconcile::plan_now(&self.shared)
             } else {
                 let live = reconcile::candidates(&self.shared);
-                planner::plan(&profile, &live, &self.shared.config.plan)
+                planner::plan(&profile, &live, &self.shared.config().plan)
             }
         } else {
             let paper: Vec<Candidate> = r
@@ -280,7 +426,7 @@ impl Cluster for Api {
                     speed: w.speed_bytes_per_second,
                 })
                 .collect();
-            planner::plan(&profile, &paper, &self.shared.config.plan)
+            planner::plan(&profile, &paper, &self.shared.config().plan)
         };
         Ok(Response::new(plan_response(&profile.name, result, 0)))
     }
@@ -291,7 +437,7 @@ impl Cluster for Api {
     ) -> std::result::Result<Response<ListWorkersResponse>, Status> {
         self.check_key(&req)?;
         Ok(Response::new(ListWorkersResponse {
-            workers: self.shared.registry().statuses(),
+            workers: worker_rows(&self.shared.registry()),
         }))
     }
 

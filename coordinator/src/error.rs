@@ -18,9 +18,9 @@ pub enum Error {
     /// A model spec for planning on paper is unknown.
     #[error("{0}")]
     UnknownSpec(String),
-    /// A worker failed while serving a request.
-    #[error("{0}")]
-    WorkerFailed(String),
+    /// An answer failed while it was generated.
+    #[error(transparent)]
+    Sequence(#[from] crate::sequence::SequenceError),
     /// No worker with that id.
     #[error("no worker `{0}`; `strata cluster status` lists them")]
     NoSuchWorker(String),
@@ -40,7 +40,7 @@ impl From<Error> for tonic::Status {
                 tonic::Status::invalid_argument(msg)
             }
             Error::NoSuchWorker(_) => tonic::Status::not_found(msg),
-            Error::Unavailable(_) | Error::WorkerFailed(_) => tonic::Status::unavailable(msg),
+            Error::Unavailable(_) | Error::Sequence(_) => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }
     }

@@ -17,12 +17,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::{Message, SamplingParams};
-use strata_proto::v1::{FinishReason, GenerateResponse, SampledLogprob, TokenLogprob};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::registry::state_name;
+use crate::sequence::{Delta, FinishReason, SequenceRequest, TokenLogprob, Usage};
 use crate::{session, Shared};
 
 /// An OpenAI-shaped error.
@@ -55,9 +55,14 @@ impl From<Error> for ApiError {
             Error::InvalidRequest(m) | Error::UnknownSpec(m) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m)
             }
-            Error::Unavailable(m) | Error::WorkerFailed(m) => {
+            Error::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m)
             }
+            Error::Sequence(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                e.to_string(),
+            ),
             other => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -65,20 +70,6 @@ impl From<Error> for ApiError {
             ),
         }
     }
-}
-
-fn from_status(s: &tonic::Status) -> ApiError {
-    let status = match s.code() {
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    let kind = if status == StatusCode::BAD_REQUEST {
-        "invalid_request_error"
-    } else {
-        "server_error"
-    };
-    ApiError::new(status, kind, s.message())
 }
 
 /// `stop`: one string or several.
@@ -131,6 +122,9 @@ struct Common {
     logprobs: Option<Value>,
     /// Chat: alternatives per token (0..=20), with `logprobs: true`.
     top_logprobs: Option<u32>,
+    /// Keep generating past end-of-sequence tokens (as vLLM's server has it).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,11 +201,11 @@ impl Common {
 
     fn check(&self, shared: &Shared) -> std::result::Result<(), ApiError> {
         if let Some(m) = &self.model {
-            if !m.is_empty() && m != &shared.model.name {
+            if !m.is_empty() && m != &shared.model().name {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",
-                    format!("this cluster serves `{}`, not `{m}`", shared.model.name),
+                    format!("this cluster serves `{}`, not `{m}`", shared.model().name),
                 ));
             }
         }
@@ -240,16 +234,20 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn finish_name(code: i32) -> Option<&'static str> {
-    match FinishReason::try_from(code) {
-        Ok(FinishReason::Stop) => Some("stop"),
-        Ok(FinishReason::Length) | Ok(FinishReason::Context) => Some("length"),
-        _ => None,
-    }
+fn finish_name(d: &Delta) -> Option<&'static str> {
+    d.finish.map(|(reason, _)| match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::ContextFull => "length",
+    })
 }
 
-fn usage_json(m: &GenerateResponse) -> Value {
-    let u = m.usage.unwrap_or_default();
+fn usage_json(d: &Delta) -> Value {
+    let u = d.finish.map(|(_, u)| u).unwrap_or(Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        time_to_first_token_ms: 0.0,
+        decode_tokens_per_second: 0.0,
+    });
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
            "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
@@ -266,33 +264,32 @@ struct LogprobText {
 impl LogprobText {
     fn text(&self, id: u32) -> String {
         self.shared
-            .model
+            .model()
             .tokenizer
             .decode(&[id], false)
             .unwrap_or_default()
     }
 
-    fn json(&self, steps: &[SampledLogprob]) -> Value {
+    fn json(&self, steps: &[TokenLogprob]) -> Value {
         if !self.on {
             return Value::Null;
         }
-        let entry = |t: &TokenLogprob| {
-            let text = self.text(t.token_id);
-            json!({"token": text, "logprob": t.logprob, "bytes": text.as_bytes()})
+        let entry = |&(id, logprob): &(u32, f32)| {
+            let text = self.text(id);
+            json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
         };
         match self.kind {
             Kind::Chat => json!({"content": steps
                 .iter()
-                .filter_map(|s| {
-                    let mut e = entry(s.token.as_ref()?);
+                .map(|s| {
+                    let mut e = entry(&s.token);
                     e["top_logprobs"] = s.top.iter().map(entry).collect();
-                    Some(e)
+                    e
                 })
                 .collect::<Vec<_>>()}),
             Kind::Text => {
-                let chosen: Vec<&TokenLogprob> =
-                    steps.iter().filter_map(|s| s.token.as_ref()).collect();
-                let texts: Vec<String> = chosen.iter().map(|t| self.text(t.token_id)).collect();
+                let chosen: Vec<(u32, f32)> = steps.iter().map(|s| s.token).collect();
+                let texts: Vec<String> = chosen.iter().map(|t| self.text(t.0)).collect();
                 let offsets: Vec<usize> = texts
                     .iter()
                     .scan(0usize, |at, t| {
@@ -304,11 +301,11 @@ impl LogprobText {
                 json!({
                     "text_offset": offsets,
                     "tokens": texts,
-                    "token_logprobs": chosen.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "token_logprobs": chosen.iter().map(|t| t.1).collect::<Vec<_>>(),
                     "top_logprobs": steps.iter().map(|s| s
                         .top
                         .iter()
-                        .map(|t| (self.text(t.token_id), json!(t.logprob)))
+                        .map(|t| (self.text(t.0), json!(t.1)))
                         .collect::<serde_json::Map<_, _>>())
                         .collect::<Vec<_>>(),
                 })
@@ -338,19 +335,22 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let model = shared.model.name.clone();
+    let model = shared.model().name.clone();
     let (logprobs, top_logprobs) = common.logprobs()?;
     let mut sampling = common.sampling();
     sampling.top_logprobs = top_logprobs;
-    let mut rx = session::start(
+    let answer = session::start(
         &shared,
-        prompt,
-        max,
-        sampling,
-        common.stops(),
-        false,
-        logprobs,
+        SequenceRequest {
+            prompt,
+            max_tokens: max,
+            sampling,
+            stop: common.stops(),
+            ignore_eos: common.ignore_eos,
+            logprobs,
+        },
     )?;
+    let mut rx = answer.deltas;
     let tokens = LogprobText {
         shared: shared.clone(),
         kind,
@@ -359,7 +359,7 @@ async fn respond(
     // The first step tells whether the request runs at all: errors before it are HTTP errors.
     let first = match rx.recv().await {
         Some(Ok(m)) => m,
-        Some(Err(s)) => return Err(from_status(&s)),
+        Some(Err(e)) => return Err(e.into()),
         None => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -375,25 +375,25 @@ async fn respond(
         } else {
             "cmpl"
         },
-        first.request_id
+        answer.id
     );
     let created = now();
     if !common.stream {
         let mut text = first.text.clone();
-        let mut all_logprobs = first.logprobs.clone();
+        let mut all_logprobs: Vec<TokenLogprob> = first.logprob.iter().cloned().collect();
         let mut last = first;
-        while last.finish_reason == 0 {
+        while last.finish.is_none() {
             match rx.recv().await {
                 Some(Ok(m)) => {
                     text.push_str(&m.text);
-                    all_logprobs.extend(m.logprobs.iter().cloned());
+                    all_logprobs.extend(m.logprob.iter().cloned());
                     last = m;
                 }
-                Some(Err(s)) => return Err(from_status(&s)),
+                Some(Err(e)) => return Err(e.into()),
                 None => break,
             }
         }
-        let finish = finish_name(last.finish_reason);
+        let finish = finish_name(&last);
         let lp = tokens.json(&all_logprobs);
         let body = match kind {
             Kind::Chat => json!({
@@ -411,9 +411,9 @@ async fn respond(
     }
     let (tx, out) = mpsc::channel::<std::result::Result<Event, Infallible>>(16);
     tokio::spawn(async move {
-        let chunk = |m: &GenerateResponse, first: bool| -> Value {
-            let finish = finish_name(m.finish_reason);
-            let lp = tokens.json(&m.logprobs);
+        let chunk = |m: &Delta, first: bool| -> Value {
+            let finish = finish_name(m);
+            let lp = tokens.json(&m.logprob.iter().cloned().collect::<Vec<_>>());
             match kind {
                 Kind::Chat => {
                     let mut delta = json!({"content": m.text});
@@ -445,7 +445,7 @@ async fn respond(
                 return;
             }
             is_first = false;
-            if m.finish_reason != 0 {
+            if m.finish.is_some() {
                 if include_usage {
                     let object = if kind == Kind::Chat {
                         "chat.completion.chunk"
@@ -462,8 +462,8 @@ async fn respond(
             }
             m = match rx.recv().await {
                 Some(Ok(m)) => m,
-                Some(Err(s)) => {
-                    let e = from_status(&s);
+                Some(Err(e)) => {
+                    let e = ApiError::from(e);
                     let _ = send(json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": null}})).await;
                     break;
                 }
@@ -521,10 +521,10 @@ async fn completions(
         ))
     })?;
     body.common.check(&shared)?;
-    let vocab = shared.model.file.config().vocab_size as u64;
+    let vocab = shared.model().file.config().vocab_size as u64;
     let prompt: Vec<u32> = match &body.prompt {
         Value::String(text) => shared
-            .model
+            .model()
             .tokenizer
             .encode(text, true)
             .map_err(|e| bad(e.to_string()))?,
@@ -552,18 +552,19 @@ async fn models(
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
     Ok(Json(json!({"object": "list", "data": [
-        {"id": shared.model.name, "object": "model", "created": 0, "owned_by": "strata"}
+        {"id": shared.model().name, "object": "model", "created": 0, "owned_by": "strata"}
     ]}))
     .into_response())
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.pipeline.borrow().is_some() {
+    let serving = shared.serving();
+    if serving.is_serving() {
         (StatusCode::OK, Json(json!({"status": "serving"}))).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not serving", "detail": shared.detail()})),
+            Json(json!({"status": "not serving", "state": serving.name(), "detail": serving.detail()})),
         )
             .into_response()
     }
@@ -571,13 +572,13 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
 
 /// Prometheus text: counters as they stand, gauges read now.
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let m = &shared.metrics;
+    let m = shared.metrics();
     {
         let registry = shared.registry();
         m.workers.reset();
         m.worker_resident.reset();
         m.worker_budget.reset();
-        for status in registry.statuses() {
+        for status in crate::api::worker_rows(&registry) {
             m.workers
                 .with_label_values(&[state_name(status.state)])
                 .inc();
@@ -585,21 +586,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         for (id, w) in &registry.workers {
             m.worker_resident
                 .with_label_values(&[id])
-                .set(w.resident as i64);
+                .set(w.health.resident as i64);
             m.worker_budget
                 .with_label_values(&[id])
-                .set(w.info.memory_budget as i64);
+                .set(w.profile.memory_budget as i64);
         }
     }
     m.stage_layers.reset();
-    if let Some(p) = shared.pipeline.borrow().as_ref() {
+    if let Some(p) = shared.serving().pipeline() {
         for (i, stage) in p.plan.stages.iter().enumerate() {
             m.stage_layers
                 .with_label_values(&[&i.to_string(), &stage.worker])
                 .set(stage.layers.len() as i64);
         }
     }
-    m.active_sequences.set(shared.sessions.active() as i64);
+    m.active_sequences.set(shared.sessions().active() as i64);
     m.coordinator_resident
         .set(strata_net::memory::resident_bytes() as i64);
     (
@@ -655,7 +656,7 @@ async fn cluster(
         })
         .unwrap_or_default();
     let model = status.model.clone().unwrap_or_default();
-    let m = &shared.metrics;
+    let m = shared.metrics();
     Ok(Json(json!({
         "model": {"id": model.id, "architecture": model.architecture, "layers": model.layers,
                   "context_length": model.context_length, "weight_bytes": model.weight_bytes},

@@ -1,12 +1,17 @@
 //! `strata-coordinator`: the node clients talk to. It owns:
 //!
-//! - [`membership`]: admission by join token, certificates, heartbeats, mDNS browsing;
+//! - `membership`: admission by join token, certificates, heartbeats (a worker that
+//!   stops answering, or whose compute thread stalls, has failed), mDNS browsing;
 //! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
-//! - [`reconcile`]: applying a plan: streaming slices, wiring the chain, re-planning;
-//! - [`session`]: every live sequence's token history, and the decode loop;
+//! - `reconcile`: applying a plan: streaming slices, wiring the chain, re-planning;
+//! - [`sequence`]: the sequence core, a sans-IO state machine that owns an answer's
+//!   history and turns events into actions; `session` is its shell (a task per answer,
+//!   the batcher to stage 0, the dispatcher from the last stage);
+//! - `serving`: the one [`ServingState`](serving::ServingState) that says whether the
+//!   cluster serves; `shared`: what every task shares, behind methods;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
-//! - [`http`]: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
-//! - [`metrics`]: the Prometheus metrics and the recent-requests list.
+//! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
+//! - `metrics`: the Prometheus metrics and the recent-requests list.
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
 //! workers do the rest.
@@ -19,44 +24,46 @@
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
 //!   coordinator also browses mDNS and lists workers it saw but that never joined;
 //! - `--min-workers` holds back only the first plan; after that every change of
-//!   membership (join, death, drain, remove) re-plans once membership has been quiet for
-//!   1.5 s. A planned change (join, drain) lets the old pipeline's sequences finish while
-//!   new requests wait; a death fails the sequences that used the dead worker at once;
+//!   membership (join, drain, remove) re-plans once membership has been quiet for 1.5 s,
+//!   and a lost stage re-plans at once. A planned change (join, drain) lets the old
+//!   pipeline's sequences finish while new requests wait. When a stage is lost, the
+//!   answers in flight wait (`--recover-wait`, default 60 s) for the next plan and replay
+//!   their history there: the client sees a pause and the tokens it would have had;
 //! - a worker's slice is streamed from the coordinator's copy of the model (only the
 //!   bytes of its tensors), so weights live on one machine;
-//! - default wire type F16: the golden prompts give transformers' greedy tokens on it;
-//!   `--wire-dtype f32` makes any split exact.
+//! - default wire type F32, so the split never changes the answer and a resumed answer
+//!   equals its undisturbed twin; `--wire-dtype f16|bf16` halves the bytes for slow links
+//!   and may change a token where two are nearly tied.
 
 pub mod api;
 pub mod error;
-pub mod http;
-pub mod membership;
-pub mod metrics;
+mod http;
+mod membership;
+mod metrics;
 pub mod planner;
 pub mod profile;
-pub mod reconcile;
+mod reconcile;
 pub mod registry;
-pub mod session;
+pub mod sequence;
+mod serving;
+mod session;
+mod shared;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use strata_model::{ChatTemplate, ModelFile, Tokenizer};
-use strata_net::identity::{ClusterCa, Identity, COORDINATOR_NAME};
-use strata_proto::v1::WireDType;
-use tokio::sync::{watch, Notify};
+use strata_model::{ChatTemplate, ModelFile, Tokenizer, WireType};
+use strata_net::identity::{ClusterCa, COORDINATOR_NAME};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 pub use error::{Error, Result};
 use planner::{ModelProfile, PlanOptions};
-use registry::Registry;
-use session::{Pipeline, Sessions};
+use shared::{Parts, Shared};
 
 /// How the coordinator runs. Built by the CLI.
 #[derive(Debug, Clone)]
@@ -75,12 +82,15 @@ pub struct CoordinatorConfig {
     pub min_workers: usize,
     /// Announce over mDNS and browse for workers (default true).
     pub mdns: bool,
-    /// Activations' wire type (default F16).
-    pub wire_dtype: WireDType,
+    /// Activations' wire type (default F32: exact, so the split never changes the answer).
+    pub wire_dtype: WireType,
     /// Planner knobs.
     pub plan: PlanOptions,
     /// Membership must be quiet this long before a re-plan (default 1.5 s).
     pub settle: Duration,
+    /// How long an answer whose pipeline lost a stage waits for a plan that can take it
+    /// over before it fails (default 60 s).
+    pub recover_wait: Duration,
 }
 
 impl CoordinatorConfig {
@@ -94,9 +104,10 @@ impl CoordinatorConfig {
             api_key: None,
             min_workers: 1,
             mdns: true,
-            wire_dtype: WireDType::F16,
+            wire_dtype: WireType::F32,
             plan: PlanOptions::default(),
             settle: Duration::from_millis(1500),
+            recover_wait: Duration::from_secs(60),
         }
     }
 }
@@ -150,70 +161,6 @@ impl ServedModel {
     }
 }
 
-/// State shared by every task of the coordinator.
-pub struct Shared {
-    /// Its config.
-    pub config: CoordinatorConfig,
-    /// The model.
-    pub model: ServedModel,
-    /// The cluster CA.
-    pub ca: ClusterCa,
-    /// The coordinator's own certificate.
-    pub identity: Identity,
-    /// The QUIC endpoint (to stage 0, from the last stage).
-    pub endpoint: quinn::Endpoint,
-    /// Its UDP port.
-    pub data_port: u16,
-    /// Members.
-    pub registry: Mutex<Registry>,
-    /// Wakes the reconciler.
-    pub changed: Notify,
-    /// The pipeline new requests use; `None` while (re)planning.
-    pub pipeline: watch::Sender<Option<Arc<Pipeline>>>,
-    /// Why there is no pipeline.
-    pub detail: Mutex<String>,
-    /// Plan epoch.
-    pub epoch: AtomicU64,
-    /// Live sequences.
-    pub sessions: Sessions,
-    /// Sequences' next steps, batched into frames to stage 0.
-    pub outbox: tokio::sync::mpsc::Sender<session::Outbound>,
-    /// Shutdown.
-    pub cancel: CancellationToken,
-    /// Prometheus metrics and recent requests.
-    pub metrics: metrics::Metrics,
-    /// The workers cannot hold the model (no pipeline until one joins or grows).
-    pub shortfall: std::sync::atomic::AtomicBool,
-}
-
-impl Shared {
-    /// Records why the cluster is not serving.
-    pub fn set_detail(&self, d: impl Into<String>) {
-        if let Ok(mut g) = self.detail.lock() {
-            *g = d.into();
-        }
-    }
-
-    /// Why the cluster is not serving.
-    pub fn detail(&self) -> String {
-        self.detail.lock().map(|g| g.clone()).unwrap_or_default()
-    }
-
-    /// Whether an `authorization` header value passes the optional API key.
-    pub fn authorized(&self, header: Option<&str>) -> bool {
-        match &self.config.api_key {
-            None => true,
-            Some(key) => header.and_then(|v| v.strip_prefix("Bearer ")) == Some(key.as_str()),
-        }
-    }
-
-    /// Locks the registry. A poisoned lock means a task panicked while holding it; the
-    /// data is plain bookkeeping, so carry on with it.
-    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// Runs a coordinator on `listener` (the public gRPC API), and on `http` (the
 /// OpenAI-compatible API) when given, until `shutdown`.
 pub async fn run(
@@ -236,29 +183,17 @@ pub async fn run(
     let data_port = socket.local_addr()?.port();
     let endpoint = strata_net::transport::endpoint(socket, &identity)?;
     let api_addr = listener.local_addr()?;
-    let (pipeline, _) = watch::channel(None);
     let (outbox, outbox_rx) = tokio::sync::mpsc::channel(session::OUTBOX_QUEUE);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(Parts {
+        config,
         model,
         ca,
         identity,
         endpoint: endpoint.clone(),
         data_port,
-        registry: Mutex::new(Registry::default()),
-        changed: Notify::new(),
-        pipeline,
-        detail: Mutex::new(format!(
-            "waiting for {} worker(s) to join",
-            config.min_workers
-        )),
-        epoch: AtomicU64::new(0),
-        sessions: Sessions::default(),
         outbox,
         cancel: shutdown.clone(),
-        metrics: metrics::Metrics::new(),
-        shortfall: std::sync::atomic::AtomicBool::new(false),
-        config,
-    });
+    }));
     let tracker = TaskTracker::new();
     let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(session::TOKEN_QUEUE);
     strata_net::transport::spawn_acceptor(
@@ -277,19 +212,19 @@ pub async fn run(
         membership::heartbeats(shared.clone()).instrument(tracing::info_span!("heartbeats")),
     );
     tracker.spawn(reconcile::run(shared.clone()).instrument(tracing::info_span!("reconcile")));
-    let _announcement = if shared.config.mdns {
+    let _announcement = if shared.config().mdns {
         let txt: HashMap<String, String> = [
             ("role", "coordinator".to_string()),
-            ("cluster", shared.ca.token().cluster_id().to_string()),
+            ("cluster", shared.ca().token().cluster_id().to_string()),
             ("proto", strata_proto::PROTOCOL_VERSION.to_string()),
             ("v", env!("CARGO_PKG_VERSION").to_string()),
-            ("model", shared.model.name.clone()),
+            ("model", shared.model().name.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let ip = (!api_addr.ip().is_unspecified()).then_some(api_addr.ip());
-        let instance = format!("strata-coordinator-{}", shared.ca.token().cluster_id());
+        let instance = format!("strata-coordinator-{}", shared.ca().token().cluster_id());
         tracker.spawn(membership::browse(shared.clone()).instrument(tracing::info_span!("mdns")));
         match strata_net::discovery::announce(&instance, api_addr.port(), txt, ip) {
             Ok(a) => Some(a),
@@ -304,8 +239,8 @@ pub async fn run(
     info!(
         api = %api_addr,
         data_port,
-        cluster = %shared.ca.token().cluster_id(),
-        model = %shared.model.name,
+        cluster = %shared.ca().token().cluster_id(),
+        model = %shared.model().name,
         "coordinator listening"
     );
     if let Some(http_listener) = http {

@@ -1,22 +1,25 @@
 //! Membership: admitting workers that prove the join token, heartbeats that notice a
-//! worker that died or dropped off the network, mDNS browsing, drain and remove.
+//! worker that died, dropped off the network or hung (the registry decides; this module
+//! asks and acts), mDNS browsing, drain and remove.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strata_net::identity::{sanitize_id, worker_name};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
-use strata_proto::v1::{HealthRequest, JoinRequest, JoinResponse, UnloadRequest, WorkerState};
+use strata_proto::v1::{HealthRequest, HealthResponse, JoinRequest, JoinResponse, UnloadRequest};
 use strata_proto::PROTOCOL_VERSION;
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{info, warn};
 
 use crate::error::Error;
-use crate::metrics::growth;
-use crate::registry::{Refusal, Worker, DEAD_AFTER, HEARTBEAT, HEARTBEAT_TIMEOUT};
+use crate::metrics::{growth, Metrics};
+use crate::registry::{
+    Health, Refusal, Verdict, Worker, WorkerProfile, WorkerState, HEARTBEAT, HEARTBEAT_TIMEOUT,
+};
 use crate::Shared;
 
 /// Handles a join request that arrived from `remote` on the coordinator's `local` address.
@@ -48,13 +51,13 @@ pub fn admit(
         return Err(Status::failed_precondition(reason));
     }
     if !shared
-        .ca
+        .ca()
         .token()
         .verify_join(&req.csr_der, &req.token_proof)
     {
         let reason = format!(
             "its join token is not this cluster's (cluster {}); print the right one with `strata token create --state-dir` on the coordinator's machine",
-            shared.ca.token().cluster_id()
+            shared.ca().token().cluster_id()
         );
         refuse(reason.clone());
         return Err(Status::permission_denied(reason));
@@ -72,46 +75,48 @@ pub fn admit(
     let mut registry = shared.registry();
     let id = registry.free_id(&asked, &info.key_fingerprint);
     let cert = shared
-        .ca
+        .ca()
         .sign_request(&req.csr_der, &worker_name(&id))
         .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
     let control_addr = SocketAddr::new(remote.ip(), info.control_port as u16);
     let data_addr = SocketAddr::new(remote.ip(), info.data_port as u16);
     let channel = Channel::from_shared(format!("https://{control_addr}"))
         .map_err(|e| Status::internal(e.to_string()))?
-        .tls_config(shared.identity.grpc_client_tls(&worker_name(&id)))
+        .tls_config(shared.identity().grpc_client_tls(&worker_name(&id)))
         .map_err(|e| Status::internal(e.to_string()))?
         .connect_timeout(HEARTBEAT_TIMEOUT)
         .connect_lazy();
-    let mut info = info;
-    info.id = id.clone();
+    let profile = WorkerProfile {
+        id: id.clone(),
+        hostname: info.hostname,
+        device: info.device,
+        memory_budget: info.memory_budget,
+        speed: info.speed_bytes_per_second,
+        version: info.version,
+        key_fingerprint: info.key_fingerprint,
+        addresses: info.addresses,
+    };
     info!(
         id = %id,
         from = %from,
-        budget_mib = info.memory_budget >> 20,
-        speed_gb_s = info.speed_bytes_per_second / 1e9,
+        budget_mib = profile.memory_budget >> 20,
+        speed_gb_s = profile.speed / 1e9,
         "admitted a worker"
     );
     registry.workers.insert(
         id.clone(),
         Worker {
-            info,
+            profile,
             requested_id: asked,
             control_addr,
             data_addr,
             coordinator_ip: local.ip(),
             client: WorkerControlClient::new(channel),
             state: WorkerState::Idle,
-            draining: false,
             last_seen: Instant::now(),
             load_done: Arc::new(AtomicU64::new(0)),
             load_total: 0,
-            resident: 0,
-            peak: 0,
-            sequences: 0,
-            compute_seconds: 0.0,
-            network_seconds: 0.0,
-            forwards: 0,
+            health: Health::default(),
             detail: String::new(),
             held: None,
             stage: None,
@@ -119,23 +124,23 @@ pub fn admit(
     );
     registry.changed_at = Some(Instant::now());
     drop(registry);
-    shared.changed.notify_one();
+    shared.membership_changed();
     Ok(JoinResponse {
         assigned_id: id,
         certificate_der: cert.to_vec(),
-        ca_certificate_der: shared.ca.cert_der().to_vec(),
-        admit_proof: shared.ca.token().admit_proof(&cert),
-        cluster_id: shared.ca.token().cluster_id().to_string(),
-        coordinator_certificate_der: shared.identity.cert_der().to_vec(),
+        ca_certificate_der: shared.ca().cert_der().to_vec(),
+        admit_proof: shared.ca().token().admit_proof(&cert),
+        cluster_id: shared.ca().token().cluster_id().to_string(),
+        coordinator_certificate_der: shared.identity().cert_der().to_vec(),
     })
 }
 
-/// Asks every worker how it is, forever; marks the silent ones dead and fails the
-/// sequences that were using them.
+/// Asks every worker how it is, forever. A worker that failed (silent, or hung) takes its
+/// pipeline down: the answers on it wait for the next plan and resume there.
 pub async fn heartbeats(shared: Arc<Shared>) {
     loop {
         tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.cancel().cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
         let clients: Vec<(String, WorkerControlClient<Channel>)> = shared
@@ -155,75 +160,75 @@ pub async fn heartbeats(shared: Arc<Shared>) {
         let mut revived = false;
         {
             let mut registry = shared.registry();
+            let now = Instant::now();
             for (id, result) in results {
                 let Some(w) = registry.workers.get_mut(&id) else {
                     continue;
                 };
-                match result {
-                    Ok(Ok(h)) => {
-                        let h = h.into_inner();
-                        if w.state == WorkerState::Dead {
-                            info!(id = %id, "a dead worker answers again; it can be planned anew");
-                            w.state = WorkerState::Idle;
-                            w.held = None;
-                            w.stage = None;
-                            revived = true;
-                        }
-                        w.last_seen = Instant::now();
-                        w.resident = h.resident_bytes;
-                        w.peak = h.peak_resident_bytes;
-                        w.sequences = h.sequences;
-                        w.detail = h.error;
-                        let m = &shared.metrics;
-                        m.stage_compute
-                            .with_label_values(&[&id])
-                            .inc_by(growth(h.compute_seconds, w.compute_seconds));
-                        m.stage_network
-                            .with_label_values(&[&id])
-                            .inc_by(growth(h.network_seconds, w.network_seconds));
-                        m.stage_forwards.with_label_values(&[&id]).inc_by(growth(
-                            h.forwards as f64,
-                            w.forwards as f64,
-                        )
-                            as u64);
-                        w.compute_seconds = h.compute_seconds;
-                        w.network_seconds = h.network_seconds;
-                        w.forwards = h.forwards;
-                    }
-                    Ok(Err(s)) => w.detail = format!("heartbeat failed: {}", s.message()),
-                    Err(_) => w.detail = "heartbeat timed out".into(),
+                let answer = match result {
+                    Ok(Ok(h)) => Ok(health(h.into_inner())),
+                    Ok(Err(s)) => Err(format!("heartbeat failed: {}", s.message())),
+                    Err(_) => Err("heartbeat timed out".into()),
+                };
+                if let Ok(h) = &answer {
+                    count_work(shared.metrics(), &id, &w.health, h);
                 }
-                if w.state != WorkerState::Dead && w.last_seen.elapsed() > DEAD_AFTER {
-                    let reason = format!(
-                        "worker {id} at {} missed its heartbeats for {:.1}s ({})",
-                        w.control_addr,
-                        w.last_seen.elapsed().as_secs_f64(),
-                        w.detail
-                    );
-                    warn!("{reason}");
-                    w.state = WorkerState::Dead;
-                    w.detail = reason.clone();
-                    w.held = None;
-                    died.push((id.clone(), reason));
+                match w.heartbeat(answer, now) {
+                    Verdict::Unchanged => {}
+                    Verdict::Revived => {
+                        info!(id = %id, "a dead worker answers again; it can be planned anew");
+                        revived = true;
+                    }
+                    Verdict::Failed(reason) => {
+                        warn!("{reason}");
+                        died.push((id.clone(), reason));
+                    }
                 }
             }
             if !died.is_empty() || revived {
-                registry.changed_at = Some(Instant::now());
+                registry.changed_at = Some(now);
             }
         }
         if revived {
-            shared.changed.notify_one();
+            shared.membership_changed();
         }
         for (id, reason) in died {
-            crate::session::fail_worker(&shared, &id, &reason);
-            shared.changed.notify_one();
+            crate::session::stage_lost(&shared, &id, &reason);
+            shared.membership_changed();
         }
     }
 }
 
+/// A heartbeat's answer in the registry's terms (the control plane's edge).
+fn health(h: HealthResponse) -> Health {
+    Health {
+        resident: h.resident_bytes,
+        peak: h.peak_resident_bytes,
+        sequences: h.sequences,
+        error: h.error,
+        stalled: Duration::from_millis(h.stalled_ms),
+        compute_seconds: h.compute_seconds,
+        network_seconds: h.network_seconds,
+        forwards: h.forwards,
+    }
+}
+
+/// Adds what a worker measured since its last heartbeat to the metrics.
+fn count_work(m: &Metrics, id: &str, before: &Health, now: &Health) {
+    m.stage_compute
+        .with_label_values(&[id])
+        .inc_by(growth(now.compute_seconds, before.compute_seconds));
+    m.stage_network
+        .with_label_values(&[id])
+        .inc_by(growth(now.network_seconds, before.network_seconds));
+    m.stage_forwards
+        .with_label_values(&[id])
+        .inc_by(growth(now.forwards as f64, before.forwards as f64) as u64);
+}
+
 /// Records every Strata node mDNS shows, for the status.
 pub async fn browse(shared: Arc<Shared>) {
-    let mut seen = match strata_net::discovery::browse(shared.cancel.child_token()) {
+    let mut seen = match strata_net::discovery::browse(shared.cancel().child_token()) {
         Ok(s) => s,
         Err(e) => {
             warn!(cause = %e, "cannot browse mDNS; workers must join with --coordinator");
@@ -245,10 +250,10 @@ pub fn drain(shared: &Shared, id: &str) -> Result<String, Error> {
         .workers
         .get_mut(id)
         .ok_or_else(|| Error::NoSuchWorker(id.to_string()))?;
-    w.draining = true;
+    w.drain();
     registry.changed_at = Some(Instant::now());
     drop(registry);
-    shared.changed.notify_one();
+    shared.membership_changed();
     info!(id, "draining");
     Ok(format!(
         "draining {id}: new requests wait for a plan without it, which starts as soon as its in-flight sequences finish; it is then released"
@@ -267,14 +272,14 @@ pub async fn remove(shared: &Shared, id: &str) -> Result<String, Error> {
         registry.removed.insert(w.requested_id.clone());
         registry.changed_at = Some(Instant::now());
     }
-    crate::session::fail_worker(
+    crate::session::stage_lost(
         shared,
         id,
         &format!("worker {id} was removed by an operator"),
     );
     let mut client = w.client.clone();
     let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.unload(UnloadRequest {})).await;
-    shared.changed.notify_one();
+    shared.membership_changed();
     info!(id, "removed");
     Ok(format!(
         "removed {id}; its slice is unloaded and the cluster re-plans without it"

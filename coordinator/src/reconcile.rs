@@ -12,7 +12,7 @@ use strata_model::Slice;
 use strata_net::identity::{worker_name, COORDINATOR_NAME};
 use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::{
-    ByteRange, FileData, LoadChunk, LoadHeader, SliceFile, UnloadRequest, WireRequest, WorkerState,
+    ByteRange, FileData, LoadChunk, LoadHeader, SliceFile, UnloadRequest, WireRequest,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
@@ -20,8 +20,8 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::planner::{self, Candidate, Plan};
-use crate::registry::Held;
-use crate::session::Pipeline;
+use crate::registry::{Held, WorkerState};
+use crate::serving::{Pipeline, ServingState};
 use crate::Shared;
 
 /// Bytes per load message.
@@ -39,9 +39,9 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
         .values()
         .filter(|w| w.eligible())
         .map(|w| Candidate {
-            id: w.info.id.clone(),
-            budget: w.info.memory_budget,
-            speed: w.info.speed_bytes_per_second,
+            id: w.profile.id.clone(),
+            budget: w.profile.memory_budget,
+            speed: w.profile.speed,
         })
         .collect()
 }
@@ -49,9 +49,9 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
 /// The plan the coordinator would make now.
 pub fn plan_now(shared: &Shared) -> std::result::Result<Plan, planner::Shortfall> {
     planner::plan(
-        &shared.model.profile,
+        &shared.model().profile,
         &candidates(shared),
-        &shared.config.plan,
+        &shared.config().plan,
     )
 }
 
@@ -68,37 +68,39 @@ pub async fn run(shared: Arc<Shared>) {
     let mut served_once = false;
     loop {
         tokio::select! {
-            _ = shared.cancel.cancelled() => return,
-            _ = shared.changed.notified() => {}
+            _ = shared.cancel().cancelled() => return,
+            _ = shared.membership_change() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        let current = shared.pipeline.borrow().clone();
+        let state = shared.serving();
+        let current = state.pipeline().cloned();
+        // A lost stage re-plans at once: answers are waiting.
+        let recovering = matches!(state, ServingState::Recovering(_));
         let eligible = candidates(&shared);
-        if current.is_none() && !served_once && eligible.len() < shared.config.min_workers {
-            shared.set_detail(format!(
+        if current.is_none() && !served_once && eligible.len() < shared.config().min_workers {
+            shared.set_serving(ServingState::Starting(format!(
                 "waiting for workers: {} of the {} asked for with --min-workers have joined",
                 eligible.len(),
-                shared.config.min_workers
-            ));
+                shared.config().min_workers
+            )));
             continue;
         }
-        let settled = shared
-            .registry()
-            .changed_at
-            .is_none_or(|t| t.elapsed() >= shared.config.settle);
+        let settled = recovering
+            || shared
+                .registry()
+                .changed_at
+                .is_none_or(|t| t.elapsed() >= shared.config().settle);
         if !settled {
             continue;
         }
         let desired = match plan_now(&shared) {
-            Ok(p) => {
-                shared.shortfall.store(false, Ordering::Relaxed);
-                p
-            }
+            Ok(p) => p,
             Err(shortfall) => {
-                if current.is_none() {
+                if current.is_none()
+                    && !matches!(&state, ServingState::Shortfall(d) if *d == shortfall.detail)
+                {
                     warn!("{shortfall}");
-                    shared.set_detail(shortfall.detail.clone());
-                    shared.shortfall.store(true, Ordering::Relaxed);
+                    shared.set_serving(ServingState::Shortfall(shortfall.detail.clone()));
                 }
                 continue;
             }
@@ -109,21 +111,32 @@ pub async fn run(shared: Arc<Shared>) {
             }
             // A planned change: new requests wait; the old pipeline's sequences finish.
             info!("membership changed; re-planning once in-flight sequences finish");
-            shared.pipeline.send_replace(None);
-            shared.set_detail("re-planning: waiting for in-flight sequences to finish");
-            while shared.sessions.active_on(cur.epoch) > 0 && !shared.cancel.is_cancelled() {
+            shared.set_serving(ServingState::Loading(
+                "re-planning: waiting for in-flight sequences to finish".into(),
+            ));
+            while shared.sessions().active_on(cur.epoch) > 0 && !shared.cancel().is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        let loading = |detail: String| {
+            if recovering {
+                ServingState::Recovering(detail)
+            } else {
+                ServingState::Loading(detail)
+            }
+        };
+        shared.set_serving(loading(format!(
+            "loading a plan of {} stage(s)",
+            desired.stages.len()
+        )));
         match apply(&shared, desired).await {
             Ok(p) => {
                 served_once = true;
-                shared.set_detail("");
-                shared.pipeline.send_replace(Some(Arc::new(p)));
+                shared.set_serving(ServingState::Serving(Arc::new(p)));
             }
             Err(e) => {
                 warn!(cause = %e, "could not apply the plan; retrying");
-                shared.set_detail(format!("could not apply the plan: {e}"));
+                shared.set_serving(loading(format!("could not apply the plan: {e}")));
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
@@ -131,7 +144,7 @@ pub async fn run(shared: Arc<Shared>) {
 }
 
 async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
-    let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+    let epoch = shared.next_epoch();
     let describe: Vec<String> = plan
         .stages
         .iter()
@@ -145,13 +158,9 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
         registry
             .workers
             .values_mut()
-            .filter(|w| !in_plan.contains(&w.info.id.as_str()) && w.held.is_some())
+            .filter(|w| !in_plan.contains(&w.profile.id.as_str()) && w.held.is_some())
             .map(|w| {
-                w.held = None;
-                w.stage = None;
-                if w.state == WorkerState::Ready {
-                    w.state = WorkerState::Idle;
-                }
+                w.release();
                 w.client.clone()
             })
             .collect()
@@ -201,7 +210,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
                 })?;
             let (addr, name) = if i + 1 == k {
                 (
-                    std::net::SocketAddr::new(w.coordinator_ip, shared.data_port),
+                    std::net::SocketAddr::new(w.coordinator_ip, shared.data_port()),
                     COORDINATOR_NAME.to_string(),
                 )
             } else {
@@ -211,7 +220,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
                     .ok_or_else(|| {
                         Error::Unavailable(format!("worker {} left", plan.stages[i + 1].worker))
                     })?;
-                (next.data_addr, worker_name(&next.info.id))
+                (next.data_addr, worker_name(&next.profile.id))
             };
             (w.client.clone(), addr, name)
         };
@@ -221,12 +230,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
             next_address: next_address.to_string(),
             next_server_name: next_name,
             epoch,
-            wire_dtype: match shared.config.wire_dtype {
-                strata_proto::v1::WireDType::Bf16 => "bf16",
-                strata_proto::v1::WireDType::F32 => "f32",
-                _ => "f16",
-            }
-            .into(),
+            wire_dtype: shared.config().wire_dtype.name().into(),
         };
         tokio::time::timeout(WIRE_TIMEOUT, client.wire(wire))
             .await
@@ -241,9 +245,9 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
             .workers
             .get(&plan.stages[0].worker)
             .ok_or_else(|| Error::Unavailable("stage 0 left".into()))?;
-        (w.data_addr, worker_name(&w.info.id))
+        (w.data_addr, worker_name(&w.profile.id))
     };
-    let first = strata_net::transport::connect(&shared.endpoint, first_addr, &first_name).await?;
+    let first = strata_net::transport::connect(shared.endpoint(), first_addr, &first_name).await?;
     info!(epoch, "serving");
     Ok(Pipeline { epoch, plan, first })
 }
@@ -261,7 +265,7 @@ async fn load(
         embed: held.embed,
         head: held.head,
     };
-    let (root, extents) = shared.model.file.slice_extents(&slice);
+    let (root, extents) = shared.model().file.slice_extents(&slice);
     let total: u64 = extents
         .iter()
         .flat_map(|e| e.ranges.iter().map(|r| r.1))
@@ -281,7 +285,7 @@ async fn load(
     let header = LoadHeader {
         protocol_version: PROTOCOL_VERSION,
         model_name: root,
-        model_digest: shared.model.digest.clone(),
+        model_digest: shared.model().digest.clone(),
         files: extents
             .iter()
             .map(|e| SliceFile {

@@ -1,6 +1,7 @@
-//! The coordinator's view of its workers: admission (the join token check and the
-//! certificate it issues), what each worker said about itself, its state and load
-//! progress, heartbeats, and the nodes seen over mDNS that never joined.
+//! The coordinator's view of its workers, in its own types: what each worker said about
+//! itself, its [`WorkerState`], load progress, what its heartbeats report, and the nodes
+//! seen over mDNS that never joined. Whether a worker lives is decided here, without I/O
+//! ([`Worker::heartbeat`] takes the answer and `now`); `membership` does the asking.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use strata_net::discovery::Seen;
 use strata_proto::v1::worker_control_client::WorkerControlClient;
-use strata_proto::v1::{WorkerInfo, WorkerState, WorkerStatus};
+use strata_proto::v1::WorkerState as ProtoState;
 use tonic::transport::Channel;
 
 /// How often the coordinator asks each worker how it is.
@@ -20,18 +21,89 @@ pub const HEARTBEAT: Duration = Duration::from_millis(700);
 pub const DEAD_AFTER: Duration = Duration::from_millis(3000);
 /// How long one heartbeat may take.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A worker whose compute thread has had work without progress this long has failed
+/// (hung), even though it answers heartbeats.
+pub const HANG_AFTER: Duration = Duration::from_millis(2500);
 
-/// A worker state's word, as the CLI, the dashboard and `/metrics` show it.
+/// A worker state's word for a state number of the API (the CLI, the dashboard and
+/// `/metrics` show these).
 pub fn state_name(s: i32) -> &'static str {
-    match WorkerState::try_from(s) {
-        Ok(WorkerState::Discovered) => "discovered",
-        Ok(WorkerState::Idle) => "idle",
-        Ok(WorkerState::Loading) => "loading",
-        Ok(WorkerState::Ready) => "ready",
-        Ok(WorkerState::Draining) => "draining",
-        Ok(WorkerState::Dead) => "dead",
-        Ok(WorkerState::Refused) => "refused",
+    match ProtoState::try_from(s) {
+        Ok(ProtoState::Discovered) => "discovered",
+        Ok(ProtoState::Idle) => "idle",
+        Ok(ProtoState::Loading) => "loading",
+        Ok(ProtoState::Ready) => "ready",
+        Ok(ProtoState::Draining) => "draining",
+        Ok(ProtoState::Dead) => "dead",
+        Ok(ProtoState::Refused) => "refused",
         _ => "unknown",
+    }
+}
+
+/// What a worker said about itself when it joined.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerProfile {
+    /// Its id in the cluster.
+    pub id: String,
+    /// Its machine's host name.
+    pub hostname: String,
+    /// Where its layers run.
+    pub device: String,
+    /// Bytes it accepts for weights and caches.
+    pub memory_budget: u64,
+    /// Measured weight bytes streamed per second through a layer forward.
+    pub speed: f64,
+    /// Its strata version.
+    pub version: String,
+    /// SHA-256 of its public key.
+    pub key_fingerprint: String,
+    /// Addresses it said it can be reached at.
+    pub addresses: Vec<String>,
+}
+
+/// Where a worker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Admitted, holds no slice of the plan in force.
+    Idle,
+    /// Receiving and loading a slice.
+    Loading,
+    /// Holds a stage of the plan in force.
+    Ready,
+    /// Asked to leave: serves its stage until a plan without it is in force.
+    Draining,
+    /// Left the plan after draining; never planned again (`remove` forgets it).
+    Drained,
+    /// Stopped answering, or hung; `drained` remembers a drain.
+    Dead {
+        /// It had been drained.
+        drained: bool,
+    },
+}
+
+impl WorkerState {
+    /// Whether the planner may use it.
+    pub fn eligible(self) -> bool {
+        matches!(
+            self,
+            WorkerState::Idle | WorkerState::Loading | WorkerState::Ready
+        )
+    }
+
+    /// Whether it is dead.
+    pub fn is_dead(self) -> bool {
+        matches!(self, WorkerState::Dead { .. })
+    }
+
+    /// Its state number in the API.
+    pub fn to_proto(self) -> ProtoState {
+        match self {
+            WorkerState::Idle | WorkerState::Drained => ProtoState::Idle,
+            WorkerState::Loading => ProtoState::Loading,
+            WorkerState::Ready => ProtoState::Ready,
+            WorkerState::Draining => ProtoState::Draining,
+            WorkerState::Dead { .. } => ProtoState::Dead,
+        }
     }
 }
 
@@ -46,11 +118,43 @@ pub struct Held {
     pub head: bool,
 }
 
+/// What a heartbeat reported.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// Resident memory now.
+    pub resident: u64,
+    /// Peak resident memory.
+    pub peak: u64,
+    /// Sequences cached.
+    pub sequences: u32,
+    /// Its last failure, if any.
+    pub error: String,
+    /// How long work has waited on its compute thread without progress.
+    pub stalled: Duration,
+    /// Seconds its stage has computed (its own running total).
+    pub compute_seconds: f64,
+    /// Seconds its stage has spent sending (its own running total).
+    pub network_seconds: f64,
+    /// Forwards its stage has run (its own running total).
+    pub forwards: u64,
+}
+
+/// What a heartbeat changed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Nothing about its life.
+    Unchanged,
+    /// A dead worker answers again and can be planned anew.
+    Revived,
+    /// It has failed: why.
+    Failed(String),
+}
+
 /// An admitted worker.
 #[derive(Debug)]
 pub struct Worker {
     /// What it said about itself at join.
-    pub info: WorkerInfo,
+    pub profile: WorkerProfile,
     /// The id it asked for (the key a removal is remembered by).
     pub requested_id: String,
     /// Its control service.
@@ -63,26 +167,14 @@ pub struct Worker {
     pub client: WorkerControlClient<Channel>,
     /// Its state.
     pub state: WorkerState,
-    /// Finishing its sequences before release.
-    pub draining: bool,
     /// Last heartbeat answered.
     pub last_seen: Instant,
     /// Bytes of its slice sent.
     pub load_done: Arc<AtomicU64>,
     /// Bytes of its slice in all.
     pub load_total: u64,
-    /// Resident memory now.
-    pub resident: u64,
-    /// Peak resident memory.
-    pub peak: u64,
-    /// Sequences cached.
-    pub sequences: u32,
-    /// Seconds its stage has computed (its own running total).
-    pub compute_seconds: f64,
-    /// Seconds its stage has spent sending (its own running total).
-    pub network_seconds: f64,
-    /// Forwards its stage has run (its own running total).
-    pub forwards: u64,
+    /// Its last heartbeat's figures.
+    pub health: Health,
     /// Why it is not well.
     pub detail: String,
     /// The slice it holds now.
@@ -94,42 +186,89 @@ pub struct Worker {
 impl Worker {
     /// Whether the planner may use it.
     pub fn eligible(&self) -> bool {
-        !self.draining
-            && matches!(
-                self.state,
-                WorkerState::Idle | WorkerState::Ready | WorkerState::Loading
-            )
+        self.state.eligible()
     }
 
-    /// Its row in the status.
-    pub fn status(&self) -> WorkerStatus {
-        let held = self.held.clone();
-        WorkerStatus {
-            info: Some(self.info.clone()),
-            state: if self.draining && self.held.is_some() && self.state != WorkerState::Dead {
-                WorkerState::Draining as i32
-            } else {
-                self.state as i32
-            },
-            address: self.control_addr.to_string(),
-            stage: self.stage.map_or(-1, |s| s as i32),
-            layer_start: held.as_ref().map_or(0, |h| h.layers.start as u32),
-            layer_end: held.as_ref().map_or(0, |h| h.layers.end as u32),
-            load_bytes_done: self.load_done.load(std::sync::atomic::Ordering::Relaxed),
-            load_bytes_total: self.load_total,
-            resident_bytes: self.resident,
-            peak_resident_bytes: self.peak,
-            last_seen_ms: self.last_seen.elapsed().as_millis() as u64,
-            detail: if self.draining && self.held.is_none() && self.detail.is_empty() {
-                "drained: released from the plan (`strata cluster remove` forgets it)".into()
-            } else {
-                self.detail.clone()
-            },
-            sequences: self.sequences,
-            compute_seconds: self.compute_seconds,
-            network_seconds: self.network_seconds,
-            forwards: self.forwards,
+    /// Takes a heartbeat's answer (or why there was none) at `now`: records the figures
+    /// and decides whether the worker lives. Silent for [`DEAD_AFTER`], or answering with
+    /// a compute thread stalled for [`HANG_AFTER`], it has failed.
+    pub fn heartbeat(&mut self, answer: Result<Health, String>, now: Instant) -> Verdict {
+        let id = &self.profile.id;
+        match answer {
+            Ok(health) => {
+                self.last_seen = now;
+                self.detail = health.error.clone();
+                let stalled = health.stalled;
+                self.health = health;
+                if stalled > HANG_AFTER {
+                    if self.state.is_dead() {
+                        return Verdict::Unchanged;
+                    }
+                    let reason = format!(
+                        "worker {id} at {} is hung: its compute thread has made no progress for {:.1}s with work waiting",
+                        self.control_addr,
+                        stalled.as_secs_f64()
+                    );
+                    return self.fail(reason);
+                }
+                match self.state {
+                    WorkerState::Dead { drained } => {
+                        self.state = if drained {
+                            WorkerState::Drained
+                        } else {
+                            WorkerState::Idle
+                        };
+                        self.held = None;
+                        self.stage = None;
+                        Verdict::Revived
+                    }
+                    _ => Verdict::Unchanged,
+                }
+            }
+            Err(why) => {
+                self.detail = why;
+                let silent = now.saturating_duration_since(self.last_seen);
+                if self.state.is_dead() || silent <= DEAD_AFTER {
+                    return Verdict::Unchanged;
+                }
+                let reason = format!(
+                    "worker {id} at {} missed its heartbeats for {:.1}s ({})",
+                    self.control_addr,
+                    silent.as_secs_f64(),
+                    self.detail
+                );
+                self.fail(reason)
+            }
         }
+    }
+
+    fn fail(&mut self, reason: String) -> Verdict {
+        let drained = matches!(self.state, WorkerState::Draining | WorkerState::Drained);
+        self.state = WorkerState::Dead { drained };
+        self.detail = reason.clone();
+        self.held = None;
+        self.stage = None;
+        Verdict::Failed(reason)
+    }
+
+    /// Asked to leave: it stays in the plan in force until one without it is applied.
+    pub fn drain(&mut self) {
+        self.state = match self.state {
+            WorkerState::Ready => WorkerState::Draining,
+            WorkerState::Dead { .. } => WorkerState::Dead { drained: true },
+            _ => WorkerState::Drained,
+        };
+    }
+
+    /// Left out of the plan in force: no slice, no stage.
+    pub fn release(&mut self) {
+        self.held = None;
+        self.stage = None;
+        self.state = match self.state {
+            WorkerState::Draining | WorkerState::Drained => WorkerState::Drained,
+            WorkerState::Dead { drained } => WorkerState::Dead { drained },
+            _ => WorkerState::Idle,
+        };
     }
 }
 
@@ -174,9 +313,9 @@ impl Registry {
     /// A free id: the asked one, or with `-2`, `-3`... when a live worker holds it.
     pub fn free_id(&self, asked: &str, fingerprint: &str) -> String {
         let taken = |id: &str| {
-            self.workers.get(id).is_some_and(|w| {
-                w.state != WorkerState::Dead && w.info.key_fingerprint != fingerprint
-            })
+            self.workers
+                .get(id)
+                .is_some_and(|w| !w.state.is_dead() && w.profile.key_fingerprint != fingerprint)
         };
         if !taken(asked) {
             return asked.to_string();
@@ -187,59 +326,102 @@ impl Registry {
             .unwrap_or_else(|| asked.to_string())
     }
 
-    /// Rows for the status: admitted workers, then mDNS-only nodes, then refusals.
-    pub fn statuses(&self) -> Vec<WorkerStatus> {
-        let mut out: Vec<WorkerStatus> = self.workers.values().map(Worker::status).collect();
+    /// Nodes seen over mDNS as workers that are not members (by key fingerprint).
+    pub fn strangers(&self) -> impl Iterator<Item = &Seen> {
         let known: HashSet<&str> = self
             .workers
             .values()
-            .map(|w| w.info.key_fingerprint.as_str())
+            .map(|w| w.profile.key_fingerprint.as_str())
             .collect();
-        for s in self.seen.values() {
-            if s.get("role") != Some("worker") || s.get("fpr").is_some_and(|f| known.contains(f)) {
-                continue;
-            }
-            let parse = |k: &str| s.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            out.push(WorkerStatus {
-                info: Some(WorkerInfo {
-                    id: s.get("id").unwrap_or(&s.instance).to_string(),
-                    device: s.get("device").unwrap_or("").to_string(),
-                    memory_budget: parse("mem"),
-                    speed_bytes_per_second: parse("speed") as f64,
-                    data_port: parse("data") as u32,
-                    control_port: parse("control") as u32,
-                    version: s.get("v").unwrap_or("").to_string(),
-                    key_fingerprint: s.get("fpr").unwrap_or("").to_string(),
-                    addresses: s.addresses.iter().map(|a| a.to_string()).collect(),
-                    ..Default::default()
-                }),
-                state: WorkerState::Discovered as i32,
-                address: s
-                    .addresses
-                    .first()
-                    .map(|a| format!("{a}:{}", parse("control")))
-                    .unwrap_or_default(),
-                stage: -1,
-                detail: "seen over mDNS, not joined (does it have this cluster's token?)".into(),
+        self.seen.values().filter(move |s| {
+            s.get("role") == Some("worker") && !s.get("fpr").is_some_and(|f| known.contains(f))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(now: Instant) -> Worker {
+        let channel = Channel::from_static("https://127.0.0.1:1").connect_lazy();
+        Worker {
+            profile: WorkerProfile {
+                id: "w1".into(),
                 ..Default::default()
-            });
+            },
+            requested_id: "w1".into(),
+            control_addr: "127.0.0.1:1"
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1))),
+            data_addr: SocketAddr::from(([127, 0, 0, 1], 2)),
+            coordinator_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            client: WorkerControlClient::new(channel),
+            state: WorkerState::Ready,
+            last_seen: now,
+            load_done: Arc::new(AtomicU64::new(0)),
+            load_total: 0,
+            health: Health::default(),
+            detail: String::new(),
+            held: Some(Held {
+                layers: 0..2,
+                embed: true,
+                head: false,
+            }),
+            stage: Some(0),
         }
-        for r in &self.refusals {
-            if self.workers.contains_key(&r.id) {
-                continue;
-            }
-            out.push(WorkerStatus {
-                info: Some(WorkerInfo {
-                    id: r.id.clone(),
-                    ..Default::default()
-                }),
-                state: WorkerState::Refused as i32,
-                address: r.from.clone(),
-                stage: -1,
-                detail: r.reason.clone(),
-                ..Default::default()
-            });
-        }
-        out
+    }
+
+    #[tokio::test]
+    async fn silence_then_a_stall_then_health() {
+        let t0 = Instant::now();
+        let mut w = worker(t0);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            w.heartbeat(Err("timed out".into()), t0 + ms(2000)),
+            Verdict::Unchanged
+        );
+        let Verdict::Failed(why) = w.heartbeat(Err("timed out".into()), t0 + ms(3100)) else {
+            panic!("3.1 s of silence is a death");
+        };
+        assert!(
+            why.contains("missed its heartbeats") && why.contains("timed out"),
+            "{why}"
+        );
+        assert!(w.held.is_none() && w.state.is_dead());
+        // Back, with work stalled: still dead, not revived.
+        let stalled = Health {
+            stalled: ms(4000),
+            ..Default::default()
+        };
+        assert_eq!(
+            w.heartbeat(Ok(stalled.clone()), t0 + ms(4000)),
+            Verdict::Unchanged
+        );
+        assert_eq!(
+            w.heartbeat(Ok(Health::default()), t0 + ms(4700)),
+            Verdict::Revived
+        );
+        assert_eq!(w.state, WorkerState::Idle);
+        // A live worker whose compute thread stalls has failed, though it answers.
+        w.state = WorkerState::Ready;
+        let Verdict::Failed(why) = w.heartbeat(Ok(stalled), t0 + ms(5400)) else {
+            panic!("a stall is a failure");
+        };
+        assert!(why.contains("hung"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_drained_worker_stays_out_of_plans_even_after_dying() {
+        let t0 = Instant::now();
+        let mut w = worker(t0);
+        w.drain();
+        assert_eq!(w.state, WorkerState::Draining);
+        assert!(!w.eligible());
+        w.heartbeat(Err("gone".into()), t0 + Duration::from_secs(4));
+        assert_eq!(w.state, WorkerState::Dead { drained: true });
+        w.heartbeat(Ok(Health::default()), t0 + Duration::from_secs(5));
+        assert_eq!(w.state, WorkerState::Drained);
+        assert!(!w.eligible());
     }
 }

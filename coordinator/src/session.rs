@@ -1,79 +1,65 @@
-//! Sessions: every live sequence's token history and its decode loop. A sequence's
-//! prompt goes to stage 0 as token ids; each sampled token comes back from the last
-//! stage and goes out again as the next step. Many sequences are in flight at once, on
-//! different stages (pipelining), and a stage batches whatever is waiting for it.
+//! Sessions: the shells around each answer's [`SequenceCore`]. A task per sequence feeds
+//! its core the news that concerns it (tokens and failures routed here from the last
+//! stage, a lost stage, a new pipeline, the client leaving, deadlines) and does what the
+//! core says: hand a step to the batcher, stream text to the client, free caches.
 //!
-//! The history kept here is everything needed to rebuild a sequence's caches on a new
-//! pipeline (replay), which later recovery builds on.
+//! Steps of sequences that become ready together are sent to stage 0 as one frame by the
+//! batcher, so stage 0 runs them as one batch. The dispatcher routes what the last stage
+//! sends back to the sessions.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use strata_model::{SamplingParams, StreamDecoder};
-use strata_net::frame::Frame;
-use strata_proto::v1::{
-    FinishReason, FrameChunk, FrameHeader, FrameKind, GenerateResponse, SampledLogprob,
-    SampledToken, TokenLogprob, Usage, WireDType,
-};
-use strata_proto::PROTOCOL_VERSION;
+use strata_model::SeqId;
+use strata_net::frame::{Frame, Sampled, SeqFailure, Step};
 use tokio::sync::mpsc;
-use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::error::Error;
 use crate::metrics::RequestRecord;
-use crate::planner::Plan;
+use crate::sequence::{
+    Action, Deadlines, Delta, Event, FinishReason, ModelLimits, Outcome, SequenceCore,
+    SequenceRequest,
+};
+use crate::serving::{Pipeline, ServingState};
 use crate::Shared;
 
 /// Token frames waiting for the dispatcher.
 pub const TOKEN_QUEUE: usize = 1024;
-/// Chunks waiting for the batcher.
+/// Steps waiting for the batcher.
 pub const OUTBOX_QUEUE: usize = 1024;
-/// Events waiting for one session.
-const SESSION_QUEUE: usize = 8;
-/// How long a request waits for the cluster to be ready.
+/// News waiting for one session.
+const SESSION_QUEUE: usize = 16;
+/// Streamed deltas waiting for a slow client.
+const STREAM_QUEUE: usize = 16;
+/// Tokens generated when a request does not say.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// How long a new request waits for the cluster to be ready.
 pub const READY_WAIT: Duration = Duration::from_secs(120);
-/// How long a step may take before the request fails (a stuck pipeline, not a slow one).
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A wired pipeline.
-#[derive(Debug)]
-pub struct Pipeline {
-    /// Plan epoch.
-    pub epoch: u64,
-    /// The plan.
-    pub plan: Plan,
-    /// Connection to stage 0.
-    pub first: quinn::Connection,
-}
-
-impl Pipeline {
-    /// Whether `worker` holds a stage of it.
-    pub fn uses(&self, worker: &str) -> bool {
-        self.plan.stages.iter().any(|s| s.worker == worker)
-    }
-}
-
-enum Event {
-    Token(SampledToken),
-    Failed(String),
+/// News the shell routes to a session.
+enum News {
+    Token { epoch: u64, sampled: Sampled },
+    Failure { epoch: u64, failure: SeqFailure },
+    StageLost { epoch: u64, reason: String },
 }
 
 struct Entry {
-    tx: mpsc::Sender<Event>,
-    pipeline: Arc<Pipeline>,
+    tx: mpsc::Sender<News>,
+    /// The pipeline its step in flight runs on.
+    pipeline: Option<Arc<Pipeline>>,
 }
 
 /// Live sequences by id.
 #[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<u64, Entry>>,
+    map: Mutex<HashMap<SeqId, Entry>>,
     next: std::sync::atomic::AtomicU64,
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SeqId, Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -82,88 +68,132 @@ impl Sessions {
         self.lock().len()
     }
 
-    /// Sequences on pipeline `epoch`.
+    /// Sequences with a step on the pipeline of plan `epoch`.
     pub fn active_on(&self, epoch: u64) -> usize {
         self.lock()
             .values()
-            .filter(|e| e.pipeline.epoch == epoch)
+            .filter(|e| e.pipeline.as_ref().is_some_and(|p| p.epoch == epoch))
             .count()
+    }
+
+    fn register(&self, tx: mpsc::Sender<News>) -> SeqId {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.lock().insert(id, Entry { tx, pipeline: None });
+        id
+    }
+
+    fn set_pipeline(&self, id: SeqId, pipeline: &Arc<Pipeline>) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.pipeline = Some(pipeline.clone());
+        }
+    }
+
+    fn remove(&self, id: SeqId) {
+        self.lock().remove(&id);
+    }
+
+    /// Hands news to a session; never blocks the caller.
+    fn tell(&self, id: SeqId, news: News) {
+        let tx = match self.lock().get(&id) {
+            Some(e) => e.tx.clone(),
+            None => return,
+        };
+        if let Err(mpsc::error::TrySendError::Full(news)) = tx.try_send(news) {
+            // A session that is slow to read still gets its news, in order of arrival.
+            tokio::spawn(async move {
+                let _ = tx.send(news).await;
+            });
+        }
     }
 }
 
-/// Fails every sequence whose pipeline uses `worker`, and takes that pipeline out of service.
-pub fn fail_worker(shared: &Shared, worker: &str, reason: &str) {
-    let failed: Vec<mpsc::Sender<Event>> = shared
-        .sessions
+/// A pipeline lost a stage (`worker` died, hung, dropped off or left): the sequences on
+/// it wait for the next plan and replay there; if it is the one serving, new requests wait
+/// too, and the reconciler re-plans at once.
+pub fn stage_lost(shared: &Shared, worker: &str, reason: &str) {
+    broken(shared, |p| p.uses(worker), reason);
+}
+
+/// The pipeline of plan `epoch` cannot be used any more (its first stage is unreachable).
+pub fn pipeline_broken(shared: &Shared, epoch: u64, reason: &str) {
+    broken(shared, |p| p.epoch == epoch, reason);
+}
+
+fn broken(shared: &Shared, affected: impl Fn(&Pipeline) -> bool, reason: &str) {
+    if shared.serving().pipeline().is_some_and(|p| affected(p)) {
+        shared.set_serving(ServingState::Recovering(format!("re-planning: {reason}")));
+        shared.membership_changed();
+    }
+    let hit: Vec<(SeqId, u64)> = shared
+        .sessions()
         .lock()
-        .values()
-        .filter(|e| e.pipeline.uses(worker))
-        .map(|e| e.tx.clone())
+        .iter()
+        .filter_map(|(id, e)| {
+            let p = e.pipeline.as_ref()?;
+            affected(p).then_some((*id, p.epoch))
+        })
         .collect();
-    for tx in &failed {
-        let _ = tx.try_send(Event::Failed(reason.to_string()));
-    }
-    let in_use = shared
-        .pipeline
-        .borrow()
-        .as_ref()
-        .is_some_and(|p| p.uses(worker));
-    if in_use {
-        shared.pipeline.send_replace(None);
-        shared.set_detail(format!("re-planning: {reason}"));
-    }
-    if !failed.is_empty() {
+    if !hit.is_empty() {
         warn!(
-            sequences = failed.len(),
-            "{reason}: failed the requests using it"
+            sequences = hit.len(),
+            "{reason}: the answers in flight will resume on the next plan"
+        );
+    }
+    for (id, epoch) in hit {
+        shared.sessions().tell(
+            id,
+            News::StageLost {
+                epoch,
+                reason: reason.to_string(),
+            },
         );
     }
 }
 
-/// Routes sampled tokens and errors from the last stage to their sessions.
+/// Routes sampled tokens and failures from the last stage to their sessions.
 pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
     loop {
         let frame = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.cancel().cancelled() => return,
             f = frames.recv() => match f { Some(f) => f, None => return },
         };
-        let h = frame.header;
-        if FrameKind::try_from(h.kind) != Ok(FrameKind::Tokens) {
-            warn!(
-                kind = h.kind,
-                "the coordinator got a frame that is not tokens; dropped"
-            );
+        let Frame::Tokens {
+            epoch,
+            tokens,
+            failures,
+        } = frame
+        else {
+            warn!("the coordinator got a frame that is not tokens; ignored");
             continue;
+        };
+        for sampled in tokens {
+            shared
+                .sessions()
+                .tell(sampled.seq, News::Token { epoch, sampled });
         }
-        let map = shared.sessions.lock();
-        for t in h.tokens {
-            if let Some(e) = map.get(&t.sequence) {
-                let _ = e.tx.try_send(Event::Token(t));
-            }
-        }
-        for err in &h.errors {
-            if let Some(e) = map.get(&err.sequence) {
-                let _ = e.tx.try_send(Event::Failed(err.message.clone()));
-            }
+        for failure in failures {
+            shared
+                .sessions()
+                .tell(failure.seq, News::Failure { epoch, failure });
         }
     }
 }
 
-/// One sequence's next chunk, waiting to go to stage 0.
+/// One sequence's next step, waiting to go to stage 0.
 pub struct Outbound {
-    /// The pipeline the sequence runs on.
+    /// The pipeline it runs on.
     pub pipeline: Arc<Pipeline>,
-    /// The chunk.
-    pub chunk: FrameChunk,
+    /// The step.
+    pub step: Step,
 }
 
-/// Sends the chunks of every sequence that is ready at the same moment as one frame, so
+/// Sends the steps of every sequence that is ready at the same moment as one frame, so
 /// stage 0 runs them as one batch. Sequences become ready together when the last stage
 /// sampled them in one batch; their sessions wake at once and hand their next step here.
 pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) {
     loop {
         let first = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.cancel().cancelled() => return,
             o = outbox.recv() => match o { Some(o) => o, None => return },
         };
         let mut batch = vec![first];
@@ -182,46 +212,30 @@ pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) 
                 break;
             }
         }
-        // One frame per pipeline (a re-plan can leave two in use for a moment).
+        // One frame per pipeline (sequences can be on two for a moment).
         while !batch.is_empty() {
             let epoch = batch[0].pipeline.epoch;
             let (group, rest): (Vec<Outbound>, Vec<Outbound>) =
                 batch.into_iter().partition(|o| o.pipeline.epoch == epoch);
             batch = rest;
             let pipeline = group[0].pipeline.clone();
-            let seqs: Vec<u64> = group.iter().map(|o| o.chunk.sequence).collect();
-            let header = FrameHeader {
-                protocol_version: PROTOCOL_VERSION,
-                kind: FrameKind::Forward as i32,
+            let frame = Frame::Forward {
                 epoch,
-                chunks: group.into_iter().map(|o| o.chunk).collect(),
-                dtype: WireDType::None as i32,
-                ..Default::default()
+                steps: group.into_iter().map(|o| o.step).collect(),
+                activations: None,
+                failures: Vec::new(),
             };
-            debug!(sequences = seqs.len(), "to stage 0");
-            if let Err(e) = strata_net::transport::send_frame(&pipeline.first, &header, &[]).await {
-                let stage0 = pipeline
-                    .plan
-                    .stages
-                    .first()
-                    .map(|s| s.worker.clone())
-                    .unwrap_or_default();
-                let reason = format!("stage 0 (worker {stage0}) is unreachable: {e}");
-                let map = shared.sessions.lock();
-                for seq in seqs {
-                    if let Some(e) = map.get(&seq) {
-                        let _ = e.tx.try_send(Event::Failed(reason.clone()));
-                    }
-                }
+            debug!(rows = frame.rows(), "to stage 0");
+            if let Err(e) = strata_net::transport::send_frame(&pipeline.first, &frame).await {
+                let reason = format!(
+                    "stage 0 (worker {}) is unreachable: {e}",
+                    pipeline.first_worker()
+                );
+                pipeline_broken(&shared, epoch, &reason);
             }
         }
     }
 }
-
-/// Tokens generated when a request does not say.
-pub const DEFAULT_MAX_TOKENS: usize = 256;
-/// Streamed responses waiting for a slow client.
-const STREAM_QUEUE: usize = 16;
 
 /// A request id for logs: unique enough, not secret.
 pub fn request_id() -> String {
@@ -237,7 +251,7 @@ pub fn request_id() -> String {
 
 /// Renders a conversation with the model's chat template and tokenizes it.
 pub fn chat_prompt(shared: &Shared, messages: &[strata_model::Message]) -> Result<Vec<u32>, Error> {
-    let m = &shared.model;
+    let m = shared.model();
     let template = m.chat.as_ref().ok_or_else(|| {
         Error::InvalidRequest("this model has no chat template: send a plain prompt".into())
     })?;
@@ -251,361 +265,242 @@ pub fn chat_prompt(shared: &Shared, messages: &[strata_model::Message]) -> Resul
         .map_err(|e| Error::InvalidRequest(e.to_string()))
 }
 
-/// Starts a generation; its steps arrive on the returned channel (an `Err` ends it).
-pub fn start(
-    shared: &Arc<Shared>,
-    prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    ignore_eos: bool,
-    logprobs: bool,
-) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, Error> {
-    sampling
+/// An answer being generated: its id, and its deltas (an error ends them).
+pub struct Answer {
+    /// The request id, as the logs name it.
+    pub id: String,
+    /// The answer, a token at a time; the last delta carries the finish.
+    pub deltas: mpsc::Receiver<Result<Delta, Error>>,
+}
+
+/// Starts generating; refuses at once what cannot run.
+pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answer, Error> {
+    request
+        .sampling
         .validate()
         .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-    let id = request_id();
-    let job = Job {
-        id: id.clone(),
-        prompt,
-        max_tokens: if max_tokens == 0 {
-            DEFAULT_MAX_TOKENS
-        } else {
-            max_tokens
-        },
-        sampling,
-        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
-        ignore_eos,
-        logprobs,
-    };
-    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-    let span = tracing::info_span!("request", id = %id, prompt_tokens = job.prompt.len());
-    tokio::spawn(tracing::Instrument::instrument(
-        generate(shared.clone(), job, tx),
-        span,
-    ));
-    Ok(rx)
-}
-
-/// Waits until a pipeline is serving.
-pub async fn ready_pipeline(shared: &Shared) -> Result<Arc<Pipeline>, Error> {
-    let mut rx = shared.pipeline.subscribe();
-    let deadline = tokio::time::Instant::now() + READY_WAIT;
-    loop {
-        if let Some(p) = rx.borrow_and_update().clone() {
-            return Ok(p);
-        }
-        // Waiting helps while a plan loads, not when the workers cannot hold the model.
-        if shared.shortfall.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Unavailable(format!(
-                "the cluster cannot hold the model: {}",
-                shared.detail()
-            )));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(Error::Unavailable(format!(
-                    "the cluster is not serving after {}s: {}",
-                    READY_WAIT.as_secs(),
-                    shared.detail()
-                )))
-            }
-            r = rx.changed() => if r.is_err() { return Err(Error::Unavailable("shutting down".into())) },
-        }
-    }
-}
-
-/// What a client asked to generate, tokenized.
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// Request id for logs.
-    pub id: String,
-    /// Prompt token ids.
-    pub prompt: Vec<u32>,
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// Sampling.
-    pub sampling: SamplingParams,
-    /// Stop strings.
-    pub stop: Vec<String>,
-    /// Keep going past end-of-sequence tokens.
-    pub ignore_eos: bool,
-    /// Return each token's log-probability (and `sampling.top_logprobs` alternatives).
-    pub logprobs: bool,
-}
-
-/// Runs one sequence to the end, streaming each step into `out`.
-pub async fn generate(
-    shared: Arc<Shared>,
-    job: Job,
-    out: mpsc::Sender<Result<GenerateResponse, Status>>,
-) {
-    let started = Instant::now();
-    let started_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut tally = Tally::default();
-    let result = run_sequence(&shared, &job, &out, started, &mut tally).await;
-    let outcome = match &result {
-        Ok(Some(reason)) => match reason {
-            FinishReason::Stop => "stop",
-            _ => "length",
-        },
-        Ok(None) => "cancelled",
-        Err(_) => "failed",
-    };
-    shared.metrics.finished(RequestRecord {
-        id: job.id.clone(),
-        started_unix_ms,
-        prompt_tokens: job.prompt.len(),
-        completion_tokens: tally.generated,
-        time_to_first_token_ms: tally.time_to_first_token_ms(started),
-        tokens_per_second: tally.decode_tokens_per_second(),
-        outcome: outcome.into(),
-    });
-    if let Err(e) = result {
-        info!(request = %job.id, cause = %e, "request failed");
-        let _ = out.send(Err(e.into())).await;
-    }
-}
-
-/// What a sequence produced, for its metrics even when it fails.
-#[derive(Default)]
-struct Tally {
-    generated: usize,
-    first_token_at: Option<Instant>,
-}
-
-impl Tally {
-    /// From the request's arrival to its first token (0 when there was none).
-    fn time_to_first_token_ms(&self, started: Instant) -> f64 {
-        self.first_token_at
-            .map_or(0.0, |t| (t - started).as_secs_f64() * 1e3)
-    }
-
-    /// Tokens per second after the first, until now.
-    fn decode_tokens_per_second(&self) -> f64 {
-        let secs = self
-            .first_token_at
-            .map_or(0.0, |t| t.elapsed().as_secs_f64());
-        if self.generated > 1 && secs > 0.0 {
-            (self.generated - 1) as f64 / secs
-        } else {
-            0.0
-        }
-    }
-}
-
-fn logprob_of(t: &SampledToken) -> SampledLogprob {
-    SampledLogprob {
-        token: Some(TokenLogprob {
-            token_id: t.token_id,
-            logprob: t.logprob,
-        }),
-        top: t.top.clone(),
-    }
-}
-
-async fn run_sequence(
-    shared: &Arc<Shared>,
-    job: &Job,
-    out: &mpsc::Sender<Result<GenerateResponse, Status>>,
-    started: Instant,
-    tally: &mut Tally,
-) -> Result<Option<FinishReason>, Error> {
-    let context = shared.model.file.config().max_position_embeddings;
-    if job.prompt.is_empty() {
+    let context = shared.model().file.config().max_position_embeddings;
+    if request.prompt.is_empty() {
         return Err(Error::InvalidRequest("the prompt has no tokens".into()));
     }
-    if job.prompt.len() >= context {
+    if request.prompt.len() >= context {
         return Err(Error::InvalidRequest(format!(
             "the prompt has {} tokens but the model's context holds {context}: shorten it",
-            job.prompt.len()
+            request.prompt.len()
         )));
     }
-    let pipeline = ready_pipeline(shared).await?;
-    shared.metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-    let seq = shared
-        .sessions
-        .next
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        + 1;
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
-    shared.sessions.lock().insert(
-        seq,
-        Entry {
-            tx,
-            pipeline: pipeline.clone(),
-        },
-    );
-    // Whatever happens below, the session leaves the table.
-    struct Remove<'a>(&'a Shared, u64);
-    impl Drop for Remove<'_> {
-        fn drop(&mut self) {
-            self.0.sessions.lock().remove(&self.1);
+    if request.max_tokens == 0 {
+        request.max_tokens = DEFAULT_MAX_TOKENS;
+    }
+    request.stop.retain(|s| !s.is_empty());
+    // Waiting helps while a plan loads, not when the workers cannot hold the model.
+    if let ServingState::Shortfall(detail) = shared.serving() {
+        return Err(Error::Unavailable(format!(
+            "the cluster cannot hold the model: {detail}"
+        )));
+    }
+    let (news_tx, news) = mpsc::channel(SESSION_QUEUE);
+    let seq = shared.sessions().register(news_tx);
+    let limits = ModelLimits {
+        eos: shared.model().tokenizer.eos().to_vec(),
+        context,
+    };
+    let deadlines = Deadlines {
+        ready: READY_WAIT,
+        recover: shared.config().recover_wait,
+        ..Deadlines::default()
+    };
+    let id = request_id();
+    shared
+        .metrics()
+        .prompt_tokens
+        .inc_by(request.prompt.len() as u64);
+    let span = tracing::info_span!("request", id = %id, seq, prompt_tokens = request.prompt.len());
+    let core = SequenceCore::new(seq, request, limits, deadlines, Instant::now());
+    let (out, deltas) = mpsc::channel(STREAM_QUEUE);
+    let session = Session {
+        shared: shared.clone(),
+        core,
+        news,
+        out,
+        id: id.clone(),
+        pipeline: None,
+        client_gone: false,
+        started_unix_ms: unix_ms(),
+    };
+    tokio::spawn(session.run().instrument(span));
+    Ok(Answer { id, deltas })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The shell of one sequence.
+struct Session {
+    shared: Arc<Shared>,
+    core: SequenceCore,
+    news: mpsc::Receiver<News>,
+    out: mpsc::Sender<Result<Delta, Error>>,
+    id: String,
+    /// The pipeline its steps go to.
+    pipeline: Option<Arc<Pipeline>>,
+    client_gone: bool,
+    started_unix_ms: u64,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let mut serving = self.shared.watch_serving();
+        while self.core.outcome().is_none() {
+            let actions = self.next_actions(&mut serving).await;
+            for action in actions {
+                self.perform(action).await;
+            }
+        }
+        self.finish();
+    }
+
+    /// Waits for what happens next and lets the core decide.
+    async fn next_actions(
+        &mut self,
+        serving: &mut tokio::sync::watch::Receiver<ServingState>,
+    ) -> Vec<Action> {
+        let shared = self.shared.clone();
+        let tokenizer = &shared.model().tokenizer;
+        if self.core.waiting() {
+            let state = serving.borrow_and_update().clone();
+            if let Some(p) = state.pipeline() {
+                self.pipeline = Some(p.clone());
+                shared.sessions().set_pipeline(self.core.id(), p);
+                let event = Event::Pipeline { epoch: p.epoch };
+                return self.core.handle(event, Instant::now(), tokenizer, "");
+            }
+        }
+        let deadline = self.core.poll_timeout();
+        let waiting = self.core.waiting();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            news = self.news.recv() => {
+                let now = Instant::now();
+                match news {
+                    Some(News::Token { epoch, sampled }) => {
+                        self.core.handle(Event::Token { epoch, sampled: &sampled }, now, tokenizer, "")
+                    }
+                    Some(News::Failure { epoch, failure }) => {
+                        self.core.handle(Event::Failure { epoch, failure: &failure }, now, tokenizer, "")
+                    }
+                    Some(News::StageLost { epoch, reason }) => {
+                        if self.core.epoch() == Some(epoch) {
+                            info!(request = %self.id, "{reason}: waiting for the next plan to resume");
+                        }
+                        self.core.handle(Event::StageLost { epoch, reason }, now, tokenizer, "")
+                    }
+                    None => self.core.handle(Event::ClientGone, now, tokenizer, ""),
+                }
+            }
+            changed = serving.changed(), if waiting => {
+                if changed.is_err() {
+                    return self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "");
+                }
+                Vec::new()
+            }
+            _ = self.out.closed(), if !self.client_gone => {
+                self.client_gone = true;
+                self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "")
+            }
+            _ = sleep => {
+                let detail = shared.serving().detail();
+                self.core.handle(Event::Tick, Instant::now(), tokenizer, &detail)
+            }
         }
     }
-    let _remove = Remove(shared, seq);
-    let stage0 = pipeline
-        .plan
-        .stages
-        .first()
-        .map(|s| s.worker.clone())
-        .unwrap_or_default();
-    let send = |h: FrameHeader| {
-        let conn = pipeline.first.clone();
-        let stage0 = stage0.clone();
-        async move {
-            strata_net::transport::send_frame(&conn, &h, &[])
-                .await
-                .map_err(|e| {
-                    Error::WorkerFailed(format!("stage 0 (worker {stage0}) is unreachable: {e}"))
-                })
-        }
-    };
-    let free = |epoch: u64| FrameHeader {
-        protocol_version: PROTOCOL_VERSION,
-        kind: FrameKind::Free as i32,
-        epoch,
-        free: vec![seq],
-        ..Default::default()
-    };
-    let step = |chunk: FrameChunk| {
-        let outbound = Outbound {
-            pipeline: pipeline.clone(),
-            chunk,
-        };
-        async move {
-            shared
-                .outbox
-                .send(outbound)
-                .await
-                .map_err(|_| Error::Unavailable("shutting down".into()))
-        }
-    };
-    step(FrameChunk {
-        sequence: seq,
-        start: 0,
-        length: job.prompt.len() as u32,
-        token_ids: job.prompt.clone(),
-        sampling: Some(strata_net::frame::wire_sampling(&job.sampling)),
-    })
-    .await?;
-    let tokenizer = &shared.model.tokenizer;
-    let eos = tokenizer.eos();
-    let mut history = job.prompt.clone();
-    let mut decoder = StreamDecoder::new();
-    let mut text = String::new();
-    let mut sent_chars = 0usize;
-    let hold = job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-    loop {
-        let event = tokio::select! {
-            e = tokio::time::timeout(STEP_TIMEOUT, rx.recv()) => match e {
-                Ok(Some(e)) => e,
-                Ok(None) => return Err(Error::WorkerFailed("the session was dropped".into())),
-                Err(_) => {
-                    let _ = send(free(pipeline.epoch)).await;
-                    return Err(Error::WorkerFailed(format!("no token for {}s: the pipeline is stuck", STEP_TIMEOUT.as_secs())));
+
+    async fn perform(&mut self, action: Action) {
+        match action {
+            Action::Send { epoch, step } => {
+                let Some(pipeline) = self.pipeline.clone().filter(|p| p.epoch == epoch) else {
+                    return;
+                };
+                if step.start == 0 && self.core.replays() > 0 {
+                    info!(request = %self.id, epoch, tokens = step.len(), "replaying the answer's history on the new pipeline");
                 }
-            },
-            _ = out.closed() => {
-                // The client left: let the step in flight land, then free the caches.
-                let _ = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
-                let _ = send(free(pipeline.epoch)).await;
-                debug!(request = %job.id, "client left; sequence freed");
-                return Ok(None);
+                let outbound = Outbound { pipeline, step };
+                if self.shared.outbox().send(outbound).await.is_err() {
+                    self.core.handle(
+                        Event::ClientGone,
+                        Instant::now(),
+                        &self.shared.model().tokenizer,
+                        "",
+                    );
+                }
             }
-        };
-        let sampled = match event {
-            Event::Token(t) => t,
-            Event::Failed(reason) => {
-                let _ = send(free(pipeline.epoch)).await;
-                return Err(Error::WorkerFailed(reason));
+            Action::Deliver(delta) => {
+                let m = self.shared.metrics();
+                m.generated_tokens.inc();
+                if self.core.generated() == 1 {
+                    m.time_to_first_token
+                        .observe(self.core.usage(Instant::now()).time_to_first_token_ms / 1e3);
+                }
+                if !self.client_gone && self.out.send(Ok(delta)).await.is_err() {
+                    // Let the rest of the actions happen, then cancel.
+                    self.client_gone = true;
+                    // The core only waits for the step in flight now: nothing to do yet.
+                    let _ = self.core.handle(
+                        Event::ClientGone,
+                        Instant::now(),
+                        &self.shared.model().tokenizer,
+                        "",
+                    );
+                }
             }
-        };
-        let token = sampled.token_id;
-        if tally.first_token_at.is_none() {
-            let now = Instant::now();
-            tally.first_token_at = Some(now);
-            shared
-                .metrics
-                .time_to_first_token
-                .observe((now - started).as_secs_f64());
-        }
-        shared.metrics.generated_tokens.inc();
-        history.push(token);
-        tally.generated += 1;
-        let generated = tally.generated;
-        let is_eos = (!job.ignore_eos && eos.contains(&token))
-            || job.sampling.stop_token_ids.contains(&token);
-        let mut finish = if is_eos {
-            Some(FinishReason::Stop)
-        } else if generated >= job.max_tokens {
-            Some(FinishReason::Length)
-        } else if history.len() >= context {
-            Some(FinishReason::Context)
-        } else {
-            None
-        };
-        if !is_eos {
-            text.push_str(&decoder.push(tokenizer, token)?);
-        }
-        if finish.is_some() {
-            text.push_str(&decoder.finish(tokenizer)?);
-        }
-        // Stop strings end the text before them; hold back what could start one.
-        let mut visible = text.len();
-        if let Some(at) = job.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            visible = at;
-            finish = Some(FinishReason::Stop);
-        } else if finish.is_none() && hold > 0 {
-            visible = text.len().saturating_sub(hold - 1);
-            while !text.is_char_boundary(visible) {
-                visible -= 1;
+            Action::Free { epoch } => {
+                if let Some(p) = self.pipeline.clone().filter(|p| p.epoch == epoch) {
+                    let frame = Frame::Free {
+                        epoch,
+                        seqs: vec![self.core.id()],
+                    };
+                    if let Err(e) = strata_net::transport::send_frame(&p.first, &frame).await {
+                        debug!(cause = %e, "could not free a sequence's caches");
+                    }
+                }
+            }
+            Action::Fail(e) => {
+                info!(request = %self.id, cause = %e, "request failed");
+                let _ = self.out.send(Err(Error::from(e))).await;
             }
         }
-        let delta = if visible > sent_chars {
-            let d = text[sent_chars..visible].to_string();
-            sent_chars = visible;
-            d
-        } else {
-            String::new()
+    }
+
+    /// Records the outcome and leaves the table.
+    fn finish(&self) {
+        let shared = &self.shared;
+        shared.sessions().remove(self.core.id());
+        let usage = self.core.usage(Instant::now());
+        let outcome = match self.core.outcome() {
+            Some(Outcome::Finished(FinishReason::Stop)) => "stop",
+            Some(Outcome::Finished(_)) => "length",
+            Some(Outcome::Cancelled) => "cancelled",
+            _ => "failed",
         };
-        let mut msg = GenerateResponse {
-            text: delta,
-            token_ids: vec![token],
-            request_id: job.id.clone(),
-            logprobs: if job.logprobs {
-                vec![logprob_of(&sampled)]
-            } else {
-                Vec::new()
-            },
-            ..Default::default()
-        };
-        if let Some(reason) = finish {
-            msg.finish_reason = reason as i32;
-            msg.usage = Some(Usage {
-                prompt_tokens: job.prompt.len() as u32,
-                completion_tokens: generated as u32,
-                time_to_first_token_ms: tally.time_to_first_token_ms(started),
-                decode_tokens_per_second: tally.decode_tokens_per_second(),
-            });
-            let _ = send(free(pipeline.epoch)).await;
-            let _ = out.send(Ok(msg)).await;
-            return Ok(Some(reason));
+        if outcome == "cancelled" {
+            debug!(request = %self.id, "client left; sequence freed");
         }
-        if out.send(Ok(msg)).await.is_err() {
-            // Client gone between steps: nothing in flight, free now.
-            let _ = send(free(pipeline.epoch)).await;
-            return Ok(None);
-        }
-        step(FrameChunk {
-            sequence: seq,
-            start: (history.len() - 1) as u32,
-            length: 1,
-            token_ids: vec![token],
-            sampling: None,
-        })
-        .await?;
+        shared.metrics().finished(RequestRecord {
+            id: self.id.clone(),
+            started_unix_ms: self.started_unix_ms,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            time_to_first_token_ms: usage.time_to_first_token_ms,
+            tokens_per_second: usage.decode_tokens_per_second,
+            outcome: outcome.into(),
+        });
     }
 }

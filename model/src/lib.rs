@@ -20,6 +20,7 @@
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`pipeline`]: K stages in one process, and the generation loop.
 //! - [`synth`]: seeded synthetic models in the real formats.
+//! - [`wire`]: the element type activations take between stages, and its bytes.
 //!
 //! # Dependencies
 //! `candle-core` holds tensors and quantized (ggml) blocks and multiplies them packed;
@@ -40,6 +41,7 @@ pub mod pipeline;
 pub mod sampler;
 pub mod synth;
 pub mod tokenizer;
+pub mod wire;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig, RopeScaling};
@@ -51,3 +53,4 @@ pub use model::{Chunk, Slice, Stage, StageInput, StageOutput};
 pub use pipeline::{FinishReason, GenerateRequest, Generation, LocalPipeline};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, Tokenizer};
+pub use wire::WireType;

@@ -8,6 +8,7 @@
 //! kernel is batch-invariant: a row's result does not depend on what shares its batch.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -312,6 +313,8 @@ pub struct Stage {
     inv_freq: Vec<f32>,
     rope_interleaved: bool,
     weight_bytes: u64,
+    /// Counts layers run, for a watchdog that tells a slow forward from a stuck one.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl Stage {
@@ -411,7 +414,14 @@ impl Stage {
             final_norm,
             lm_head,
             weight_bytes,
+            progress: None,
         })
+    }
+
+    /// Counts every layer this stage runs into `counter`: whoever watches it can tell a
+    /// forward that is progressing (however slowly) from one that is stuck.
+    pub fn count_progress(&mut self, counter: Arc<AtomicU64>) {
+        self.progress = Some(counter);
     }
 
     /// The model's config.
@@ -527,6 +537,9 @@ impl Stage {
         let ctx = self.batch_context(chunks)?;
         for block in &self.blocks {
             x = self.block_forward(block, &x, &ctx, cache)?;
+            if let Some(p) = &self.progress {
+                p.fetch_add(1, Ordering::Relaxed);
+            }
         }
         for c in chunks {
             cache.advance(c.seq, c.len)?;

@@ -11,6 +11,7 @@ use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
+use crate::wire::WireType;
 
 /// Default longest run of prompt tokens sent through the stages in one forward; longer
 /// prompts are prefilled in several chunks, which bounds the activations' memory (the
@@ -76,6 +77,7 @@ pub struct LocalPipeline {
     next_seq: SeqId,
     eos: Vec<u32>,
     prefill_chunk: usize,
+    wire: WireType,
 }
 
 impl LocalPipeline {
@@ -112,12 +114,19 @@ impl LocalPipeline {
             next_seq: 1,
             eos: file.config().eos_token_ids.clone(),
             prefill_chunk: PREFILL_CHUNK,
+            wire: WireType::F32,
         })
     }
 
     /// The loaded stages.
     pub fn stages(&self) -> impl Iterator<Item = &Stage> {
         self.stages.iter().map(|(s, _)| s)
+    }
+
+    /// Rounds the activations between stages to `wire`, as a cluster with that wire type
+    /// does (default F32: exact).
+    pub fn set_wire(&mut self, wire: WireType) {
+        self.wire = wire;
     }
 
     /// Sets the longest prompt chunk per forward (at least 1).
@@ -163,7 +172,7 @@ impl LocalPipeline {
         for i in 0..self.stages.len() {
             let (stage, cache) = &mut self.stages[i];
             match stage.forward(chunks, input, cache) {
-                Ok(StageOutput::Hidden(h)) => input = StageInput::Hidden(h),
+                Ok(StageOutput::Hidden(h)) => input = StageInput::Hidden(self.wire.round_trip(&h)?),
                 Ok(StageOutput::Logits(l)) => return Ok(l),
                 Err(e) => {
                     // Earlier stages already cached these positions: forget them so the

@@ -104,11 +104,22 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Result<Self> {
+        Self::resume(params, 0)
+    }
+
+    /// A sampler seeded from `params.seed` whose random stream continues at
+    /// `rng_position` (what [`Sampler::rng_position`] said after the last accepted token):
+    /// a sequence moved to another stage picks up exactly where it was.
+    pub fn resume(params: SamplingParams, rng_position: u64) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler {
-            rng: ChaCha8Rng::seed_from_u64(params.seed),
-            params,
-        })
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        rng.set_word_pos(u128::from(rng_position));
+        Ok(Sampler { rng, params })
+    }
+
+    /// How far the random stream has advanced (in 32-bit words).
+    pub fn rng_position(&self) -> u64 {
+        u64::try_from(self.rng.get_word_pos()).unwrap_or(u64::MAX)
     }
 
     /// The parameters.
@@ -295,6 +306,29 @@ mod tests {
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[1]).unwrap().token, 2);
         // Token 1 outside the window of one: not penalised.
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[1, 0]).unwrap().token, 1);
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_random_stream() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 42,
+            ..params()
+        };
+        let mut whole = Sampler::new(p.clone()).unwrap();
+        let all: Vec<u32> = (0..40)
+            .map(|_| whole.sample(&logits, &[]).unwrap().token)
+            .collect();
+        let mut first = Sampler::new(p.clone()).unwrap();
+        let mut resumed_tokens: Vec<u32> = (0..17)
+            .map(|_| first.sample(&logits, &[]).unwrap().token)
+            .collect();
+        let mut second = Sampler::resume(p, first.rng_position()).unwrap();
+        resumed_tokens.extend((17..40).map(|_| second.sample(&logits, &[]).unwrap().token));
+        assert_eq!(resumed_tokens, all);
+        assert!(whole.rng_position() > 0);
     }
 
     #[test]

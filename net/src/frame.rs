@@ -1,11 +1,17 @@
-//! The data-plane frame: a length-prefixed prost [`FrameHeader`] followed by raw
-//! little-endian tensor bytes. Pure encode, decode and validation: no sockets, so every
-//! limit is unit-tested. Every length is checked before anything is allocated from it.
+//! The data-plane frame: what stages and the coordinator say to each other, as Strata's
+//! own types ([`Frame`], [`Step`], [`Sampled`]), and its one wire form: a length-prefixed
+//! prost `FrameHeader` followed by raw little-endian activation bytes.
+//!
+//! Pure encode, decode and validation, no sockets: every limit is unit-tested, and every
+//! length is checked before anything is allocated from it. The cores of the worker and
+//! the coordinator see only the types here; `FrameHeader` stays inside this module.
 
-use candle_core::{DType, Device, Tensor};
 use prost::Message;
-use strata_model::SamplingParams;
-use strata_proto::v1::{FrameHeader, FrameKind, Sampling, WireDType};
+use strata_model::{SamplingParams, SeqId, WireType};
+use strata_proto::v1::{
+    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, TokenLogprob,
+    WireDType,
+};
 use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION};
 
 /// Most sequence chunks in one frame.
@@ -15,41 +21,242 @@ pub const MAX_ROWS: u64 = 1 << 16;
 /// Widest hidden size accepted.
 pub const MAX_HIDDEN: u32 = 1 << 16;
 
-/// A decoded frame.
-#[derive(Debug, Clone)]
-pub struct Frame {
-    /// The header.
-    pub header: FrameHeader,
-    /// Raw tensor bytes (empty for token and control frames).
-    pub payload: Vec<u8>,
+/// How the last stage starts a sequence's sampler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerStart {
+    /// The sampling parameters.
+    pub params: SamplingParams,
+    /// Where its random stream resumes (0 for a new sequence).
+    pub rng_position: u64,
 }
 
-/// Bytes per element of a wire type.
-pub fn element_bytes(dtype: WireDType) -> u64 {
-    match dtype {
-        WireDType::None => 0,
-        WireDType::F16 | WireDType::Bf16 => 2,
-        WireDType::F32 => 4,
+/// New positions of one sequence: a prompt, a replayed history, or one decode token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the first token.
+    pub start: u32,
+    /// The tokens at `start..start + tokens.len()`.
+    pub tokens: Vec<u32>,
+    /// For the last stage: present when `start` is 0, where the sampler (re)starts.
+    pub sampler: Option<SamplerStart>,
+    /// Which run of the sequence: 0 first, one more per replay.
+    pub attempt: u32,
+}
+
+impl Step {
+    /// Positions this step adds.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether it adds none (never valid on the wire).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
     }
 }
 
-/// Parses `f16`, `bf16` or `f32`.
-pub fn parse_wire_dtype(name: &str) -> Option<WireDType> {
-    match name.to_ascii_lowercase().as_str() {
-        "f16" => Some(WireDType::F16),
-        "bf16" => Some(WireDType::Bf16),
-        "f32" => Some(WireDType::F32),
-        _ => None,
+/// A token the last stage sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The position the token takes.
+    pub position: u32,
+    /// The token.
+    pub token: u32,
+    /// Its log-probability under the model.
+    pub logprob: f32,
+    /// The most likely tokens at this position, when asked for.
+    pub top: Vec<(u32, f32)>,
+    /// Where the sampler's random stream stands after this token.
+    pub rng_position: u64,
+    /// The run of the sequence that sampled it.
+    pub attempt: u32,
+}
+
+/// A sequence that failed on a stage, and why (naming the stage).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqFailure {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The run of the sequence that failed.
+    pub attempt: u32,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Activations of a forward frame: `[rows, hidden]` in `wire` type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activations {
+    /// Element type.
+    pub wire: WireType,
+    /// Columns.
+    pub hidden: u32,
+    /// Raw little-endian bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One data-plane message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Positions to run: token ids to stage 0 (no activations), activations between stages.
+    /// Failures picked up on the way ride along to the coordinator.
+    Forward {
+        /// Plan epoch.
+        epoch: u64,
+        /// The sequences' new positions, in row order.
+        steps: Vec<Step>,
+        /// Their activations (none for token ids).
+        activations: Option<Activations>,
+        /// Sequences that failed upstream.
+        failures: Vec<SeqFailure>,
+    },
+    /// Sampled tokens, last stage to coordinator.
+    Tokens {
+        /// Plan epoch.
+        epoch: u64,
+        /// What was sampled.
+        tokens: Vec<Sampled>,
+        /// Sequences that failed.
+        failures: Vec<SeqFailure>,
+    },
+    /// Drop these sequences' caches (travels down the whole pipeline).
+    Free {
+        /// Plan epoch.
+        epoch: u64,
+        /// The sequences.
+        seqs: Vec<SeqId>,
+    },
+}
+
+impl Frame {
+    /// Its plan epoch.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Frame::Forward { epoch, .. }
+            | Frame::Tokens { epoch, .. }
+            | Frame::Free { epoch, .. } => *epoch,
+        }
+    }
+
+    /// Positions it asks a stage to run.
+    pub fn rows(&self) -> usize {
+        match self {
+            Frame::Forward { steps, .. } => steps.iter().map(Step::len).sum(),
+            _ => 0,
+        }
+    }
+
+    /// Its bytes on the wire: the length prefix and header, then the payload.
+    pub fn encode(&self) -> (Vec<u8>, &[u8]) {
+        let (header, payload) = self.header();
+        let body = header.encode_to_vec();
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        (out, payload)
+    }
+
+    fn header(&self) -> (FrameHeader, &[u8]) {
+        let base = FrameHeader {
+            protocol_version: PROTOCOL_VERSION,
+            epoch: self.epoch(),
+            ..Default::default()
+        };
+        match self {
+            Frame::Forward {
+                steps,
+                activations,
+                failures,
+                ..
+            } => {
+                let (dtype, hidden, payload) = match activations {
+                    Some(a) => (wire_dtype(a.wire), a.hidden, a.bytes.as_slice()),
+                    None => (WireDType::None, 0, &[][..]),
+                };
+                let header = FrameHeader {
+                    kind: FrameKind::Forward as i32,
+                    chunks: steps.iter().map(chunk).collect(),
+                    dtype: dtype as i32,
+                    hidden,
+                    payload_bytes: payload.len() as u64,
+                    errors: failures.iter().map(sequence_error).collect(),
+                    ..base
+                };
+                (header, payload)
+            }
+            Frame::Tokens {
+                tokens, failures, ..
+            } => (
+                FrameHeader {
+                    kind: FrameKind::Tokens as i32,
+                    tokens: tokens.iter().map(sampled_token).collect(),
+                    errors: failures.iter().map(sequence_error).collect(),
+                    ..base
+                },
+                &[],
+            ),
+            Frame::Free { seqs, .. } => (
+                FrameHeader {
+                    kind: FrameKind::Free as i32,
+                    free: seqs.clone(),
+                    ..base
+                },
+                &[],
+            ),
+        }
+    }
+
+    /// A frame from a header that passed [`decode_header`] and exactly its payload.
+    pub fn from_wire(header: Header, payload: Vec<u8>) -> Result<Frame, String> {
+        let h = header.0;
+        if payload.len() as u64 != h.payload_bytes {
+            return Err(format!(
+                "payload of {} bytes where the header said {}",
+                payload.len(),
+                h.payload_bytes
+            ));
+        }
+        let failures = h.errors.into_iter().map(seq_failure).collect();
+        Ok(match FrameKind::try_from(h.kind) {
+            Ok(FrameKind::Forward) => Frame::Forward {
+                epoch: h.epoch,
+                steps: h.chunks.into_iter().map(step).collect(),
+                activations: match wire_type(h.dtype) {
+                    Some(wire) => Some(Activations {
+                        wire,
+                        hidden: h.hidden,
+                        bytes: payload,
+                    }),
+                    None => None,
+                },
+                failures,
+            },
+            Ok(FrameKind::Tokens) => Frame::Tokens {
+                epoch: h.epoch,
+                tokens: h.tokens.into_iter().map(sampled).collect(),
+                failures,
+            },
+            Ok(FrameKind::Free) => Frame::Free {
+                epoch: h.epoch,
+                seqs: h.free,
+            },
+            _ => return Err(format!("unknown frame kind {}", h.kind)),
+        })
     }
 }
 
-/// The 4-byte length prefix and the encoded header.
-pub fn encode_header(header: &FrameHeader) -> Vec<u8> {
-    let body = header.encode_to_vec();
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+/// A validated frame header: how many payload bytes follow, and what they are.
+#[derive(Debug)]
+pub struct Header(FrameHeader);
+
+impl Header {
+    /// Bytes of payload that follow the header.
+    pub fn payload_bytes(&self) -> u64 {
+        self.0.payload_bytes
+    }
 }
 
 /// Reads the length prefix, refusing headers over the limit.
@@ -64,15 +271,15 @@ pub fn header_len(prefix: [u8; 4]) -> Result<usize, String> {
 }
 
 /// Decodes and validates a header.
-pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, String> {
+pub fn decode_header(bytes: &[u8]) -> Result<Header, String> {
     let header = FrameHeader::decode(bytes).map_err(|e| format!("undecodable header: {e}"))?;
     validate(&header)?;
-    Ok(header)
+    Ok(Header(header))
 }
 
 /// Checks a header's internal consistency: version, kind, counts, and that the payload
 /// length is exactly rows x hidden x element size.
-pub fn validate(h: &FrameHeader) -> Result<(), String> {
+fn validate(h: &FrameHeader) -> Result<(), String> {
     if h.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} (this node speaks {PROTOCOL_VERSION}); run the same strata version on every machine",
@@ -87,59 +294,16 @@ pub fn validate(h: &FrameHeader) -> Result<(), String> {
     }
     let dtype = WireDType::try_from(h.dtype).map_err(|_| format!("unknown dtype {}", h.dtype))?;
     match FrameKind::try_from(h.kind) {
-        Ok(FrameKind::Forward) => {
-            if h.chunks.len() > MAX_CHUNKS {
-                return Err(format!(
-                    "{} chunks (the limit is {MAX_CHUNKS})",
-                    h.chunks.len()
-                ));
-            }
-            if h.chunks.is_empty() && h.errors.is_empty() {
-                return Err("a forward frame with neither chunks nor errors".into());
-            }
-            let mut rows = 0u64;
-            for c in &h.chunks {
-                if c.length == 0 {
-                    return Err(format!("sequence {} has an empty chunk", c.sequence));
-                }
-                if c.token_ids.len() != c.length as usize {
-                    return Err(format!(
-                        "sequence {}: {} token ids for {} positions",
-                        c.sequence,
-                        c.token_ids.len(),
-                        c.length
-                    ));
-                }
-                rows += u64::from(c.length);
-            }
-            if rows > MAX_ROWS {
-                return Err(format!("{rows} rows (the limit is {MAX_ROWS})"));
-            }
-            if dtype == WireDType::None {
-                if h.payload_bytes != 0 {
-                    return Err("token frame with a payload".into());
-                }
-            } else {
-                if h.hidden == 0 || h.hidden > MAX_HIDDEN {
-                    return Err(format!("hidden size {}", h.hidden));
-                }
-                let expected = rows * u64::from(h.hidden) * element_bytes(dtype);
-                if h.payload_bytes != expected {
-                    return Err(format!(
-                        "payload of {} bytes, but {rows} rows x {} x {} bytes is {expected}",
-                        h.payload_bytes,
-                        h.hidden,
-                        element_bytes(dtype)
-                    ));
-                }
-            }
-        }
+        Ok(FrameKind::Forward) => validate_forward(h, dtype)?,
         Ok(FrameKind::Tokens) | Ok(FrameKind::Free) => {
             if h.payload_bytes != 0 {
                 return Err("control frame with a payload".into());
             }
             if h.tokens.len() > MAX_CHUNKS || h.free.len() > MAX_CHUNKS {
                 return Err("too many entries".into());
+            }
+            if h.tokens.iter().any(|t| t.top.len() > 20) {
+                return Err("more than 20 alternatives for a token".into());
             }
         }
         _ => return Err(format!("unknown frame kind {}", h.kind)),
@@ -150,44 +314,139 @@ pub fn validate(h: &FrameHeader) -> Result<(), String> {
     Ok(())
 }
 
-/// Rows of a forward frame.
-pub fn rows(h: &FrameHeader) -> usize {
-    h.chunks.iter().map(|c| c.length as usize).sum()
+fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
+    if h.chunks.len() > MAX_CHUNKS {
+        return Err(format!(
+            "{} chunks (the limit is {MAX_CHUNKS})",
+            h.chunks.len()
+        ));
+    }
+    if h.chunks.is_empty() && h.errors.is_empty() {
+        return Err("a forward frame with neither chunks nor errors".into());
+    }
+    let mut rows = 0u64;
+    for c in &h.chunks {
+        if c.length == 0 {
+            return Err(format!("sequence {} has an empty chunk", c.sequence));
+        }
+        if c.token_ids.len() != c.length as usize {
+            return Err(format!(
+                "sequence {}: {} token ids for {} positions",
+                c.sequence,
+                c.token_ids.len(),
+                c.length
+            ));
+        }
+        rows += u64::from(c.length);
+    }
+    if rows > MAX_ROWS {
+        return Err(format!("{rows} rows (the limit is {MAX_ROWS})"));
+    }
+    match wire_type(dtype as i32) {
+        None if h.payload_bytes != 0 => Err("token frame with a payload".into()),
+        None => Ok(()),
+        Some(wire) => {
+            if h.hidden == 0 || h.hidden > MAX_HIDDEN {
+                return Err(format!("hidden size {}", h.hidden));
+            }
+            let expected = rows * u64::from(h.hidden) * wire.element_bytes() as u64;
+            if h.payload_bytes != expected {
+                return Err(format!(
+                    "payload of {} bytes, but {rows} rows x {} x {} bytes is {expected}",
+                    h.payload_bytes,
+                    h.hidden,
+                    wire.element_bytes()
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
-/// Activations `[rows, hidden]` as wire bytes of `dtype`.
-pub fn tensor_to_wire(t: &Tensor, dtype: WireDType) -> candle_core::Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match dtype {
-        WireDType::F16 => {
-            let v = flat.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
-            bytemuck::cast_slice(&v).to_vec()
-        }
-        WireDType::Bf16 => {
-            let v = flat.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?;
-            bytemuck::cast_slice(&v).to_vec()
-        }
-        WireDType::F32 | WireDType::None => {
-            let v = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            bytemuck::cast_slice(&v).to_vec()
-        }
-    })
+fn wire_dtype(w: WireType) -> WireDType {
+    match w {
+        WireType::F32 => WireDType::F32,
+        WireType::F16 => WireDType::F16,
+        WireType::Bf16 => WireDType::Bf16,
+    }
 }
 
-/// Wire bytes back to an F32 tensor `[rows, hidden]`.
-pub fn wire_to_tensor(
-    bytes: &[u8],
-    dtype: WireDType,
-    rows: usize,
-    hidden: usize,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let dt = match dtype {
-        WireDType::F16 => DType::F16,
-        WireDType::Bf16 => DType::BF16,
-        _ => DType::F32,
-    };
-    Tensor::from_raw_buffer(bytes, dt, &[rows, hidden], device)?.to_dtype(DType::F32)
+fn wire_type(dtype: i32) -> Option<WireType> {
+    match WireDType::try_from(dtype) {
+        Ok(WireDType::F32) => Some(WireType::F32),
+        Ok(WireDType::F16) => Some(WireType::F16),
+        Ok(WireDType::Bf16) => Some(WireType::Bf16),
+        _ => None,
+    }
+}
+
+fn chunk(s: &Step) -> FrameChunk {
+    FrameChunk {
+        sequence: s.seq,
+        start: s.start,
+        length: s.tokens.len() as u32,
+        token_ids: s.tokens.clone(),
+        sampling: s.sampler.as_ref().map(|st| wire_sampling(&st.params)),
+        rng_position: s.sampler.as_ref().map_or(0, |st| st.rng_position),
+        attempt: s.attempt,
+    }
+}
+
+fn step(c: FrameChunk) -> Step {
+    Step {
+        seq: c.sequence,
+        start: c.start,
+        sampler: c.sampling.as_ref().map(|s| SamplerStart {
+            params: sampling_params(Some(s)),
+            rng_position: c.rng_position,
+        }),
+        tokens: c.token_ids,
+        attempt: c.attempt,
+    }
+}
+
+fn sampled_token(t: &Sampled) -> SampledToken {
+    SampledToken {
+        sequence: t.seq,
+        position: t.position,
+        token_id: t.token,
+        logprob: t.logprob,
+        top: t
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| TokenLogprob { token_id, logprob })
+            .collect(),
+        rng_position: t.rng_position,
+        attempt: t.attempt,
+    }
+}
+
+fn sampled(t: SampledToken) -> Sampled {
+    Sampled {
+        seq: t.sequence,
+        position: t.position,
+        token: t.token_id,
+        logprob: t.logprob,
+        top: t.top.iter().map(|a| (a.token_id, a.logprob)).collect(),
+        rng_position: t.rng_position,
+        attempt: t.attempt,
+    }
+}
+
+fn sequence_error(f: &SeqFailure) -> SequenceError {
+    SequenceError {
+        sequence: f.seq,
+        message: f.message.clone(),
+        attempt: f.attempt,
+    }
+}
+
+fn seq_failure(e: SequenceError) -> SeqFailure {
+    SeqFailure {
+        seq: e.sequence,
+        attempt: e.attempt,
+        message: e.message,
+    }
 }
 
 /// Sampling parameters from their wire form; zero fields mean the defaults.
@@ -233,67 +492,101 @@ pub fn wire_sampling(p: &SamplingParams) -> Sampling {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_proto::v1::FrameChunk;
 
-    fn forward(rows: u32, hidden: u32, dtype: WireDType) -> FrameHeader {
-        FrameHeader {
-            protocol_version: PROTOCOL_VERSION,
-            kind: FrameKind::Forward as i32,
-            chunks: vec![FrameChunk {
-                sequence: 7,
+    fn decode(bytes: &[u8], payload: &[u8]) -> Result<Frame, String> {
+        let len = header_len(bytes[..4].try_into().map_err(|_| "short")?)?;
+        let header = decode_header(&bytes[4..4 + len])?;
+        Frame::from_wire(header, payload.to_vec())
+    }
+
+    fn forward(rows: u32, hidden: u32, wire: WireType) -> Frame {
+        Frame::Forward {
+            epoch: 3,
+            steps: vec![Step {
+                seq: 7,
                 start: 0,
-                length: rows,
-                token_ids: vec![1; rows as usize],
-                sampling: None,
+                tokens: vec![1; rows as usize],
+                sampler: Some(SamplerStart {
+                    params: SamplingParams {
+                        temperature: 0.5,
+                        seed: 9,
+                        ..Default::default()
+                    },
+                    rng_position: 12,
+                }),
+                attempt: 1,
             }],
-            dtype: dtype as i32,
-            hidden,
-            payload_bytes: u64::from(rows) * u64::from(hidden) * element_bytes(dtype),
-            ..Default::default()
+            activations: Some(Activations {
+                wire,
+                hidden,
+                bytes: vec![0; (rows * hidden) as usize * wire.element_bytes()],
+            }),
+            failures: vec![SeqFailure {
+                seq: 5,
+                attempt: 2,
+                message: "stage 1 lost it".into(),
+            }],
         }
     }
 
     #[test]
-    fn valid_headers_round_trip() {
-        let h = forward(3, 64, WireDType::F16);
-        let bytes = encode_header(&h);
-        let len = header_len(bytes[..4].try_into().unwrap()).unwrap();
-        assert_eq!(decode_header(&bytes[4..4 + len]).unwrap(), h);
+    fn every_kind_round_trips() {
+        let frames = [
+            forward(3, 64, WireType::F16),
+            forward(2, 8, WireType::F32),
+            Frame::Tokens {
+                epoch: 4,
+                tokens: vec![Sampled {
+                    seq: 7,
+                    position: 12,
+                    token: 99,
+                    logprob: -0.25,
+                    top: vec![(99, -0.25), (3, -2.0)],
+                    rng_position: 40,
+                    attempt: 3,
+                }],
+                failures: Vec::new(),
+            },
+            Frame::Free {
+                epoch: 4,
+                seqs: vec![1, 2, 3],
+            },
+        ];
+        for f in frames {
+            let (head, payload) = f.encode();
+            assert_eq!(decode(&head, payload).unwrap(), f);
+        }
     }
 
     #[test]
     fn lies_about_sizes_are_refused_before_allocation() {
-        let mut h = forward(3, 64, WireDType::F16);
+        let header_of = |f: &Frame| {
+            let (h, _) = f.header();
+            h
+        };
+        let mut h = header_of(&forward(3, 64, WireType::F16));
         h.payload_bytes += 1;
         assert!(validate(&h).unwrap_err().contains("payload"));
-        let mut h = forward(3, 64, WireDType::F32);
+        let mut h = header_of(&forward(3, 64, WireType::F32));
         h.payload_bytes = MAX_FRAME_PAYLOAD_BYTES + 1;
         assert!(validate(&h).unwrap_err().contains("limit"));
-        let mut h = forward(3, 64, WireDType::F16);
+        let mut h = header_of(&forward(3, 64, WireType::F16));
         h.chunks[0].token_ids.pop();
         assert!(validate(&h).is_err());
-        let mut h = forward(3, 64, WireDType::F16);
+        let mut h = header_of(&forward(3, 64, WireType::F16));
         h.protocol_version = 9;
         assert!(validate(&h).unwrap_err().contains("protocol version 9"));
         assert!(header_len(u32::MAX.to_le_bytes()).is_err());
         assert!(header_len(0u32.to_le_bytes()).is_err());
         assert!(decode_header(&[0xff, 0xff, 0xff]).is_err());
-        let mut h = forward(3, 64, WireDType::F16);
+        let mut h = header_of(&forward(3, 64, WireType::F16));
         h.kind = 42;
         assert!(validate(&h).is_err());
-    }
-
-    #[test]
-    fn activations_round_trip_through_each_wire_type() {
-        let t = Tensor::arange(0f32, 12.0, &Device::Cpu)
-            .unwrap()
-            .reshape((3, 4))
-            .unwrap();
-        for dtype in [WireDType::F16, WireDType::Bf16, WireDType::F32] {
-            let bytes = tensor_to_wire(&t, dtype).unwrap();
-            assert_eq!(bytes.len() as u64, 12 * element_bytes(dtype));
-            let back = wire_to_tensor(&bytes, dtype, 3, 4, &Device::Cpu).unwrap();
-            assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
-        }
+        // A payload that is not what the header promised.
+        let f = forward(2, 8, WireType::F32);
+        let (head, payload) = f.encode();
+        assert!(decode(&head, &payload[1..])
+            .unwrap_err()
+            .contains("payload"));
     }
 }

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_proto::v1::FrameHeader;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
@@ -22,6 +21,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
 /// Concurrent frames in flight on one connection.
 const MAX_STREAMS: u32 = 1024;
+/// How long handing one frame to QUIC may take before the peer counts as unreachable
+/// (flow control stalls a send when the receiver stops reading).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialing a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Transport parameters of every Strata QUIC connection.
 pub fn transport_config() -> quinn::TransportConfig {
@@ -63,25 +67,40 @@ pub async fn connect(
             peer: peer.clone(),
             reason: e.to_string(),
         })?;
-    connecting.await.map_err(|e| Error::Connection {
-        peer,
-        reason: e.to_string(),
-    })
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(Error::Connection {
+            peer,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(Error::Timeout {
+            what: format!("connecting to {peer}"),
+            seconds: CONNECT_TIMEOUT.as_secs_f64(),
+        }),
+    }
 }
 
-/// Sends one frame on its own stream.
-pub async fn send_frame(
-    conn: &quinn::Connection,
-    header: &FrameHeader,
-    payload: &[u8],
-) -> Result<()> {
+/// Sends one frame on its own stream, within [`SEND_TIMEOUT`].
+pub async fn send_frame(conn: &quinn::Connection, frame: &Frame) -> Result<()> {
+    let peer = conn.remote_address().to_string();
+    match tokio::time::timeout(SEND_TIMEOUT, write_frame(conn, frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: format!("sending a frame to {peer}"),
+            seconds: SEND_TIMEOUT.as_secs_f64(),
+        }),
+    }
+}
+
+async fn write_frame(conn: &quinn::Connection, frame: &Frame) -> Result<()> {
     let fail = |reason: String| Error::Connection {
         peer: conn.remote_address().to_string(),
         reason,
     };
+    let (header, payload) = frame.encode();
     let mut stream = conn.open_uni().await.map_err(|e| fail(e.to_string()))?;
     stream
-        .write_all(&frame::encode_header(header))
+        .write_all(&header)
         .await
         .map_err(|e| fail(e.to_string()))?;
     if !payload.is_empty() {
@@ -112,13 +131,13 @@ pub async fn read_frame(stream: &mut quinn::RecvStream, peer: &str) -> Result<Fr
         .await
         .map_err(|e| bad(format!("reading the header: {e}")))?;
     let header = frame::decode_header(&header_bytes).map_err(bad)?;
-    // Validated above against MAX_FRAME_PAYLOAD_BYTES, so this allocation is bounded.
-    let mut payload = vec![0u8; header.payload_bytes as usize];
+    // Validated against MAX_FRAME_PAYLOAD_BYTES, so this allocation is bounded.
+    let mut payload = vec![0u8; header.payload_bytes() as usize];
     stream
         .read_exact(&mut payload)
         .await
         .map_err(|e| bad(format!("reading the payload: {e}")))?;
-    Ok(Frame { header, payload })
+    Frame::from_wire(header, payload).map_err(bad)
 }
 
 /// Accepts connections on `ep` until cancelled, feeding each valid frame to `frames`.

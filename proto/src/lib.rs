@@ -18,8 +18,8 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_descriptor");
 
 /// Version of the control and data-plane messages. A peer with another version is refused
-/// with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// with a message naming both. 2: samplers resume at a random-stream position (replay).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN of the data plane: names the frame format version.
 pub const DATA_ALPN: &[u8] = b"strata/1";

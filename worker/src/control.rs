@@ -22,13 +22,14 @@ use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use strata_net::frame::parse_wire_dtype;
+use strata_model::WireType;
+use strata_net::frame::Frame;
 use strata_net::progress::Progress;
 use strata_net::{memory, transport};
 
-use crate::stage::{Command, Outgoing, StageHandle, Wiring};
+use crate::stage::{Command, StageHandle, StageState, Wiring};
 
 /// Frames waiting to go to the next hop.
 const OUTGOING_QUEUE: usize = 256;
@@ -120,6 +121,29 @@ fn safe_relative(path: &str) -> Result<PathBuf, Status> {
 
 fn status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// The next hop of this stage's output. A send that fails re-dials once (a connection
+/// lost while its peer lives, a blip), then gives up and reports the hop unreachable.
+struct NextHop {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    name: String,
+    conn: quinn::Connection,
+}
+
+impl NextHop {
+    async fn send(&mut self, frame: &Frame) -> strata_net::Result<()> {
+        match transport::send_frame(&self.conn, frame).await {
+            Ok(()) => Ok(()),
+            Err(first) => {
+                debug!(cause = %first, "a send to the next hop failed; re-dialing");
+                let conn = transport::connect(&self.endpoint, self.addr, &self.name).await?;
+                self.conn = conn;
+                transport::send_frame(&self.conn, frame).await
+            }
+        }
+    }
 }
 
 /// A file being received: the open file, its length, and the ranges that will arrive.
@@ -225,7 +249,7 @@ impl WorkerControl for ControlService {
         async {
             // Free the old slice first: the budget must hold one slice, never two.
             self.stage.call(Command::Unload).await;
-            self.stage.stats.set_state("loading");
+            self.stage.stats.set_state(StageState::Loading);
             std::fs::create_dir_all(&self.cache_dir).map_err(status)?;
             let dir = tempfile::Builder::new()
                 .prefix("slice-")
@@ -261,7 +285,7 @@ impl WorkerControl for ControlService {
             .await
             .map_err(status)?
             .map_err(|e| {
-                self.stage.stats.set_state("idle");
+                self.stage.stats.set_state(StageState::Idle);
                 Status::invalid_argument(format!("loading the slice: {e}"))
             })?;
             loading.finish("loaded");
@@ -292,7 +316,7 @@ impl WorkerControl for ControlService {
         let addr: SocketAddr = w.next_address.parse().map_err(|_| {
             Status::invalid_argument(format!("next address `{}` is not ip:port", w.next_address))
         })?;
-        let dtype = parse_wire_dtype(&w.wire_dtype).ok_or_else(|| {
+        let wire = WireType::parse(&w.wire_dtype).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "wire dtype `{}`: use f16, bf16 or f32",
                 w.wire_dtype
@@ -316,34 +340,42 @@ impl WorkerControl for ControlService {
                 old.cancel();
             }
         }
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Frame>(OUTGOING_QUEUE);
         let stats = self.stage.stats.clone();
-        let next = format!("{} at {addr}", w.next_server_name);
+        let mut hop = NextHop {
+            endpoint: self.endpoint.clone(),
+            addr,
+            name: w.next_server_name.clone(),
+            conn,
+        };
         tokio::spawn(async move {
             loop {
-                let (header, payload) = tokio::select! {
+                let frame = tokio::select! {
                     _ = cancel.cancelled() => break,
                     m = rx.recv() => match m { Some(m) => m, None => break },
                 };
                 let started = std::time::Instant::now();
-                if let Err(e) = transport::send_frame(&conn, &header, &payload).await {
+                if let Err(e) = hop.send(&frame).await {
                     warn!(cause = %e, "lost the next hop");
-                    stats.set_error(Some(format!("next hop {next} unreachable: {e}")));
+                    stats.set_error(Some(format!(
+                        "next hop {} at {} unreachable: {e}",
+                        hop.name, hop.addr
+                    )));
                 }
                 stats
                     .network_nanos
                     .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
-            conn.close(0u32.into(), b"rewired");
+            hop.conn.close(0u32.into(), b"rewired");
         });
         self.stage
             .call(|r| {
                 Command::Wire(
                     Wiring {
                         epoch: w.epoch,
-                        dtype,
-                        next: tx,
+                        wire,
                     },
+                    tx,
                     r,
                 )
             })
@@ -359,7 +391,7 @@ impl WorkerControl for ControlService {
         self.authorize(&req)?;
         let stats = &self.stage.stats;
         Ok(Response::new(HealthResponse {
-            state: stats.state(),
+            state: stats.state().name().into(),
             resident_bytes: memory::resident_bytes(),
             peak_resident_bytes: memory::peak_resident_bytes(),
             sequences: stats.sequences.load(Ordering::Relaxed),
@@ -370,6 +402,7 @@ impl WorkerControl for ControlService {
             compute_seconds: stats.compute_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             network_seconds: stats.network_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             forwards: stats.forwards.load(Ordering::Relaxed),
+            stalled_ms: stats.stalled(Instant::now()).as_millis() as u64,
         }))
     }
 

@@ -100,9 +100,16 @@ pub struct ServeArgs {
     /// Neither announce nor browse over mDNS (workers then join with --coordinator).
     #[arg(long)]
     no_mdns: bool,
-    /// Activations' type on the wire: f16, bf16 or f32 (f32 for exactness checks).
-    #[arg(long, default_value = "f16")]
+    /// Activations' type on the wire. f32 (the default) is exact: the split never changes
+    /// the answer, and an answer resumed on a new split equals its undisturbed twin. f16 or
+    /// bf16 halve the bytes for slow links, and may change a token where two are nearly
+    /// tied.
+    #[arg(long, default_value = "f32")]
     wire_dtype: String,
+    /// How long an answer whose worker died, hung or dropped off waits for a plan that
+    /// can take it over before it fails (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    recover_wait: std::time::Duration,
     /// KV-cache positions reserved per layer on each stage (context x concurrency).
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
@@ -124,8 +131,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     println!("join token: {token}");
     println!("  on each machine: strata worker --token {token}");
-    let dtype = strata_net::frame::parse_wire_dtype(&a.wire_dtype)
-        .with_context(|| format!("--wire-dtype {}: use f16, bf16 or f32", a.wire_dtype))?;
+    let dtype = strata_model::WireType::parse(&a.wire_dtype)
+        .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
     // An empty key (STRATA_API_KEY= in a config file) means none, not the empty string.
     config.api_key = a.api_key.filter(|k| !k.is_empty());
@@ -133,6 +140,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.mdns = !a.no_mdns;
     config.data_port = a.data_port;
     config.wire_dtype = dtype;
+    config.recover_wait = a.recover_wait;
     config.plan = PlanOptions {
         kv_tokens: a.kv_tokens,
         ..PlanOptions::default()

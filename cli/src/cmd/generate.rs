@@ -49,6 +49,10 @@ pub struct GenerateArgs {
     /// Split the model into this many stages run one after another.
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// With --stages: the activations' type between stages, as a cluster's
+    /// `--wire-dtype` (f32, f16 or bf16), so this shows what that cluster computes.
+    #[arg(long, default_value = "f32")]
+    pub wire_dtype: String,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -163,6 +167,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut pipeline = LocalPipeline::load(&file, a.stages, &Device::Cpu)
         .with_context(|| format!("loading {} in {} stages", model.display(), a.stages))?;
     loading.finish("loaded");
+    let wire = strata_model::WireType::parse(&a.wire_dtype)
+        .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?;
+    pipeline.set_wire(wire);
     if let Some(t) = &tokenizer {
         pipeline.add_eos(t.eos());
     }

@@ -409,10 +409,102 @@ pub fn small_gguf(quant: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, model)
 }
 
-/// Exactness mode: F32 activations on the wire, so any split gives the local tokens.
+/// F32 activations on the wire, said explicitly (it is the default): any split gives the
+/// local tokens.
 pub fn exact_wire() -> ClusterOptions {
     ClusterOptions {
         serve_args: vec!["--wire-dtype".into(), "f32".into()],
         ..Default::default()
     }
+}
+
+/// A streamed completion (server-sent events), read on a thread as it arrives, each event
+/// with the moment it came. HTTP/1.0, so the body is delimited by the connection's close
+/// rather than chunked.
+pub struct SseStream {
+    events: Arc<Mutex<Vec<(Instant, serde_json::Value)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SseStream {
+    /// POSTs `body` to `path` and starts reading the events.
+    pub fn start(addr: &str, path: &str, body: &str) -> SseStream {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    break;
+                }
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                sink.lock().unwrap().push((Instant::now(), v));
+            }
+        });
+        SseStream {
+            events,
+            reader: Some(reader),
+        }
+    }
+
+    /// Events received so far.
+    pub fn received(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` events arrived.
+    pub fn wait_received(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.received() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} events of {n} within {timeout:?}",
+                self.received()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the stream to end; every event with its arrival time.
+    pub fn finish(mut self, timeout: Duration) -> Vec<(Instant, serde_json::Value)> {
+        let deadline = Instant::now() + timeout;
+        if let Some(r) = self.reader.take() {
+            while !r.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the stream did not end within {timeout:?}; {} events so far",
+                    self.received()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r.join().unwrap();
+        }
+        self.events.lock().unwrap().clone()
+    }
+}
+
+/// The text pieces and the finish reason of a completion's events (an error event panics).
+pub fn completion_text(events: &[(Instant, serde_json::Value)]) -> (Vec<String>, String) {
+    let mut pieces = Vec::new();
+    let mut finish = String::new();
+    for (_, e) in events {
+        assert!(e.get("error").is_none(), "the stream failed: {e}");
+        if let Some(c) = e["choices"].get(0) {
+            pieces.push(c["text"].as_str().unwrap_or_default().to_string());
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+        }
+    }
+    (pieces, finish)
 }

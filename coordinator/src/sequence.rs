@@ -1,0 +1,936 @@
+//! The sequence core: one answer's state machine, plain Rust with no sockets, tasks or
+//! clocks (`now` is passed in), in the shape of quinn-proto's `Connection`.
+//!
+//! It owns the sequence's whole history: the prompt, every accepted token, and the
+//! sampler's state (the random stream's position; the repeat window is the history
+//! itself). Events come in ([`Event`]: a pipeline to run on, a sampled token, a failure,
+//! a lost stage, the client leaving, time passing) and actions go out ([`Action`]: a step
+//! to send, text for the client, the end, caches to free).
+//!
+//! Every run of the sequence starts the same way: the whole history as one step from
+//! position 0, which (re)builds every stage's cache and restarts the last stage's sampler
+//! where the random stream stood. The first run is the prompt; after a stage is lost, the
+//! same step replays the prompt and the accepted tokens on the new pipeline, and the answer
+//! continues with the tokens it would have had: the model's forward is batch-invariant, so
+//! the replayed caches are bit-identical to the ones decoding built.
+//!
+//! Tokens and failures are accepted only from the sequence's current pipeline and run
+//! (`attempt`), at the position it expects: late, duplicated and reordered news changes
+//! nothing.
+
+use std::time::{Duration, Instant};
+
+use strata_model::{SamplingParams, SeqId, StreamDecoder, Tokenizer};
+use strata_net::frame::{Sampled, SamplerStart, SeqFailure, Step};
+
+/// Why an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// The model's context is full.
+    ContextFull,
+}
+
+impl FinishReason {
+    /// Its word in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context",
+        }
+    }
+}
+
+/// What a client asked for, tokenized and validated.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate (at least one).
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Stop strings (non-empty ones).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Return each token's log-probability.
+    pub logprobs: bool,
+}
+
+/// What the model fixes for every sequence.
+#[derive(Debug, Clone)]
+pub struct ModelLimits {
+    /// End-of-sequence tokens.
+    pub eos: Vec<u32>,
+    /// Context length in tokens.
+    pub context: usize,
+}
+
+/// Timings and counts of an answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// From the request's arrival to its first token (0 when there was none).
+    pub time_to_first_token_ms: f64,
+    /// Tokens per second after the first.
+    pub decode_tokens_per_second: f64,
+}
+
+/// One token of the answer, as the client gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    /// Text that became visible (may be empty: held back for a stop string, or half a
+    /// character).
+    pub text: String,
+    /// The token.
+    pub token: u32,
+    /// Its log-probability and the alternatives, when asked for.
+    pub logprob: Option<TokenLogprob>,
+    /// Set on the last delta.
+    pub finish: Option<(FinishReason, Usage)>,
+}
+
+/// A sampled token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token and its log-probability.
+    pub token: (u32, f32),
+    /// The most likely tokens at its position, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why an answer failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SequenceError {
+    /// A stage could not run it.
+    #[error("{0}")]
+    Stage(String),
+    /// It lost its pipeline and no other could take it in time.
+    #[error("{reason}; no pipeline could take the answer over within {waited:?}: {detail}")]
+    Unrecovered {
+        /// What was lost.
+        reason: String,
+        /// How long it waited.
+        waited: Duration,
+        /// Why the cluster is not serving.
+        detail: String,
+    },
+    /// The cluster did not serve in time for a new answer to start.
+    #[error("the cluster is not serving after {waited:?}: {detail}")]
+    NotServing {
+        /// How long it waited.
+        waited: Duration,
+        /// Why the cluster is not serving.
+        detail: String,
+    },
+    /// No token came for so long that the pipeline must be stuck.
+    #[error("no token for {0:?}: the pipeline is stuck")]
+    Stuck(Duration),
+    /// Detokenizing failed.
+    #[error("detokenizing: {0}")]
+    Detokenize(String),
+}
+
+/// News for a sequence.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A pipeline is serving with plan `epoch`: a waiting sequence (re)starts on it.
+    Pipeline {
+        /// Its plan epoch.
+        epoch: u64,
+    },
+    /// The last stage sampled a token (in a frame of plan `epoch`).
+    Token {
+        /// The frame's epoch.
+        epoch: u64,
+        /// The token.
+        sampled: &'a Sampled,
+    },
+    /// A stage could not run the sequence.
+    Failure {
+        /// The frame's epoch.
+        epoch: u64,
+        /// What went wrong.
+        failure: &'a SeqFailure,
+    },
+    /// The pipeline of plan `epoch` lost a stage (a worker died, hung or dropped off).
+    StageLost {
+        /// The pipeline.
+        epoch: u64,
+        /// What happened, naming the worker.
+        reason: String,
+    },
+    /// The client hung up.
+    ClientGone,
+    /// Time passed: deadlines are checked.
+    Tick,
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this step to stage 0 of the pipeline of plan `epoch`.
+    Send {
+        /// The pipeline.
+        epoch: u64,
+        /// The step.
+        step: Step,
+    },
+    /// Give the client this token.
+    Deliver(Delta),
+    /// Free the sequence's caches on the pipeline of plan `epoch`.
+    Free {
+        /// The pipeline.
+        epoch: u64,
+    },
+    /// Tell the client it failed.
+    Fail(SequenceError),
+}
+
+/// How an answer ended, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Finished normally.
+    Finished(FinishReason),
+    /// The client left.
+    Cancelled,
+    /// It failed.
+    Failed,
+}
+
+/// Deadlines of a sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// How long a new sequence waits for the cluster to serve.
+    pub ready: Duration,
+    /// How long a sequence that lost its pipeline waits for another (`--recover-wait`).
+    pub recover: Duration,
+    /// How long one step may take before the pipeline counts as stuck (a backstop: hangs
+    /// are detected by the workers' watchdogs much sooner).
+    pub step: Duration,
+    /// How long a cancelled sequence waits for its step in flight before freeing.
+    pub cancel: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            ready: Duration::from_secs(120),
+            recover: Duration::from_secs(60),
+            step: Duration::from_secs(300),
+            cancel: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Needs a pipeline: new, or its pipeline lost a stage (`lost` says how).
+    Waiting {
+        since: Instant,
+        lost: Option<String>,
+    },
+    /// A step is in flight on the pipeline of plan `epoch`.
+    Running { epoch: u64, sent_at: Instant },
+    /// The client left while a step was in flight: free once it lands.
+    Cancelling { epoch: u64, since: Instant },
+    /// Over.
+    Done(Outcome),
+}
+
+/// The text the client has seen, and what is held back for stop strings.
+#[derive(Debug, Default)]
+struct TextStream {
+    decoder: StreamDecoder,
+    text: String,
+    sent: usize,
+}
+
+/// One sequence's state machine.
+#[derive(Debug)]
+pub struct SequenceCore {
+    id: SeqId,
+    request: SequenceRequest,
+    limits: ModelLimits,
+    deadlines: Deadlines,
+    /// Prompt and accepted tokens.
+    history: Vec<u32>,
+    /// The sampler's random-stream position after the last accepted token.
+    rng_position: u64,
+    /// Which run: 0 first, one more for each replay.
+    attempt: u32,
+    phase: Phase,
+    text: TextStream,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    replays: u32,
+}
+
+impl SequenceCore {
+    /// A sequence that waits for a pipeline.
+    pub fn new(
+        id: SeqId,
+        request: SequenceRequest,
+        limits: ModelLimits,
+        deadlines: Deadlines,
+        now: Instant,
+    ) -> Self {
+        SequenceCore {
+            id,
+            history: request.prompt.clone(),
+            request,
+            limits,
+            deadlines,
+            rng_position: 0,
+            attempt: 0,
+            phase: Phase::Waiting {
+                since: now,
+                lost: None,
+            },
+            text: TextStream::default(),
+            started: now,
+            first_token_at: None,
+            replays: 0,
+        }
+    }
+
+    /// Its id.
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// Prompt and accepted tokens.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.history.len() - self.request.prompt.len()
+    }
+
+    /// Times it was replayed onto another pipeline.
+    pub fn replays(&self) -> u32 {
+        self.replays
+    }
+
+    /// Whether it waits for a pipeline.
+    pub fn waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. })
+    }
+
+    /// The plan epoch it runs on, if a step is in flight.
+    pub fn epoch(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Running { epoch, .. } | Phase::Cancelling { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// How it ended, once it has.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match &self.phase {
+            Phase::Done(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// When the next deadline falls (a [`Event::Tick`] is due then).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Waiting { since, ref lost } => Some(
+                since
+                    + if lost.is_some() {
+                        self.deadlines.recover
+                    } else {
+                        self.deadlines.ready
+                    },
+            ),
+            Phase::Running { sent_at, .. } => Some(sent_at + self.deadlines.step),
+            Phase::Cancelling { since, .. } => Some(since + self.deadlines.cancel),
+            Phase::Done(_) => None,
+        }
+    }
+
+    /// Counts and timings so far, as of `now`.
+    pub fn usage(&self, now: Instant) -> Usage {
+        let generated = self.generated();
+        let decode = self
+            .first_token_at
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        Usage {
+            prompt_tokens: self.request.prompt.len(),
+            completion_tokens: generated,
+            time_to_first_token_ms: self.first_token_at.map_or(0.0, |t| {
+                t.saturating_duration_since(self.started).as_secs_f64() * 1e3
+            }),
+            decode_tokens_per_second: if generated > 1 && decode > 0.0 {
+                (generated - 1) as f64 / decode
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// Handles one event; `detail` says why the cluster is not serving (for errors).
+    pub fn handle(
+        &mut self,
+        event: Event<'_>,
+        now: Instant,
+        tokenizer: &Tokenizer,
+        detail: &str,
+    ) -> Vec<Action> {
+        match event {
+            Event::Pipeline { epoch } => self.on_pipeline(epoch, now),
+            Event::Token { epoch, sampled } => self.on_token(epoch, sampled, now, tokenizer),
+            Event::Failure { epoch, failure } => self.on_failure(epoch, failure, now),
+            Event::StageLost { epoch, reason } => self.on_stage_lost(epoch, reason, now),
+            Event::ClientGone => self.on_client_gone(now),
+            Event::Tick => self.on_tick(now, detail),
+        }
+    }
+
+    /// A waiting sequence (re)starts on the pipeline: the whole history from 0.
+    fn on_pipeline(&mut self, epoch: u64, now: Instant) -> Vec<Action> {
+        let Phase::Waiting { lost, .. } = &self.phase else {
+            return Vec::new();
+        };
+        if lost.is_some() {
+            self.replays += 1;
+        }
+        self.phase = Phase::Running {
+            epoch,
+            sent_at: now,
+        };
+        vec![Action::Send {
+            epoch,
+            step: Step {
+                seq: self.id,
+                start: 0,
+                tokens: self.history.clone(),
+                sampler: Some(SamplerStart {
+                    params: self.request.sampling.clone(),
+                    rng_position: self.rng_position,
+                }),
+                attempt: self.attempt,
+            },
+        }]
+    }
+
+    /// Whether news of `epoch` and `attempt` is about the step in flight.
+    fn current(&self, epoch: u64, attempt: u32) -> bool {
+        attempt == self.attempt && self.epoch() == Some(epoch)
+    }
+
+    fn on_token(
+        &mut self,
+        epoch: u64,
+        sampled: &Sampled,
+        now: Instant,
+        tokenizer: &Tokenizer,
+    ) -> Vec<Action> {
+        if !self.current(epoch, sampled.attempt) || sampled.position as usize != self.history.len()
+        {
+            return Vec::new();
+        }
+        if let Phase::Cancelling { .. } = self.phase {
+            return self.end(Outcome::Cancelled, Some(epoch));
+        }
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(now);
+        }
+        self.history.push(sampled.token);
+        self.rng_position = sampled.rng_position;
+        match self.delta(sampled, now, tokenizer) {
+            Ok(delta) => {
+                let finish = delta.finish.map(|(reason, _)| reason);
+                let mut actions = vec![Action::Deliver(delta)];
+                match finish {
+                    Some(reason) => {
+                        actions.extend(self.end(Outcome::Finished(reason), Some(epoch)))
+                    }
+                    None => {
+                        self.phase = Phase::Running {
+                            epoch,
+                            sent_at: now,
+                        };
+                        actions.push(Action::Send {
+                            epoch,
+                            step: Step {
+                                seq: self.id,
+                                start: (self.history.len() - 1) as u32,
+                                tokens: vec![sampled.token],
+                                sampler: None,
+                                attempt: self.attempt,
+                            },
+                        });
+                    }
+                }
+                actions
+            }
+            Err(e) => self.fail(e, Some(epoch)),
+        }
+    }
+
+    /// The client's view of the accepted token: its text, the end if it is one.
+    fn delta(
+        &mut self,
+        sampled: &Sampled,
+        now: Instant,
+        tokenizer: &Tokenizer,
+    ) -> Result<Delta, SequenceError> {
+        let token = sampled.token;
+        let r = &self.request;
+        let is_eos = (!r.ignore_eos && self.limits.eos.contains(&token))
+            || r.sampling.stop_token_ids.contains(&token);
+        let mut finish = if is_eos {
+            Some(FinishReason::Stop)
+        } else if self.generated() >= r.max_tokens {
+            Some(FinishReason::Length)
+        } else if self.history.len() >= self.limits.context {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        let detok = |e: strata_model::Error| SequenceError::Detokenize(e.to_string());
+        if !is_eos {
+            let piece = self.text.decoder.push(tokenizer, token).map_err(detok)?;
+            self.text.text.push_str(&piece);
+        }
+        if finish.is_some() {
+            let rest = self.text.decoder.finish(tokenizer).map_err(detok)?;
+            self.text.text.push_str(&rest);
+        }
+        if self.stop_string_hit() {
+            finish = Some(FinishReason::Stop);
+        }
+        let text = self.visible_text(finish.is_some());
+        Ok(Delta {
+            text,
+            token,
+            logprob: self.request.logprobs.then(|| TokenLogprob {
+                token: (token, sampled.logprob),
+                top: sampled.top.clone(),
+            }),
+            finish: finish.map(|reason| (reason, self.usage(now))),
+        })
+    }
+
+    /// Cuts the text at the first stop string, if one appeared. Only the text not yet sent
+    /// can hold one: what was sent was never the start of a stop string.
+    fn stop_string_hit(&mut self) -> bool {
+        let sent = self.text.sent;
+        let unsent = &self.text.text[sent..];
+        let at = self
+            .request
+            .stop
+            .iter()
+            .filter_map(|s| unsent.find(s.as_str()).map(|at| sent + at))
+            .min();
+        match at {
+            Some(at) => {
+                self.text.text.truncate(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The text not yet sent, holding back what could be the start of a stop string.
+    fn visible_text(&mut self, finished: bool) -> String {
+        let t = &mut self.text;
+        let hold = self.request.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut visible = t.text.len();
+        if !finished && hold > 0 {
+            visible = visible.saturating_sub(hold - 1);
+            while !t.text.is_char_boundary(visible) {
+                visible -= 1;
+            }
+        }
+        if visible <= t.sent {
+            return String::new();
+        }
+        let piece = t.text[t.sent..visible].to_string();
+        t.sent = visible;
+        piece
+    }
+
+    fn on_failure(&mut self, epoch: u64, failure: &SeqFailure, now: Instant) -> Vec<Action> {
+        if !self.current(epoch, failure.attempt) {
+            return Vec::new();
+        }
+        if let Phase::Cancelling { .. } = self.phase {
+            return self.end(Outcome::Cancelled, Some(epoch));
+        }
+        let _ = now;
+        self.fail(SequenceError::Stage(failure.message.clone()), Some(epoch))
+    }
+
+    /// The pipeline lost a stage: wait for the next one, as a new run.
+    fn on_stage_lost(&mut self, epoch: u64, reason: String, now: Instant) -> Vec<Action> {
+        match self.phase {
+            Phase::Running { epoch: e, .. } if e == epoch => {
+                self.attempt += 1;
+                self.phase = Phase::Waiting {
+                    since: now,
+                    lost: Some(reason),
+                };
+                Vec::new()
+            }
+            // Nothing of it is left to free on a broken pipeline.
+            Phase::Cancelling { epoch: e, .. } if e == epoch => self.end(Outcome::Cancelled, None),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_client_gone(&mut self, now: Instant) -> Vec<Action> {
+        match self.phase {
+            Phase::Running { epoch, .. } => {
+                // Let the step in flight land before freeing: a free that overtook it
+                // would leave a cache behind.
+                self.phase = Phase::Cancelling { epoch, since: now };
+                Vec::new()
+            }
+            Phase::Waiting { .. } => self.end(Outcome::Cancelled, None),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant, detail: &str) -> Vec<Action> {
+        if self.poll_timeout().is_none_or(|t| now < t) {
+            return Vec::new();
+        }
+        match self.phase.clone() {
+            Phase::Waiting { since, lost } => {
+                let waited = now.saturating_duration_since(since);
+                let detail = detail.to_string();
+                let error = match lost {
+                    Some(reason) => SequenceError::Unrecovered {
+                        reason,
+                        waited,
+                        detail,
+                    },
+                    None => SequenceError::NotServing { waited, detail },
+                };
+                self.fail(error, None)
+            }
+            Phase::Running { epoch, .. } => {
+                self.fail(SequenceError::Stuck(self.deadlines.step), Some(epoch))
+            }
+            Phase::Cancelling { epoch, .. } => self.end(Outcome::Cancelled, Some(epoch)),
+            Phase::Done(_) => Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, error: SequenceError, epoch: Option<u64>) -> Vec<Action> {
+        let mut actions = vec![Action::Fail(error)];
+        actions.extend(self.end(Outcome::Failed, epoch));
+        actions
+    }
+
+    /// Ends the sequence; frees its caches on `epoch`'s pipeline when it has any there.
+    fn end(&mut self, outcome: Outcome, epoch: Option<u64>) -> Vec<Action> {
+        self.phase = Phase::Done(outcome);
+        epoch
+            .map(|epoch| Action::Free { epoch })
+            .into_iter()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let json = strata_model::synth::synth_tokenizer_json(512).unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        Tokenizer::from_dir(dir.path()).unwrap()
+    }
+
+    fn core(max_tokens: usize, stop: &[&str], now: Instant) -> SequenceCore {
+        SequenceCore::new(
+            7,
+            SequenceRequest {
+                prompt: vec![10, 11, 12],
+                max_tokens,
+                sampling: SamplingParams {
+                    temperature: 0.8,
+                    seed: 5,
+                    ..Default::default()
+                },
+                stop: stop.iter().map(|s| s.to_string()).collect(),
+                ignore_eos: false,
+                logprobs: false,
+            },
+            ModelLimits {
+                eos: vec![509],
+                context: 64,
+            },
+            Deadlines::default(),
+            now,
+        )
+    }
+
+    fn token(position: u32, token: u32, attempt: u32) -> Sampled {
+        Sampled {
+            seq: 7,
+            position,
+            token,
+            logprob: -0.5,
+            top: Vec::new(),
+            rng_position: u64::from(position) * 10,
+            attempt,
+        }
+    }
+
+    fn sent(actions: &[Action]) -> Option<(u64, &Step)> {
+        actions.iter().find_map(|a| match a {
+            Action::Send { epoch, step } => Some((*epoch, step)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_sequence_runs_its_prompt_then_one_token_per_step_until_its_length() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(3, &[], now);
+        let a = c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let (epoch, step) = sent(&a).unwrap();
+        assert_eq!(
+            (epoch, step.start, step.tokens.as_slice()),
+            (1, 0, &[10, 11, 12][..])
+        );
+        assert_eq!(step.sampler.as_ref().unwrap().rng_position, 0);
+        for (i, tok) in [40u32, 41, 42].into_iter().enumerate() {
+            let s = token(3 + i as u32, tok, 0);
+            let a = c.handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &s,
+                },
+                now,
+                &t,
+                "",
+            );
+            assert!(matches!(&a[0], Action::Deliver(d) if d.token == tok));
+            if i < 2 {
+                let (_, step) = sent(&a).unwrap();
+                assert_eq!(
+                    (step.start, step.tokens.as_slice()),
+                    (3 + i as u32, &[tok][..])
+                );
+                assert!(step.sampler.is_none());
+            } else {
+                assert!(
+                    matches!(&a[0], Action::Deliver(d) if d.finish.map(|f| f.0) == Some(FinishReason::Length))
+                );
+                assert_eq!(a[1], Action::Free { epoch: 1 });
+            }
+        }
+        assert_eq!(c.outcome(), Some(&Outcome::Finished(FinishReason::Length)));
+        assert_eq!(c.history(), &[10, 11, 12, 40, 41, 42]);
+    }
+
+    #[test]
+    fn late_doubled_and_foreign_news_changes_nothing() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let first = token(3, 40, 0);
+        assert!(!c
+            .handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &first
+                },
+                now,
+                &t,
+                ""
+            )
+            .is_empty());
+        // The same token again, one of another epoch, of another run, at another position.
+        for (epoch, s) in [
+            (1, token(3, 40, 0)),
+            (2, token(4, 41, 0)),
+            (1, token(4, 41, 1)),
+            (1, token(9, 41, 0)),
+        ] {
+            assert!(c
+                .handle(Event::Token { epoch, sampled: &s }, now, &t, "")
+                .is_empty());
+        }
+        let stale = SeqFailure {
+            seq: 7,
+            attempt: 3,
+            message: "old".into(),
+        };
+        assert!(c
+            .handle(
+                Event::Failure {
+                    epoch: 1,
+                    failure: &stale
+                },
+                now,
+                &t,
+                ""
+            )
+            .is_empty());
+        assert_eq!(c.history(), &[10, 11, 12, 40]);
+    }
+
+    #[test]
+    fn a_lost_stage_replays_the_history_with_the_sampler_where_it_stood() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        for (i, tok) in [40u32, 41].into_iter().enumerate() {
+            let s = token(3 + i as u32, tok, 0);
+            c.handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &s,
+                },
+                now,
+                &t,
+                "",
+            );
+        }
+        assert!(c
+            .handle(
+                Event::StageLost {
+                    epoch: 1,
+                    reason: "w1 died".into()
+                },
+                now,
+                &t,
+                ""
+            )
+            .is_empty());
+        assert!(c.waiting());
+        // The old pipeline's last token arrives late: ignored.
+        let late = token(5, 77, 0);
+        assert!(c
+            .handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &late
+                },
+                now,
+                &t,
+                ""
+            )
+            .is_empty());
+        let a = c.handle(Event::Pipeline { epoch: 2 }, now, &t, "");
+        let (epoch, step) = sent(&a).unwrap();
+        assert_eq!(epoch, 2);
+        assert_eq!((step.start, step.attempt), (0, 1));
+        assert_eq!(step.tokens, vec![10, 11, 12, 40, 41]);
+        assert_eq!(step.sampler.as_ref().unwrap().rng_position, 40);
+        let next = token(5, 42, 1);
+        let a = c.handle(
+            Event::Token {
+                epoch: 2,
+                sampled: &next,
+            },
+            now,
+            &t,
+            "",
+        );
+        assert!(matches!(&a[0], Action::Deliver(d) if d.token == 42));
+        assert_eq!(c.replays(), 1);
+    }
+
+    #[test]
+    fn with_no_pipeline_to_take_it_over_it_fails_after_the_recover_wait_naming_why() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        c.handle(
+            Event::StageLost {
+                epoch: 1,
+                reason: "worker w1 died".into(),
+            },
+            now,
+            &t,
+            "",
+        );
+        let early = now + Duration::from_secs(59);
+        assert!(c.handle(Event::Tick, early, &t, "missing 3 GiB").is_empty());
+        let late = now + Duration::from_secs(61);
+        let a = c.handle(Event::Tick, late, &t, "missing 3 GiB");
+        let Action::Fail(e) = &a[0] else {
+            panic!("{a:?}")
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("worker w1 died") && message.contains("missing 3 GiB"),
+            "{message}"
+        );
+        assert_eq!(c.outcome(), Some(&Outcome::Failed));
+    }
+
+    #[test]
+    fn a_client_that_leaves_frees_once_the_step_in_flight_lands() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        assert!(c.handle(Event::ClientGone, now, &t, "").is_empty());
+        let s = token(3, 40, 0);
+        assert_eq!(
+            c.handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &s
+                },
+                now,
+                &t,
+                ""
+            ),
+            vec![Action::Free { epoch: 1 }]
+        );
+        assert_eq!(c.outcome(), Some(&Outcome::Cancelled));
+    }
+
+    #[test]
+    fn stop_strings_hold_back_their_start_and_cut_the_text() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let ids = t.encode("hello world", false).unwrap();
+        let mut c = core(64, &["wor"], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let mut text = String::new();
+        let mut finish = None;
+        for (i, &id) in ids.iter().enumerate() {
+            let s = token(3 + i as u32, id, 0);
+            for a in c.handle(
+                Event::Token {
+                    epoch: 1,
+                    sampled: &s,
+                },
+                now,
+                &t,
+                "",
+            ) {
+                if let Action::Deliver(d) = a {
+                    text.push_str(&d.text);
+                    finish = finish.or(d.finish.map(|f| f.0));
+                }
+            }
+            if c.outcome().is_some() {
+                break;
+            }
+        }
+        assert_eq!(text, "hello ");
+        assert_eq!(finish, Some(FinishReason::Stop));
+    }
+}

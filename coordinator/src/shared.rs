@@ -1,0 +1,184 @@
+//! What every task of the coordinator shares. Its fields are private: read-only parts are
+//! reached through accessors, and the few things that change (the serving state, the
+//! members, the plan epoch) change through methods that say what happened.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use strata_net::identity::{ClusterCa, Identity};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::serving::ServingState;
+use crate::session::{Outbound, Sessions};
+use crate::{CoordinatorConfig, ServedModel};
+
+/// State shared by every task of the coordinator.
+pub struct Shared {
+    config: CoordinatorConfig,
+    model: ServedModel,
+    ca: ClusterCa,
+    identity: Identity,
+    endpoint: quinn::Endpoint,
+    data_port: u16,
+    registry: Mutex<Registry>,
+    changed: Notify,
+    serving: watch::Sender<ServingState>,
+    epoch: AtomicU64,
+    sessions: Sessions,
+    outbox: mpsc::Sender<Outbound>,
+    cancel: CancellationToken,
+    metrics: Metrics,
+}
+
+/// The parts [`Shared::new`] is built from.
+pub struct Parts {
+    /// The config.
+    pub config: CoordinatorConfig,
+    /// The served model.
+    pub model: ServedModel,
+    /// The cluster CA.
+    pub ca: ClusterCa,
+    /// The coordinator's own certificate.
+    pub identity: Identity,
+    /// The QUIC endpoint (to stage 0, from the last stage).
+    pub endpoint: quinn::Endpoint,
+    /// Its UDP port.
+    pub data_port: u16,
+    /// Sequences' next steps, batched into frames to stage 0.
+    pub outbox: mpsc::Sender<Outbound>,
+    /// Shutdown.
+    pub cancel: CancellationToken,
+}
+
+impl Shared {
+    /// Shared state that is not serving yet.
+    pub fn new(p: Parts) -> Self {
+        let waiting = format!("waiting for {} worker(s) to join", p.config.min_workers);
+        let (serving, _) = watch::channel(ServingState::Starting(waiting));
+        Shared {
+            config: p.config,
+            model: p.model,
+            ca: p.ca,
+            identity: p.identity,
+            endpoint: p.endpoint,
+            data_port: p.data_port,
+            registry: Mutex::new(Registry::default()),
+            changed: Notify::new(),
+            serving,
+            epoch: AtomicU64::new(0),
+            sessions: Sessions::default(),
+            outbox: p.outbox,
+            cancel: p.cancel,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The served model.
+    pub fn model(&self) -> &ServedModel {
+        &self.model
+    }
+
+    /// The cluster CA.
+    pub fn ca(&self) -> &ClusterCa {
+        &self.ca
+    }
+
+    /// The coordinator's own certificate.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The QUIC endpoint.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// The QUIC endpoint's UDP port.
+    pub fn data_port(&self) -> u16 {
+        self.data_port
+    }
+
+    /// Live sequences.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// Where sequences hand their steps to the batcher.
+    pub fn outbox(&self) -> &mpsc::Sender<Outbound> {
+        &self.outbox
+    }
+
+    /// Shutdown.
+    pub fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Prometheus metrics and recent requests.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Locks the registry. A poisoned lock means a task panicked while holding it; the
+    /// data is plain bookkeeping, so carry on with it.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Membership changed: the reconciler looks again.
+    pub fn membership_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Waits until membership changes (or a nudge).
+    pub async fn membership_change(&self) {
+        self.changed.notified().await
+    }
+
+    /// The serving state now.
+    pub fn serving(&self) -> ServingState {
+        self.serving.borrow().clone()
+    }
+
+    /// Follows the serving state.
+    pub fn watch_serving(&self) -> watch::Receiver<ServingState> {
+        self.serving.subscribe()
+    }
+
+    /// Publishes a new serving state.
+    pub fn set_serving(&self, state: ServingState) {
+        self.serving.send_replace(state);
+    }
+
+    /// Publishes a new serving state unless serving now: a reason not to serve never
+    /// replaces a pipeline that serves.
+    pub fn set_not_serving_reason(&self, state: ServingState) {
+        self.serving.send_if_modified(|s| {
+            if s.is_serving() {
+                return false;
+            }
+            *s = state;
+            true
+        });
+    }
+
+    /// The epoch of the next plan.
+    pub fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether an `authorization` header value passes the optional API key.
+    pub fn authorized(&self, header: Option<&str>) -> bool {
+        match &self.config.api_key {
+            None => true,
+            Some(key) => header.and_then(|v| v.strip_prefix("Bearer ")) == Some(key.as_str()),
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! The stage core: frames in, one batched forward through the slice, frames out. It owns
+//! the loaded slice, every sequence's KV cache and (on the last stage) each sequence's
+//! sampler and token history. Plain Rust with no sockets, threads or clocks: the compute
+//! thread ([`super::thread`]) feeds it what is waiting and sends what it returns, and the
+//! simulated pipeline drives it directly.
+//!
+//! Rules it keeps:
+//! - a frame of another epoch is refused with a failure for each of its sequences, sent
+//!   on in that frame's own epoch (so it reaches a coordinator that ignores stale news);
+//! - a step that starts at 0 (a prompt, or a replayed history) resets the sequence's cache
+//!   and, on the last stage, its sampler at the random-stream position it carries;
+//! - each step names the run (attempt) of its sequence: steps of a run the stage has moved
+//!   past fail quietly in their own attempt, and a step that repeats one already run (a
+//!   duplicated frame) is skipped, so late and doubled frames change nothing;
+//! - wiring a new epoch drops every cache: sequences come back by replay;
+//! - nothing is dropped silently: whatever cannot run becomes a failure that travels on.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use strata_model::{
+    Chunk, KvCache, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
+};
+use strata_net::frame::{Activations, Frame, Sampled, SamplerStart, SeqFailure, Step};
+
+/// Where the stage's output goes: its epoch and the activations' wire type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wiring {
+    /// Plan epoch.
+    pub epoch: u64,
+    /// Activations' wire type.
+    pub wire: WireType,
+}
+
+/// A last-stage sequence's sampler and the tokens it has seen (for the repeat penalty).
+struct SequenceSampler {
+    sampler: Sampler,
+    history: Vec<u32>,
+}
+
+struct Loaded {
+    stage: Stage,
+    cache: KvCache,
+    samplers: HashMap<SeqId, SequenceSampler>,
+    /// The run (attempt) each cached sequence is on.
+    attempts: HashMap<SeqId, u32>,
+}
+
+impl Loaded {
+    fn forget(&mut self, seq: SeqId) {
+        self.cache.free(seq);
+        self.samplers.remove(&seq);
+        self.attempts.remove(&seq);
+    }
+
+    fn clear(&mut self) {
+        self.cache = self.stage.new_cache();
+        self.samplers.clear();
+        self.attempts.clear();
+    }
+}
+
+/// What to do with one step.
+enum Admission {
+    /// Run it.
+    Run,
+    /// It repeats a step already run: skip it.
+    Duplicate,
+    /// It cannot run: this failure goes to its sequence.
+    Refuse(String),
+}
+
+/// One stage's state machine.
+pub struct StageCore {
+    name: String,
+    loaded: Option<Loaded>,
+    wiring: Option<Wiring>,
+}
+
+/// The steps of one batch, admitted, with their inputs.
+struct Admitted {
+    steps: Vec<Step>,
+    tokens: Vec<u32>,
+    hidden: Vec<Tensor>,
+}
+
+impl StageCore {
+    /// An empty stage named `name` (for messages).
+    pub fn new(name: impl Into<String>) -> Self {
+        StageCore {
+            name: name.into(),
+            loaded: None,
+            wiring: None,
+        }
+    }
+
+    /// Replaces the slice; every cache goes with the old one.
+    pub fn install(&mut self, stage: Stage) {
+        let cache = stage.new_cache();
+        self.loaded = Some(Loaded {
+            stage,
+            cache,
+            samplers: HashMap::new(),
+            attempts: HashMap::new(),
+        });
+    }
+
+    /// Drops the slice, the caches and the wiring.
+    pub fn unload(&mut self) {
+        self.loaded = None;
+        self.wiring = None;
+    }
+
+    /// Wires the output for `wiring.epoch`. A new epoch drops every cache: the sequences
+    /// that live on come back by replay.
+    pub fn wire(&mut self, wiring: Wiring) {
+        if self.wiring.map(|w| w.epoch) != Some(wiring.epoch) {
+            if let Some(l) = &mut self.loaded {
+                l.clear();
+            }
+        }
+        self.wiring = Some(wiring);
+    }
+
+    /// The slice held, if any.
+    pub fn slice(&self) -> Option<&Slice> {
+        self.loaded.as_ref().map(|l| l.stage.slice())
+    }
+
+    /// The epoch wired, if any.
+    pub fn epoch(&self) -> Option<u64> {
+        self.wiring.map(|w| w.epoch)
+    }
+
+    /// Sequences with a cache here.
+    pub fn sequences(&self) -> usize {
+        self.loaded.as_ref().map_or(0, |l| l.cache.num_sequences())
+    }
+
+    /// Runs everything that is waiting as one batch; returns the frames for the next hop
+    /// (empty when the stage is not wired: there is nowhere to send).
+    pub fn handle(&mut self, frames: Vec<Frame>) -> Vec<Frame> {
+        let Some(wiring) = self.wiring else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut failures = Vec::new();
+        let mut frees = Vec::new();
+        let mut steps = Vec::new();
+        let mut inputs = Vec::new();
+        for frame in frames {
+            if frame.epoch() != wiring.epoch {
+                out.extend(self.refuse_stale(frame, wiring.epoch));
+                continue;
+            }
+            match frame {
+                Frame::Free { seqs, .. } => frees.extend(seqs),
+                Frame::Forward {
+                    steps: s,
+                    activations,
+                    failures: f,
+                    ..
+                } => {
+                    failures.extend(f);
+                    inputs.push((s.len(), activations));
+                    steps.extend(s);
+                }
+                Frame::Tokens { failures: f, .. } => {
+                    // Tokens flow to the coordinator only; pass their failures on.
+                    failures.extend(f);
+                }
+            }
+        }
+        if !frees.is_empty() {
+            if let Some(free) = self.free(frees, wiring.epoch) {
+                out.push(free);
+            }
+        }
+        if let Some(frame) = self.forward(steps, inputs, failures, wiring) {
+            out.push(frame);
+        }
+        out
+    }
+
+    fn fail(&self, step: &Step, what: impl std::fmt::Display) -> SeqFailure {
+        SeqFailure {
+            seq: step.seq,
+            attempt: step.attempt,
+            message: format!("{}: {what}", self.name),
+        }
+    }
+
+    fn is_last(&self) -> bool {
+        self.loaded.as_ref().is_none_or(|l| l.stage.slice().head)
+    }
+
+    /// A frame of another epoch: its sequences fail, in that epoch.
+    fn refuse_stale(&self, frame: Frame, wired: u64) -> Option<Frame> {
+        let epoch = frame.epoch();
+        let mut failures = match frame {
+            Frame::Forward {
+                steps, failures, ..
+            } => {
+                let mut f = failures;
+                f.extend(steps.iter().map(|s| {
+                    self.fail(
+                        s,
+                        format!(
+                            "refused a step of plan epoch {epoch}: this stage runs epoch {wired}"
+                        ),
+                    )
+                }));
+                f
+            }
+            Frame::Tokens { failures, .. } => failures,
+            // Caches of another epoch are gone already.
+            Frame::Free { .. } => Vec::new(),
+        };
+        if failures.is_empty() {
+            return None;
+        }
+        failures.truncate(strata_net::frame::MAX_CHUNKS);
+        Some(self.failures_frame(epoch, failures))
+    }
+
+    /// Failures alone, in the frame kind the next hop expects.
+    fn failures_frame(&self, epoch: u64, failures: Vec<SeqFailure>) -> Frame {
+        if self.is_last() {
+            Frame::Tokens {
+                epoch,
+                tokens: Vec::new(),
+                failures,
+            }
+        } else {
+            Frame::Forward {
+                epoch,
+                steps: Vec::new(),
+                activations: None,
+                failures,
+            }
+        }
+    }
+
+    /// Drops the sequences' caches here, and passes the news down the pipeline.
+    fn free(&mut self, seqs: Vec<SeqId>, epoch: u64) -> Option<Frame> {
+        if let Some(l) = &mut self.loaded {
+            for seq in &seqs {
+                l.forget(*seq);
+            }
+        }
+        (!self.is_last()).then_some(Frame::Free { epoch, seqs })
+    }
+
+    /// Admits the steps, runs them as one forward and builds the frame for the next hop.
+    fn forward(
+        &mut self,
+        steps: Vec<Step>,
+        inputs: Vec<(usize, Option<Activations>)>,
+        mut failures: Vec<SeqFailure>,
+        wiring: Wiring,
+    ) -> Option<Frame> {
+        if steps.is_empty() {
+            return (!failures.is_empty()).then(|| self.failures_frame(wiring.epoch, failures));
+        }
+        let admitted = match self.loaded.is_some() {
+            true => self.admit(steps, inputs, &mut failures),
+            false => {
+                failures.extend(steps.iter().map(|s| self.fail(s, "holds no slice")));
+                None
+            }
+        };
+        let Some(admitted) = admitted else {
+            return Some(self.failures_frame(wiring.epoch, failures));
+        };
+        let output = self.run(&admitted);
+        let frame = match output {
+            Ok(StageOutput::Hidden(t)) => {
+                self.activations_frame(admitted.steps, &t, failures, wiring)
+            }
+            Ok(StageOutput::Logits(logits)) => {
+                self.tokens_frame(admitted.steps, &logits, failures, wiring)
+            }
+            Err(e) => {
+                if let Some(l) = &mut self.loaded {
+                    for s in &admitted.steps {
+                        l.forget(s.seq);
+                    }
+                }
+                failures.extend(
+                    admitted
+                        .steps
+                        .iter()
+                        .map(|s| self.fail(s, format!("forward failed: {e}"))),
+                );
+                self.failures_frame(wiring.epoch, failures)
+            }
+        };
+        Some(frame)
+    }
+
+    fn run(&mut self, a: &Admitted) -> strata_model::Result<StageOutput> {
+        let Some(l) = &mut self.loaded else {
+            return Err(strata_model::Error::InvalidBatch("no slice".into()));
+        };
+        let chunks: Vec<Chunk> = a
+            .steps
+            .iter()
+            .map(|s| Chunk {
+                seq: s.seq,
+                start: s.start as usize,
+                len: s.len(),
+            })
+            .collect();
+        let input = if l.stage.slice().embed {
+            StageInput::Tokens(a.tokens.clone())
+        } else {
+            StageInput::Hidden(Tensor::cat(&a.hidden, 0)?)
+        };
+        l.stage.forward(&chunks, input, &mut l.cache)
+    }
+
+    /// Checks each step against its sequence's cache, resets sequences that start over,
+    /// and gathers the batch's input. Steps that cannot run become failures.
+    fn admit(
+        &mut self,
+        steps: Vec<Step>,
+        inputs: Vec<(usize, Option<Activations>)>,
+        failures: &mut Vec<SeqFailure>,
+    ) -> Option<Admitted> {
+        let mut admitted = Admitted {
+            steps: Vec::new(),
+            tokens: Vec::new(),
+            hidden: Vec::new(),
+        };
+        let mut in_batch = std::collections::HashSet::new();
+        let mut steps = steps.into_iter();
+        for (count, activations) in inputs {
+            let group: Vec<Step> = steps.by_ref().take(count).collect();
+            let rows = match self.frame_rows(&group, activations.as_ref()) {
+                Ok(rows) => rows,
+                Err(message) => {
+                    failures.extend(group.iter().map(|s| self.fail(s, &message)));
+                    continue;
+                }
+            };
+            let mut row = 0;
+            for step in group {
+                let this_row = row;
+                row += step.len();
+                if in_batch.contains(&step.seq) {
+                    // A second step of one sequence in a batch: a duplicated frame.
+                    continue;
+                }
+                match self.admission(&step) {
+                    Admission::Run => {}
+                    Admission::Duplicate => continue,
+                    Admission::Refuse(message) => {
+                        failures.push(self.fail(&step, message));
+                        continue;
+                    }
+                }
+                match &rows {
+                    Some(t) => match t.narrow(0, this_row, step.len()) {
+                        Ok(part) => admitted.hidden.push(part),
+                        Err(e) => {
+                            failures.push(self.fail(&step, e));
+                            continue;
+                        }
+                    },
+                    None => admitted.tokens.extend(&step.tokens),
+                }
+                in_batch.insert(step.seq);
+                admitted.steps.push(step);
+            }
+        }
+        (!admitted.steps.is_empty()).then_some(admitted)
+    }
+
+    /// A frame's activations as an F32 tensor `[rows, hidden]` (None for token ids).
+    fn frame_rows(
+        &self,
+        steps: &[Step],
+        activations: Option<&Activations>,
+    ) -> Result<Option<Tensor>, String> {
+        let l = self.loaded.as_ref().ok_or("holds no slice")?;
+        let hidden = l.stage.config().hidden_size;
+        let first = l.stage.slice().embed;
+        match (first, activations) {
+            (true, None) => Ok(None),
+            (true, Some(_)) => Err("the first stage got activations instead of token ids".into()),
+            (false, None) => Err("got token ids, but this stage needs activations".into()),
+            (false, Some(a)) if a.hidden as usize != hidden => Err(format!(
+                "activations of width {} for a model of hidden size {hidden}",
+                a.hidden
+            )),
+            (false, Some(a)) => {
+                let rows: usize = steps.iter().map(Step::len).sum();
+                a.wire
+                    .decode(&a.bytes, rows, hidden, &Device::Cpu)
+                    .map(Some)
+                    .map_err(|e| format!("bad activations: {e}"))
+            }
+        }
+    }
+
+    /// Whether a step runs: a new run of its sequence must start at 0 (which resets the
+    /// cache, and the sampler on the last stage); the current run must continue exactly
+    /// where its cache ends, and what it already ran is a duplicate.
+    fn admission(&mut self, step: &Step) -> Admission {
+        let Some(l) = &mut self.loaded else {
+            return Admission::Refuse("holds no slice".into());
+        };
+        let context = l.stage.config().max_position_embeddings;
+        let (start, len) = (step.start as usize, step.len());
+        if start + len > context {
+            return Admission::Refuse(format!(
+                "positions {start}..{} exceed the context of {context} tokens",
+                start + len
+            ));
+        }
+        let cached = l.cache.len(step.seq).ok();
+        match l.attempts.get(&step.seq).copied() {
+            Some(current) if step.attempt < current => {
+                return Admission::Refuse(format!(
+                    "a step of run {} of sequence {}, which is on run {current}",
+                    step.attempt, step.seq
+                ))
+            }
+            Some(current) if step.attempt == current => {
+                let cached = cached.unwrap_or(0);
+                return if start == cached {
+                    Admission::Run
+                } else if start + len <= cached {
+                    Admission::Duplicate
+                } else {
+                    Admission::Refuse(format!(
+                        "sequence {} continues at {start} but its cache holds {cached} positions",
+                        step.seq
+                    ))
+                };
+            }
+            _ => {}
+        }
+        if start != 0 {
+            return Admission::Refuse(format!(
+                "no cache for run {} of sequence {} (it was freed, or this stage restarted)",
+                step.attempt, step.seq
+            ));
+        }
+        l.forget(step.seq);
+        l.cache.create(step.seq);
+        l.attempts.insert(step.seq, step.attempt);
+        if l.stage.slice().head {
+            let start = step.sampler.clone().unwrap_or(SamplerStart {
+                params: Default::default(),
+                rng_position: 0,
+            });
+            match Sampler::resume(start.params, start.rng_position) {
+                Ok(sampler) => {
+                    l.samplers.insert(
+                        step.seq,
+                        SequenceSampler {
+                            sampler,
+                            history: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    l.forget(step.seq);
+                    return Admission::Refuse(e.to_string());
+                }
+            }
+        }
+        Admission::Run
+    }
+
+    fn activations_frame(
+        &self,
+        steps: Vec<Step>,
+        t: &Tensor,
+        mut failures: Vec<SeqFailure>,
+        wiring: Wiring,
+    ) -> Frame {
+        let hidden = t.dim(1).unwrap_or(0) as u32;
+        match wiring.wire.encode(t) {
+            Ok(bytes) => Frame::Forward {
+                epoch: wiring.epoch,
+                // Later stages need no sampler: the last one gets it from the step.
+                steps,
+                activations: Some(Activations {
+                    wire: wiring.wire,
+                    hidden,
+                    bytes,
+                }),
+                failures,
+            },
+            Err(e) => {
+                failures.extend(
+                    steps
+                        .iter()
+                        .map(|s| self.fail(s, format!("encoding activations: {e}"))),
+                );
+                self.failures_frame(wiring.epoch, failures)
+            }
+        }
+    }
+
+    fn tokens_frame(
+        &mut self,
+        steps: Vec<Step>,
+        logits: &Tensor,
+        mut failures: Vec<SeqFailure>,
+        wiring: Wiring,
+    ) -> Frame {
+        let rows = match logits.to_vec2::<f32>() {
+            Ok(r) => r,
+            Err(e) => {
+                failures.extend(
+                    steps
+                        .iter()
+                        .map(|s| self.fail(s, format!("reading logits: {e}"))),
+                );
+                return self.failures_frame(wiring.epoch, failures);
+            }
+        };
+        let mut tokens = Vec::with_capacity(steps.len());
+        for (step, row) in steps.iter().zip(&rows) {
+            match self.sample(step, row) {
+                Ok(t) => tokens.push(t),
+                Err(message) => failures.push(self.fail(step, message)),
+            }
+        }
+        Frame::Tokens {
+            epoch: wiring.epoch,
+            tokens,
+            failures,
+        }
+    }
+
+    fn sample(&mut self, step: &Step, logits: &[f32]) -> Result<Sampled, String> {
+        let l = self.loaded.as_mut().ok_or("holds no slice")?;
+        let s = l
+            .samplers
+            .get_mut(&step.seq)
+            .ok_or_else(|| format!("no sampler for sequence {}", step.seq))?;
+        s.history.extend(&step.tokens);
+        let sampled = s
+            .sampler
+            .sample(logits, &s.history)
+            .map_err(|e| format!("sampling: {e}"))?;
+        Ok(Sampled {
+            seq: step.seq,
+            position: step.start + step.len() as u32,
+            token: sampled.token,
+            logprob: sampled.logprob,
+            top: sampled.top_logprobs,
+            rng_position: s.sampler.rng_position(),
+            attempt: step.attempt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use strata_model::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
+    use strata_model::{Arch, ModelFile, SamplingParams};
+
+    fn last_stage(dir: &std::path::Path) -> StageCore {
+        let spec = SynthSpec::tiny(Arch::Llama);
+        let opts = SynthOptions {
+            format: SynthFormat::Gguf,
+            dtype: SynthDType::F32,
+            shard_bytes: None,
+        };
+        let report = write_model(&spec, &opts, &dir.join("m.gguf")).unwrap();
+        let file = ModelFile::open(&report.path).unwrap();
+        let stage = Stage::load(&file, Slice::full(spec.layers), &Device::Cpu).unwrap();
+        let mut core = StageCore::new("w1");
+        core.install(stage);
+        core.wire(Wiring {
+            epoch: 1,
+            wire: WireType::F32,
+        });
+        core
+    }
+
+    fn forward(epoch: u64, seq: SeqId, start: u32, tokens: Vec<u32>, attempt: u32) -> Frame {
+        Frame::Forward {
+            epoch,
+            steps: vec![Step {
+                seq,
+                start,
+                tokens,
+                sampler: (start == 0).then(|| SamplerStart {
+                    params: SamplingParams::default(),
+                    rng_position: 0,
+                }),
+                attempt,
+            }],
+            activations: None,
+            failures: Vec::new(),
+        }
+    }
+
+    fn sampled(out: &[Frame]) -> Vec<Sampled> {
+        out.iter()
+            .flat_map(|f| match f {
+                Frame::Tokens { tokens, .. } => tokens.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn failures(out: &[Frame]) -> Vec<(u64, SeqFailure)> {
+        out.iter()
+            .flat_map(|f| match f {
+                Frame::Tokens {
+                    epoch, failures, ..
+                } => failures.iter().map(|x| (*epoch, x.clone())).collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stale_epochs_fail_in_their_own_epoch_and_doubles_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = last_stage(dir.path());
+        let first = core.handle(vec![forward(1, 7, 0, vec![1, 2, 3], 0)]);
+        let token = sampled(&first)[0].clone();
+        assert_eq!((token.position, token.attempt), (3, 0));
+        // The same prompt again (a duplicated frame): skipped, nothing sampled or failed.
+        let again = core.handle(vec![forward(1, 7, 0, vec![1, 2, 3], 0)]);
+        assert!(sampled(&again).is_empty() && failures(&again).is_empty());
+        // A frame of epoch 0 is refused in epoch 0.
+        let stale = core.handle(vec![forward(0, 8, 0, vec![1], 0)]);
+        let f = failures(&stale);
+        assert_eq!(f[0].0, 0);
+        assert!(f[0].1.message.contains("epoch 0"), "{f:?}");
+        // The next step, twice in one batch: runs once.
+        let step = forward(1, 7, 3, vec![token.token], 0);
+        let out = core.handle(vec![step.clone(), step]);
+        assert_eq!(sampled(&out).len(), 1);
+        assert_eq!(core.sequences(), 1);
+    }
+
+    #[test]
+    fn a_new_run_replaces_the_old_and_late_steps_of_the_old_fail_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = last_stage(dir.path());
+        let t = sampled(&core.handle(vec![forward(1, 7, 0, vec![1, 2, 3], 0)]))[0].token;
+        // A replay (run 1) of the history, then a late step of run 0.
+        let replay = core.handle(vec![forward(1, 7, 0, vec![1, 2, 3, t], 1)]);
+        assert_eq!(sampled(&replay)[0].attempt, 1);
+        let late = core.handle(vec![forward(1, 7, 3, vec![t], 0)]);
+        let f = failures(&late);
+        assert_eq!((f.len(), f[0].1.attempt), (1, 0));
+        // A gap in the current run is a failure of that run.
+        let gap = core.handle(vec![forward(1, 7, 9, vec![t], 1)]);
+        assert_eq!(failures(&gap)[0].1.attempt, 1);
+        // Wiring a new epoch drops every cache.
+        core.wire(Wiring {
+            epoch: 2,
+            wire: WireType::F32,
+        });
+        assert_eq!(core.sequences(), 0);
+    }
+}

@@ -1,0 +1,306 @@
+//! The compute thread: the shell around the [`StageCore`]. One dedicated thread owns the
+//! core; it takes frames and commands from one bounded channel, gives the core everything
+//! that is waiting as one batch, and hands what comes back to the next hop's sender.
+//! Commands (install, wire, unload) travel in the same channel, so the thread is the only
+//! owner of the model state and needs no locks.
+//!
+//! It also keeps the figures the control service reports, and the progress counter that
+//! tells a slow forward from a stuck one: every layer run, batch finished and command
+//! handled moves it, and [`StageStats::stalled`] says how long work has waited without it
+//! moving. Health comes from here, not from the async runtime that answers the RPC.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_model::Stage;
+use strata_net::frame::Frame;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::core::{StageCore, Wiring};
+
+/// Most rows one batched forward takes; more waiting frames go into the next batch.
+pub const MAX_BATCH_ROWS: usize = 2048;
+/// Frames and commands waiting for the compute thread.
+pub const QUEUE_DEPTH: usize = 256;
+
+/// What the compute thread is asked to do.
+pub enum Command {
+    /// Run a frame.
+    Frame(Frame),
+    /// Replace the slice.
+    Install(Box<Stage>, oneshot::Sender<()>),
+    /// Wire the output for an epoch, to this sender.
+    Wire(Wiring, mpsc::Sender<Frame>, oneshot::Sender<()>),
+    /// Drop the slice and every cache.
+    Unload(oneshot::Sender<()>),
+}
+
+/// What the stage is doing, as the control service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StageState {
+    /// No slice.
+    Idle = 0,
+    /// Receiving or loading a slice.
+    Loading = 1,
+    /// A slice is loaded.
+    Ready = 2,
+}
+
+impl StageState {
+    /// Its word on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageState::Idle => "idle",
+            StageState::Loading => "loading",
+            StageState::Ready => "ready",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StageState::Loading,
+            2 => StageState::Ready,
+            _ => StageState::Idle,
+        }
+    }
+}
+
+/// When the progress counter last moved, as the watchdog saw it.
+#[derive(Debug)]
+struct Watch {
+    value: u64,
+    since: Instant,
+}
+
+/// Figures the control service reports, written by the compute thread.
+#[derive(Debug)]
+pub struct StageStats {
+    /// Sequences with a cache.
+    pub sequences: AtomicU32,
+    /// Commands waiting.
+    pub queued: AtomicU32,
+    /// Epoch wired.
+    pub epoch: AtomicU64,
+    /// Nanoseconds spent in forwards and sampling.
+    pub compute_nanos: AtomicU64,
+    /// Nanoseconds spent sending frames to the next hop.
+    pub network_nanos: AtomicU64,
+    /// Batched forwards run.
+    pub forwards: AtomicU64,
+    /// Moves with every layer run, batch finished and command handled.
+    pub progress: Arc<AtomicU64>,
+    /// The thread is inside a batch or a command.
+    busy: AtomicBool,
+    state: AtomicU8,
+    error: Mutex<Option<String>>,
+    watch: Mutex<Watch>,
+}
+
+impl StageStats {
+    fn new() -> Self {
+        StageStats {
+            sequences: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
+            epoch: AtomicU64::new(0),
+            compute_nanos: AtomicU64::new(0),
+            network_nanos: AtomicU64::new(0),
+            forwards: AtomicU64::new(0),
+            progress: Arc::new(AtomicU64::new(0)),
+            busy: AtomicBool::new(false),
+            state: AtomicU8::new(StageState::Idle as u8),
+            error: Mutex::new(None),
+            watch: Mutex::new(Watch {
+                value: 0,
+                since: Instant::now(),
+            }),
+        }
+    }
+
+    /// Sets the state.
+    pub fn set_state(&self, s: StageState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// The state.
+    pub fn state(&self) -> StageState {
+        StageState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Records a failure (or clears it).
+    pub fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.error.lock() {
+            *g = e;
+        }
+    }
+
+    /// The last failure.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// How long work has been waiting (queued, or a batch running) while the progress
+    /// counter stood still, as of `now`; zero when there is no work or it moves.
+    pub fn stalled(&self, now: Instant) -> Duration {
+        let value = self.progress.load(Ordering::Relaxed);
+        let pending = self.busy.load(Ordering::Relaxed) || self.queued.load(Ordering::Relaxed) > 0;
+        let Ok(mut w) = self.watch.lock() else {
+            return Duration::ZERO;
+        };
+        if value != w.value || !pending {
+            w.value = value;
+            w.since = now;
+            return Duration::ZERO;
+        }
+        now.saturating_duration_since(w.since)
+    }
+
+    fn tick(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Handle to the compute thread.
+#[derive(Clone)]
+pub struct StageHandle {
+    tx: mpsc::Sender<Command>,
+    /// Its figures.
+    pub stats: Arc<StageStats>,
+}
+
+impl StageHandle {
+    /// Starts the compute thread.
+    pub fn spawn(name: String) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(StageStats::new());
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("strata-stage".into())
+            .spawn(move || Runtime::new(name, thread_stats).run(rx))?;
+        Ok(StageHandle { tx, stats })
+    }
+
+    /// Queues a command; waits while the queue is full (backpressure to the network).
+    pub async fn send(&self, cmd: Command) -> bool {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.send(cmd).await.is_ok();
+        if !sent {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Queues a command and waits for its reply.
+    pub async fn call(&self, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await && rx.await.is_ok()
+    }
+}
+
+struct Runtime {
+    name: String,
+    stats: Arc<StageStats>,
+    core: StageCore,
+    next: Option<mpsc::Sender<Frame>>,
+}
+
+impl Runtime {
+    fn new(name: String, stats: Arc<StageStats>) -> Self {
+        Runtime {
+            core: StageCore::new(name.clone()),
+            name,
+            stats,
+            next: None,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut pending: Option<Command> = None;
+        loop {
+            let first = match pending.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.busy.store(true, Ordering::Relaxed);
+            match first {
+                Command::Frame(f) => {
+                    let mut batch = vec![f];
+                    let mut rows = batch[0].rows();
+                    // Everything already waiting joins this forward.
+                    while rows < MAX_BATCH_ROWS {
+                        match rx.try_recv() {
+                            Ok(Command::Frame(f)) => {
+                                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                                rows += f.rows();
+                                batch.push(f);
+                            }
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.run_batch(batch);
+                }
+                Command::Install(mut stage, reply) => {
+                    stage.count_progress(self.stats.progress.clone());
+                    self.core.install(*stage);
+                    self.stats.set_state(StageState::Ready);
+                    let _ = reply.send(());
+                }
+                Command::Wire(wiring, next, reply) => {
+                    self.core.wire(wiring);
+                    self.next = Some(next);
+                    self.stats.epoch.store(wiring.epoch, Ordering::Relaxed);
+                    self.stats.set_error(None);
+                    let _ = reply.send(());
+                }
+                Command::Unload(reply) => {
+                    self.core.unload();
+                    self.next = None;
+                    self.stats.set_state(StageState::Idle);
+                    let _ = reply.send(());
+                }
+            }
+            self.stats
+                .sequences
+                .store(self.core.sequences() as u32, Ordering::Relaxed);
+            self.stats.busy.store(false, Ordering::Relaxed);
+            self.stats.tick();
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<Frame>) {
+        let Some(next) = self.next.clone() else {
+            warn!(stage = %self.name, frames = batch.len(), "this stage is not wired into a pipeline: its frames have nowhere to go");
+            return;
+        };
+        let started = Instant::now();
+        let out = {
+            let _span = tracing::debug_span!("stage", layers = ?self.core.slice().map(|s| s.layers.clone())).entered();
+            self.core.handle(batch)
+        };
+        self.stats
+            .compute_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        for frame in out {
+            debug!(rows = frame.rows(), "to the next hop");
+            // Blocks while the next hop's sender is full: backpressure, and a stall the
+            // watchdog sees when the next hop cannot be reached.
+            if next.blocking_send(frame).is_err() {
+                self.stats.set_error(Some(format!(
+                    "{}: the next hop's sender has stopped",
+                    self.name
+                )));
+            }
+        }
+    }
+}
