@@ -238,6 +238,7 @@ fn worker_row(w: &Worker) -> WorkerStatus {
         compute_seconds: h.compute_seconds,
         network_seconds: h.network_seconds,
         forwards: h.forwards,
+        bytes_received: h.bytes_received,
     }
 }
 

@@ -3,7 +3,8 @@
 //! - `membership`: admission by join token, certificates, heartbeats (a worker that
 //!   stops answering, or whose compute thread stalls, has failed), mDNS browsing;
 //! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
-//! - `reconcile`: applying a plan: streaming slices, wiring the chain, re-planning;
+//! - `reconcile`: when to re-plan, and how (make before break); `slices`: getting a plan
+//!   onto its workers (only the bytes their caches lack) and wiring it;
 //! - [`sequence`]: the sequence core, a sans-IO state machine that owns an answer's
 //!   history and turns events into actions; `session` is its shell (a task per answer,
 //!   the batcher to stage 0, the dispatcher from the last stage);
@@ -36,6 +37,7 @@
 //!   and may change a token where two are nearly tied.
 
 pub mod api;
+mod digest;
 pub mod error;
 mod http;
 mod membership;
@@ -48,6 +50,7 @@ pub mod sequence;
 mod serving;
 mod session;
 mod shared;
+mod slices;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -116,7 +119,7 @@ impl CoordinatorConfig {
 pub struct ServedModel {
     /// Its name (file or directory name).
     pub name: String,
-    /// Names its bytes: path, length and modification time.
+    /// SHA-256 of its bytes: what workers key their slice caches by.
     pub digest: String,
     /// The open model (the coordinator reads slices from it; it loads no weights).
     pub file: ModelFile,
@@ -129,8 +132,9 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// Opens the model's directory, tokenizer and template (no weights).
-    pub fn open(path: &std::path::Path) -> Result<Self> {
+    /// Opens the model's directory, tokenizer and template (no weights); its content
+    /// digest is remembered in `state_dir`.
+    pub fn open(path: &std::path::Path, state_dir: &std::path::Path) -> Result<Self> {
         let file = ModelFile::open(path)?;
         let tokenizer = Tokenizer::for_model(&file)?;
         let chat = match tokenizer.chat_template() {
@@ -141,14 +145,7 @@ impl ServedModel {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
-        let meta = std::fs::metadata(path).ok();
-        let stamp = format!(
-            "{}:{}:{:?}",
-            path.display(),
-            meta.as_ref().map_or(0, |m| m.len()),
-            meta.and_then(|m| m.modified().ok())
-        );
-        let digest = strata_net::identity::sha256_hex(stamp.as_bytes())[..16].to_string();
+        let digest = digest::of_model(path, state_dir)?;
         let profile = profile::of_file(&name, &file);
         Ok(ServedModel {
             name,
@@ -169,8 +166,8 @@ pub async fn run(
     http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let model = ServedModel::open(&config.model)?;
     let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
+    let model = ServedModel::open(&config.model, &config.state_dir)?;
     if created {
         info!(
             dir = %config.state_dir.display(),

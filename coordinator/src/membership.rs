@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use strata_net::identity::{sanitize_id, worker_name};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
-use strata_proto::v1::{HealthRequest, HealthResponse, JoinRequest, JoinResponse, UnloadRequest};
+use strata_proto::v1::{
+    HealthRequest, HealthResponse, HeldSlice, JoinRequest, JoinResponse, UnloadRequest,
+};
 use strata_proto::PROTOCOL_VERSION;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -18,7 +20,8 @@ use tracing::{info, warn};
 use crate::error::Error;
 use crate::metrics::{growth, Metrics};
 use crate::registry::{
-    Health, Refusal, Verdict, Worker, WorkerProfile, WorkerState, HEARTBEAT, HEARTBEAT_TIMEOUT,
+    Health, Held, Refusal, Verdict, Worker, WorkerProfile, WorkerState, HEARTBEAT,
+    HEARTBEAT_TIMEOUT,
 };
 use crate::Shared;
 
@@ -118,7 +121,10 @@ pub fn admit(
             load_total: 0,
             health: Health::default(),
             detail: String::new(),
-            held: None,
+            held: req
+                .held
+                .as_ref()
+                .and_then(|h| held(h, &shared.model().digest)),
             stage: None,
         },
     );
@@ -166,7 +172,7 @@ pub async fn heartbeats(shared: Arc<Shared>) {
                     continue;
                 };
                 let answer = match result {
-                    Ok(Ok(h)) => Ok(health(h.into_inner())),
+                    Ok(Ok(h)) => Ok(health(h.into_inner(), &shared.model().digest)),
                     Ok(Err(s)) => Err(format!("heartbeat failed: {}", s.message())),
                     Err(_) => Err("heartbeat timed out".into()),
                 };
@@ -199,9 +205,20 @@ pub async fn heartbeats(shared: Arc<Shared>) {
     }
 }
 
+/// A slice a worker reports, if it is of the served model.
+fn held(h: &HeldSlice, digest: &str) -> Option<Held> {
+    (h.model_digest == digest && h.layer_end > h.layer_start).then_some(Held {
+        layers: h.layer_start as usize..h.layer_end as usize,
+        embed: h.embed,
+        head: h.head,
+    })
+}
+
 /// A heartbeat's answer in the registry's terms (the control plane's edge).
-fn health(h: HealthResponse) -> Health {
+fn health(h: HealthResponse, digest: &str) -> Health {
     Health {
+        held: h.held.as_ref().and_then(|s| held(s, digest)),
+        bytes_received: h.bytes_received,
         resident: h.resident_bytes,
         peak: h.peak_resident_bytes,
         sequences: h.sequences,

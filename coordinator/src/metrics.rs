@@ -67,6 +67,13 @@ pub struct Metrics {
     pub active_sequences: IntGauge,
     /// Model layers per stage of the plan in force.
     pub stage_layers: IntGaugeVec,
+    /// Bytes of weights sent to workers (what their slice caches lacked).
+    pub slice_bytes_sent: IntCounter,
+    /// Answers replayed onto another pipeline.
+    pub replays: IntCounter,
+    /// For an answer that moved to another pipeline: its pause, from its last token
+    /// before to its first after.
+    pub resume_pause: Histogram,
     recent: Mutex<VecDeque<RequestRecord>>,
 }
 
@@ -204,8 +211,35 @@ impl Metrics {
                 &["stage", "worker"],
             ),
         );
+        let slice_bytes_sent = add(
+            &registry,
+            IntCounter::new(
+                "strata_slice_bytes_sent_total",
+                "Bytes of weights sent to workers: what their slice caches lacked",
+            ),
+        );
+        let replays = add(
+            &registry,
+            IntCounter::new(
+                "strata_replays_total",
+                "Answers replayed onto another pipeline, after a lost stage or a re-plan",
+            ),
+        );
+        let resume_pause = add(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "strata_resume_pause_seconds",
+                    "For an answer that moved to another pipeline: from its last token before to its first after",
+                )
+                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0]),
+            ),
+        );
         Metrics {
             registry,
+            slice_bytes_sent,
+            replays,
+            resume_pause,
             requests,
             prompt_tokens,
             generated_tokens,

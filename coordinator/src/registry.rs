@@ -137,6 +137,10 @@ pub struct Health {
     pub network_seconds: f64,
     /// Forwards its stage has run (its own running total).
     pub forwards: u64,
+    /// The slice it holds in memory (of the served model).
+    pub held: Option<Held>,
+    /// Bytes of weights it received over the network since it started.
+    pub bytes_received: u64,
 }
 
 /// What a heartbeat changed.
@@ -199,6 +203,11 @@ impl Worker {
                 self.last_seen = now;
                 self.detail = health.error.clone();
                 let stalled = health.stalled;
+                // What the worker says it holds is the truth, except while a load to it is
+                // on its way (the load itself records the outcome).
+                if self.state != WorkerState::Loading {
+                    self.held = health.held.clone();
+                }
                 self.health = health;
                 if stalled > HANG_AFTER {
                     if self.state.is_dead() {
@@ -218,7 +227,6 @@ impl Worker {
                         } else {
                             WorkerState::Idle
                         };
-                        self.held = None;
                         self.stage = None;
                         Verdict::Revived
                     }

@@ -114,6 +114,12 @@ pub fn stage_lost(shared: &Shared, worker: &str, reason: &str) {
     broken(shared, |p| p.uses(worker), reason);
 }
 
+/// The plan of `epoch` is being replaced while it still works: its answers wait for the
+/// next plan and replay there (the same path as a lost stage, without a failure).
+pub fn pipeline_moved(shared: &Shared, epoch: u64) {
+    broken(shared, |p| p.epoch == epoch, "moved to a new plan");
+}
+
 /// The pipeline of plan `epoch` cannot be used any more (its first stage is unreachable).
 pub fn pipeline_broken(shared: &Shared, epoch: u64, reason: &str) {
     broken(shared, |p| p.epoch == epoch, reason);
@@ -327,6 +333,8 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         pipeline: None,
         client_gone: false,
         started_unix_ms: unix_ms(),
+        last_token_at: None,
+        paused_since: None,
     };
     tokio::spawn(session.run().instrument(span));
     Ok(Answer { id, deltas })
@@ -349,6 +357,10 @@ struct Session {
     pipeline: Option<Arc<Pipeline>>,
     client_gone: bool,
     started_unix_ms: u64,
+    /// When it last delivered a token.
+    last_token_at: Option<Instant>,
+    /// Replayed onto another pipeline and not yet delivered there: since when it paused.
+    paused_since: Option<Instant>,
 }
 
 impl Session {
@@ -431,6 +443,8 @@ impl Session {
                 };
                 if step.start == 0 && self.core.replays() > 0 {
                     info!(request = %self.id, epoch, tokens = step.len(), "replaying the answer's history on the new pipeline");
+                    self.shared.metrics().replays.inc();
+                    self.paused_since = self.last_token_at.or(self.paused_since);
                 }
                 let outbound = Outbound { pipeline, step };
                 if self.shared.outbox().send(outbound).await.is_err() {
@@ -445,6 +459,13 @@ impl Session {
             Action::Deliver(delta) => {
                 let m = self.shared.metrics();
                 m.generated_tokens.inc();
+                let now = Instant::now();
+                if let Some(since) = self.paused_since.take() {
+                    let pause = now.saturating_duration_since(since);
+                    m.resume_pause.observe(pause.as_secs_f64());
+                    info!(request = %self.id, pause_ms = pause.as_millis() as u64, "the answer resumed");
+                }
+                self.last_token_at = Some(now);
                 if self.core.generated() == 1 {
                     m.time_to_first_token
                         .observe(self.core.usage(Instant::now()).time_to_first_token_ms / 1e3);

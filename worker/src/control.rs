@@ -4,7 +4,6 @@
 //! client certificate must be exactly the one the join answer named.
 
 use std::net::SocketAddr;
-use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,8 +14,8 @@ use strata_model::{ModelFile, Slice, Stage};
 use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::worker_control_server::WorkerControl;
 use strata_proto::v1::{
-    HealthRequest, HealthResponse, LoadChunk, LoadHeader, LoadResponse, UnloadRequest,
-    UnloadResponse, WireRequest, WireResponse, WorkerInfo,
+    HealthRequest, HealthResponse, HeldSlice, LoadChunk, LoadHeader, LoadResponse, MissingResponse,
+    UnloadRequest, UnloadResponse, WireRequest, WireResponse, WorkerInfo,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
@@ -29,7 +28,8 @@ use strata_net::frame::Frame;
 use strata_net::progress::Progress;
 use strata_net::{memory, transport};
 
-use crate::stage::{Command, StageHandle, StageState, Wiring};
+use crate::cache::{CacheError, SliceCache};
+use crate::stage::{Command, StageHandle, StageState, StageStats, Wiring};
 
 /// Frames waiting to go to the next hop.
 const OUTGOING_QUEUE: usize = 256;
@@ -77,8 +77,8 @@ pub struct ControlService {
     pub endpoint: quinn::Endpoint,
     /// The only certificate allowed to call.
     pub coordinator_cert: CertificateDer<'static>,
-    /// Where received slices are written before loading.
-    pub cache_dir: PathBuf,
+    /// Received slices, on disk.
+    pub cache: SliceCache,
     /// What this worker accepts.
     pub memory_budget: u64,
     /// What it says about itself.
@@ -109,16 +109,6 @@ impl ControlService {
     }
 }
 
-fn safe_relative(path: &str) -> Result<PathBuf, Status> {
-    let p = Path::new(path);
-    if path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(Status::invalid_argument(format!(
-            "slice file path `{path}` must be relative and stay inside the model"
-        )));
-    }
-    Ok(p.to_path_buf())
-}
-
 fn status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -146,77 +136,115 @@ impl NextHop {
     }
 }
 
-/// A file being received: the open file, its length, and the ranges that will arrive.
-type IncomingFile = (std::fs::File, u64, Vec<(u64, u64)>);
-
-struct Receiving {
-    files: Vec<IncomingFile>,
-    received: Vec<u64>,
+/// The slice in memory, as the control plane reports it.
+pub fn held_slice(stats: &StageStats) -> Option<HeldSlice> {
+    stats.holding().map(|h| HeldSlice {
+        model_digest: h.digest,
+        layer_start: h.slice.layers.start as u32,
+        layer_end: h.slice.layers.end as u32,
+        embed: h.slice.embed,
+        head: h.slice.head,
+    })
 }
 
-impl Receiving {
-    fn create(dir: &Path, header: &LoadHeader) -> Result<Self, Status> {
-        let mut files = Vec::new();
-        for f in &header.files {
-            let rel = safe_relative(&f.path)?;
-            let path = dir.join(rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(status)?;
-            }
-            let file = std::fs::File::create(&path)
-                .map_err(|e| status(format!("{}: {e}", path.display())))?;
-            // A sparse file of the original length: only the slice's ranges get bytes.
-            file.set_len(f.length).map_err(status)?;
-            let ranges = f.ranges.iter().map(|r| (r.offset, r.length)).collect();
-            files.push((file, f.length, ranges));
-        }
-        let received = vec![0; files.len()];
-        Ok(Receiving { files, received })
+fn cache_status(e: CacheError) -> Status {
+    match e {
+        CacheError::Invalid(m) => Status::invalid_argument(m),
+        io => Status::internal(io.to_string()),
     }
+}
 
-    fn write(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<(), Status> {
-        let (f, _, ranges) = self.files.get(file as usize).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "data for file {file}, which the header did not list"
-            ))
-        })?;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| Status::invalid_argument("data offset overflows"))?;
-        if !ranges.iter().any(|&(o, l)| offset >= o && end <= o + l) {
-            return Err(Status::invalid_argument(format!(
-                "data {offset}..{end} of file {file} lies outside the ranges the header listed"
+impl ControlService {
+    /// Checks a load's header against this worker: version, budget.
+    fn admit_load(&self, header: &LoadHeader) -> Result<(), Status> {
+        if header.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "coordinator speaks protocol {}, this worker {PROTOCOL_VERSION}: run the same strata version on both",
+                header.protocol_version
             )));
         }
-        std::os::unix::fs::FileExt::write_all_at(f, data, offset).map_err(status)?;
-        self.received[file as usize] += data.len() as u64;
-        Ok(())
-    }
-
-    /// Bytes the header promised.
-    fn expected(&self) -> u64 {
-        self.files
-            .iter()
-            .flat_map(|(_, _, ranges)| ranges.iter().map(|r| r.1))
-            .sum()
-    }
-
-    fn complete(&self) -> Result<(), Status> {
-        for (i, (_, _, ranges)) in self.files.iter().enumerate() {
-            let want: u64 = ranges.iter().map(|r| r.1).sum();
-            if self.received[i] != want {
-                return Err(Status::data_loss(format!(
-                    "file {i}: received {} of {want} bytes; the coordinator will retry",
-                    self.received[i]
-                )));
-            }
+        if header.reserved_bytes > self.memory_budget {
+            return Err(Status::resource_exhausted(format!(
+                "this slice needs {} bytes but worker {} accepts {} (--memory)",
+                header.reserved_bytes, self.info.id, self.memory_budget
+            )));
         }
         Ok(())
+    }
+
+    /// Receives what the cache lacks of the slice; returns the bytes received.
+    async fn receive(
+        &self,
+        header: &LoadHeader,
+        stream: &mut Streaming<LoadChunk>,
+    ) -> Result<u64, Status> {
+        let mut receiving = self.cache.receive(header).map_err(cache_status)?;
+        let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
+        let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
+        let mut received = 0u64;
+        while let Some(msg) = stream.message().await? {
+            match msg.chunk {
+                Some(Chunk::Data(d)) => {
+                    receiving
+                        .write(d.file, d.offset, &d.data)
+                        .map_err(cache_status)?;
+                    received += d.data.len() as u64;
+                    self.stage
+                        .stats
+                        .bytes_received
+                        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+                    progress.advance(d.data.len() as u64);
+                }
+                _ => return Err(Status::invalid_argument("a second header in a load stream")),
+            }
+        }
+        receiving.complete().map_err(|e| match e {
+            CacheError::Invalid(m) => Status::data_loss(m),
+            io => Status::internal(io.to_string()),
+        })?;
+        progress.finish("received");
+        Ok(received)
+    }
+
+    /// Loads the slice the header names from the cache and installs it.
+    async fn install(&self, header: &LoadHeader) -> Result<u64, Status> {
+        let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
+        let loading = Progress::spinner(format!("loading {layers} into memory"));
+        let root = self.cache.model_root(header).map_err(cache_status)?;
+        let slice = Slice {
+            layers: header.layer_start as usize..header.layer_end as usize,
+            embed: header.embed,
+            head: header.head,
+        };
+        let device = self.device.clone();
+        let stage = tokio::task::spawn_blocking(move || -> strata_model::Result<Stage> {
+            let file = ModelFile::open(&root)?;
+            Stage::load(&file, slice, &device)
+        })
+        .await
+        .map_err(status)?
+        .map_err(|e| {
+            self.stage.stats.set_state(StageState::Idle);
+            Status::invalid_argument(format!("loading the slice: {e}"))
+        })?;
+        loading.finish("loaded");
+        let weight_bytes = stage.weight_bytes();
+        let digest = header.model_digest.clone();
+        self.stage
+            .call(|r| Command::Install(Box::new(stage), digest, r))
+            .await;
+        Ok(weight_bytes)
     }
 }
 
 #[tonic::async_trait]
 impl WorkerControl for ControlService {
+    async fn missing(&self, req: Request<LoadHeader>) -> Result<Response<MissingResponse>, Status> {
+        self.authorize(&req)?;
+        let files = self.cache.missing(req.get_ref()).map_err(cache_status)?;
+        Ok(Response::new(MissingResponse { files }))
+    }
+
     async fn load(
         &self,
         req: Request<Streaming<LoadChunk>>,
@@ -232,78 +260,47 @@ impl WorkerControl for ControlService {
                 ))
             }
         };
-        if header.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "coordinator speaks protocol {}, this worker {PROTOCOL_VERSION}: run the same strata version on both",
-                header.protocol_version
-            )));
-        }
-        if header.reserved_bytes > self.memory_budget {
-            return Err(Status::resource_exhausted(format!(
-                "this slice needs {} bytes but worker {} accepts {} (--memory)",
-                header.reserved_bytes, self.info.id, self.memory_budget
-            )));
-        }
-        let root_rel = safe_relative(&header.model_name)?;
-        let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end));
+        self.admit_load(&header)?;
+        let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end), prefetch = header.prefetch);
         async {
-            // Free the old slice first: the budget must hold one slice, never two.
-            self.stage.call(Command::Unload).await;
-            self.stage.stats.set_state(StageState::Loading);
-            std::fs::create_dir_all(&self.cache_dir).map_err(status)?;
-            let dir = tempfile::Builder::new()
-                .prefix("slice-")
-                .tempdir_in(&self.cache_dir)
-                .map_err(status)?;
-            let mut receiving = Receiving::create(dir.path(), &header)?;
-            let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
-            let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
-            while let Some(msg) = stream.message().await? {
-                match msg.chunk {
-                    Some(Chunk::Data(d)) => {
-                        receiving.write(d.file, d.offset, &d.data)?;
-                        progress.advance(d.data.len() as u64);
-                    }
-                    _ => return Err(Status::invalid_argument("a second header in a load stream")),
-                }
+            let total: u64 = header
+                .files
+                .iter()
+                .flat_map(|f| f.ranges.iter().map(|r| r.length))
+                .sum();
+            if !header.prefetch {
+                // Free the old slice first: the budget must hold one slice, never two.
+                self.stage.call(Command::Unload).await;
+                self.stage.stats.set_state(StageState::Loading);
             }
-            receiving.complete()?;
-            progress.finish("received");
-            drop(receiving);
-            let loading = Progress::spinner(format!("loading {layers} into memory"));
-            let root = dir.path().join(root_rel);
-            let slice = Slice {
-                layers: header.layer_start as usize..header.layer_end as usize,
-                embed: header.embed,
-                head: header.head,
-            };
-            let device = self.device.clone();
-            let stage = tokio::task::spawn_blocking(move || -> strata_model::Result<Stage> {
-                let file = ModelFile::open(&root)?;
-                Stage::load(&file, slice, &device)
-            })
-            .await
-            .map_err(status)?
-            .map_err(|e| {
-                self.stage.stats.set_state(StageState::Idle);
-                Status::invalid_argument(format!("loading the slice: {e}"))
+            let received = self.receive(&header, &mut stream).await.inspect_err(|_| {
+                if !header.prefetch {
+                    self.stage.stats.set_state(StageState::Idle);
+                }
             })?;
-            loading.finish("loaded");
-            // The slice is in memory; the received files are not needed any more.
-            drop(dir);
-            let weight_bytes = stage.weight_bytes();
-            self.stage
-                .call(|r| Command::Install(Box::new(stage), r))
-                .await;
+            let weight_bytes = if header.prefetch {
+                0
+            } else {
+                self.install(&header).await?
+            };
             info!(
                 weight_bytes,
+                received_bytes = received,
+                cached_bytes = total.saturating_sub(received),
                 ms = started.elapsed().as_millis() as u64,
-                "slice loaded"
+                "{}",
+                if header.prefetch {
+                    "slice prefetched"
+                } else {
+                    "slice loaded"
+                }
             );
             Ok(Response::new(LoadResponse {
                 weight_bytes,
                 resident_bytes: memory::resident_bytes(),
                 load_ms: started.elapsed().as_millis() as u64,
+                bytes_received: received,
+                bytes_cached: total.saturating_sub(received),
             }))
         }
         .instrument(span)
@@ -403,6 +400,8 @@ impl WorkerControl for ControlService {
             network_seconds: stats.network_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             forwards: stats.forwards.load(Ordering::Relaxed),
             stalled_ms: stats.stalled(Instant::now()).as_millis() as u64,
+            held: held_slice(stats),
+            bytes_received: stats.bytes_received.load(Ordering::Relaxed),
         }))
     }
 

@@ -28,6 +28,9 @@ pub enum Error {
     /// A socket or file operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The slice cache could not be opened.
+    #[error("slice cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
     /// The model runtime failed.
     #[error(transparent)]
     Model(#[from] strata_model::Error),

@@ -221,9 +221,14 @@ pub struct WorkerArgs {
     /// UDP port of the data plane (0: any).
     #[arg(long, default_value_t = 0)]
     data_port: u16,
-    /// Where received slices are written before loading.
+    /// Where received slices are kept on disk, by model digest, so nothing is sent twice
+    /// (default: $XDG_CACHE_HOME/strata/slices-<id>, or ~/.cache/...).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// How long a worker cut off from its coordinator keeps its slice in memory (e.g. 10s,
+    /// 1m); back within it, the slice serves again at once. Its bytes stay in the cache.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
     /// Do not announce over mDNS.
     #[arg(long)]
     no_mdns: bool,
@@ -249,6 +254,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     w.control_port = a.control_port;
     w.data_port = a.data_port;
     w.cache_dir = a.cache_dir;
+    w.grace = a.grace;
     w.mdns = !a.no_mdns;
     w.speed = a.speed;
     let rt = runtime()?;

@@ -5,4 +5,6 @@ mod core;
 mod thread;
 
 pub use self::core::{StageCore, Wiring};
-pub use thread::{Command, StageHandle, StageState, StageStats, MAX_BATCH_ROWS, QUEUE_DEPTH};
+pub use thread::{
+    Command, Holding, StageHandle, StageState, StageStats, MAX_BATCH_ROWS, QUEUE_DEPTH,
+};

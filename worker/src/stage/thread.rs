@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_model::Stage;
+use strata_model::{Slice, Stage};
 use strata_net::frame::Frame;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -29,8 +29,8 @@ pub const QUEUE_DEPTH: usize = 256;
 pub enum Command {
     /// Run a frame.
     Frame(Frame),
-    /// Replace the slice.
-    Install(Box<Stage>, oneshot::Sender<()>),
+    /// Replace the slice (loaded from the model of this content digest).
+    Install(Box<Stage>, String, oneshot::Sender<()>),
     /// Wire the output for an epoch, to this sender.
     Wire(Wiring, mpsc::Sender<Frame>, oneshot::Sender<()>),
     /// Drop the slice and every cache.
@@ -68,6 +68,15 @@ impl StageState {
     }
 }
 
+/// The slice in memory, and the content digest of the model it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The model's content digest.
+    pub digest: String,
+    /// The slice.
+    pub slice: Slice,
+}
+
 /// When the progress counter last moved, as the watchdog saw it.
 #[derive(Debug)]
 struct Watch {
@@ -92,6 +101,9 @@ pub struct StageStats {
     pub forwards: AtomicU64,
     /// Moves with every layer run, batch finished and command handled.
     pub progress: Arc<AtomicU64>,
+    /// Bytes of weights received over the network since the worker started.
+    pub bytes_received: AtomicU64,
+    holding: Mutex<Option<Holding>>,
     /// The thread is inside a batch or a command.
     busy: AtomicBool,
     state: AtomicU8,
@@ -109,6 +121,8 @@ impl StageStats {
             network_nanos: AtomicU64::new(0),
             forwards: AtomicU64::new(0),
             progress: Arc::new(AtomicU64::new(0)),
+            bytes_received: AtomicU64::new(0),
+            holding: Mutex::new(None),
             busy: AtomicBool::new(false),
             state: AtomicU8::new(StageState::Idle as u8),
             error: Mutex::new(None),
@@ -127,6 +141,17 @@ impl StageStats {
     /// The state.
     pub fn state(&self) -> StageState {
         StageState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// The slice in memory, if any.
+    pub fn holding(&self) -> Option<Holding> {
+        self.holding.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_holding(&self, h: Option<Holding>) {
+        if let Ok(mut g) = self.holding.lock() {
+            *g = h;
+        }
     }
 
     /// Records a failure (or clears it).
@@ -249,8 +274,12 @@ impl Runtime {
                     }
                     self.run_batch(batch);
                 }
-                Command::Install(mut stage, reply) => {
+                Command::Install(mut stage, digest, reply) => {
                     stage.count_progress(self.stats.progress.clone());
+                    self.stats.set_holding(Some(Holding {
+                        digest,
+                        slice: stage.slice().clone(),
+                    }));
                     self.core.install(*stage);
                     self.stats.set_state(StageState::Ready);
                     let _ = reply.send(());
@@ -264,6 +293,7 @@ impl Runtime {
                 }
                 Command::Unload(reply) => {
                     self.core.unload();
+                    self.stats.set_holding(None);
                     self.next = None;
                     self.stats.set_state(StageState::Idle);
                     let _ = reply.send(());

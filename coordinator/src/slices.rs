@@ -1,0 +1,302 @@
+//! Getting a plan onto its workers: a slice's load header (only the bytes of its
+//! tensors), what a worker's cache already has of it, streaming only the rest (read from
+//! the coordinator's copy of the model), loading, and wiring the stages back to front.
+//! Every call has a deadline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_model::Slice;
+use strata_net::identity::{worker_name, COORDINATOR_NAME};
+use strata_proto::v1::load_chunk::Chunk;
+use strata_proto::v1::worker_control_client::WorkerControlClient;
+use strata_proto::v1::{ByteRange, FileData, LoadChunk, LoadHeader, SliceFile, WireRequest};
+use strata_proto::PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::planner::{Plan, StagePlan};
+use crate::registry::{Held, WorkerState};
+use crate::Shared;
+
+/// Bytes per load message.
+const LOAD_CHUNK: usize = 1 << 20;
+/// Load messages read ahead of the network.
+const LOAD_QUEUE: usize = 4;
+/// How long wiring one stage, or asking what a cache lacks, may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// A load may take this long, plus the time its bytes need at [`SLOWEST_LINK`].
+const LOAD_BASE: Duration = Duration::from_secs(60);
+/// The slowest link (bytes/s) a load's deadline allows for: 10 MB/s.
+const SLOWEST_LINK: f64 = 10e6;
+
+/// The slice a stage of a plan holds.
+pub fn held_of(s: &StagePlan) -> Held {
+    Held {
+        layers: s.layers.clone(),
+        embed: s.embed,
+        head: s.head,
+    }
+}
+
+/// The load header of `held`: every byte range of its tensors, file by file.
+fn header(shared: &Shared, held: &Held, reserved: u64, epoch: u64, prefetch: bool) -> LoadHeader {
+    let slice = Slice {
+        layers: held.layers.clone(),
+        embed: held.embed,
+        head: held.head,
+    };
+    let (root, extents) = shared.model().file.slice_extents(&slice);
+    let total: u64 = extents
+        .iter()
+        .flat_map(|e| e.ranges.iter().map(|r| r.1))
+        .sum();
+    LoadHeader {
+        protocol_version: PROTOCOL_VERSION,
+        model_name: root,
+        model_digest: shared.model().digest.clone(),
+        files: extents
+            .iter()
+            .map(|e| SliceFile {
+                path: e.relative.clone(),
+                length: e.length,
+                ranges: e
+                    .ranges
+                    .iter()
+                    .map(|&(offset, length)| ByteRange { offset, length })
+                    .collect(),
+            })
+            .collect(),
+        layer_start: held.layers.start as u32,
+        layer_end: held.layers.end as u32,
+        embed: held.embed,
+        head: held.head,
+        weight_bytes: total,
+        reserved_bytes: reserved,
+        epoch,
+        prefetch,
+    }
+}
+
+/// The worker's control client, and its load progress counter.
+fn client_of(
+    shared: &Shared,
+    worker: &str,
+) -> Result<(WorkerControlClient<Channel>, Arc<AtomicU64>)> {
+    let registry = shared.registry();
+    let w = registry
+        .workers
+        .get(worker)
+        .ok_or_else(|| Error::Unavailable(format!("worker {worker} left")))?;
+    Ok((w.client.clone(), w.load_done.clone()))
+}
+
+/// Sends `worker` what its cache lacks of slice `held`: only into the cache when
+/// `prefetch` (the slice in memory keeps serving), or loading it. Returns the bytes sent.
+pub async fn send(
+    shared: &Arc<Shared>,
+    worker: &str,
+    held: &Held,
+    reserved: u64,
+    epoch: u64,
+    prefetch: bool,
+) -> Result<u64> {
+    let header = header(shared, held, reserved, epoch, prefetch);
+    let (mut client, progress) = client_of(shared, worker)?;
+    let missing = tokio::time::timeout(CALL_TIMEOUT, client.missing(header.clone()))
+        .await
+        .map_err(|_| Error::Unavailable(format!("asking {worker} for its cache timed out")))?
+        .map_err(|s| Error::Unavailable(format!("asking {worker} for its cache: {}", s.message())))?
+        .into_inner()
+        .files;
+    let to_send: u64 = missing
+        .iter()
+        .flat_map(|f| f.ranges.iter().map(|r| r.length))
+        .sum();
+    if !prefetch {
+        if let Some(w) = shared.registry().workers.get_mut(worker) {
+            w.state = WorkerState::Loading;
+            w.load_total = to_send;
+            w.load_done.store(0, Ordering::Relaxed);
+            w.held = None;
+        }
+    }
+    let what = format!(
+        "{} layers {}..{} to {worker}",
+        if prefetch { "prefetching" } else { "sending" },
+        held.layers.start,
+        held.layers.end
+    );
+    let started = Instant::now();
+    let deadline = LOAD_BASE + Duration::from_secs_f64(to_send as f64 / SLOWEST_LINK);
+    let streamed = stream(shared, header, missing, &mut client, progress, &what);
+    let reply = tokio::time::timeout(deadline, streamed)
+        .await
+        .map_err(|_| Error::Unavailable(format!("{what} took longer than {deadline:?}")))
+        .and_then(|r| r);
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(w) = shared.registry().workers.get_mut(worker) {
+                if !prefetch {
+                    w.state = WorkerState::Idle;
+                }
+                w.detail = e.to_string();
+            }
+            return Err(e);
+        }
+    };
+    info!(
+        worker,
+        layers = ?held.layers,
+        sent_mib = reply.bytes_received >> 20,
+        cached_mib = reply.bytes_cached >> 20,
+        ms = started.elapsed().as_millis() as u64,
+        resident_mib = reply.resident_bytes >> 20,
+        "{}",
+        if prefetch { "slice prefetched" } else { "slice loaded" }
+    );
+    shared
+        .metrics()
+        .slice_bytes_sent
+        .inc_by(reply.bytes_received);
+    Ok(reply.bytes_received)
+}
+
+/// Streams the header and the `missing` ranges; returns the worker's answer.
+async fn stream(
+    shared: &Arc<Shared>,
+    header: LoadHeader,
+    missing: Vec<SliceFile>,
+    client: &mut WorkerControlClient<Channel>,
+    progress: Arc<AtomicU64>,
+    what: &str,
+) -> Result<strata_proto::v1::LoadResponse> {
+    let (_, extents) = shared.model().file.slice_extents(&Slice {
+        layers: header.layer_start as usize..header.layer_end as usize,
+        embed: header.embed,
+        head: header.head,
+    });
+    let total: u64 = missing
+        .iter()
+        .flat_map(|f| f.ranges.iter().map(|r| r.length))
+        .sum();
+    let (tx, rx) = mpsc::channel::<LoadChunk>(LOAD_QUEUE);
+    let mut bar = strata_net::progress::Progress::bytes(what.to_string(), total);
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let head = LoadChunk {
+            chunk: Some(Chunk::Header(header)),
+        };
+        if tx.blocking_send(head).is_err() {
+            return Ok(());
+        }
+        for (i, (e, need)) in extents.iter().zip(&missing).enumerate() {
+            let file = std::fs::File::open(&e.path)?;
+            for r in &need.ranges {
+                let (offset, length) = (r.offset, r.length);
+                let mut at = offset;
+                while at < offset + length {
+                    let n = ((offset + length - at) as usize).min(LOAD_CHUNK);
+                    let mut buf = vec![0u8; n];
+                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at)?;
+                    let data = FileData {
+                        file: i as u32,
+                        offset: at,
+                        data: buf,
+                    };
+                    let msg = LoadChunk {
+                        chunk: Some(Chunk::Data(data)),
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        return Ok(());
+                    }
+                    progress.fetch_add(n as u64, Ordering::Relaxed);
+                    bar.advance(n as u64);
+                    at += n as u64;
+                }
+            }
+        }
+        bar.finish("sent");
+        Ok(())
+    });
+    let reply = client
+        .load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| Error::Unavailable(format!("{what}: {}", s.message())));
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Error::Unavailable(format!(
+                "reading the model for {what}: {e}"
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Unavailable(format!(
+                "reading the model for {what}: {e}"
+            )))
+        }
+    }
+    Ok(reply?.into_inner())
+}
+
+/// Wires the plan's stages back to front (so each next hop listens when its sender
+/// dials) for `epoch`; returns the connection to stage 0.
+pub async fn wire(shared: &Shared, plan: &Plan, epoch: u64) -> Result<quinn::Connection> {
+    let k = plan.stages.len();
+    for i in (0..k).rev() {
+        let (mut client, request) = wire_request(shared, plan, i, epoch)?;
+        let worker = &plan.stages[i].worker;
+        tokio::time::timeout(CALL_TIMEOUT, client.wire(request))
+            .await
+            .map_err(|_| Error::Unavailable(format!("wiring {worker} timed out")))?
+            .map_err(|s| Error::Unavailable(format!("wiring {worker}: {}", s.message())))?;
+    }
+    let (first_addr, first_name) = {
+        let registry = shared.registry();
+        let w = registry
+            .workers
+            .get(&plan.stages[0].worker)
+            .ok_or_else(|| Error::Unavailable("stage 0 left".into()))?;
+        (w.data_addr, worker_name(&w.profile.id))
+    };
+    Ok(strata_net::transport::connect(shared.endpoint(), first_addr, &first_name).await?)
+}
+
+/// Stage `i`'s control client and its wiring: the next stage, or the coordinator.
+fn wire_request(
+    shared: &Shared,
+    plan: &Plan,
+    i: usize,
+    epoch: u64,
+) -> Result<(WorkerControlClient<Channel>, WireRequest)> {
+    let k = plan.stages.len();
+    let registry = shared.registry();
+    let get = |id: &str| {
+        registry
+            .workers
+            .get(id)
+            .ok_or_else(|| Error::Unavailable(format!("worker {id} left")))
+    };
+    let w = get(&plan.stages[i].worker)?;
+    let (addr, name) = if i + 1 == k {
+        (
+            std::net::SocketAddr::new(w.coordinator_ip, shared.data_port()),
+            COORDINATOR_NAME.to_string(),
+        )
+    } else {
+        let next = get(&plan.stages[i + 1].worker)?;
+        (next.data_addr, worker_name(&next.profile.id))
+    };
+    let request = WireRequest {
+        stage: i as u32,
+        stages: k as u32,
+        next_address: addr.to_string(),
+        next_server_name: name,
+        epoch,
+        wire_dtype: shared.config().wire_dtype.name().into(),
+    };
+    Ok((w.client.clone(), request))
+}

@@ -1,0 +1,149 @@
+//! Joining a cluster: finding the coordinator (by `--coordinator`, or over mDNS for this
+//! cluster's id) and proving the join token to it, which answers with this worker's
+//! certificate. Each join is bounded by a deadline: a coordinator that does not answer is
+//! retried, never waited on forever.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use strata_net::discovery;
+use strata_net::identity::{self, Identity, JoinToken, PendingKey};
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::{HeldSlice, JoinRequest, WorkerInfo};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::WorkerConfig;
+
+/// How long one join may take.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an admitted worker got from the coordinator.
+pub struct Admission {
+    /// Its certificate and key.
+    pub identity: Identity,
+    /// The only certificate allowed to control it.
+    pub coordinator_cert: rustls_pki_types::CertificateDer<'static>,
+    /// The id the coordinator gave it.
+    pub id: String,
+}
+
+pub async fn find_coordinator(config: &WorkerConfig) -> Result<String> {
+    if let Some(c) = &config.coordinator {
+        return Ok(c.clone());
+    }
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let mut seen = discovery::browse(cancel)?;
+    info!(cluster = %config.token.cluster_id(), "looking for the coordinator over mDNS");
+    while let Some(s) = seen.recv().await {
+        if s.get("role") != Some("coordinator") {
+            continue;
+        }
+        let cluster = s.get("cluster").unwrap_or("");
+        if cluster != config.token.cluster_id() {
+            warn!(
+                found = %cluster,
+                mine = %config.token.cluster_id(),
+                instance = %s.instance,
+                "found a coordinator of another cluster; ignoring it"
+            );
+            continue;
+        }
+        // A coordinator also answers on its loopback: only use that when it is all there is.
+        let ip = s
+            .addresses
+            .iter()
+            .find(|a| !a.is_loopback() && !a.is_link_local())
+            .or(s.addresses.first());
+        if let Some(ip) = ip {
+            let addr = SocketAddr::new(IpAddr::V4(*ip), s.port).to_string();
+            info!(%addr, "found the coordinator over mDNS");
+            return Ok(addr);
+        }
+    }
+    Err(strata_net::Error::Mdns("the mDNS browser stopped".into()).into())
+}
+
+/// Asks the coordinator at `address` to admit this worker, within [`JOIN_TIMEOUT`].
+pub async fn join(
+    address: &str,
+    token: &JoinToken,
+    key: &PendingKey,
+    info: WorkerInfo,
+    held: Option<HeldSlice>,
+) -> Result<Admission> {
+    match tokio::time::timeout(JOIN_TIMEOUT, join_once(address, token, key, info, held)).await {
+        Ok(r) => r,
+        Err(_) => Err(strata_net::Error::Timeout {
+            what: format!("joining the coordinator at {address}"),
+            seconds: JOIN_TIMEOUT.as_secs_f64(),
+        }
+        .into()),
+    }
+}
+
+async fn join_once(
+    address: &str,
+    token: &JoinToken,
+    key: &PendingKey,
+    info: WorkerInfo,
+    held: Option<HeldSlice>,
+) -> Result<Admission> {
+    let endpoint = format!("http://{address}");
+    let mut client = ClusterClient::connect(endpoint).await?;
+    let csr = key.signing_request(&identity::worker_name(&info.id))?;
+    let proof = token.join_proof(&csr);
+    let reply = client
+        .join(JoinRequest {
+            worker: Some(info),
+            csr_der: csr,
+            token_proof: proof,
+            held,
+        })
+        .await;
+    let reply = match reply {
+        Ok(r) => r.into_inner(),
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+            ) =>
+        {
+            return Err(Error::Refused {
+                address: address.to_string(),
+                reason: s.message().to_string(),
+            })
+        }
+        Err(s) => return Err(s.into()),
+    };
+    if !token.verify_admit(&reply.certificate_der, &reply.admit_proof) {
+        return Err(Error::Refused {
+            address: address.to_string(),
+            reason: "its answer does not prove it holds this cluster's secret: not our coordinator"
+                .into(),
+        });
+    }
+    if identity::cluster_id_of(&reply.ca_certificate_der) != token.cluster_id() {
+        return Err(Error::Refused {
+            address: address.to_string(),
+            reason: "its CA is not the one the token names".into(),
+        });
+    }
+    let coordinator_cert =
+        rustls_pki_types::CertificateDer::from(reply.coordinator_certificate_der);
+    let id = reply.assigned_id;
+    let identity = key.into_identity(
+        &identity::worker_name(&id),
+        reply.certificate_der,
+        reply.ca_certificate_der,
+    );
+    Ok(Admission {
+        identity,
+        coordinator_cert,
+        id,
+    })
+}

@@ -1,0 +1,276 @@
+//! A worker's life in the cluster: join, serve one session (a QUIC endpoint and a control
+//! server under the certificate that join gave), and when the coordinator goes silent,
+//! join again. What belongs to the machine outlives sessions: the compute thread with its
+//! slice, and the slice cache. A worker cut off for longer than its grace period frees
+//! its slice from memory; its bytes stay on disk, so nothing is sent twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use strata_net::discovery;
+use strata_net::identity::PendingKey;
+use strata_net::transport;
+use strata_proto::v1::worker_control_server::WorkerControlServer;
+use strata_proto::v1::WorkerInfo;
+use strata_proto::PROTOCOL_VERSION;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cache::SliceCache;
+use crate::control::{Contact, ControlService};
+use crate::error::{Error, Result};
+use crate::join::{self, Admission};
+use crate::stage::{Command, StageHandle};
+use crate::WorkerConfig;
+
+/// A worker that has not heard from its coordinator for this long rejoins (the
+/// coordinator asks every 0.7 s).
+pub const COORDINATOR_SILENCE: Duration = Duration::from_secs(5);
+/// Frames received and waiting to be queued on the compute thread.
+const RECEIVED_QUEUE: usize = 256;
+/// Pause between failed joins.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What belongs to the machine, across sessions.
+pub struct Machine {
+    /// The compute thread and its slice.
+    pub stage: StageHandle,
+    /// Received slices on disk.
+    pub cache: SliceCache,
+    /// Where layers run.
+    pub device: Device,
+    /// Bytes it accepts.
+    pub budget: u64,
+    /// Measured speed, bytes/s.
+    pub speed: f64,
+    /// Its host name.
+    pub hostname: String,
+    /// The id it asks for.
+    pub requested_id: String,
+}
+
+/// Sockets bound once, reused by every session.
+struct Sockets {
+    control: Option<tokio::net::TcpListener>,
+    data: Option<std::net::UdpSocket>,
+    control_port: u16,
+    data_port: u16,
+}
+
+impl Sockets {
+    async fn bind(config: &WorkerConfig) -> Result<Sockets> {
+        let control =
+            tokio::net::TcpListener::bind(SocketAddr::new(config.bind, config.control_port))
+                .await?;
+        let data = std::net::UdpSocket::bind(SocketAddr::new(config.bind, config.data_port))?;
+        Ok(Sockets {
+            control_port: control.local_addr()?.port(),
+            data_port: data.local_addr()?.port(),
+            control: Some(control),
+            data: Some(data),
+        })
+    }
+
+    async fn control(&mut self, config: &WorkerConfig) -> Result<tokio::net::TcpListener> {
+        Ok(match self.control.take() {
+            Some(l) => l,
+            None => {
+                tokio::net::TcpListener::bind(SocketAddr::new(config.bind, self.control_port))
+                    .await?
+            }
+        })
+    }
+
+    fn data(&mut self, config: &WorkerConfig) -> Result<std::net::UdpSocket> {
+        Ok(match self.data.take() {
+            Some(s) => s,
+            None => std::net::UdpSocket::bind(SocketAddr::new(config.bind, self.data_port))?,
+        })
+    }
+}
+
+/// Joins and serves, session after session, until `shutdown`.
+pub async fn serve(config: &WorkerConfig, m: &Machine, shutdown: CancellationToken) -> Result<()> {
+    let mut sockets = Sockets::bind(config).await?;
+    let mut cut_off_since: Option<Instant> = None;
+    loop {
+        let key = PendingKey::generate()?;
+        let info = WorkerInfo {
+            id: m.requested_id.clone(),
+            hostname: m.hostname.clone(),
+            device: config.device.clone(),
+            memory_budget: m.budget,
+            speed_bytes_per_second: m.speed,
+            data_port: u32::from(sockets.data_port),
+            control_port: u32::from(sockets.control_port),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: PROTOCOL_VERSION,
+            key_fingerprint: key.fingerprint(),
+            addresses: Vec::new(),
+        };
+        let _announcement = config.mdns.then(|| announce(config, &info)).flatten();
+        let joined = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            j = admitted(config, m, &key, &info, cut_off_since) => j?,
+        };
+        let rejoin = session(config, m, joined, &mut sockets, &info, &shutdown).await?;
+        if !rejoin {
+            return Ok(());
+        }
+        cut_off_since = Some(Instant::now());
+    }
+}
+
+fn announce(config: &WorkerConfig, info: &WorkerInfo) -> Option<discovery::Announcement> {
+    let txt: HashMap<String, String> = [
+        ("role", "worker".to_string()),
+        ("id", info.id.clone()),
+        ("v", info.version.clone()),
+        ("proto", PROTOCOL_VERSION.to_string()),
+        ("device", info.device.clone()),
+        ("mem", info.memory_budget.to_string()),
+        ("speed", format!("{:.0}", info.speed_bytes_per_second)),
+        ("data", info.data_port.to_string()),
+        ("control", info.control_port.to_string()),
+        ("fpr", info.key_fingerprint.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ip = (!config.bind.is_unspecified()).then_some(config.bind);
+    let instance = format!("strata-worker-{}-{}", info.id, info.data_port);
+    match discovery::announce(&instance, info.data_port as u16, txt, ip) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!(cause = %e, "could not announce over mDNS; join with --coordinator");
+            None
+        }
+    }
+}
+
+/// Finds the coordinator and joins, retrying; frees the slice once cut off for longer
+/// than the grace period. Only a refusal ends it with an error.
+async fn admitted(
+    config: &WorkerConfig,
+    m: &Machine,
+    key: &PendingKey,
+    info: &WorkerInfo,
+    cut_off_since: Option<Instant>,
+) -> Result<Admission> {
+    let grace_ends = cut_off_since.map(|t| t + config.grace);
+    let mut freed = false;
+    loop {
+        let attempt = async {
+            let coordinator = join::find_coordinator(config).await?;
+            let held = crate::control::held_slice(&m.stage.stats);
+            join::join(&coordinator, &config.token, key, info.clone(), held)
+                .await
+                .map(|a| (coordinator, a))
+        };
+        let grace = async {
+            match grace_ends {
+                Some(t) if !freed => tokio::time::sleep_until(t.into()).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = attempt => match r {
+                Ok((coordinator, a)) => {
+                    info!(id = %a.id, coordinator = %coordinator, "joined the cluster");
+                    return Ok(a);
+                }
+                Err(e @ Error::Refused { .. }) => {
+                    error!(cause = %e, "not admitted");
+                    return Err(e);
+                }
+                Err(e) => {
+                    warn!(cause = %e, "join failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+            },
+            _ = grace => {
+                freed = true;
+                if m.stage.stats.holding().is_some() {
+                    warn!(grace_s = config.grace.as_secs_f64(), "cut off from the coordinator past the grace period: freeing the slice from memory (its bytes stay in the cache)");
+                    m.stage.call(Command::Unload).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one session until the coordinator goes silent (true: rejoin) or `shutdown`
+/// (false).
+async fn session(
+    config: &WorkerConfig,
+    m: &Machine,
+    joined: Admission,
+    sockets: &mut Sockets,
+    info: &WorkerInfo,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    let cancel = shutdown.child_token();
+    let endpoint = transport::endpoint(sockets.data(config)?, &joined.identity)?;
+    let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(RECEIVED_QUEUE);
+    transport::spawn_acceptor(endpoint.clone(), frames_tx, cancel.clone(), "worker");
+    let to_stage = m.stage.clone();
+    tokio::spawn(async move {
+        while let Some(f) = frames_rx.recv().await {
+            if !to_stage.send(Command::Frame(f)).await {
+                break;
+            }
+        }
+    });
+    let contact = Contact::new();
+    let service = ControlService {
+        stage: m.stage.clone(),
+        cache: m.cache.clone(),
+        endpoint: endpoint.clone(),
+        coordinator_cert: joined.coordinator_cert,
+        memory_budget: m.budget,
+        info: WorkerInfo {
+            id: joined.id.clone(),
+            ..info.clone()
+        },
+        device: m.device.clone(),
+        contact: contact.clone(),
+        sender: Mutex::new(None),
+        cancel: cancel.clone(),
+    };
+    let listener = sockets.control(config).await?;
+    let server_cancel = cancel.clone();
+    let server = tonic::transport::Server::builder()
+        .tls_config(joined.identity.grpc_server_tls())?
+        .add_service(WorkerControlServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { server_cancel.cancelled().await },
+        );
+    let server = tokio::spawn(server);
+    info!(
+        id = %joined.id,
+        control_port = sockets.control_port,
+        data_port = sockets.data_port,
+        holds = ?m.stage.stats.holding().map(|h| h.slice.layers),
+        "ready for a slice"
+    );
+    let rejoin = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if contact.silence() > COORDINATOR_SILENCE {
+                    warn!("the coordinator has been silent for {}s; rejoining (the slice stays loaded)", COORDINATOR_SILENCE.as_secs());
+                    break true;
+                }
+            }
+        }
+    };
+    cancel.cancel();
+    let _ = server.await;
+    endpoint.close(0u32.into(), b"worker leaving");
+    endpoint.wait_idle().await;
+    Ok(rejoin)
+}
