@@ -1,6 +1,8 @@
 //! A virtual LAN (root only): four network namespaces on a bridge, each a "host". The
-//! coordinator and three workers find each other by mDNS alone, serve, keep serving new
-//! requests after one worker's link goes down, and refuse a worker with a wrong token.
+//! coordinator and three workers find each other by mDNS alone and serve; an answer that
+//! is streaming when one worker's cable is pulled finishes with the tokens it would have
+//! had; the worker, plugged back, rejoins without its weights being sent again; and a
+//! worker with a wrong token is refused.
 //! Without root the test prints why it skipped; CI runs as root, so there it runs.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
@@ -83,6 +85,11 @@ impl Lan {
     /// Cuts a host off the LAN, as if its cable were pulled.
     fn unplug(&self, host: usize) {
         ip(&["link", "set", &format!("{}v{}", self.tag, host + 1), "down"]);
+    }
+
+    /// Puts the cable back.
+    fn plug(&self, host: usize) {
+        ip(&["link", "set", &format!("{}v{}", self.tag, host + 1), "up"]);
     }
 }
 
@@ -271,14 +278,33 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         .coordinator
         .wait_for("refused a worker", Duration::from_secs(5));
 
-    // Pull the cable of the last stage's host: the other two hold the model and serve on.
+    // Pull the cable of the last stage's host while an answer streams: the other two hold
+    // the model, the answer moves to them and finishes as it would have.
+    cluster.http = format!("{}.1:7434", lan.subnet);
+    let body = r#"{"prompt":"Across the LAN","max_tokens":64,"temperature":0.8,"seed":3,"stream":true,"ignore_eos":true}"#;
+    let twin = completion_text(
+        &SseStream::start(&cluster.http, "/v1/completions", body).finish(Duration::from_secs(60)),
+    );
+    let received = cluster.bytes_received();
     let last = status["plan"]["stages"][2]["worker"]
         .as_str()
         .unwrap()
         .to_string();
     let host = cluster.workers.iter().position(|w| w.name == last).unwrap() + 1;
+    let stream = SseStream::start(&cluster.http, "/v1/completions", body);
+    stream.wait_received(10, Duration::from_secs(30));
     lan.unplug(host);
     let cut = Instant::now();
+    let events = stream.finish(Duration::from_secs(60));
+    assert_eq!(
+        completion_text(&events),
+        twin,
+        "the answer changed when the cable was pulled"
+    );
+    eprintln!(
+        "cable pulled mid-answer: last token {:.2}s later, the answer identical to its twin",
+        (events.last().unwrap().0 - cut).as_secs_f64()
+    );
     let status = cluster.wait_status(
         "the unplugged worker marked dead",
         Duration::from_secs(20),
@@ -297,6 +323,13 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         .iter()
         .any(|w| w["detail"].as_str().unwrap().contains("heartbeat")));
     cluster.wait_serving(2);
+    assert_eq!(tokens(&cluster.generate(&prompt)), local);
+    // Plugged back, it answers again, still holding its slice: it is planned back in and
+    // receives no weights.
+    lan.plug(host);
+    cluster.wait_serving(3);
+    let after = cluster.bytes_received();
+    assert_eq!(after[&last], received[&last], "weights were sent again");
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
     drop(cluster);
 }

@@ -11,25 +11,36 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
+use common::strata;
 
-/// A streamed greedy completion and a seeded sampled one, 48 tokens each.
-fn bodies() -> [String; 2] {
+/// A streamed greedy completion and a seeded sampled one, `n` tokens each.
+fn bodies(n: usize) -> [String; 2] {
     [
-        r#"{"prompt":"The old lighthouse keeper","max_tokens":48,"temperature":0,"stream":true,"ignore_eos":true}"#.into(),
-        r#"{"prompt":"Once upon a time","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7,"stream":true,"ignore_eos":true}"#.into(),
+        format!(
+            r#"{{"prompt":"The old lighthouse keeper","max_tokens":{n},"temperature":0,"stream":true,"ignore_eos":true}}"#
+        ),
+        format!(
+            r#"{{"prompt":"Once upon a time","max_tokens":{n},"temperature":0.8,"top_p":0.95,"seed":7,"stream":true,"ignore_eos":true}}"#
+        ),
     ]
 }
 
-/// What each body gives when nothing goes wrong.
-fn twins(cluster: &TestCluster) -> Vec<Vec<String>> {
-    bodies()
+/// Streams every body at once.
+fn stream_all(cluster: &TestCluster, n: usize) -> Vec<SseStream> {
+    bodies(n)
         .iter()
-        .map(|b| {
-            let events = SseStream::start(&cluster.http, "/v1/completions", b)
-                .finish(Duration::from_secs(60));
-            let (pieces, finish) = completion_text(&events);
+        .map(|b| SseStream::start(&cluster.http, "/v1/completions", b))
+        .collect()
+}
+
+/// What each body gives when nothing goes wrong.
+fn twins(cluster: &TestCluster, n: usize) -> Vec<Vec<String>> {
+    stream_all(cluster, n)
+        .into_iter()
+        .map(|s| {
+            let (pieces, finish) = completion_text(&s.finish(Duration::from_secs(120)));
             assert_eq!(finish, "length");
-            assert_eq!(pieces.len(), 48);
+            assert_eq!(pieces.len(), n);
             pieces
         })
         .collect()
@@ -44,11 +55,8 @@ fn fault_mid_answer(cluster: &mut TestCluster, fault: impl FnOnce(&mut Proc)) ->
         .as_str()
         .unwrap()
         .to_string();
-    let twins = twins(cluster);
-    let streams: Vec<SseStream> = bodies()
-        .iter()
-        .map(|b| SseStream::start(&cluster.http, "/v1/completions", b))
-        .collect();
+    let twins = twins(cluster, 48);
+    let streams = stream_all(cluster, 48);
     streams[0].wait_received(10, Duration::from_secs(60));
     let victim = cluster
         .workers
@@ -118,4 +126,117 @@ fn signal(name: &str, pid: u32) {
         .unwrap()
         .success();
     assert!(ok, "kill -{name} {pid}");
+}
+
+#[test]
+fn a_restarted_coordinator_serves_again_with_the_workers_it_had_and_sends_no_weights() {
+    let (_dir, model) = small_gguf("q8_0");
+    let options = ClusterOptions::default();
+    let mut cluster = TestCluster::start(&model, &options);
+    cluster.wait_serving(3);
+    let args = [
+        "--prompt",
+        "the same again",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ];
+    let before = tokens(&cluster.generate(&args));
+    // Each worker's heartbeat reports the bytes it received.
+    cluster.wait_status("bytes received reported", Duration::from_secs(10), |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["bytes_received"].as_u64() > Some(0))
+    });
+    let received = cluster.bytes_received();
+    let killed_at = Instant::now();
+    cluster.restart_coordinator(&model, &options);
+    cluster.wait_serving(3);
+    eprintln!(
+        "coordinator killed and restarted: serving again after {:.2}s",
+        killed_at.elapsed().as_secs_f64()
+    );
+    // The workers kept their slices: not one byte of weights travelled again.
+    assert_eq!(cluster.bytes_received(), received);
+    assert_eq!(tokens(&cluster.generate(&args)), before);
+}
+
+#[test]
+fn joining_and_draining_while_answers_stream_fails_none_and_changes_none() {
+    let (_dir, model) = small_gguf("q8_0");
+    let options = ClusterOptions {
+        workers: 2,
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(&model, &options);
+    cluster.wait_serving(2);
+    // Long answers, so the change lands in the middle of them.
+    const N: usize = 1200;
+    let twins = twins(&cluster, N);
+    // A worker joins while the answers stream: the plan grows to three stages.
+    let streams = stream_all(&cluster, N);
+    streams[0].wait_received(5, Duration::from_secs(60));
+    cluster.add_worker("w3", &options, None);
+    cluster.wait_serving(3);
+    assert!(
+        streams[0].received() < N,
+        "the join landed after the answers"
+    );
+    check_twins(streams, &twins);
+    // One drains while they stream: the plan shrinks to two, and it is released.
+    let streams = stream_all(&cluster, N);
+    streams[0].wait_received(5, Duration::from_secs(60));
+    let out = strata()
+        .args(["cluster", "drain", "w1", "--coordinator", &cluster.api])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.wait_status("w1 released", Duration::from_secs(60), |s| {
+        s["plan"]["stages"]
+            .as_array()
+            .is_some_and(|st| st.len() == 2 && st.iter().all(|x| x["worker"] != "w1"))
+    });
+    assert!(
+        streams[0].received() < N,
+        "the drain landed after the answers"
+    );
+    check_twins(streams, &twins);
+    if std::env::var_os("STRATA_TEST_SHOW_LOGS").is_some() {
+        eprintln!("{}", cluster.coordinator.output());
+    }
+}
+
+/// Checks each streamed answer against its twin and says how it paused; returns when the
+/// last token came.
+fn check_twins(streams: Vec<SseStream>, twins: &[Vec<String>]) -> Instant {
+    let mut last = Instant::now() - Duration::from_secs(3600);
+    for (i, (stream, twin)) in streams.into_iter().zip(twins).enumerate() {
+        let events = stream.finish(Duration::from_secs(90));
+        let (pieces, finish) = completion_text(&events);
+        assert_eq!(finish, "length", "answer {i}");
+        assert_eq!(
+            &pieces, twin,
+            "answer {i} differs from its undisturbed twin"
+        );
+        let gaps: Vec<f64> = events
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0).as_secs_f64())
+            .collect();
+        let longest = gaps.iter().copied().fold(0.0, f64::max);
+        let mut sorted = gaps.clone();
+        sorted.sort_by(f64::total_cmp);
+        eprintln!(
+            "answer {i}: median gap {:.1} ms, longest {:.1} ms",
+            sorted[sorted.len() / 2] * 1e3,
+            longest * 1e3
+        );
+        last = last.max(events.last().unwrap().0);
+    }
+    last
 }

@@ -513,6 +513,7 @@ pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
                             "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
                             "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
                             "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
+                            "bytes_received": w.bytes_received,
                         })
                     }).collect();
                     let v = serde_json::json!({

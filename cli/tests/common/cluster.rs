@@ -193,17 +193,35 @@ impl TestCluster {
             .unwrap();
         assert!(out.status.success());
         let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let http = o.listen.replace(":7433", ":7434");
+        let (coordinator, api, http) = Self::serve(model, o, &state, (&o.listen, &http));
+        let mut cluster = TestCluster {
+            dir,
+            token,
+            api,
+            http,
+            coordinator,
+            workers: Vec::new(),
+        };
+        for i in 0..o.workers {
+            cluster.add_worker(&format!("w{}", i + 1), o, o.prefix.get(i + 1));
+        }
+        cluster
+    }
+
+    /// Starts `strata serve` on `listen` (API, HTTP); returns it and the addresses it
+    /// listens on.
+    fn serve(
+        model: &Path,
+        o: &ClusterOptions,
+        state: &Path,
+        listen: (&str, &str),
+    ) -> (Proc, String, String) {
         let mut serve = command(o.prefix.first());
         serve
-            .args([
-                "serve",
-                "--model",
-                model.to_str().unwrap(),
-                "--listen",
-                &o.listen,
-            ])
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .args(["--listen", listen.0, "--http", listen.1])
             .args(["--state-dir", state.to_str().unwrap()])
-            .args(["--http", &o.listen.replace(":7433", ":7434")])
             .args([
                 "--min-workers",
                 &o.min_workers.unwrap_or(o.workers).to_string(),
@@ -227,18 +245,32 @@ impl TestCluster {
             .and_then(|l| l.split_whitespace().next())
             .unwrap_or_default()
             .to_string();
-        let mut cluster = TestCluster {
-            dir,
-            token,
-            api,
-            http,
-            coordinator,
-            workers: Vec::new(),
-        };
-        for i in 0..o.workers {
-            cluster.add_worker(&format!("w{}", i + 1), o, o.prefix.get(i + 1));
-        }
-        cluster
+        (coordinator, api, http)
+    }
+
+    /// Kills the coordinator (`kill -9`) and starts it again on the same addresses with
+    /// the same state directory; returns once it listens.
+    pub fn restart_coordinator(&mut self, model: &Path, o: &ClusterOptions) {
+        self.coordinator.kill();
+        let state = self.dir.path().join("state");
+        let (api, http) = (self.api.clone(), self.http.clone());
+        let (coordinator, _, _) = Self::serve(model, o, &state, (&api, &http));
+        self.coordinator = coordinator;
+    }
+
+    /// Bytes of weights each worker received over the network, by worker id.
+    pub fn bytes_received(&self) -> std::collections::BTreeMap<String, u64> {
+        self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["id"].as_str().unwrap().to_string(),
+                    w["bytes_received"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     /// Starts one more worker.
