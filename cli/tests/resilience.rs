@@ -207,9 +207,6 @@ fn joining_and_draining_while_answers_stream_fails_none_and_changes_none() {
         "the drain landed after the answers"
     );
     check_twins(streams, &twins);
-    if std::env::var_os("STRATA_TEST_SHOW_LOGS").is_some() {
-        eprintln!("{}", cluster.coordinator.output());
-    }
 }
 
 /// Checks each streamed answer against its twin and says how it paused; returns when the
@@ -239,4 +236,51 @@ fn check_twins(streams: Vec<SseStream>, twins: &[Vec<String>]) -> Instant {
         last = last.max(events.last().unwrap().0);
     }
     last
+}
+
+#[test]
+fn when_the_rest_cannot_hold_the_model_an_answer_waits_for_a_worker_then_says_what_is_missing() {
+    let (_dir, model) = small_gguf("q8_0");
+    // One worker of 58 MiB cannot hold this model (it needs about 64 MiB); two can.
+    let options = ClusterOptions {
+        workers: 2,
+        worker_args: vec![
+            "--memory".into(),
+            "58MiB".into(),
+            "--speed".into(),
+            "1e9".into(),
+        ],
+        serve_args: vec!["--recover-wait".into(), "8s".into()],
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(&model, &options);
+    cluster.wait_serving(2);
+    let [body, _] = bodies(48);
+    let twin = completion_text(
+        &SseStream::start(&cluster.http, "/v1/completions", &body).finish(Duration::from_secs(60)),
+    );
+    // w1 dies mid-answer; w3 joins while the answer waits: it finishes as it would have.
+    let stream = SseStream::start(&cluster.http, "/v1/completions", &body);
+    stream.wait_received(10, Duration::from_secs(60));
+    cluster.workers[0].kill();
+    cluster.add_worker("w3", &options, None);
+    assert_eq!(
+        completion_text(&stream.finish(Duration::from_secs(60))),
+        twin
+    );
+    // w2 dies mid-answer and nobody joins: after the wait, the stream says what is missing.
+    cluster.wait_serving(2);
+    let stream = SseStream::start(&cluster.http, "/v1/completions", &body);
+    stream.wait_received(10, Duration::from_secs(60));
+    let w2 = cluster.workers.iter_mut().find(|w| w.name == "w2").unwrap();
+    w2.kill();
+    let events = stream.finish(Duration::from_secs(60));
+    let error = events
+        .iter()
+        .find_map(|(_, e)| e["error"]["message"].as_str().map(str::to_string))
+        .expect("the stream ends with an error");
+    assert!(
+        error.contains("w2") && error.contains("missing"),
+        "the error should name the lost worker and what is missing: {error}"
+    );
 }

@@ -10,6 +10,7 @@
 //!   the batcher to stage 0, the dispatcher from the last stage);
 //! - `serving`: the one [`ServingState`](serving::ServingState) that says whether the
 //!   cluster serves; `shared`: what every task shares, behind methods;
+//! - `digest`: the served model's content digest, which workers key their slice caches by;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
 //! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
 //! - `metrics`: the Prometheus metrics and the recent-requests list.
@@ -19,17 +20,19 @@
 //!
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
-//! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see [`metrics`]).
+//! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see `metrics`), `sha2` (the
+//! model's content digest).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
 //!   coordinator also browses mDNS and lists workers it saw but that never joined;
 //! - `--min-workers` holds back only the first plan; after that every change of
 //!   membership (join, drain, remove) re-plans once membership has been quiet for 1.5 s,
-//!   and a lost stage re-plans at once. A planned change (join, drain) lets the old
-//!   pipeline's sequences finish while new requests wait. When a stage is lost, the
-//!   answers in flight wait (`--recover-wait`, default 60 s) for the next plan and replay
-//!   their history there: the client sees a pause and the tokens it would have had;
+//!   and a lost stage re-plans at once. A planned change (join, drain) is made before the
+//!   old plan breaks: its bytes go into the workers' caches while the old plan serves,
+//!   then the answers in flight move over by replay. When a stage is lost, the answers in
+//!   flight wait (`--recover-wait`, default 60 s) for the next plan and replay their
+//!   history there: the client sees a pause and the tokens it would have had;
 //! - a worker's slice is streamed from the coordinator's copy of the model (only the
 //!   bytes of its tensors), so weights live on one machine;
 //! - default wire type F32, so the split never changes the answer and a resumed answer

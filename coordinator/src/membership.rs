@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_net::identity::{sanitize_id, worker_name};
+use strata_net::identity::{sanitize_id, worker_name, COORDINATOR_NAME};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
 use strata_proto::v1::{
     HealthRequest, HealthResponse, HeldSlice, JoinRequest, JoinResponse, UnloadRequest,
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::error::Error;
 use crate::metrics::{growth, Metrics};
 use crate::registry::{
-    Health, Held, Refusal, Verdict, Worker, WorkerProfile, WorkerState, HEARTBEAT,
+    Health, Held, Refusal, Verdict, Worker, WorkerProfile, WorkerState, COORDINATOR_HOP, HEARTBEAT,
     HEARTBEAT_TIMEOUT,
 };
 use crate::Shared;
@@ -126,6 +126,8 @@ pub fn admit(
                 .as_ref()
                 .and_then(|h| held(h, &shared.model().digest)),
             stage: None,
+            unreachable: None,
+            cooldown_until: None,
         },
     );
     registry.changed_at = Some(Instant::now());
@@ -191,6 +193,14 @@ pub async fn heartbeats(shared: Arc<Shared>) {
                     }
                 }
             }
+            for (id, reason) in registry.broken_links() {
+                if let Some(w) = registry.workers.get_mut(&id) {
+                    if let Verdict::Failed(reason) = w.fail_link(reason, now) {
+                        warn!("{reason}");
+                        died.push((id, reason));
+                    }
+                }
+            }
             if !died.is_empty() || revived {
                 registry.changed_at = Some(now);
             }
@@ -219,6 +229,15 @@ fn health(h: HealthResponse, digest: &str) -> Health {
     Health {
         held: h.held.as_ref().and_then(|s| held(s, digest)),
         bytes_received: h.bytes_received,
+        unreachable_hop: match h.unreachable_next_hop.as_str() {
+            "" => None,
+            COORDINATOR_NAME => Some(COORDINATOR_HOP.to_string()),
+            name => Some(
+                name.strip_suffix(".worker.strata")
+                    .unwrap_or(name)
+                    .to_string(),
+            ),
+        },
         resident: h.resident_bytes,
         peak: h.peak_resident_bytes,
         sequences: h.sequences,

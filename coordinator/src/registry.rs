@@ -24,6 +24,12 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A worker whose compute thread has had work without progress this long has failed
 /// (hung), even though it answers heartbeats.
 pub const HANG_AFTER: Duration = Duration::from_millis(2500);
+/// A worker that failed because it could not reach its next hop stays out of plans this
+/// long, so a broken link does not make the cluster re-plan onto it again and again.
+pub const LINK_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// What a stage names as its next hop when that is the coordinator.
+pub const COORDINATOR_HOP: &str = "the coordinator";
 
 /// A worker state's word for a state number of the API (the CLI, the dashboard and
 /// `/metrics` show these).
@@ -141,6 +147,8 @@ pub struct Health {
     pub held: Option<Held>,
     /// Bytes of weights it received over the network since it started.
     pub bytes_received: u64,
+    /// The next hop (a worker id, or [`COORDINATOR_HOP`]) its stage could not reach.
+    pub unreachable_hop: Option<String>,
 }
 
 /// What a heartbeat changed.
@@ -185,6 +193,10 @@ pub struct Worker {
     pub held: Option<Held>,
     /// Its stage in the plan in force.
     pub stage: Option<usize>,
+    /// The next hop it says it cannot reach, and since when the coordinator knows.
+    pub unreachable: Option<(String, Instant)>,
+    /// Not planned again before this (after a broken link).
+    pub cooldown_until: Option<Instant>,
 }
 
 impl Worker {
@@ -203,6 +215,11 @@ impl Worker {
                 self.last_seen = now;
                 self.detail = health.error.clone();
                 let stalled = health.stalled;
+                self.unreachable = match (health.unreachable_hop.clone(), self.unreachable.take()) {
+                    (Some(hop), Some((was, since))) if hop == was => Some((hop, since)),
+                    (Some(hop), _) => Some((hop, now)),
+                    (None, _) => None,
+                };
                 // What the worker says it holds is the truth, except while a load to it is
                 // on its way (the load itself records the outcome).
                 if self.state != WorkerState::Loading {
@@ -220,7 +237,11 @@ impl Worker {
                     );
                     return self.fail(reason);
                 }
+                let cooling = self.cooldown_until.is_some_and(|t| now < t);
                 match self.state {
+                    WorkerState::Dead { .. } if cooling || self.unreachable.is_some() => {
+                        Verdict::Unchanged
+                    }
                     WorkerState::Dead { drained } => {
                         self.state = if drained {
                             WorkerState::Drained
@@ -248,6 +269,13 @@ impl Worker {
                 self.fail(reason)
             }
         }
+    }
+
+    /// It cannot reach its next hop, which lives: it has failed, and stays out of plans
+    /// for [`LINK_COOLDOWN`].
+    pub fn fail_link(&mut self, reason: String, now: Instant) -> Verdict {
+        self.cooldown_until = Some(now + LINK_COOLDOWN);
+        self.fail(reason)
     }
 
     fn fail(&mut self, reason: String) -> Verdict {
@@ -334,6 +362,39 @@ impl Registry {
             .unwrap_or_else(|| asked.to_string())
     }
 
+    /// Live workers whose stage cannot reach a next hop that itself lives (it answered the
+    /// coordinator after the complaint): their link is broken, and they have failed. A
+    /// next hop that died is its own failure, not theirs.
+    pub fn broken_links(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (id, w) in &self.workers {
+            let Some((hop, since)) = &w.unreachable else {
+                continue;
+            };
+            if w.state.is_dead() {
+                continue;
+            }
+            let hop_lives = if hop == COORDINATOR_HOP {
+                // It reaches us for heartbeats but not our data port: its link is broken
+                // once the complaint outlasts a heartbeat.
+                w.last_seen > *since + HEARTBEAT
+            } else {
+                self.workers
+                    .get(hop)
+                    .is_some_and(|h| !h.state.is_dead() && h.last_seen > *since)
+            };
+            if hop_lives {
+                out.push((
+                    id.clone(),
+                    format!(
+                        "worker {id} cannot reach its next hop, {hop}, which answers the coordinator: the link between them is broken"
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
     /// Nodes seen over mDNS as workers that are not members (by key fingerprint).
     pub fn strangers(&self) -> impl Iterator<Item = &Seen> {
         let known: HashSet<&str> = self
@@ -377,6 +438,8 @@ mod tests {
                 head: false,
             }),
             stage: Some(0),
+            unreachable: None,
+            cooldown_until: None,
         }
     }
 
@@ -417,6 +480,51 @@ mod tests {
             panic!("a stall is a failure");
         };
         assert!(why.contains("hung"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_cannot_reach_a_live_next_hop_has_failed_and_cools_down() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = Registry::default();
+        let mut a = worker(t0);
+        a.profile.id = "a".into();
+        let mut b = worker(t0);
+        b.profile.id = "b".into();
+        r.workers.insert("a".into(), a);
+        r.workers.insert("b".into(), b);
+        let complaint = Health {
+            unreachable_hop: Some("b".into()),
+            ..Default::default()
+        };
+        let a = r.workers.get_mut("a").unwrap();
+        a.heartbeat(Ok(complaint.clone()), t0 + ms(700));
+        // b has not answered since the complaint: it may be the one that died.
+        assert!(r.broken_links().is_empty());
+        r.workers
+            .get_mut("b")
+            .unwrap()
+            .heartbeat(Ok(Health::default()), t0 + ms(1400));
+        let broken = r.broken_links();
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].0, "a");
+        assert!(broken[0].1.contains("link"), "{}", broken[0].1);
+        let a = r.workers.get_mut("a").unwrap();
+        a.fail_link(broken[0].1.clone(), t0 + ms(1400));
+        // It answers, healthy, but is not planned again until the cool-down ends.
+        assert_eq!(
+            a.heartbeat(Ok(Health::default()), t0 + ms(2100)),
+            Verdict::Unchanged
+        );
+        let later = t0 + ms(1400) + LINK_COOLDOWN + ms(1);
+        assert_eq!(a.heartbeat(Ok(Health::default()), later), Verdict::Revived);
+        // A next hop that died is its own failure.
+        let b = r.workers.get_mut("b").unwrap();
+        b.heartbeat(Err("gone".into()), later + ms(4000));
+        let a = r.workers.get_mut("a").unwrap();
+        a.state = WorkerState::Ready;
+        a.heartbeat(Ok(complaint), later + ms(4100));
+        assert!(r.broken_links().is_empty());
     }
 
     #[tokio::test]

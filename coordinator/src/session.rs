@@ -37,6 +37,9 @@ const STREAM_QUEUE: usize = 16;
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// How long a new request waits for the cluster to be ready.
 pub const READY_WAIT: Duration = Duration::from_secs(120);
+/// How long a client may leave a token unread before it counts as gone (its sequence is
+/// freed rather than held forever by a reader that stopped).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// News the shell routes to a session.
 enum News {
@@ -470,7 +473,12 @@ impl Session {
                     m.time_to_first_token
                         .observe(self.core.usage(Instant::now()).time_to_first_token_ms / 1e3);
                 }
-                if !self.client_gone && self.out.send(Ok(delta)).await.is_err() {
+                let delivered = !self.client_gone
+                    && matches!(
+                        tokio::time::timeout(CLIENT_TIMEOUT, self.out.send(Ok(delta))).await,
+                        Ok(Ok(()))
+                    );
+                if !self.client_gone && !delivered {
                     // Let the rest of the actions happen, then cancel.
                     self.client_gone = true;
                     // The core only waits for the step in flight now: nothing to do yet.
@@ -495,7 +503,8 @@ impl Session {
             }
             Action::Fail(e) => {
                 info!(request = %self.id, cause = %e, "request failed");
-                let _ = self.out.send(Err(Error::from(e))).await;
+                let failed = self.out.send(Err(Error::from(e)));
+                let _ = tokio::time::timeout(CLIENT_TIMEOUT, failed).await;
             }
         }
     }

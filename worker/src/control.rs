@@ -123,14 +123,19 @@ struct NextHop {
 }
 
 impl NextHop {
-    async fn send(&mut self, frame: &Frame) -> strata_net::Result<()> {
+    /// Sends a frame; a failure is reported at once (the coordinator decides whose
+    /// failure it is) while the hop is re-dialed once.
+    async fn send(&mut self, frame: &Frame, stats: &StageStats) -> strata_net::Result<()> {
         match transport::send_frame(&self.conn, frame).await {
             Ok(()) => Ok(()),
             Err(first) => {
                 debug!(cause = %first, "a send to the next hop failed; re-dialing");
+                stats.set_unreachable_hop(Some(self.name.clone()));
                 let conn = transport::connect(&self.endpoint, self.addr, &self.name).await?;
                 self.conn = conn;
-                transport::send_frame(&self.conn, frame).await
+                transport::send_frame(&self.conn, frame).await?;
+                stats.set_unreachable_hop(None);
+                Ok(())
             }
         }
     }
@@ -324,9 +329,13 @@ impl WorkerControl for ControlService {
             match transport::connect(&self.endpoint, addr, &w.next_server_name).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() >= deadline => {
+                    // The coordinator decides whose failure it is from the heartbeats.
+                    self.stage
+                        .stats
+                        .set_unreachable_hop(Some(w.next_server_name.clone()));
                     return Err(Status::unavailable(format!(
                         "cannot reach the next hop: {e}"
-                    )))
+                    )));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -352,7 +361,7 @@ impl WorkerControl for ControlService {
                     m = rx.recv() => match m { Some(m) => m, None => break },
                 };
                 let started = std::time::Instant::now();
-                if let Err(e) = hop.send(&frame).await {
+                if let Err(e) = hop.send(&frame, &stats).await {
                     warn!(cause = %e, "lost the next hop");
                     stats.set_error(Some(format!(
                         "next hop {} at {} unreachable: {e}",
@@ -402,6 +411,7 @@ impl WorkerControl for ControlService {
             stalled_ms: stats.stalled(Instant::now()).as_millis() as u64,
             held: held_slice(stats),
             bytes_received: stats.bytes_received.load(Ordering::Relaxed),
+            unreachable_next_hop: stats.unreachable_hop().unwrap_or_default(),
         }))
     }
 

@@ -104,6 +104,7 @@ pub struct StageStats {
     /// Bytes of weights received over the network since the worker started.
     pub bytes_received: AtomicU64,
     holding: Mutex<Option<Holding>>,
+    unreachable_hop: Mutex<Option<String>>,
     /// The thread is inside a batch or a command.
     busy: AtomicBool,
     state: AtomicU8,
@@ -123,6 +124,7 @@ impl StageStats {
             progress: Arc::new(AtomicU64::new(0)),
             bytes_received: AtomicU64::new(0),
             holding: Mutex::new(None),
+            unreachable_hop: Mutex::new(None),
             busy: AtomicBool::new(false),
             state: AtomicU8::new(StageState::Idle as u8),
             error: Mutex::new(None),
@@ -152,6 +154,19 @@ impl StageStats {
         if let Ok(mut g) = self.holding.lock() {
             *g = h;
         }
+    }
+
+    /// Records that the next hop (by TLS server name) could not be reached, or (None) that
+    /// it was reached again.
+    pub fn set_unreachable_hop(&self, hop: Option<String>) {
+        if let Ok(mut g) = self.unreachable_hop.lock() {
+            *g = hop;
+        }
+    }
+
+    /// The next hop this stage could not reach, if any.
+    pub fn unreachable_hop(&self) -> Option<String> {
+        self.unreachable_hop.lock().ok().and_then(|g| g.clone())
     }
 
     /// Records a failure (or clears it).
@@ -289,6 +304,7 @@ impl Runtime {
                     self.next = Some(next);
                     self.stats.epoch.store(wiring.epoch, Ordering::Relaxed);
                     self.stats.set_error(None);
+                    self.stats.set_unreachable_hop(None);
                     let _ = reply.send(());
                 }
                 Command::Unload(reply) => {
