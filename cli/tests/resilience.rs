@@ -206,6 +206,14 @@ fn joining_and_draining_while_answers_stream_fails_none_and_changes_none() {
         streams[0].received() < N,
         "the drain landed after the answers"
     );
+    // Released means unloaded: its heartbeats say it holds no slice.
+    cluster.wait_status("w1 unloaded", Duration::from_secs(30), |s| {
+        s["workers"].as_array().unwrap().iter().any(|w| {
+            w["id"] == "w1"
+                && w["layers"] == serde_json::json!([0, 0])
+                && w["detail"].as_str().unwrap_or("").contains("drained")
+        })
+    });
     check_twins(streams, &twins);
 }
 
