@@ -321,6 +321,64 @@ enum Kind {
     Text,
 }
 
+/// What every message of one answer repeats: its id, creation time, model and shape.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    tokens: LogprobText,
+}
+
+impl Reply {
+    /// The object name of a streamed chunk.
+    fn chunk_object(&self) -> &'static str {
+        match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        }
+    }
+
+    /// One streamed delta as its endpoint writes it.
+    fn chunk(&self, m: &Delta, first: bool) -> Value {
+        let finish = finish_name(m);
+        let lp = self
+            .tokens
+            .json(&m.logprob.iter().cloned().collect::<Vec<_>>());
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut delta = json!({"content": m.text});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": m.text, "finish_reason": finish, "logprobs": lp})
+            }
+        };
+        json!({"id": self.id, "object": self.chunk_object(), "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
+
+    /// The whole answer as its endpoint writes it.
+    fn whole(&self, text: String, logprobs: &[TokenLogprob], last: &Delta) -> Value {
+        let (finish, lp) = (finish_name(last), self.tokens.json(logprobs));
+        let (object, choice) = match self.kind {
+            Kind::Chat => (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}),
+            ),
+            Kind::Text => (
+                "text_completion",
+                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}),
+            ),
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage_json(last)})
+    }
+}
+
 async fn respond(
     shared: Arc<Shared>,
     kind: Kind,
@@ -331,11 +389,6 @@ async fn respond(
         .max_completion_tokens
         .or(common.max_tokens)
         .unwrap_or(0) as usize;
-    let include_usage = common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let model = shared.model().name.clone();
     let (logprobs, top_logprobs) = common.logprobs()?;
     let mut sampling = common.sampling();
     sampling.top_logprobs = top_logprobs;
@@ -350,14 +403,9 @@ async fn respond(
             logprobs,
         },
     )?;
-    let mut rx = answer.deltas;
-    let tokens = LogprobText {
-        shared: shared.clone(),
-        kind,
-        on: logprobs,
-    };
+    let mut deltas = answer.deltas;
     // The first step tells whether the request runs at all: errors before it are HTTP errors.
-    let first = match rx.recv().await {
+    let first = match deltas.recv().await {
         Some(Ok(m)) => m,
         Some(Err(e)) => return Err(e.into()),
         None => {
@@ -368,67 +416,64 @@ async fn respond(
             ))
         }
     };
-    let id = format!(
-        "{}-{}",
-        if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Text => "cmpl",
+    };
+    let reply = Reply {
+        id: format!("{prefix}-{}", answer.id),
+        created: now(),
+        model: shared.model().name.clone(),
+        kind,
+        tokens: LogprobText {
+            shared: shared.clone(),
+            kind,
+            on: logprobs,
         },
-        answer.id
-    );
-    let created = now();
+    };
     if !common.stream {
-        let mut text = first.text.clone();
-        let mut all_logprobs: Vec<TokenLogprob> = first.logprob.iter().cloned().collect();
-        let mut last = first;
-        while last.finish.is_none() {
-            match rx.recv().await {
-                Some(Ok(m)) => {
-                    text.push_str(&m.text);
-                    all_logprobs.extend(m.logprob.iter().cloned());
-                    last = m;
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
-            }
-        }
-        let finish = finish_name(&last);
-        let lp = tokens.json(&all_logprobs);
-        let body = match kind {
-            Kind::Chat => json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}],
-                "usage": usage_json(&last),
-            }),
-            Kind::Text => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}],
-                "usage": usage_json(&last),
-            }),
-        };
-        return Ok(Json(body).into_response());
+        return whole(reply, first, deltas).await;
     }
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    Ok(streamed(reply, first, deltas, include_usage))
+}
+
+/// Collects the answer and answers once.
+async fn whole(
+    reply: Reply,
+    first: Delta,
+    mut deltas: mpsc::Receiver<Result<Delta>>,
+) -> std::result::Result<Response, ApiError> {
+    let mut text = first.text.clone();
+    let mut logprobs: Vec<TokenLogprob> = first.logprob.iter().cloned().collect();
+    let mut last = first;
+    while last.finish.is_none() {
+        match deltas.recv().await {
+            Some(Ok(m)) => {
+                text.push_str(&m.text);
+                logprobs.extend(m.logprob.iter().cloned());
+                last = m;
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => break,
+        }
+    }
+    Ok(Json(reply.whole(text, &logprobs, &last)).into_response())
+}
+
+/// Streams the answer as server-sent events ending in `[DONE]`; an error mid-stream is an
+/// event of OpenAI's error shape.
+fn streamed(
+    reply: Reply,
+    first: Delta,
+    mut deltas: mpsc::Receiver<Result<Delta>>,
+    include_usage: bool,
+) -> Response {
     let (tx, out) = mpsc::channel::<std::result::Result<Event, Infallible>>(16);
     tokio::spawn(async move {
-        let chunk = |m: &Delta, first: bool| -> Value {
-            let finish = finish_name(m);
-            let lp = tokens.json(&m.logprob.iter().cloned().collect::<Vec<_>>());
-            match kind {
-                Kind::Chat => {
-                    let mut delta = json!({"content": m.text});
-                    if first {
-                        delta["role"] = json!("assistant");
-                    }
-                    json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}]})
-                }
-                Kind::Text => {
-                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                                     "choices": [{"index": 0, "text": m.text, "finish_reason": finish, "logprobs": lp}]})
-                }
-            }
-        };
         let send = |v: Value| {
             let tx = tx.clone();
             async move {
@@ -440,27 +485,20 @@ async fn respond(
         let mut m = first;
         let mut is_first = true;
         loop {
-            if !send(chunk(&m, is_first)).await {
-                // The client left: dropping `rx` frees the sequence on every stage.
+            if !send(reply.chunk(&m, is_first)).await {
+                // The client left: dropping `deltas` frees the sequence on every stage.
                 return;
             }
             is_first = false;
             if m.finish.is_some() {
                 if include_usage {
-                    let object = if kind == Kind::Chat {
-                        "chat.completion.chunk"
-                    } else {
-                        "text_completion"
-                    };
-                    let _ = send(
-                        json!({"id": id, "object": object, "created": created, "model": model,
-                                        "choices": [], "usage": usage_json(&m)}),
-                    )
-                    .await;
+                    let usage = json!({"id": reply.id, "object": reply.chunk_object(), "created": reply.created,
+                                       "model": reply.model, "choices": [], "usage": usage_json(&m)});
+                    let _ = send(usage).await;
                 }
                 break;
             }
-            m = match rx.recv().await {
+            m = match deltas.recv().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     let e = ApiError::from(e);
@@ -472,7 +510,7 @@ async fn respond(
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
-    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response())
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
 }
 
 async fn chat_completions(
