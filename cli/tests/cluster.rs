@@ -80,6 +80,20 @@ fn three_loopback_workers_match_one_process_for_f16_safetensors() {
 }
 
 #[test]
+fn a_worker_measures_its_own_speed_with_a_real_layer_forward() {
+    let (_dir, model) = small_gguf("q8_0");
+    let options = ClusterOptions {
+        workers: 1,
+        measure_speed: true,
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    let status = cluster.wait_serving(1);
+    let w = &status["workers"][0];
+    assert!(w["speed_bytes_per_second"].as_f64().unwrap() > 1e6, "{w:#}");
+}
+
+#[test]
 fn a_worker_with_a_wrong_token_is_refused_on_both_sides() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_llama(
@@ -298,9 +312,39 @@ fn plan_on_paper_says_what_is_missing() {
     ]);
     let plan: serde_json::Value = serde_json::from_str(&fits).unwrap();
     let stages = plan["stages"].as_array().unwrap();
-    assert_eq!(stages.len(), 2);
+    // One stream is fastest on the machine that holds it all; the other is named.
+    assert_eq!(stages.len(), 1);
     assert_eq!(stages[0]["worker"], "mac-studio");
-    assert_eq!(stages[1]["layers"][1], 80);
+    assert_eq!(stages[0]["layers"], serde_json::json!([0, 80]));
+    let left_out = plan["left_out"].as_array().unwrap();
+    assert!(
+        left_out[0]
+            .as_str()
+            .unwrap()
+            .starts_with("linux-box left out: it would add"),
+        "{plan:#}"
+    );
+    // Many streams: both machines work, and the faster one takes more.
+    let busy = run_ok(&[
+        "cluster",
+        "plan",
+        "--model-spec",
+        "llama-3.1-70b:q4_k_m",
+        "--objective",
+        "throughput",
+        "--json",
+        "--worker",
+        "mac-studio:64GiB:400GB/s",
+        "--worker",
+        "linux-box:24GiB:80GB/s",
+    ]);
+    let plan: serde_json::Value = serde_json::from_str(&busy).unwrap();
+    let stages = plan["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    let layers =
+        |s: &serde_json::Value| s["layers"][1].as_u64().unwrap() - s["layers"][0].as_u64().unwrap();
+    let studio = stages.iter().find(|s| s["worker"] == "mac-studio").unwrap();
+    assert!(layers(studio) > 40, "{plan:#}");
     for s in stages {
         assert!(s["memory_bytes"].as_u64() <= s["budget_bytes"].as_u64());
     }
@@ -424,7 +468,13 @@ fn the_coordinators_machine_can_hold_a_stage_with_local_worker() {
     );
     let options = ClusterOptions {
         workers: 1,
-        serve_args: vec!["--local-worker".into(), "--wire-dtype".into(), "f32".into()],
+        serve_args: vec![
+            "--local-worker".into(),
+            "--local-speed".into(),
+            "1e9".into(),
+            "--wire-dtype".into(),
+            "f32".into(),
+        ],
         ..Default::default()
     };
     // Wait for two: the local worker and one remote.

@@ -328,6 +328,18 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     // receives no weights.
     lan.plug(host);
     cluster.wait_serving(3);
+    // (A worker that rejoined reports its count with its first heartbeat.)
+    cluster.wait_status(
+        "its received bytes reported",
+        Duration::from_secs(10),
+        |s| {
+            s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["id"] == last.as_str() && w["bytes_received"].as_u64().unwrap_or(0) > 0)
+        },
+    );
     let after = cluster.bytes_received();
     assert_eq!(after[&last], received[&last], "weights were sent again");
     assert_eq!(tokens(&cluster.generate(&prompt)), local);

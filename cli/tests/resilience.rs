@@ -92,10 +92,6 @@ fn fault_mid_answer(cluster: &mut TestCluster, fault: impl FnOnce(&mut Proc)) ->
 fn a_worker_killed_mid_answer_does_not_change_the_answer() {
     let (_dir, model) = small_gguf("q8_0");
     let mut cluster = TestCluster::start(&model, &ClusterOptions::default());
-    // Each worker measured its own speed with a real layer forward.
-    for w in cluster.wait_serving(3)["workers"].as_array().unwrap() {
-        assert!(w["speed_bytes_per_second"].as_f64().unwrap() > 1e6, "{w:#}");
-    }
     fault_mid_answer(&mut cluster, |w| w.kill());
     let status = cluster.wait_serving(2);
     assert!(status["workers"]
@@ -158,7 +154,15 @@ fn a_restarted_coordinator_serves_again_with_the_workers_it_had_and_sends_no_wei
         "coordinator killed and restarted: serving again after {:.2}s",
         killed_at.elapsed().as_secs_f64()
     );
-    // The workers kept their slices: not one byte of weights travelled again.
+    // The workers kept their slices: not one byte of weights travelled again (each
+    // reports its count with its first heartbeat to the new coordinator).
+    cluster.wait_status("bytes received reported", Duration::from_secs(10), |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["bytes_received"].as_u64() > Some(0))
+    });
     assert_eq!(cluster.bytes_received(), received);
     assert_eq!(tokens(&cluster.generate(&args)), before);
 }

@@ -33,6 +33,7 @@ pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
             .map(|r| file.role_bytes(r))
             .max()
             .unwrap_or(0),
+        hidden: c.hidden_size,
     }
 }
 
@@ -82,12 +83,27 @@ pub fn of_spec(spec: &str) -> Result<ModelProfile> {
         head_bytes: head,
         kv_bytes_per_token: kv_bytes_per_token(&c),
         largest_layer_tensor: bytes(h * c.intermediate_size),
+        hidden: h,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_presets_people_ask_about_have_their_sizes() {
+        // llama.cpp's Q4_K_M files: 405B is 243 GB, Qwen2.5-72B 47.4 GB, Qwen3-32B 19.8 GB.
+        for (spec, low, high) in [
+            ("llama-3.1-405b:q4_k_m", 220.0, 260.0),
+            ("qwen2.5-72b:q4_k_m", 42.0, 52.0),
+            ("qwen3-32b:q4_k_m", 17.0, 22.0),
+            ("deepseek-r1-distill-llama-70b:q4_k_m", 38.0, 46.0),
+        ] {
+            let gb = of_spec(spec).unwrap().weight_bytes() as f64 / 1e9;
+            assert!((low..high).contains(&gb), "{spec}: {gb} GB");
+        }
+    }
 
     #[test]
     fn llama_70b_q4_k_m_is_about_40_gb() {

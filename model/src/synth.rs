@@ -131,6 +131,28 @@ impl SynthSpec {
                 context: 131_072,
                 ..base(Arch::Llama, 80, 8192, 64, 8, 28672, 128_256)
             },
+            "llama-3.1-405b" => SynthSpec {
+                rope_llama3: true,
+                context: 131_072,
+                ..base(Arch::Llama, 126, 16384, 128, 8, 53248, 128_256)
+            },
+            // DeepSeek-R1's distillation into Llama 3.3 70B: the same shape.
+            "llama-3.3-70b" | "deepseek-r1-distill-llama-70b" => SynthSpec {
+                rope_llama3: true,
+                context: 131_072,
+                ..base(Arch::Llama, 80, 8192, 64, 8, 28672, 128_256)
+            },
+            "qwen2.5-72b" => SynthSpec {
+                rope_theta: 1_000_000.0,
+                context: 32_768,
+                ..base(Arch::Qwen2, 80, 8192, 64, 8, 29568, 152_064)
+            },
+            "qwen3-32b" => SynthSpec {
+                rope_theta: 1_000_000.0,
+                context: 40_960,
+                head_dim: Some(128),
+                ..base(Arch::Qwen3, 64, 5120, 64, 8, 25600, 151_936)
+            },
             "mistral-7b" => SynthSpec {
                 rope_theta: 1_000_000.0,
                 context: 32_768,
@@ -197,16 +219,21 @@ impl SynthSpec {
 }
 
 /// Names accepted by [`SynthSpec::preset`].
-pub const PRESETS: [&str; 10] = [
+pub const PRESETS: [&str; 15] = [
     "llama-3-8b",
     "llama-3.1-8b",
     "llama-3.2-1b",
     "llama-3.2-3b",
     "llama-3.1-70b",
+    "llama-3.3-70b",
+    "llama-3.1-405b",
+    "deepseek-r1-distill-llama-70b",
     "mistral-7b",
     "qwen2.5-0.5b",
     "qwen2.5-7b",
+    "qwen2.5-72b",
     "qwen3-0.6b",
+    "qwen3-32b",
     "tiny",
 ];
 

@@ -100,8 +100,10 @@ class Cluster:
             self.add_worker(f"w{i + 1}")
 
     def start_coordinator(self, listen, http):
+        # --objective throughput: a stage on every worker, the pipeline being what is tested.
         args = [STRATA, "serve", "--model", self.model, "--listen", listen, "--http", http,
-                "--state-dir", self.state, "--min-workers", str(self.min_workers), *self.serve_args]
+                "--state-dir", self.state, "--min-workers", str(self.min_workers),
+                "--objective", "throughput", *self.serve_args]
         if "direct" in self.prefixes.get("mode", "direct"):
             args.append("--no-mdns")
         self.coordinator = Proc("coordinator", args, self.prefixes.get(0, ()))

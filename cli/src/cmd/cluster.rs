@@ -113,12 +113,20 @@ pub struct ServeArgs {
     /// KV-cache positions reserved per layer on each stage (context x concurrency).
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
+    /// What plans minimise: `latency` (time per token of one stream: the fastest machines
+    /// first, others only where they pay for their hop) or `throughput` (the slowest
+    /// stage, when many streams keep every stage busy).
+    #[arg(long, default_value = "latency")]
+    objective: String,
     /// Also hold a stage in this process.
     #[arg(long)]
     local_worker: bool,
     /// Memory the local worker accepts (default: 75% of available memory).
     #[arg(long)]
     local_memory: Option<String>,
+    /// Use this speed (bytes/s) for the local worker instead of measuring it.
+    #[arg(long, hide = true)]
+    local_speed: Option<f64>,
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -143,6 +151,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.recover_wait = a.recover_wait;
     config.plan = PlanOptions {
         kv_tokens: a.kv_tokens,
+        objective: objective(&a.objective)?,
+        wire_bytes: dtype.element_bytes() as u64,
         ..PlanOptions::default()
     };
     let local_memory = match &a.local_memory {
@@ -171,6 +181,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             w.mdns = false;
             w.bind = reach;
             w.memory_budget = local_memory;
+            w.speed = a.local_speed;
             let cancel = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = strata_worker::run(w, cancel).await {
@@ -405,6 +416,16 @@ pub struct PlanArgs {
     /// KV-cache positions reserved per layer on each stage.
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
+    /// What to minimise: `latency` (time per token of one stream) or `throughput` (the
+    /// slowest stage, for many concurrent streams).
+    #[arg(long, default_value = "latency")]
+    objective: String,
+    /// The link between the machines, on paper: 1gbe, 10gbe, wifi, tb4 or loopback.
+    #[arg(long, default_value = "1gbe")]
+    link: String,
+    /// Activations' wire type: f32, f16 or bf16 (the bytes a hop carries).
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
     /// Ask this coordinator (used when no --worker is given).
     #[arg(long, env = "STRATA_COORDINATOR", default_value = DEFAULT_API)]
     coordinator: String,
@@ -414,6 +435,12 @@ pub struct PlanArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Parses `--objective`.
+fn objective(name: &str) -> anyhow::Result<planner::Objective> {
+    planner::Objective::parse(name)
+        .with_context(|| format!("--objective {name}: use latency or throughput"))
 }
 
 /// Parses `name:64GiB:400GB/s`.
@@ -470,8 +497,8 @@ fn print_plan(p: &PlanResponse) {
         1e3 / p.est_ms_per_token.max(1e-9),
         p.est_ms_per_token_pipelined
     );
-    if !p.shortfall.is_empty() {
-        println!("note: {}", p.shortfall);
+    for note in p.shortfall.split("; ").filter(|n| !n.is_empty()) {
+        println!("{note}");
     }
 }
 
@@ -480,7 +507,10 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
         "model": p.model,
         "fits": !p.stages.is_empty(),
         "missing_bytes": p.missing_bytes,
-        "shortfall": p.shortfall,
+        "shortfall": if p.stages.is_empty() { p.shortfall.clone() } else { String::new() },
+        "left_out": if p.stages.is_empty() { Vec::new() } else {
+            p.shortfall.split("; ").filter(|n| !n.is_empty()).map(str::to_string).collect::<Vec<_>>()
+        },
         "est_ms_per_token": p.est_ms_per_token,
         "est_ms_per_token_pipelined": p.est_ms_per_token_pipelined,
         "stages": p.stages.iter().map(|s| serde_json::json!({
@@ -621,6 +651,13 @@ async fn plan(a: PlanArgs) -> anyhow::Result<()> {
         };
         let options = PlanOptions {
             kv_tokens: a.kv_tokens,
+            objective: objective(&a.objective)?,
+            link: planner::Link::named(&a.link).with_context(|| {
+                format!("--link {}: use 1gbe, 10gbe, wifi, tb4 or loopback", a.link)
+            })?,
+            wire_bytes: strata_model::WireType::parse(&a.wire_dtype)
+                .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?
+                .element_bytes() as u64,
             ..PlanOptions::default()
         };
         strata_coordinator::api::plan_response(

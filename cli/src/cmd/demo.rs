@@ -132,6 +132,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         config.bind = api.ip();
         config.min_workers = a.workers;
         config.plan.kv_tokens = 512;
+        // The demo shows a pipeline: every worker takes a share. (For one stream the
+        // default objective would rightly keep this small model on one worker.)
+        config.plan.objective = strata_coordinator::planner::Objective::Throughput;
         let coordinator = tokio::spawn(strata_coordinator::run(
             config,
             listener,

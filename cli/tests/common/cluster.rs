@@ -155,6 +155,9 @@ pub struct ClusterOptions {
     pub direct: bool,
     /// `--min-workers` (default: `workers`).
     pub min_workers: Option<usize>,
+    /// Workers measure their speed; otherwise (the default) each reports the same
+    /// `--speed`, so plans do not depend on how busy the machine was while measuring.
+    pub measure_speed: bool,
 }
 
 impl Default for ClusterOptions {
@@ -167,6 +170,7 @@ impl Default for ClusterOptions {
             listen: "127.0.0.1:0".into(),
             direct: true,
             min_workers: None,
+            measure_speed: false,
         }
     }
 }
@@ -227,6 +231,11 @@ impl TestCluster {
                 &o.min_workers.unwrap_or(o.workers).to_string(),
             ])
             .args(&o.serve_args);
+        // Spread the model over every worker: the pipeline is what these tests exercise
+        // (for one stream the default objective keeps a small model on one worker).
+        if !o.serve_args.iter().any(|a| a == "--objective") {
+            serve.args(["--objective", "throughput"]);
+        }
         if o.direct {
             serve.arg("--no-mdns");
         }
@@ -278,6 +287,9 @@ impl TestCluster {
         let mut w = command(prefix);
         w.args(["worker", "--token", &self.token, "--id", id])
             .args(&o.worker_args);
+        if !o.measure_speed && !o.worker_args.iter().any(|a| a == "--speed") {
+            w.args(["--speed", "1e9"]);
+        }
         w.args([
             "--cache-dir",
             self.dir
