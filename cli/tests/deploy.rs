@@ -239,3 +239,93 @@ fn the_dockerfile_builds_from_source_in_stages_and_compose_uses_host_networking(
         "the build context is the repository"
     );
 }
+
+#[test]
+fn the_kubernetes_manifest_wires_workers_to_the_coordinator_by_its_service_name() {
+    use yaml_rust2::Yaml;
+    let text = std::fs::read_to_string(deploy().join("kubernetes/strata.yaml")).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let of_kind = |kind: &str| -> &Yaml {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} in strata.yaml"))
+    };
+    let service = of_kind("Service");
+    let port = |name: &str| -> &Yaml {
+        service["spec"]["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("the Service has no {name} port"))
+    };
+    let container =
+        |kind: &str| -> &Yaml { &of_kind(kind)["spec"]["template"]["spec"]["containers"][0] };
+    let args = |kind: &str| -> Vec<String> {
+        container(kind)["args"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let value_of = |args: &[String], flag: &str| -> String {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag}"));
+        args[i + 1].clone()
+    };
+    // The coordinator: serve, on the ports its Service names.
+    let serve = args("Deployment");
+    assert_eq!(serve[0], "serve");
+    check_flags(
+        "serve",
+        &serve.iter().map(String::as_str).collect::<Vec<_>>(),
+        "strata.yaml",
+    );
+    assert_eq!(of_kind("Deployment")["spec"]["replicas"].as_i64(), Some(1));
+    assert_eq!(
+        value_of(&serve, "--data-port"),
+        port("data")["port"].as_i64().unwrap().to_string()
+    );
+    assert_eq!(port("data")["protocol"].as_str(), Some("UDP"));
+    assert!(value_of(&serve, "--listen")
+        .ends_with(&format!(":{}", port("grpc")["port"].as_i64().unwrap())));
+    // Workers: one per labelled node, joining by the Service's DNS name.
+    let worker = args("DaemonSet");
+    assert_eq!(worker[0], "worker");
+    check_flags(
+        "worker",
+        &worker.iter().map(String::as_str).collect::<Vec<_>>(),
+        "strata.yaml",
+    );
+    let name = service["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        value_of(&worker, "--coordinator"),
+        format!("{name}:{}", port("grpc")["port"].as_i64().unwrap())
+    );
+    assert!(worker.iter().any(|a| a == "--no-mdns"));
+    let declared: Vec<i64> = container("DaemonSet")["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
+    for flag in ["--data-port", "--control-port"] {
+        let p: i64 = value_of(&worker, flag).parse().unwrap();
+        assert!(
+            declared.contains(&p),
+            "{flag} {p} is not a declared container port"
+        );
+    }
+    let token = container("DaemonSet")["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("STRATA_TOKEN"))
+        .expect("workers get the join token");
+    assert!(token["valueFrom"]["secretKeyRef"]["name"]
+        .as_str()
+        .is_some());
+}
