@@ -64,6 +64,16 @@ fn three_loopback_workers_match_one_process_for_q4_0_gguf() {
         assert_eq!(w["state"], "ready");
     }
     check_same_tokens(&cluster, &model);
+    // The decode steps just run were measured: each stage shows its time beside its
+    // estimate (what calibrates later plans).
+    let status = cluster.wait_status("stages measured", Duration::from_secs(10), |s| {
+        s["plan"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|st| st["measured_ms_per_token"].as_f64() > Some(0.0))
+    });
+    eprintln!("{:#}", status["plan"]["stages"]);
 }
 
 #[test]

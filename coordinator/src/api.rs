@@ -245,9 +245,22 @@ fn worker_row(w: &Worker) -> WorkerStatus {
 /// The cluster's status: model, workers, the plan in force.
 pub fn status(shared: &Shared) -> StatusResponse {
     let serving = shared.serving();
-    let plan = serving
+    let mut plan = serving
         .pipeline()
         .map(|p| plan_response(&shared.model().name, Ok(p.plan.clone()), p.epoch));
+    // Beside each stage's estimate, what its decode steps measured.
+    if let Some(plan) = &mut plan {
+        let registry = shared.registry();
+        for stage in &mut plan.stages {
+            if let Some(ms) = registry
+                .workers
+                .get(&stage.worker_id)
+                .and_then(|w| w.measured_ms)
+            {
+                stage.measured_ms_per_token = ms;
+            }
+        }
+    }
     StatusResponse {
         model: Some(model_info(shared)),
         workers: worker_rows(&shared.registry()),
@@ -370,6 +383,7 @@ pub fn plan_response(
                     memory_bytes: s.memory,
                     budget_bytes: s.budget,
                     est_ms_per_token: s.est_ms,
+                    measured_ms_per_token: 0.0,
                 })
                 .collect(),
             est_ms_per_token: p.est_ms_per_token,

@@ -128,6 +128,8 @@ pub fn admit(
             stage: None,
             unreachable: None,
             cooldown_until: None,
+            measured_ms: None,
+            decode_mark: (0.0, 0),
         },
     );
     registry.changed_at = Some(Instant::now());
@@ -229,6 +231,8 @@ fn health(h: HealthResponse, digest: &str) -> Health {
     Health {
         held: h.held.as_ref().and_then(|s| held(s, digest)),
         bytes_received: h.bytes_received,
+        decode_seconds: h.decode_seconds,
+        decode_forwards: h.decode_forwards,
         unreachable_hop: match h.unreachable_next_hop.as_str() {
             "" => None,
             COORDINATOR_NAME => Some(COORDINATOR_HOP.to_string()),

@@ -56,6 +56,14 @@ impl ModelProfile {
     pub fn weight_bytes(&self) -> u64 {
         self.layer_bytes.iter().sum::<u64>() + self.embed_bytes + self.head_bytes
     }
+
+    /// Bytes a stage of `layers` streams per token (and the head's, when it holds it).
+    pub fn streamed_bytes(&self, layers: &Range<usize>, head: bool) -> u64 {
+        self.layer_bytes
+            .get(layers.clone())
+            .map_or(0, |l| l.iter().sum::<u64>())
+            + if head { self.head_bytes } else { 0 }
+    }
 }
 
 /// A worker the plan may use.
@@ -424,6 +432,42 @@ pub fn plan(
         stages,
         notes,
     })
+}
+
+/// `plan`'s value under its objective with `workers`' speeds now: the single-stream time
+/// per token, or the slowest stage (a worker the plan uses but `workers` lacks counts as
+/// infinitely slow).
+pub fn estimate(
+    profile: &ModelProfile,
+    plan: &Plan,
+    workers: &[Candidate],
+    options: &PlanOptions,
+) -> f64 {
+    let sizes = Sizes::new(profile, options);
+    let stages: Vec<f64> = plan
+        .stages
+        .iter()
+        .map(|s| match workers.iter().find(|w| w.id == s.worker) {
+            Some(w) => sizes.stage_ms(w, &s.layers, s.head),
+            None => f64::INFINITY,
+        })
+        .collect();
+    match options.objective {
+        Objective::Latency => {
+            stages.iter().sum::<f64>()
+                + plan.stages.len().saturating_sub(1) as f64 * sizes.hop_ms()
+                + sizes.ends_ms()
+        }
+        Objective::Throughput => stages.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+/// A plan's own value under `objective` (what [`estimate`] gives for it as planned).
+pub fn value(plan: &Plan, objective: Objective) -> f64 {
+    match objective {
+        Objective::Latency => plan.est_ms_per_token,
+        Objective::Throughput => plan.stages.iter().map(|s| s.est_ms).fold(0.0, f64::max),
+    }
 }
 
 /// Why each worker the plan does not use is left out.

@@ -28,17 +28,36 @@ const UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a plan could not be applied.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// The workers a plan may use now: admitted, alive, not draining.
+/// A plan made better only by measured speeds replaces the one in force when it is this
+/// much faster, every stage of the plan in force having been measured, and no sooner than
+/// [`CALIBRATION_HOLD`] after it started: estimates that wobble do not move slices back
+/// and forth.
+const CALIBRATION_MARGIN: f64 = 0.25;
+/// See [`CALIBRATION_MARGIN`].
+const CALIBRATION_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The workers a plan may use now: admitted, alive, not draining. A worker's speed is what
+/// its decode steps measured with the slice it holds, once measured; before, what it
+/// measured of one layer when it started.
 pub fn candidates(shared: &Shared) -> Vec<Candidate> {
+    let profile = &shared.model().profile;
     shared
         .registry()
         .workers
         .values()
         .filter(|w| w.eligible())
-        .map(|w| Candidate {
-            id: w.profile.id.clone(),
-            budget: w.profile.memory_budget,
-            speed: w.profile.speed,
+        .map(|w| {
+            let measured = match (&w.held, w.measured_ms) {
+                (Some(h), Some(ms)) if ms > 0.0 => {
+                    Some(profile.streamed_bytes(&h.layers, h.head) as f64 / (ms / 1e3))
+                }
+                _ => None,
+            };
+            Candidate {
+                id: w.profile.id.clone(),
+                budget: w.profile.memory_budget,
+                speed: measured.unwrap_or(w.profile.speed),
+            }
         })
         .collect()
 }
@@ -77,6 +96,7 @@ pub async fn run(shared: Arc<Shared>) {
             Some(cur) if same_layout(&cur.plan, &desired) => {
                 unload_strays(&shared, &cur.plan).await
             }
+            Some(cur) if !worth_switching(&shared, &cur, &desired) => {}
             Some(cur) => {
                 if switch(&shared, &cur, desired).await {
                     served_once = true;
@@ -94,6 +114,44 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Whether `desired` should replace the plan in force: always after a membership change;
+/// when only measured speeds changed, see [`CALIBRATION_MARGIN`].
+fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
+    let (changed_at, all_measured) = {
+        let registry = shared.registry();
+        let measured = cur.plan.stages.iter().all(|s| {
+            registry
+                .workers
+                .get(&s.worker)
+                .is_some_and(|w| w.measured_ms.is_some())
+        });
+        (registry.changed_at, measured)
+    };
+    if changed_at.is_some_and(|t| t > cur.planned_at) {
+        return true;
+    }
+    if !all_measured || cur.planned_at.elapsed() < CALIBRATION_HOLD {
+        return false;
+    }
+    let options = &shared.config().plan;
+    let now = planner::estimate(
+        &shared.model().profile,
+        &cur.plan,
+        &candidates(shared),
+        options,
+    );
+    let better = planner::value(desired, options.objective);
+    let worth = better < now * (1.0 - CALIBRATION_MARGIN);
+    if worth {
+        info!(
+            now_ms = now,
+            better_ms = better,
+            "measured speeds show a faster plan"
+        );
+    }
+    worth
 }
 
 /// The plan to have now, if it is time to have one: `--min-workers` have joined (before
@@ -178,6 +236,7 @@ async fn switch(shared: &Arc<Shared>, cur: &Arc<Pipeline>, next: Plan) -> bool {
 /// Loads every stage (from the workers' caches where the bytes are there), releases the
 /// workers left out, wires the pipeline, and returns it.
 async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
+    let planned_at = std::time::Instant::now();
     let epoch = shared.next_epoch();
     let describe: Vec<String> = plan
         .stages
@@ -212,7 +271,12 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
     }
     let first = slices::wire(shared, &plan, epoch).await?;
     info!(epoch, "serving");
-    Ok(Pipeline { epoch, plan, first })
+    Ok(Pipeline {
+        epoch,
+        plan,
+        first,
+        planned_at,
+    })
 }
 
 /// Tells the workers that hold a slice outside `plan` to unload it.

@@ -28,6 +28,9 @@ pub const HANG_AFTER: Duration = Duration::from_millis(2500);
 /// long, so a broken link does not make the cluster re-plan onto it again and again.
 pub const LINK_COOLDOWN: Duration = Duration::from_secs(30);
 
+/// Decode steps measured before a worker's measured step time replaces its estimate.
+pub const CALIBRATION_STEPS: u64 = 16;
+
 /// What a stage names as its next hop when that is the coordinator.
 pub const COORDINATOR_HOP: &str = "the coordinator";
 
@@ -149,6 +152,10 @@ pub struct Health {
     pub bytes_received: u64,
     /// The next hop (a worker id, or [`COORDINATOR_HOP`]) its stage could not reach.
     pub unreachable_hop: Option<String>,
+    /// Seconds its stage spent in decode batches (its own running total).
+    pub decode_seconds: f64,
+    /// Decode batches its stage ran (its own running total).
+    pub decode_forwards: u64,
 }
 
 /// What a heartbeat changed.
@@ -197,6 +204,10 @@ pub struct Worker {
     pub unreachable: Option<(String, Instant)>,
     /// Not planned again before this (after a broken link).
     pub cooldown_until: Option<Instant>,
+    /// Measured milliseconds per decode step with the slice it holds (smoothed).
+    pub measured_ms: Option<f64>,
+    /// The decode totals the next measurement counts from.
+    pub decode_mark: (f64, u64),
 }
 
 impl Worker {
@@ -209,7 +220,7 @@ impl Worker {
     /// and decides whether the worker lives. Silent for [`DEAD_AFTER`], or answering with
     /// a compute thread stalled for [`HANG_AFTER`], it has failed.
     pub fn heartbeat(&mut self, answer: Result<Health, String>, now: Instant) -> Verdict {
-        let id = &self.profile.id;
+        let id = self.profile.id.clone();
         match answer {
             Ok(health) => {
                 self.last_seen = now;
@@ -223,8 +234,14 @@ impl Worker {
                 // What the worker says it holds is the truth, except while a load to it is
                 // on its way (the load itself records the outcome).
                 if self.state != WorkerState::Loading {
+                    if self.held != health.held {
+                        // Another slice: its step time is another story.
+                        self.measured_ms = None;
+                        self.decode_mark = (health.decode_seconds, health.decode_forwards);
+                    }
                     self.held = health.held.clone();
                 }
+                self.calibrate(&health);
                 self.health = health;
                 if stalled > HANG_AFTER {
                     if self.state.is_dead() {
@@ -269,6 +286,27 @@ impl Worker {
                 self.fail(reason)
             }
         }
+    }
+
+    /// Folds the decode steps run since the last measurement into the measured step time,
+    /// once there are [`CALIBRATION_STEPS`] of them.
+    fn calibrate(&mut self, h: &Health) {
+        let (seconds, forwards) = self.decode_mark;
+        if h.decode_forwards < forwards {
+            // The worker restarted: count afresh.
+            self.decode_mark = (h.decode_seconds, h.decode_forwards);
+            return;
+        }
+        let steps = h.decode_forwards - forwards;
+        if steps < CALIBRATION_STEPS || self.held.is_none() {
+            return;
+        }
+        let ms = (h.decode_seconds - seconds).max(0.0) / steps as f64 * 1e3;
+        self.measured_ms = Some(match self.measured_ms {
+            Some(old) => 0.5 * old + 0.5 * ms,
+            None => ms,
+        });
+        self.decode_mark = (h.decode_seconds, h.decode_forwards);
     }
 
     /// It cannot reach its next hop, which lives: it has failed, and stays out of plans
@@ -440,6 +478,8 @@ mod tests {
             stage: Some(0),
             unreachable: None,
             cooldown_until: None,
+            measured_ms: None,
+            decode_mark: (0.0, 0),
         }
     }
 
@@ -525,6 +565,36 @@ mod tests {
         a.state = WorkerState::Ready;
         a.heartbeat(Ok(complaint), later + ms(4100));
         assert!(r.broken_links().is_empty());
+    }
+
+    #[tokio::test]
+    async fn decode_steps_measure_a_workers_step_time_for_its_slice() {
+        let t0 = Instant::now();
+        let mut w = worker(t0);
+        let held = w.held.clone();
+        let report = |secs: f64, steps: u64| Health {
+            held: held.clone(),
+            decode_seconds: secs,
+            decode_forwards: steps,
+            ..Default::default()
+        };
+        w.heartbeat(Ok(report(0.0, 0)), t0);
+        w.heartbeat(Ok(report(0.05, 10)), t0);
+        assert_eq!(w.measured_ms, None, "too few steps yet");
+        w.heartbeat(Ok(report(0.2, 40)), t0);
+        assert!((w.measured_ms.unwrap() - 5.0).abs() < 1e-9);
+        // Slower steps pull the (smoothed) figure up.
+        w.heartbeat(Ok(report(0.68, 80)), t0);
+        assert!((w.measured_ms.unwrap() - 8.5).abs() < 1e-9);
+        // Another slice: measured afresh.
+        w.heartbeat(
+            Ok(Health {
+                held: None,
+                ..report(0.7, 81)
+            }),
+            t0,
+        );
+        assert_eq!(w.measured_ms, None);
     }
 
     #[tokio::test]

@@ -16,6 +16,8 @@ pub struct Pipeline {
     pub plan: Plan,
     /// Connection to stage 0.
     pub first: quinn::Connection,
+    /// When it was planned: membership changes after this call for a new plan.
+    pub planned_at: std::time::Instant,
 }
 
 impl Pipeline {

@@ -412,6 +412,8 @@ impl WorkerControl for ControlService {
             held: held_slice(stats),
             bytes_received: stats.bytes_received.load(Ordering::Relaxed),
             unreachable_next_hop: stats.unreachable_hop().unwrap_or_default(),
+            decode_seconds: stats.decode_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            decode_forwards: stats.decode_forwards.load(Ordering::Relaxed),
         }))
     }
 

@@ -466,9 +466,16 @@ fn print_plan(p: &PlanResponse) {
         return;
     }
     println!("plan for {}:", p.model);
+    // Beside each estimate, once the stage's decode steps were measured.
+    let measured = p.stages.iter().any(|s| s.measured_ms_per_token > 0.0);
     println!(
-        "{:<6} {:<20} {:<10} {:>24} {:>14}",
-        "stage", "worker", "layers", "memory used / budget", "est ms/token"
+        "{:<6} {:<20} {:<10} {:>24} {:>14}{}",
+        "stage",
+        "worker",
+        "layers",
+        "memory used / budget",
+        "est ms/token",
+        if measured { "   measured ms" } else { "" }
     );
     for (i, s) in p.stages.iter().enumerate() {
         let mut layers = format!("{}..{}", s.layer_start, s.layer_end);
@@ -478,8 +485,13 @@ fn print_plan(p: &PlanResponse) {
         if s.head {
             layers.push_str(" +head");
         }
+        let measured_ms = match (measured, s.measured_ms_per_token) {
+            (false, _) => String::new(),
+            (true, ms) if ms > 0.0 => format!(" {ms:>13.1}"),
+            (true, _) => format!(" {:>13}", "-"),
+        };
         println!(
-            "{:<6} {:<20} {:<10} {:>24} {:>14.1}",
+            "{:<6} {:<20} {:<10} {:>24} {:>14.1}{measured_ms}",
             i,
             s.worker_id,
             layers,
@@ -516,6 +528,7 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
         "stages": p.stages.iter().map(|s| serde_json::json!({
             "worker": s.worker_id, "layers": [s.layer_start, s.layer_end], "embed": s.embed, "head": s.head,
             "memory_bytes": s.memory_bytes, "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token,
+            "measured_ms_per_token": s.measured_ms_per_token,
         })).collect::<Vec<_>>(),
     })
 }

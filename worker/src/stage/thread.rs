@@ -99,6 +99,10 @@ pub struct StageStats {
     pub network_nanos: AtomicU64,
     /// Batched forwards run.
     pub forwards: AtomicU64,
+    /// Nanoseconds spent in decode batches (every step one token).
+    pub decode_nanos: AtomicU64,
+    /// Decode batches run.
+    pub decode_forwards: AtomicU64,
     /// Moves with every layer run, batch finished and command handled.
     pub progress: Arc<AtomicU64>,
     /// Bytes of weights received over the network since the worker started.
@@ -121,6 +125,8 @@ impl StageStats {
             compute_nanos: AtomicU64::new(0),
             network_nanos: AtomicU64::new(0),
             forwards: AtomicU64::new(0),
+            decode_nanos: AtomicU64::new(0),
+            decode_forwards: AtomicU64::new(0),
             progress: Arc::new(AtomicU64::new(0)),
             bytes_received: AtomicU64::new(0),
             holding: Mutex::new(None),
@@ -328,15 +334,24 @@ impl Runtime {
             warn!(stage = %self.name, frames = batch.len(), "this stage is not wired into a pipeline: its frames have nowhere to go");
             return;
         };
+        // A batch of single-token steps reads the slice's weights once: its time is what
+        // calibrates the planner's speed for this worker.
+        let decode = batch.iter().all(|f| match f {
+            Frame::Forward { steps, .. } => !steps.is_empty() && steps.iter().all(|s| s.len() == 1),
+            _ => false,
+        });
         let started = Instant::now();
         let out = {
             let _span = tracing::debug_span!("stage", layers = ?self.core.slice().map(|s| s.layers.clone())).entered();
             self.core.handle(batch)
         };
-        self.stats
-            .compute_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let nanos = started.elapsed().as_nanos() as u64;
+        self.stats.compute_nanos.fetch_add(nanos, Ordering::Relaxed);
         self.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        if decode {
+            self.stats.decode_nanos.fetch_add(nanos, Ordering::Relaxed);
+            self.stats.decode_forwards.fetch_add(1, Ordering::Relaxed);
+        }
         for frame in out {
             debug!(rows = frame.rows(), "to the next hop");
             // Blocks while the next hop's sender is full: backpressure, and a stall the
