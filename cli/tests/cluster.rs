@@ -74,6 +74,36 @@ fn three_loopback_workers_match_one_process_for_q4_0_gguf() {
             .all(|st| st["measured_ms_per_token"].as_f64() > Some(0.0))
     });
     eprintln!("{:#}", status["plan"]["stages"]);
+    assert!(status["plan"]["calibrated_ms_per_token"].as_f64() > Some(0.0));
+    // `cluster plan` shows the plan it would make now (with the measured speeds), and the
+    // measurement beside each stage a worker already holds as planned.
+    let plan: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "cluster",
+        "plan",
+        "--json",
+        "--coordinator",
+        &cluster.api,
+    ]))
+    .unwrap();
+    let in_force = status["plan"]["stages"].as_array().unwrap();
+    for stage in plan["stages"].as_array().unwrap() {
+        let held = in_force
+            .iter()
+            .any(|s| s["worker"] == stage["worker"] && s["layers"] == stage["layers"]);
+        assert_eq!(
+            stage["measured_ms_per_token"].as_f64() > Some(0.0),
+            held,
+            "{stage:#}"
+        );
+    }
+    // Every pair of workers had its link measured over the data plane when they joined.
+    let links = status["links"].as_array().unwrap();
+    eprintln!("{links:#?}");
+    assert_eq!(links.len(), 3, "{links:?}");
+    for l in links {
+        assert!(l["bandwidth_bytes_per_second"].as_f64() > Some(1e6), "{l}");
+        assert!(l["latency_ms"].as_f64() > Some(0.0), "{l}");
+    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! coordinator and three workers find each other by mDNS alone and serve; an answer that
 //! is streaming when one worker's cable is pulled finishes with the tokens it would have
 //! had; the worker, plugged back, rejoins without its weights being sent again; and a
-//! worker with a wrong token is refused.
+//! worker with a wrong token is refused. And with the link between two workers capped to
+//! 100 Mbit/s (`tc` tbf on that pair's traffic alone), the measured links show it and the
+//! plan keeps it off the path.
 //! Without root the test prints why it skipped; CI runs as root, so there it runs.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
@@ -30,9 +32,28 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// The LANs of one test process: each gets its own subnet and names.
+static LANS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// The tests here share two cores: one virtual LAN at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn tc(ns: &str, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc"])
+        .args(args)
+        .output()
+        .expect("run tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Lan {
     fn new(hosts: usize) -> Lan {
-        let n = std::process::id() % 200 + 20;
+        let k = LANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = (std::process::id() % 100) * 2 + k % 2 + 20;
         let tag = format!("st{n}");
         let subnet = format!("10.77.{n}");
         let lan = Lan {
@@ -90,6 +111,43 @@ impl Lan {
     /// Puts the cable back.
     fn plug(&self, host: usize) {
         ip(&["link", "set", &format!("{}v{}", self.tag, host + 1), "up"]);
+    }
+
+    /// Caps what `from` sends to `to` at `rate` (e.g. `100mbit`): an htb whose default
+    /// class is unlimited, and a tbf under a second class that only `to`'s address is
+    /// filtered into; the host's other traffic is untouched.
+    fn cap(&self, from: usize, to: usize, rate: &str) {
+        let ns = &self.hosts[from];
+        let dst = format!("{}.{}/32", self.subnet, to + 1);
+        tc(
+            ns,
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10",
+            ],
+        );
+        for class in ["1:10", "1:20"] {
+            tc(
+                ns,
+                &[
+                    "class", "add", "dev", "eth0", "parent", "1:", "classid", class, "htb", "rate",
+                    "20gbit", "quantum", "60000",
+                ],
+            );
+        }
+        tc(
+            ns,
+            &[
+                "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "tbf", "rate",
+                rate, "burst", "32kb", "latency", "100ms",
+            ],
+        );
+        tc(
+            ns,
+            &[
+                "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
+                "u32", "match", "ip", "dst", &dst, "flowid", "1:20",
+            ],
+        );
     }
 }
 
@@ -180,19 +238,42 @@ impl Drop for Avahi {
     }
 }
 
+/// A virtual LAN of `hosts` and a small model, one at a time; `None` (the reason printed)
+/// when not root.
+struct Setup {
+    lan: Lan,
+    model: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Setup {
+    fn new(hosts: usize) -> Option<Setup> {
+        if !is_root() {
+            eprintln!("skipped: network namespaces and tc need root (CI runs this as root)");
+            return None;
+        }
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let model = small_llama(
+            dir.path(),
+            &["--format", "gguf", "--quant", "q8_0"],
+            "m.gguf",
+        );
+        Some(Setup {
+            lan: Lan::new(hosts),
+            model,
+            _dir: dir,
+            _one: one,
+        })
+    }
+}
+
 #[test]
 fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces need root (CI runs this as root)");
+    let Some(Setup { lan, model, .. }) = &Setup::new(5) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model = small_llama(
-        dir.path(),
-        &["--format", "gguf", "--quant", "q8_0"],
-        "m.gguf",
-    );
-    let lan = Lan::new(5);
+    };
     let options = ClusterOptions {
         workers: 3,
         listen: "0.0.0.0:7433".into(),
@@ -207,7 +288,7 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         eprintln!("avahi check skipped: {why}");
     }
     let started = Instant::now();
-    let mut cluster = TestCluster::start(&model, &options);
+    let mut cluster = TestCluster::start(model, &options);
     // Reach the coordinator's host from here through the bridge.
     cluster.api = format!("{}.1:7433", lan.subnet);
     let status = cluster.wait_serving(3);
@@ -253,7 +334,7 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         "12",
         "--ignore-eos",
     ];
-    let local = tokens(&local_generate(&model, &prompt));
+    let local = tokens(&local_generate(model, &prompt));
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
 
     // A worker with this cluster's id but not its secret finds the coordinator over mDNS
@@ -343,5 +424,74 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     let after = cluster.bytes_received();
     assert_eq!(after[&last], received[&last], "weights were sent again");
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
+    drop(cluster);
+}
+
+#[test]
+fn a_slow_link_is_measured_and_kept_off_the_path() {
+    let Some(Setup { lan, model, .. }) = &Setup::new(4) else {
+        return;
+    };
+    // Hosts 1 and 2 (workers w1 and w2) reach each other at 100 Mbit/s, both ways; every
+    // other pair, and the coordinator, at the bridge's speed.
+    lan.cap(1, 2, "100mbit");
+    lan.cap(2, 1, "100mbit");
+    let options = ClusterOptions {
+        workers: 3,
+        listen: "0.0.0.0:7433".into(),
+        direct: false,
+        prefix: (0..4).map(|h| lan.prefix(h)).collect(),
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(model, &options);
+    cluster.api = format!("{}.1:7433", lan.subnet);
+    let status = cluster.wait_serving(3);
+    let links = status["links"].as_array().unwrap();
+    eprintln!("{links:#?}");
+    assert_eq!(links.len(), 3, "every pair measured: {links:?}");
+    let mbit = |l: &serde_json::Value| l["bandwidth_bytes_per_second"].as_f64().unwrap() * 8e-6;
+    for l in links {
+        let pair = [l["a"].as_str().unwrap(), l["b"].as_str().unwrap()];
+        if pair == ["w1", "w2"] {
+            assert!(
+                mbit(l) < 130.0,
+                "the capped link measured {:.0} Mbit/s",
+                mbit(l)
+            );
+        } else {
+            assert!(mbit(l) > 300.0, "{pair:?} measured {:.0} Mbit/s", mbit(l));
+        }
+    }
+    let order: Vec<&str> = status["plan"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(order.len(), 3);
+    assert!(
+        order
+            .windows(2)
+            .all(|p| !(p.contains(&"w1") && p.contains(&"w2"))),
+        "the plan {order:?} crosses the capped link"
+    );
+    let notes = status["plan"]["left_out"].to_string();
+    assert!(
+        notes.contains("w1–w2") && notes.contains("is avoided"),
+        "{notes}"
+    );
+    // And it answers as one process does.
+    cluster.http = format!("{}.1:7434", lan.subnet);
+    let prompt = [
+        "--prompt",
+        "Around the slow link",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+    ];
+    assert_eq!(
+        tokens(&cluster.generate(&prompt)),
+        tokens(&local_generate(model, &prompt))
+    );
     drop(cluster);
 }

@@ -10,10 +10,10 @@ use strata_proto::v1::cluster_server::{Cluster, ClusterServer};
 use strata_proto::v1::inference_server::{Inference, InferenceServer};
 use strata_proto::v1::{
     ChatRequest, DrainRequest, DrainResponse, GenerateRequest, GenerateResponse, JoinRequest,
-    JoinResponse, ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse,
-    ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest, RemoveResponse, Sampling,
-    StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse, WorkerInfo,
-    WorkerState as ProtoWorkerState, WorkerStatus,
+    JoinResponse, LinkStatus, ListModelsRequest, ListModelsResponse, ListWorkersRequest,
+    ListWorkersResponse, ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest,
+    RemoveResponse, Sampling, StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse,
+    WorkerInfo, WorkerState as ProtoWorkerState, WorkerStatus,
 };
 use strata_proto::v1::{FinishReason as ProtoFinish, SampledLogprob, TokenLogprob, Usage};
 use tokio::sync::mpsc;
@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
-use crate::planner::{self, Candidate, Plan, Shortfall};
+use crate::planner::{self, Candidate, Plan, PlanOptions, Shortfall};
 use crate::registry::{Registry, Worker, WorkerState};
 use crate::sequence::{Delta, FinishReason, SequenceRequest};
 use crate::session;
-use crate::{membership, profile, reconcile, Shared};
+use crate::{links, membership, profile, reconcile, Shared};
 
 /// The public API's handlers.
 #[derive(Clone)]
@@ -248,28 +248,74 @@ pub fn status(shared: &Shared) -> StatusResponse {
     let mut plan = serving
         .pipeline()
         .map(|p| plan_response(&shared.model().name, Ok(p.plan.clone()), p.epoch));
-    // Beside each stage's estimate, what its decode steps measured.
-    if let Some(plan) = &mut plan {
-        let registry = shared.registry();
-        for stage in &mut plan.stages {
-            if let Some(ms) = registry
-                .workers
-                .get(&stage.worker_id)
-                .and_then(|w| w.measured_ms)
-            {
-                stage.measured_ms_per_token = ms;
-            }
-        }
+    if let (Some(response), Some(pipeline)) = (&mut plan, serving.pipeline()) {
+        with_measurements(shared, response, &pipeline.plan);
     }
+    let links = link_rows(shared);
+    let workers = worker_rows(&shared.registry());
     StatusResponse {
         model: Some(model_info(shared)),
-        workers: worker_rows(&shared.registry()),
+        workers,
         plan,
         serving: serving.is_serving(),
         active_sequences: shared.sessions().active() as u32,
         cluster_id: shared.ca().token().cluster_id().to_string(),
         detail: serving.detail(),
+        links,
     }
+}
+
+/// Beside each stage's estimate, what its worker's decode steps measured (when it holds
+/// the stage's slice); once every stage was measured, the plan's time per token for one
+/// stream as the measured stages make it.
+fn with_measurements(shared: &Shared, response: &mut PlanResponse, plan: &Plan) {
+    {
+        let registry = shared.registry();
+        for (stage, planned) in response.stages.iter_mut().zip(&plan.stages) {
+            let measured = registry.workers.get(&planned.worker).and_then(|w| {
+                let holds = w.held.as_ref().is_some_and(|h| {
+                    h.layers == planned.layers && h.embed == planned.embed && h.head == planned.head
+                });
+                w.measured_ms.filter(|_| holds)
+            });
+            if let Some(ms) = measured {
+                stage.measured_ms_per_token = ms;
+            }
+        }
+    }
+    if response
+        .stages
+        .iter()
+        .all(|s| s.measured_ms_per_token > 0.0)
+    {
+        let options = PlanOptions {
+            objective: planner::Objective::Latency,
+            ..links::plan_options(shared)
+        };
+        response.calibrated_ms_per_token = planner::estimate(
+            &shared.model().profile,
+            plan,
+            &reconcile::candidates(shared),
+            &options,
+        );
+    }
+}
+
+/// The measured links, for the status.
+fn link_rows(shared: &Shared) -> Vec<LinkStatus> {
+    let now = std::time::Instant::now();
+    shared
+        .registry()
+        .links
+        .iter()
+        .map(|(a, b, m)| LinkStatus {
+            a: a.to_string(),
+            b: b.to_string(),
+            latency_ms: m.link.latency_ms,
+            bandwidth_bytes_per_second: m.link.bandwidth,
+            age_seconds: now.saturating_duration_since(m.at).as_secs_f64(),
+        })
+        .collect()
 }
 
 type TokenStream = ReceiverStream<std::result::Result<GenerateResponse, Status>>;
@@ -392,6 +438,7 @@ pub fn plan_response(
             missing_bytes: 0,
             model: model.to_string(),
             epoch,
+            calibrated_ms_per_token: 0.0,
         },
         Err(s) => PlanResponse {
             shortfall: s.detail,
@@ -426,10 +473,16 @@ impl Cluster for Api {
         };
         let result = if r.workers.is_empty() {
             if r.model_spec.is_empty() {
-                reconcile::plan_now(&self.shared)
+                // The plan it would make now, with what the workers measured beside it.
+                let now = reconcile::plan_now(&self.shared);
+                let mut response = plan_response(&profile.name, now.clone(), 0);
+                if let Ok(plan) = &now {
+                    with_measurements(&self.shared, &mut response, plan);
+                }
+                return Ok(Response::new(response));
             } else {
                 let live = reconcile::candidates(&self.shared);
-                planner::plan(&profile, &live, &self.shared.config().plan)
+                planner::plan(&profile, &live, &links::plan_options(&self.shared))
             }
         } else {
             let paper: Vec<Candidate> = r
@@ -439,6 +492,7 @@ impl Cluster for Api {
                     id: w.id.clone(),
                     budget: w.memory_bytes,
                     speed: w.speed_bytes_per_second,
+                    held: None,
                 })
                 .collect();
             planner::plan(&profile, &paper, &self.shared.config().plan)

@@ -4,7 +4,8 @@
 //!   stops answering, or whose compute thread stalls, has failed), mDNS browsing;
 //! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
 //! - `reconcile`: when to re-plan, and how (make before break); `slices`: getting a plan
-//!   onto its workers (only the bytes their caches lack) and wiring it;
+//!   onto its workers (only the bytes their caches lack) and wiring it; `links`: measuring
+//!   the links between workers when they join;
 //! - [`sequence`]: the sequence core, a sans-IO state machine that owns an answer's
 //!   history and turns events into actions; `session` is its shell (a task per answer,
 //!   the batcher to stage 0, the dispatcher from the last stage);
@@ -43,6 +44,7 @@ pub mod api;
 mod digest;
 pub mod error;
 mod http;
+mod links;
 mod membership;
 mod metrics;
 pub mod planner;
@@ -97,6 +99,9 @@ pub struct CoordinatorConfig {
     /// How long an answer whose pipeline lost a stage waits for a plan that can take it
     /// over before it fails (default 60 s).
     pub recover_wait: Duration,
+    /// Measure the links between workers when they join, and plan with them (default
+    /// true).
+    pub measure_links: bool,
 }
 
 impl CoordinatorConfig {
@@ -114,6 +119,7 @@ impl CoordinatorConfig {
             plan: PlanOptions::default(),
             settle: Duration::from_millis(1500),
             recover_wait: Duration::from_secs(60),
+            measure_links: true,
         }
     }
 }
@@ -212,6 +218,7 @@ pub async fn run(
         membership::heartbeats(shared.clone()).instrument(tracing::info_span!("heartbeats")),
     );
     tracker.spawn(reconcile::run(shared.clone()).instrument(tracing::info_span!("reconcile")));
+    tracker.spawn(links::run(shared.clone()).instrument(tracing::info_span!("links")));
     let _announcement = if shared.config().mdns {
         let txt: HashMap<String, String> = [
             ("role", "coordinator".to_string()),

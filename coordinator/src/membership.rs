@@ -106,6 +106,8 @@ pub fn admit(
         speed_gb_s = profile.speed / 1e9,
         "admitted a worker"
     );
+    // Where it joins from now may not be where it was: its links are measured anew.
+    registry.links.forget(&id);
     registry.workers.insert(
         id.clone(),
         Worker {

@@ -21,7 +21,7 @@ use crate::planner::{self, Candidate, Plan};
 use crate::registry::WorkerState;
 use crate::serving::{Pipeline, ServingState};
 use crate::slices::{self, held_of};
-use crate::{session, Shared};
+use crate::{links, session, Shared};
 
 /// How long an unload may take.
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +57,7 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
                 id: w.profile.id.clone(),
                 budget: w.profile.memory_budget,
                 speed: measured.unwrap_or(w.profile.speed),
+                held: w.held.as_ref().map(|h| h.layers.clone()),
             }
         })
         .collect()
@@ -67,7 +68,7 @@ pub fn plan_now(shared: &Shared) -> std::result::Result<Plan, planner::Shortfall
     planner::plan(
         &shared.model().profile,
         &candidates(shared),
-        &shared.config().plan,
+        &links::plan_options(shared),
     )
 }
 
@@ -135,7 +136,7 @@ fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
     if !all_measured || cur.planned_at.elapsed() < CALIBRATION_HOLD {
         return false;
     }
-    let options = &shared.config().plan;
+    let options = &links::plan_options(shared);
     let now = planner::estimate(
         &shared.model().profile,
         &cur.plan,
@@ -143,7 +144,7 @@ fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
         options,
     );
     let better = planner::value(desired, options.objective);
-    let worth = better < now * (1.0 - CALIBRATION_MARGIN);
+    let worth = measurably_better(now, better);
     if worth {
         info!(
             now_ms = now,
@@ -152,6 +153,12 @@ fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
         );
     }
     worth
+}
+
+/// Whether a plan valued `better` is worth moving to from one valued `now` (both as the
+/// measured speeds make them): by [`CALIBRATION_MARGIN`].
+fn measurably_better(now: f64, better: f64) -> bool {
+    better < now * (1.0 - CALIBRATION_MARGIN)
 }
 
 /// The plan to have now, if it is time to have one: `--min-workers` have joined (before
@@ -169,11 +176,12 @@ fn wanted(shared: &Shared, served_once: bool) -> Option<Plan> {
         )));
         return None;
     }
-    let settled = recovering
-        || shared
-            .registry()
-            .changed_at
-            .is_none_or(|t| t.elapsed() >= shared.config().settle);
+    let quiet = {
+        let changed_at = shared.registry().changed_at;
+        changed_at.is_none_or(|t| t.elapsed() >= shared.config().settle)
+    };
+    // A plan waits (a while) for the links of new workers: they may decide the order.
+    let settled = recovering || (quiet && !links::pending(shared));
     if !settled {
         return None;
     }
@@ -259,7 +267,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
                 slices::send(&shared, &s.worker, &want, s.memory, epoch, false).await?;
             }
             if let Some(w) = shared.registry().workers.get_mut(&s.worker) {
-                w.held = Some(want);
+                w.set_held(Some(want));
                 w.stage = Some(i);
                 w.state = WorkerState::Ready;
             }
@@ -301,5 +309,19 @@ async fn unload_strays(shared: &Shared, plan: &Plan) {
         if let Err(e) = tokio::time::timeout(UNLOAD_TIMEOUT, c.unload(UnloadRequest {})).await {
             warn!(worker = %id, cause = %e, "could not tell a worker to unload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_clearly_faster_plan_is_worth_a_move() {
+        assert!(measurably_better(100.0, 70.0));
+        assert!(!measurably_better(100.0, 80.0), "20% is within the margin");
+        assert!(!measurably_better(100.0, 100.0));
+        // A stage that was lost prices the plan in force at infinity.
+        assert!(measurably_better(f64::INFINITY, 100.0));
     }
 }

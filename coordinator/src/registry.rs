@@ -234,12 +234,7 @@ impl Worker {
                 // What the worker says it holds is the truth, except while a load to it is
                 // on its way (the load itself records the outcome).
                 if self.state != WorkerState::Loading {
-                    if self.held != health.held {
-                        // Another slice: its step time is another story.
-                        self.measured_ms = None;
-                        self.decode_mark = (health.decode_seconds, health.decode_forwards);
-                    }
-                    self.held = health.held.clone();
+                    self.set_held(health.held.clone());
                 }
                 self.calibrate(&health);
                 self.health = health;
@@ -290,6 +285,17 @@ impl Worker {
 
     /// Folds the decode steps run since the last measurement into the measured step time,
     /// once there are [`CALIBRATION_STEPS`] of them.
+    /// Records the slice it holds. Another slice's step time is another story: the
+    /// worker counts its decode steps from zero with each slice it installs, and so does
+    /// the measurement here.
+    pub fn set_held(&mut self, held: Option<Held>) {
+        if self.held != held {
+            self.measured_ms = None;
+            self.decode_mark = (0.0, 0);
+        }
+        self.held = held;
+    }
+
     fn calibrate(&mut self, h: &Health) {
         let (seconds, forwards) = self.decode_mark;
         if h.decode_forwards < forwards {
@@ -370,6 +376,86 @@ pub struct Registry {
     pub removed: HashSet<String>,
     /// When membership last changed.
     pub changed_at: Option<Instant>,
+    /// The links between workers, as measured (see [`Links`]).
+    pub links: Links,
+}
+
+/// A link between two workers as measured over the data plane.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeasuredLink {
+    /// What was measured.
+    pub link: crate::planner::Link,
+    /// When.
+    pub at: Instant,
+}
+
+/// What is known of the links between workers: measured ones, and pairs whose last
+/// probe failed (tried again after a pause), keyed by the two ids in order.
+#[derive(Debug, Default)]
+pub struct Links {
+    measured: BTreeMap<(String, String), MeasuredLink>,
+    failed: BTreeMap<(String, String), Instant>,
+}
+
+/// A pair whose probe failed is probed again after this.
+const LINK_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn pair_key(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+impl Links {
+    /// Records a measurement of the pair.
+    pub fn record(&mut self, a: &str, b: &str, link: crate::planner::Link, at: Instant) {
+        let key = pair_key(a, b);
+        self.failed.remove(&key);
+        self.measured.insert(key, MeasuredLink { link, at });
+    }
+
+    /// Records that the pair could not be measured.
+    pub fn record_failure(&mut self, a: &str, b: &str, at: Instant) {
+        self.failed.insert(pair_key(a, b), at);
+    }
+
+    /// Forgets every link of `id` (it joined anew: its place in the network may differ).
+    pub fn forget(&mut self, id: &str) {
+        self.measured.retain(|(a, b), _| a != id && b != id);
+        self.failed.retain(|(a, b), _| a != id && b != id);
+    }
+
+    /// The pair's measurement.
+    pub fn get(&self, a: &str, b: &str) -> Option<MeasuredLink> {
+        self.measured.get(&pair_key(a, b)).copied()
+    }
+
+    /// Every measured pair.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, MeasuredLink)> {
+        self.measured
+            .iter()
+            .map(|((a, b), m)| (a.as_str(), b.as_str(), *m))
+    }
+
+    /// The pairs of `ids` to probe now: never measured, and not failed recently.
+    pub fn to_probe(&self, ids: &[&str], now: Instant) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                let key = pair_key(a, b);
+                let failed_lately = self
+                    .failed
+                    .get(&key)
+                    .is_some_and(|t| now.saturating_duration_since(*t) < LINK_RETRY);
+                if !self.measured.contains_key(&key) && !failed_lately {
+                    pairs.push(key);
+                }
+            }
+        }
+        pairs
+    }
 }
 
 /// Refusals kept for the status.
@@ -595,6 +681,24 @@ mod tests {
             t0,
         );
         assert_eq!(w.measured_ms, None);
+        // The coordinator loads another slice; a heartbeat sent before the load still
+        // names the old one; then the worker, counting from zero for the new slice, reports
+        // 20 steps it ran before any heartbeat showed the slice: they count.
+        let new = Some(Held {
+            layers: 0..1,
+            embed: true,
+            head: false,
+        });
+        w.set_held(new.clone());
+        w.heartbeat(Ok(report(0.9, 90)), t0);
+        w.heartbeat(
+            Ok(Health {
+                held: new,
+                ..report(0.06, 20)
+            }),
+            t0,
+        );
+        assert!((w.measured_ms.unwrap() - 3.0).abs() < 1e-9);
     }
 
     #[tokio::test]

@@ -121,7 +121,7 @@ pub async fn send(
             w.state = WorkerState::Loading;
             w.load_total = to_send;
             w.load_done.store(0, Ordering::Relaxed);
-            w.held = None;
+            w.set_held(None);
         }
     }
     let what = format!(

@@ -2,6 +2,10 @@
 //! per frame, so sequences never wait behind each other's bytes (no head-of-line
 //! blocking), and an accept loop that hands validated frames to a bounded channel.
 //! Shared by workers and the coordinator (which sends to stage 0 and hears the last).
+//!
+//! A link is measured over the same endpoints ([`probe`]): a bidirectional stream is a
+//! probe, whose bytes the receiver counts and answers, so pings and a short burst time
+//! the very path activations take (QUIC, TLS, congestion control and all).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +30,12 @@ const MAX_STREAMS: u32 = 1024;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Probes one peer answers at once (a probe is a bidirectional stream).
+const MAX_PROBES: u32 = 4;
+/// The most bytes one probe may carry: what a receiver reads before answering.
+pub const MAX_PROBE_BYTES: usize = 16 << 20;
+/// How long one probe (a ping or the burst) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Transport parameters of every Strata QUIC connection.
 pub fn transport_config() -> quinn::TransportConfig {
@@ -34,7 +44,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_concurrent_uni_streams(MAX_STREAMS.into());
-    t.max_concurrent_bidi_streams(0u32.into());
+    t.max_concurrent_bidi_streams(MAX_PROBES.into());
     // Activations of a long prefill are megabytes: let one stream carry them unthrottled.
     t.stream_receive_window((64u32 << 20).into());
     t.receive_window((256u32 << 20).into());
@@ -176,6 +186,13 @@ pub fn spawn_acceptor(
                                 Ok(s) => s,
                                 Err(e) => { debug!(cause = %e, "data-plane connection closed"); break; }
                             },
+                            p = conn.accept_bi() => match p {
+                                Ok((send, recv)) => {
+                                    tokio::spawn(answer_probe(send, recv));
+                                    continue;
+                                }
+                                Err(e) => { debug!(cause = %e, "data-plane connection closed"); break; }
+                            },
                         };
                         let frames = frames.clone();
                         let peer = peer.clone();
@@ -193,4 +210,164 @@ pub fn spawn_acceptor(
             );
         }
     })
+}
+
+/// What a probe of one link measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkSample {
+    /// The shortest round trip of the pings, milliseconds.
+    pub rtt_ms: f64,
+    /// Bytes per second of the burst (its time less one round trip).
+    pub bandwidth: f64,
+}
+
+/// Measures the link of `conn`: `pings` small probes (the shortest round trip counts), then
+/// two bursts of `burst_bytes` (at most [`MAX_PROBE_BYTES`]) timed until the peer answers.
+pub async fn probe(conn: &quinn::Connection, pings: u32, burst_bytes: usize) -> Result<LinkSample> {
+    let mut rtt = Duration::MAX;
+    for _ in 0..pings.max(1) {
+        rtt = rtt.min(probe_once(conn, 8).await?);
+    }
+    let burst = burst_bytes.clamp(1, MAX_PROBE_BYTES);
+    // Two bursts, the faster counting: the first may pay for congestion control's slow
+    // start, or for a busy machine.
+    let took = probe_once(conn, burst)
+        .await?
+        .min(probe_once(conn, burst).await?);
+    // The burst's last byte needs a one-way trip and the answer another: what remains is
+    // the time the bytes took on the wire (at least a microsecond, for a very fast link).
+    let on_wire = took.saturating_sub(rtt).max(Duration::from_micros(1));
+    Ok(LinkSample {
+        rtt_ms: rtt.as_secs_f64() * 1e3,
+        bandwidth: burst as f64 / on_wire.as_secs_f64(),
+    })
+}
+
+/// One probe: `bytes` out, the peer's count back; the time it took.
+async fn probe_once(conn: &quinn::Connection, bytes: usize) -> Result<Duration> {
+    let peer = conn.remote_address().to_string();
+    let fail = |reason: String| Error::Connection {
+        peer: peer.clone(),
+        reason,
+    };
+    let work = async {
+        let started = std::time::Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+        let payload = vec![0x5a; bytes];
+        send.write_all(&payload)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        send.finish().map_err(|e| fail(e.to_string()))?;
+        let mut answer = [0u8; 8];
+        recv.read_exact(&mut answer)
+            .await
+            .map_err(|e| fail(format!("reading the probe's answer: {e}")))?;
+        let counted = u64::from_le_bytes(answer);
+        if counted != bytes as u64 {
+            return Err(fail(format!(
+                "the peer counted {counted} bytes of a {bytes}-byte probe"
+            )));
+        }
+        Ok(started.elapsed())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: format!("probing the link to {peer}"),
+            seconds: PROBE_TIMEOUT.as_secs_f64(),
+        }),
+    }
+}
+
+/// Answers a probe: reads its bytes (at most [`MAX_PROBE_BYTES`]) and sends their count.
+async fn answer_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let work = async {
+        let mut counted = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    counted += n as u64;
+                    if counted > MAX_PROBE_BYTES as u64 {
+                        return Err(format!("a probe over {MAX_PROBE_BYTES} bytes"));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        send.write_all(&counted.to_le_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, work).await {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => debug!(%reason, "a link probe failed"),
+        Err(_) => debug!("a link probe timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{worker_name, ClusterCa};
+
+    fn loopback_endpoint(identity: &Identity) -> quinn::Endpoint {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        endpoint(socket, identity).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_probe_times_the_link_and_frames_still_flow_beside_it() {
+        let ca = ClusterCa::create().unwrap();
+        let a = ca.issue_identity(&worker_name("a")).unwrap();
+        let b = ca.issue_identity(&worker_name("b")).unwrap();
+        let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
+        let (tx, mut rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test");
+        let conn = connect(&ea, eb.local_addr().unwrap(), &worker_name("b"))
+            .await
+            .unwrap();
+
+        let sample = probe(&conn, 3, 1 << 20).await.unwrap();
+        assert!(sample.rtt_ms > 0.0 && sample.rtt_ms < 1000.0, "{sample:?}");
+        // Loopback moves a MiB far faster than any LAN: at least 10 MB/s even in a
+        // debug build on a busy machine.
+        assert!(sample.bandwidth > 10e6, "{sample:?}");
+
+        // The probe streams did not disturb the frame streams.
+        let frame = Frame::Free {
+            epoch: 7,
+            seqs: vec![1],
+        };
+        send_frame(&conn, &frame).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.epoch(), 7);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_probe_over_the_limit_is_refused() {
+        let ca = ClusterCa::create().unwrap();
+        let a = ca.issue_identity(&worker_name("a")).unwrap();
+        let b = ca.issue_identity(&worker_name("b")).unwrap();
+        let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
+        let (tx, _rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test");
+        let conn = connect(&ea, eb.local_addr().unwrap(), &worker_name("b"))
+            .await
+            .unwrap();
+        let err = probe_once(&conn, MAX_PROBE_BYTES + 1).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Connection { .. } | Error::Timeout { .. }),
+            "{err}"
+        );
+        cancel.cancel();
+    }
 }

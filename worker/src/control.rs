@@ -14,8 +14,9 @@ use strata_model::{ModelFile, Slice, Stage};
 use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::worker_control_server::WorkerControl;
 use strata_proto::v1::{
-    HealthRequest, HealthResponse, HeldSlice, LoadChunk, LoadHeader, LoadResponse, MissingResponse,
-    UnloadRequest, UnloadResponse, WireRequest, WireResponse, WorkerInfo,
+    HealthRequest, HealthResponse, HeldSlice, LinkMeasurement, LoadChunk, LoadHeader, LoadResponse,
+    MissingResponse, ProbeRequest, ProbeResponse, ProbeTarget, UnloadRequest, UnloadResponse,
+    WireRequest, WireResponse, WorkerInfo,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
@@ -35,6 +36,10 @@ use crate::stage::{Command, StageHandle, StageState, StageStats, Wiring};
 const OUTGOING_QUEUE: usize = 256;
 /// How long wiring waits for the next hop to accept a connection.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// The most peers one probe request may name (a cluster's other workers).
+const MAX_PROBE_TARGETS: usize = 512;
+/// The most pings per link a probe request may ask for.
+const MAX_PINGS: u32 = 20;
 
 /// Milliseconds since the worker started: a clock for "last heard from the coordinator".
 #[derive(Debug, Clone)]
@@ -430,5 +435,61 @@ impl WorkerControl for ControlService {
         }
         info!("slice unloaded");
         Ok(Response::new(UnloadResponse {}))
+    }
+
+    async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        if r.targets.len() > MAX_PROBE_TARGETS {
+            return Err(Status::invalid_argument(format!(
+                "{} probe targets: at most {MAX_PROBE_TARGETS}",
+                r.targets.len()
+            )));
+        }
+        let pings = r.pings.clamp(1, MAX_PINGS);
+        let burst = (r.burst_bytes as usize).clamp(1, transport::MAX_PROBE_BYTES);
+        let mut links = Vec::with_capacity(r.targets.len());
+        // One link at a time: bursts that shared this machine's uplink would each see a
+        // fraction of it.
+        for target in &r.targets {
+            let measured = self.probe_one(target, pings, burst).await;
+            links.push(match measured {
+                Ok(sample) => LinkMeasurement {
+                    worker_id: target.worker_id.clone(),
+                    rtt_ms: sample.rtt_ms,
+                    bandwidth_bytes_per_second: sample.bandwidth,
+                    error: String::new(),
+                },
+                Err(e) => LinkMeasurement {
+                    worker_id: target.worker_id.clone(),
+                    error: e,
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(ProbeResponse { links }))
+    }
+}
+
+impl ControlService {
+    /// Measures the link to one peer over a connection of its own.
+    async fn probe_one(
+        &self,
+        target: &ProbeTarget,
+        pings: u32,
+        burst: usize,
+    ) -> Result<transport::LinkSample, String> {
+        let addr: SocketAddr = target
+            .address
+            .parse()
+            .map_err(|_| format!("address `{}` is not ip:port", target.address))?;
+        let conn = transport::connect(&self.endpoint, addr, &target.server_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sample = transport::probe(&conn, pings, burst).await;
+        conn.close(0u32.into(), b"probed");
+        let sample = sample.map_err(|e| e.to_string())?;
+        debug!(peer = %target.worker_id, rtt_ms = sample.rtt_ms, bandwidth = sample.bandwidth, "link measured");
+        Ok(sample)
     }
 }

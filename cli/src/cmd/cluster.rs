@@ -124,6 +124,14 @@ pub struct ServeArgs {
     /// Memory the local worker accepts (default: 75% of available memory).
     #[arg(long)]
     local_memory: Option<String>,
+    /// The link between the machines, nominally: 1gbe, 10gbe, wifi, tb4, or a rate such
+    /// as 2.5gbit. Links measured slower than this count as measured.
+    #[arg(long, default_value = "1gbe")]
+    link: String,
+    /// Do not measure the links between workers when they join (plan as if every link
+    /// were --link).
+    #[arg(long)]
+    no_link_probe: bool,
     /// Use this speed (bytes/s) for the local worker instead of measuring it.
     #[arg(long, hide = true)]
     local_speed: Option<f64>,
@@ -149,9 +157,16 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.data_port = a.data_port;
     config.wire_dtype = dtype;
     config.recover_wait = a.recover_wait;
+    config.measure_links = !a.no_link_probe;
     config.plan = PlanOptions {
         kv_tokens: a.kv_tokens,
         objective: objective(&a.objective)?,
+        link: planner::Link::parse(&a.link).with_context(|| {
+            format!(
+                "--link {}: use 1gbe, 10gbe, wifi, tb4, loopback, or a rate such as 2.5gbit",
+                a.link
+            )
+        })?,
         wire_bytes: dtype.element_bytes() as u64,
         ..PlanOptions::default()
     };
@@ -420,9 +435,11 @@ pub struct PlanArgs {
     /// slowest stage, for many concurrent streams).
     #[arg(long, default_value = "latency")]
     objective: String,
-    /// The link between the machines, on paper: 1gbe, 10gbe, wifi, tb4 or loopback.
-    #[arg(long, default_value = "1gbe")]
-    link: String,
+    /// The links, on paper: one for every pair (`1gbe`, `10gbe`, `wifi`, `tb4`,
+    /// `loopback`, or a rate such as `100mbit` or `2.5gbit/0.2ms`), and a pair's own as
+    /// `A:B=LINK`, e.g. `--link 10gbe --link mac-mini:linux-3090=wifi`. Repeatable.
+    #[arg(long = "link", default_value = "1gbe")]
+    links: Vec<String>,
     /// Activations' wire type: f32, f16 or bf16 (the bytes a hop carries).
     #[arg(long, default_value = "f32")]
     wire_dtype: String,
@@ -435,6 +452,40 @@ pub struct PlanArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Applies `--link` values: one link for every pair, and pairs' own (`A:B=LINK`).
+fn paper_links(
+    values: &[String],
+    workers: &[planner::Candidate],
+    options: &mut PlanOptions,
+) -> anyhow::Result<()> {
+    let parse = |text: &str| {
+        planner::Link::parse(text).with_context(|| {
+            format!(
+                "--link {text}: use 1gbe, 10gbe, wifi, tb4, loopback, or a rate such as 100mbit or 2.5gbit/0.2ms"
+            )
+        })
+    };
+    for value in values {
+        match value.split_once('=') {
+            Some((pair, link)) => {
+                let (a, b) = pair.split_once(':').with_context(|| {
+                    format!(
+                        "--link {value}: a pair's link is A:B=LINK, e.g. mac-mini:linux-3090=wifi"
+                    )
+                })?;
+                for id in [a, b] {
+                    if !workers.iter().any(|w| w.id == id) {
+                        bail!("--link {value}: no --worker is named `{id}`");
+                    }
+                }
+                options.set_link(a, b, parse(link)?);
+            }
+            None => options.link = parse(value)?,
+        }
+    }
+    Ok(())
 }
 
 /// Parses `--objective`.
@@ -457,7 +508,28 @@ pub fn paper_worker(spec: &str) -> anyhow::Result<Candidate> {
         id: name.to_string(),
         budget,
         speed: bw_bytes as f64 * PAPER_EFFICIENCY,
+        held: None,
     })
+}
+
+fn print_links(links: &[strata_proto::v1::LinkStatus]) {
+    if links.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<33} {:>12} {:>14} {:>10}",
+        "link (measured over the data plane)", "latency", "bandwidth", "age"
+    );
+    for l in links {
+        println!(
+            "{:<33} {:>9.2} ms {:>9.0} Mb/s {:>9.0}s",
+            format!("{} – {}", l.a, l.b),
+            l.latency_ms,
+            l.bandwidth_bytes_per_second * 8.0 / 1e6,
+            l.age_seconds
+        );
+    }
 }
 
 fn print_plan(p: &PlanResponse) {
@@ -509,6 +581,12 @@ fn print_plan(p: &PlanResponse) {
         1e3 / p.est_ms_per_token.max(1e-9),
         p.est_ms_per_token_pipelined
     );
+    if p.calibrated_ms_per_token > 0.0 {
+        println!(
+            "calibrated: {:.1} ms/token for one stream with the stages' measured times",
+            p.calibrated_ms_per_token
+        );
+    }
     for note in p.shortfall.split("; ").filter(|n| !n.is_empty()) {
         println!("{note}");
     }
@@ -525,6 +603,7 @@ fn plan_json(p: &PlanResponse) -> serde_json::Value {
         },
         "est_ms_per_token": p.est_ms_per_token,
         "est_ms_per_token_pipelined": p.est_ms_per_token_pipelined,
+        "calibrated_ms_per_token": p.calibrated_ms_per_token,
         "stages": p.stages.iter().map(|s| serde_json::json!({
             "worker": s.worker_id, "layers": [s.layer_start, s.layer_end], "embed": s.embed, "head": s.head,
             "memory_bytes": s.memory_bytes, "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token,
@@ -566,6 +645,11 @@ pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
                         "detail": s.detail,
                         "active_sequences": s.active_sequences,
                         "workers": workers,
+                        "links": s.links.iter().map(|l| serde_json::json!({
+                            "a": l.a, "b": l.b, "latency_ms": l.latency_ms,
+                            "bandwidth_bytes_per_second": l.bandwidth_bytes_per_second,
+                            "age_seconds": l.age_seconds,
+                        })).collect::<Vec<_>>(),
                         "plan": s.plan.as_ref().map(plan_json),
                     });
                     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -607,6 +691,7 @@ pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
                         w.detail
                     );
                 }
+                print_links(&s.links);
                 if let Some(p) = &s.plan {
                     println!();
                     print_plan(p);
@@ -662,17 +747,15 @@ async fn plan(a: PlanArgs) -> anyhow::Result<()> {
                 "a plan on paper needs --model-spec (e.g. llama-3.1-70b:q4_k_m) or --model PATH"
             ),
         };
-        let options = PlanOptions {
+        let mut options = PlanOptions {
             kv_tokens: a.kv_tokens,
             objective: objective(&a.objective)?,
-            link: planner::Link::named(&a.link).with_context(|| {
-                format!("--link {}: use 1gbe, 10gbe, wifi, tb4 or loopback", a.link)
-            })?,
             wire_bytes: strata_model::WireType::parse(&a.wire_dtype)
                 .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?
                 .element_bytes() as u64,
             ..PlanOptions::default()
         };
+        paper_links(&a.links, &workers, &mut options)?;
         strata_coordinator::api::plan_response(
             &profile.name,
             planner::plan(&profile, &workers, &options),

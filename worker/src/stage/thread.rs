@@ -297,6 +297,10 @@ impl Runtime {
                 }
                 Command::Install(mut stage, digest, reply) => {
                     stage.count_progress(self.stats.progress.clone());
+                    // Decode steps are timed per slice (the coordinator's calibration):
+                    // zero before the new slice shows in the heartbeat.
+                    self.stats.decode_nanos.store(0, Ordering::Relaxed);
+                    self.stats.decode_forwards.store(0, Ordering::Relaxed);
                     self.stats.set_holding(Some(Holding {
                         digest,
                         slice: stage.slice().clone(),
