@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
-use crate::planner::{self, Candidate, Plan, PlanOptions, Shortfall};
+use crate::planner::{self, Candidate, Plan, Shortfall};
 use crate::registry::{Registry, Worker, WorkerState};
 use crate::sequence::{Delta, FinishReason, SequenceRequest};
 use crate::session;
@@ -288,15 +288,16 @@ fn with_measurements(shared: &Shared, response: &mut PlanResponse, plan: &Plan) 
         .iter()
         .all(|s| s.measured_ms_per_token > 0.0)
     {
-        let options = PlanOptions {
-            objective: planner::Objective::Latency,
-            ..links::plan_options(shared)
-        };
-        response.calibrated_ms_per_token = planner::estimate(
+        let measured: Vec<f64> = response
+            .stages
+            .iter()
+            .map(|s| s.measured_ms_per_token)
+            .collect();
+        response.calibrated_ms_per_token = planner::one_stream_ms(
             &shared.model().profile,
             plan,
-            &reconcile::candidates(shared),
-            &options,
+            &measured,
+            &links::plan_options(shared),
         );
     }
 }

@@ -23,6 +23,8 @@ const PINGS: u32 = 5;
 const BURST_BYTES: u64 = 4 << 20;
 /// Time allowed per link probed by one request.
 const PER_LINK: Duration = Duration::from_secs(12);
+/// Peers one probe request names (workers accept up to 512).
+const MAX_TARGETS: usize = 256;
 /// How long a new plan waits for the links of new workers to be measured.
 pub const LINK_WAIT: Duration = Duration::from_secs(20);
 
@@ -83,7 +85,11 @@ fn batches(shared: &Shared) -> Vec<(String, Vec<ProbeTarget>)> {
             address: peer.data_addr.to_string(),
             server_name: worker_name(&b),
         };
-        match out.iter_mut().find(|(p, _)| *p == a) {
+        // A request names at most MAX_TARGETS peers (what a worker accepts).
+        match out
+            .iter_mut()
+            .find(|(p, t)| *p == a && t.len() < MAX_TARGETS)
+        {
             Some((_, targets)) => targets.push(target),
             None => out.push((a, vec![target])),
         }
@@ -91,7 +97,8 @@ fn batches(shared: &Shared) -> Vec<(String, Vec<ProbeTarget>)> {
     out
 }
 
-/// Asks `prober` to measure its links to `targets`, and records what it says.
+/// Asks `prober` to measure its links to `targets`, and records what it says. A link that
+/// counts as other than nominal changes the topology: the reconciler plans again.
 async fn probe(shared: &Shared, prober: &str, targets: Vec<ProbeTarget>) {
     let Some(mut client) = shared
         .registry()
@@ -101,7 +108,7 @@ async fn probe(shared: &Shared, prober: &str, targets: Vec<ProbeTarget>) {
     else {
         return;
     };
-    let ids: Vec<String> = targets.iter().map(|t| t.worker_id.clone()).collect();
+    let asked: Vec<String> = targets.iter().map(|t| t.worker_id.clone()).collect();
     let deadline = PER_LINK * targets.len() as u32;
     let request = ProbeRequest {
         targets,
@@ -109,43 +116,51 @@ async fn probe(shared: &Shared, prober: &str, targets: Vec<ProbeTarget>) {
         burst_bytes: BURST_BYTES,
     };
     let answer = tokio::time::timeout(deadline, client.probe(request)).await;
-    let now = Instant::now();
-    let mut registry = shared.registry();
     let links = match answer {
         Ok(Ok(r)) => r.into_inner().links,
         Ok(Err(status)) => {
             warn!(worker = prober, cause = %status.message(), "could not measure its links");
-            for id in &ids {
-                registry.links.record_failure(prober, id, now);
-            }
-            return;
+            Vec::new()
         }
         Err(_) => {
             warn!(worker = prober, "measuring its links timed out");
-            for id in &ids {
-                registry.links.record_failure(prober, id, now);
-            }
-            return;
+            Vec::new()
         }
     };
-    for m in links {
-        if !m.error.is_empty() || m.bandwidth_bytes_per_second <= 0.0 {
-            warn!(from = prober, to = %m.worker_id, cause = %m.error, "could not measure a link");
-            registry.links.record_failure(prober, &m.worker_id, now);
+    let now = Instant::now();
+    let nominal = shared.config().plan.link;
+    let mut registry = shared.registry();
+    let mut topology_changed = false;
+    for id in &asked {
+        // Only what was asked, once; a peer the answer leaves out failed.
+        let Some(m) = links.iter().find(|m| &m.worker_id == id) else {
+            registry.links.record_failure(prober, id, now);
+            continue;
+        };
+        let bandwidth = m.bandwidth_bytes_per_second;
+        if !m.error.is_empty() || !bandwidth.is_finite() || bandwidth <= 0.0 {
+            warn!(from = prober, to = %id, cause = %m.error, "could not measure a link");
+            registry.links.record_failure(prober, id, now);
             continue;
         }
         let link = Link {
-            latency_ms: m.rtt_ms / 2.0,
+            latency_ms: m.rtt_ms.max(0.0) / 2.0,
             bandwidth: m.bandwidth_bytes_per_second,
         };
         info!(
             from = prober,
-            to = %m.worker_id,
+            to = %id,
             rtt_ms = format!("{:.2}", m.rtt_ms),
             mbit_s = format!("{:.0}", link.bandwidth * 8.0 / 1e6),
             "link measured"
         );
-        registry.links.record(prober, &m.worker_id, link, now);
+        topology_changed |= counted(link, nominal) != nominal;
+        registry.links.record(prober, id, link, now);
+    }
+    if topology_changed {
+        registry.changed_at = Some(now);
+        drop(registry);
+        shared.membership_changed();
     }
 }
 

@@ -312,6 +312,7 @@ pub async fn remove(shared: &Shared, id: &str) -> Result<String, Error> {
     {
         let mut registry = shared.registry();
         registry.removed.insert(w.requested_id.clone());
+        registry.links.forget(id);
         registry.changed_at = Some(Instant::now());
     }
     crate::session::stage_lost(

@@ -607,12 +607,11 @@ fn order_by_swaps<'a>(
             } else {
                 hop[order[n - 1] * k + w]
             };
-            cost = cost.then(
-                sizes.o.objective,
-                sizes.stage_ms(workers[w], &layers, head),
-                h,
-                busy,
-            );
+            let mut ms = sizes.stage_ms(workers[w], &layers, head);
+            if workers[w].held.as_ref() == Some(&layers) {
+                ms *= 1.0 - HELD_PREFERENCE;
+            }
+            cost = cost.then(sizes.o.objective, ms, h, busy);
         }
         Some(cost)
     };
@@ -753,6 +752,16 @@ fn links_note(sizes: &Sizes, stages: &[StagePlan]) -> Option<String> {
     if sizes.o.pair_links.is_empty() || stages.len() < 2 {
         return None;
     }
+    let ids: Vec<&str> = stages.iter().map(|s| s.worker.as_str()).collect();
+    let mut links = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| ids[i + 1..].iter().map(|b| sizes.o.link_between(a, b)));
+    let first = links.next()?;
+    if links.all(|l| l == first) {
+        // The same link between every two of them: their order costs nothing more.
+        return None;
+    }
     let path: Vec<String> = stages
         .windows(2)
         .map(|p| {
@@ -764,7 +773,6 @@ fn links_note(sizes: &Sizes, stages: &[StagePlan]) -> Option<String> {
             )
         })
         .collect();
-    let ids: Vec<&str> = stages.iter().map(|s| s.worker.as_str()).collect();
     let mut slowest: Option<(&str, &str, Link)> = None;
     for (i, a) in ids.iter().enumerate() {
         for b in &ids[i + 1..] {
@@ -827,6 +835,18 @@ pub fn estimate(
         }
         Objective::Throughput => stages.iter().copied().fold(0.0, f64::max),
     }
+}
+
+/// One stream's time per token for `plan` when its stages take `stage_ms` (in order, as
+/// measured): the stages, the hops between them, and the token's trip in and back.
+pub fn one_stream_ms(
+    profile: &ModelProfile,
+    plan: &Plan,
+    stage_ms: &[f64],
+    options: &PlanOptions,
+) -> f64 {
+    let sizes = Sizes::new(profile, options);
+    stage_ms.iter().sum::<f64>() + hops_ms(&sizes, &plan.stages) + sizes.ends_ms()
 }
 
 /// A plan's own value under `objective` (what [`estimate`] gives for it as planned).

@@ -11,7 +11,7 @@
 //!   worker back from a blip that the plan no longer needs, a drained one) unload it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_proto::v1::UnloadRequest;
 use tracing::{info, warn};
@@ -83,6 +83,9 @@ fn same_layout(a: &Plan, b: &Plan) -> bool {
 pub async fn run(shared: Arc<Shared>) {
     // --min-workers holds back the first plan only; after that, any plan that fits serves.
     let mut served_once = false;
+    // The last change of membership (or links) already answered by keeping the layout in
+    // force: only a newer one switches plans without the calibration's margin.
+    let mut answered_change: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shared.cancel().cancelled() => return,
@@ -95,9 +98,10 @@ pub async fn run(shared: Arc<Shared>) {
         let state = shared.serving();
         match state.pipeline().cloned() {
             Some(cur) if same_layout(&cur.plan, &desired) => {
+                answered_change = shared.registry().changed_at;
                 unload_strays(&shared, &cur.plan).await
             }
-            Some(cur) if !worth_switching(&shared, &cur, &desired) => {}
+            Some(cur) if !worth_switching(&shared, &cur, &desired, answered_change) => {}
             Some(cur) => {
                 if switch(&shared, &cur, desired).await {
                     served_once = true;
@@ -117,9 +121,15 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Whether `desired` should replace the plan in force: always after a membership change;
-/// when only measured speeds changed, see [`CALIBRATION_MARGIN`].
-fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
+/// Whether `desired` should replace the plan in force: always after a change of
+/// membership (or of the links) not yet answered; when only measured speeds changed, see
+/// [`CALIBRATION_MARGIN`].
+fn worth_switching(
+    shared: &Shared,
+    cur: &Pipeline,
+    desired: &Plan,
+    answered_change: Option<Instant>,
+) -> bool {
     let (changed_at, all_measured) = {
         let registry = shared.registry();
         let measured = cur.plan.stages.iter().all(|s| {
@@ -130,7 +140,8 @@ fn worth_switching(shared: &Shared, cur: &Pipeline, desired: &Plan) -> bool {
         });
         (registry.changed_at, measured)
     };
-    if changed_at.is_some_and(|t| t > cur.planned_at) {
+    let since = answered_change.map_or(cur.planned_at, |t| t.max(cur.planned_at));
+    if changed_at.is_some_and(|t| t > since) {
         return true;
     }
     if !all_measured || cur.planned_at.elapsed() < CALIBRATION_HOLD {

@@ -222,24 +222,32 @@ pub struct LinkSample {
 }
 
 /// Measures the link of `conn`: `pings` small probes (the shortest round trip counts), then
-/// two bursts of `burst_bytes` (at most [`MAX_PROBE_BYTES`]) timed until the peer answers.
+/// a burst of a 16th of `burst_bytes` (at least 64 KiB) and one sized to take about half a
+/// second at the rate the first showed (at most `burst_bytes`, itself at most
+/// [`MAX_PROBE_BYTES`]); the faster rate counts. A slow link is measured without a burst
+/// that would outlast the probe's deadline.
 pub async fn probe(conn: &quinn::Connection, pings: u32, burst_bytes: usize) -> Result<LinkSample> {
     let mut rtt = Duration::MAX;
     for _ in 0..pings.max(1) {
         rtt = rtt.min(probe_once(conn, 8).await?);
     }
-    let burst = burst_bytes.clamp(1, MAX_PROBE_BYTES);
-    // Two bursts, the faster counting: the first may pay for congestion control's slow
-    // start, or for a busy machine.
-    let took = probe_once(conn, burst)
-        .await?
-        .min(probe_once(conn, burst).await?);
+    let most = burst_bytes.clamp(64 << 10, MAX_PROBE_BYTES);
     // The burst's last byte needs a one-way trip and the answer another: what remains is
     // the time the bytes took on the wire (at least a microsecond, for a very fast link).
-    let on_wire = took.saturating_sub(rtt).max(Duration::from_micros(1));
+    let rate = |bytes: usize, took: Duration| {
+        bytes as f64
+            / took
+                .saturating_sub(rtt)
+                .max(Duration::from_micros(1))
+                .as_secs_f64()
+    };
+    let first = (most / 16).max(64 << 10);
+    let first_rate = rate(first, probe_once(conn, first).await?);
+    let second = ((first_rate * 0.5) as usize).clamp(first, most);
+    let second_rate = rate(second, probe_once(conn, second).await?);
     Ok(LinkSample {
         rtt_ms: rtt.as_secs_f64() * 1e3,
-        bandwidth: burst as f64 / on_wire.as_secs_f64(),
+        bandwidth: first_rate.max(second_rate),
     })
 }
 
