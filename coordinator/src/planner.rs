@@ -783,7 +783,11 @@ fn links_note(sizes: &Sizes, stages: &[StagePlan]) -> Option<String> {
             }
         }
     }
-    let (a, b, link) = slowest?;
+    // Named as the status names links: the lesser id first.
+    let (a, b, link) = match slowest? {
+        (a, b, link) if a <= b => (a, b, link),
+        (a, b, link) => (b, a, link),
+    };
     let crossed = ids
         .windows(2)
         .any(|p| (p[0], p[1]) == (a, b) || (p[0], p[1]) == (b, a));

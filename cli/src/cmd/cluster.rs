@@ -622,98 +622,143 @@ pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         match c {
-            ClusterCommand::Status { remote, json } => {
-                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
-                let s = client.status(StatusRequest {}).await?.into_inner();
-                if json {
-                    let workers: Vec<_> = s.workers.iter().map(|w| {
-                        let info = w.info.clone().unwrap_or_default();
-                        serde_json::json!({
-                            "id": info.id, "state": state_name(w.state), "address": w.address, "stage": w.stage,
-                            "layers": [w.layer_start, w.layer_end], "memory_budget": info.memory_budget,
-                            "speed_bytes_per_second": info.speed_bytes_per_second,
-                            "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
-                            "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
-                            "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
-                            "bytes_received": w.bytes_received,
-                        })
-                    }).collect();
-                    let v = serde_json::json!({
-                        "cluster_id": s.cluster_id,
-                        "model": s.model.as_ref().map(|m| &m.id),
-                        "serving": s.serving,
-                        "detail": s.detail,
-                        "active_sequences": s.active_sequences,
-                        "workers": workers,
-                        "links": s.links.iter().map(|l| serde_json::json!({
-                            "a": l.a, "b": l.b, "latency_ms": l.latency_ms,
-                            "bandwidth_bytes_per_second": l.bandwidth_bytes_per_second,
-                            "age_seconds": l.age_seconds,
-                        })).collect::<Vec<_>>(),
-                        "plan": s.plan.as_ref().map(plan_json),
-                    });
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    return Ok(());
-                }
-                let m = s.model.clone().unwrap_or_default();
-                println!(
-                    "cluster {}: {} ({}, {} layers, {}) — {}{}",
-                    s.cluster_id,
-                    m.id,
-                    m.architecture,
-                    m.layers,
-                    human_bytes(m.weight_bytes),
-                    if s.serving { "serving" } else { "not serving" },
-                    if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) }
-                );
-                println!("active sequences: {}", s.active_sequences);
-                println!(
-                    "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  detail",
-                    "worker", "state", "address", "stage", "layers", "rss / peak / budget", "load", "seen"
-                );
-                for w in &s.workers {
-                    let info = w.info.clone().unwrap_or_default();
-                    let load = if w.load_bytes_total > 0 {
-                        format!("{:.0}% of {}", 100.0 * w.load_bytes_done as f64 / w.load_bytes_total as f64, human_bytes(w.load_bytes_total))
-                    } else {
-                        "-".into()
-                    };
-                    println!(
-                        "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  {}",
-                        info.id,
-                        state_name(w.state),
-                        w.address,
-                        if w.stage < 0 { "-".into() } else { w.stage.to_string() },
-                        if w.layer_end > 0 { format!("{}..{}", w.layer_start, w.layer_end) } else { "-".into() },
-                        format!("{} / {} / {}", human_bytes(w.resident_bytes), human_bytes(w.peak_resident_bytes), human_bytes(info.memory_budget)),
-                        load,
-                        format!("{:.1}s", w.last_seen_ms as f64 / 1e3),
-                        w.detail
-                    );
-                }
-                print_links(&s.links);
-                if let Some(p) = &s.plan {
-                    println!();
-                    print_plan(p);
-                }
-                Ok(())
-            }
+            ClusterCommand::Status { remote, json } => status(remote, json).await,
             ClusterCommand::Plan(a) => plan(a).await,
             ClusterCommand::Drain { worker, remote } => {
-                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
-                let r = client.drain(DrainRequest { worker_id: worker }).await?.into_inner();
+                let mut client =
+                    cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+                let r = client
+                    .drain(DrainRequest { worker_id: worker })
+                    .await?
+                    .into_inner();
                 println!("{}", r.detail);
                 Ok(())
             }
             ClusterCommand::Remove { worker, remote } => {
-                let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
-                let r = client.remove(RemoveRequest { worker_id: worker }).await?.into_inner();
+                let mut client =
+                    cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+                let r = client
+                    .remove(RemoveRequest { worker_id: worker })
+                    .await?
+                    .into_inner();
                 println!("{}", r.detail);
                 Ok(())
             }
             ClusterCommand::Join(_) => Ok(()),
         }
     })
+}
+
+/// `strata cluster status`: the cluster's model, workers, links and plan.
+async fn status(remote: Remote, json: bool) -> anyhow::Result<()> {
+    let mut client = cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
+    let s = client.status(StatusRequest {}).await?.into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        print_status(&s);
+    }
+    Ok(())
+}
+
+/// `cluster status --json`.
+fn status_json(s: &strata_proto::v1::StatusResponse) -> serde_json::Value {
+    let workers: Vec<_> = s
+        .workers
+        .iter()
+        .map(|w| {
+            let info = w.info.clone().unwrap_or_default();
+            serde_json::json!({
+                "id": info.id, "state": state_name(w.state), "address": w.address, "stage": w.stage,
+                "layers": [w.layer_start, w.layer_end], "memory_budget": info.memory_budget,
+                "speed_bytes_per_second": info.speed_bytes_per_second,
+                "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
+                "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
+                "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
+                "bytes_received": w.bytes_received,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "cluster_id": s.cluster_id,
+        "model": s.model.as_ref().map(|m| &m.id),
+        "serving": s.serving,
+        "detail": s.detail,
+        "active_sequences": s.active_sequences,
+        "workers": workers,
+        "links": s.links.iter().map(|l| serde_json::json!({
+            "a": l.a, "b": l.b, "latency_ms": l.latency_ms,
+            "bandwidth_bytes_per_second": l.bandwidth_bytes_per_second,
+            "age_seconds": l.age_seconds,
+        })).collect::<Vec<_>>(),
+        "plan": s.plan.as_ref().map(plan_json),
+    })
+}
+
+/// `cluster status` for people.
+fn print_status(s: &strata_proto::v1::StatusResponse) {
+    let m = s.model.clone().unwrap_or_default();
+    println!(
+        "cluster {}: {} ({}, {} layers, {}) — {}{}",
+        s.cluster_id,
+        m.id,
+        m.architecture,
+        m.layers,
+        human_bytes(m.weight_bytes),
+        if s.serving { "serving" } else { "not serving" },
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.detail)
+        }
+    );
+    println!("active sequences: {}", s.active_sequences);
+    println!(
+        "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  detail",
+        "worker", "state", "address", "stage", "layers", "rss / peak / budget", "load", "seen"
+    );
+    for w in &s.workers {
+        let info = w.info.clone().unwrap_or_default();
+        let load = if w.load_bytes_total > 0 {
+            format!(
+                "{:.0}% of {}",
+                100.0 * w.load_bytes_done as f64 / w.load_bytes_total as f64,
+                human_bytes(w.load_bytes_total)
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  {}",
+            info.id,
+            state_name(w.state),
+            w.address,
+            if w.stage < 0 {
+                "-".into()
+            } else {
+                w.stage.to_string()
+            },
+            if w.layer_end > 0 {
+                format!("{}..{}", w.layer_start, w.layer_end)
+            } else {
+                "-".into()
+            },
+            format!(
+                "{} / {} / {}",
+                human_bytes(w.resident_bytes),
+                human_bytes(w.peak_resident_bytes),
+                human_bytes(info.memory_budget)
+            ),
+            load,
+            format!("{:.1}s", w.last_seen_ms as f64 / 1e3),
+            w.detail
+        );
+    }
+    print_links(&s.links);
+    if let Some(p) = &s.plan {
+        println!();
+        print_plan(p);
+    }
 }
 
 async fn plan(a: PlanArgs) -> anyhow::Result<()> {
