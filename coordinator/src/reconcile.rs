@@ -39,8 +39,18 @@ const CALIBRATION_HOLD: std::time::Duration = std::time::Duration::from_secs(300
 /// The workers a plan may use now: admitted, alive, not draining. A worker's speed is what
 /// its decode steps measured with the slice it holds, once measured; before, what it
 /// measured of one layer when it started.
+///
+/// A worker outside the plan in force that still holds a slice (one that came back) asks
+/// the planner to keep it there; the workers of the plan in force do not (a change of
+/// membership reshapes their slices anyway, and a move for measured speeds has its own
+/// margin).
 pub fn candidates(shared: &Shared) -> Vec<Candidate> {
     let profile = &shared.model().profile;
+    let in_force: Vec<String> = shared
+        .serving()
+        .pipeline()
+        .map(|p| p.plan.stages.iter().map(|s| s.worker.clone()).collect())
+        .unwrap_or_default();
     shared
         .registry()
         .workers
@@ -57,7 +67,11 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
                 id: w.profile.id.clone(),
                 budget: w.profile.memory_budget,
                 speed: measured.unwrap_or(w.profile.speed),
-                held: w.held.as_ref().map(|h| h.layers.clone()),
+                held: w
+                    .held
+                    .as_ref()
+                    .filter(|_| !in_force.contains(&w.profile.id))
+                    .map(|h| h.layers.clone()),
             }
         })
         .collect()
