@@ -291,7 +291,9 @@ impl Worker {
     pub fn set_held(&mut self, held: Option<Held>) {
         if self.held != held {
             self.measured_ms = None;
-            self.decode_mark = (0.0, 0);
+            if self.decode_mark != REMARK {
+                self.decode_mark = (0.0, 0);
+            }
         }
         self.held = held;
     }
@@ -328,6 +330,10 @@ impl Worker {
         self.detail = reason.clone();
         self.held = None;
         self.stage = None;
+        // A forward that spanned the failure (a stopped process) would count its whole
+        // pause: measure afresh from the first heartbeat after it answers again.
+        self.measured_ms = None;
+        self.decode_mark = REMARK;
         Verdict::Failed(reason)
     }
 
@@ -457,6 +463,9 @@ impl Links {
         pairs
     }
 }
+
+/// A decode mark that the next heartbeat replaces with its totals (see `calibrate`).
+const REMARK: (f64, u64) = (f64::MAX, u64::MAX);
 
 /// Refusals kept for the status.
 const MAX_REFUSALS: usize = 16;
