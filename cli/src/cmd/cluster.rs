@@ -137,8 +137,24 @@ pub struct ServeArgs {
     local_speed: Option<f64>,
 }
 
+/// The planner's knobs from `serve`'s flags.
+fn serve_plan_options(a: &ServeArgs, dtype: strata_model::WireType) -> anyhow::Result<PlanOptions> {
+    Ok(PlanOptions {
+        kv_tokens: a.kv_tokens,
+        objective: objective(&a.objective)?,
+        link: planner::Link::parse(&a.link).with_context(|| {
+            format!(
+                "--link {}: use 1gbe, 10gbe, wifi, tb4, loopback, or a rate such as 2.5gbit",
+                a.link
+            )
+        })?,
+        wire_bytes: dtype.element_bytes() as u64,
+        ..PlanOptions::default()
+    })
+}
+
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let state_dir = a.state_dir.unwrap_or_else(default_state_dir);
+    let state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
     let (ca, created) = ClusterCa::load_or_create(&state_dir)
         .with_context(|| format!("opening the cluster state in {}", state_dir.display()))?;
     let token = ca.token().to_text();
@@ -151,25 +167,14 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
     // An empty key (STRATA_API_KEY= in a config file) means none, not the empty string.
-    config.api_key = a.api_key.filter(|k| !k.is_empty());
+    config.api_key = a.api_key.clone().filter(|k| !k.is_empty());
     config.min_workers = a.min_workers;
     config.mdns = !a.no_mdns;
     config.data_port = a.data_port;
     config.wire_dtype = dtype;
     config.recover_wait = a.recover_wait;
     config.measure_links = !a.no_link_probe;
-    config.plan = PlanOptions {
-        kv_tokens: a.kv_tokens,
-        objective: objective(&a.objective)?,
-        link: planner::Link::parse(&a.link).with_context(|| {
-            format!(
-                "--link {}: use 1gbe, 10gbe, wifi, tb4, loopback, or a rate such as 2.5gbit",
-                a.link
-            )
-        })?,
-        wire_bytes: dtype.element_bytes() as u64,
-        ..PlanOptions::default()
-    };
+    config.plan = serve_plan_options(&a, dtype)?;
     let local_memory = match &a.local_memory {
         Some(m) => Some(
             parse_size(m).with_context(|| format!("--local-memory {m}: use sizes like 12GiB"))?,
