@@ -23,6 +23,18 @@ fn http(
     body: Option<&str>,
     key: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = exchange(addr, method, path, body, key);
+    (status, body)
+}
+
+/// One HTTP/1.1 exchange: status code, the head (lower-cased) and the body.
+fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let body = body.unwrap_or("");
     let auth = key
@@ -33,9 +45,10 @@ fn http(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
-    .unwrap();
+    // A server may answer (413) and close before it has read a large body.
+    .ok();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    s.read_to_end(&mut raw).ok();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -58,7 +71,7 @@ fn http(
     } else {
         rest.to_string()
     };
-    (status, body)
+    (status, head.to_ascii_lowercase(), body)
 }
 
 #[test]
@@ -182,7 +195,32 @@ fn openai_endpoints_answer_like_openai() {
             r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
             "temperature",
         ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"temperature":1e308}"#,
+            "got 1e308",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+            "at least 1",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":[1,2,3],"max_tokens":1000000000}"#,
+            "max_tokens is 1000000000, 1000000003 in all, but the model's context holds",
+        ),
         ("/v1/completions", r#"{"prompt":[999999]}"#, "vocabulary"),
+        (
+            "/v1/completions",
+            r#"{"prompt":[-1]}"#,
+            "token -1 is not in",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":[1],"stop":["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}"#,
+            "17 stop strings",
+        ),
     ] {
         let (status, body) = http(&cluster.http, "POST", path, Some(req), key);
         assert_eq!(status, 400, "{req}: {body}");
@@ -201,6 +239,120 @@ fn openai_endpoints_answer_like_openai() {
         key,
     );
     assert_eq!(status, 404);
+    // A stop string over 256 bytes, and a body over the size limit (413, not 400).
+    let long_stop = format!(r#"{{"prompt":[1],"stop":["{}"]}}"#, "x".repeat(300));
+    let (status, body) = http(
+        &cluster.http,
+        "POST",
+        "/v1/completions",
+        Some(&long_stop),
+        key,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("stop string of 300 bytes"), "{body}");
+    let huge = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(3 << 20));
+    let (status, body) = http(&cluster.http, "POST", "/v1/completions", Some(&huge), key);
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("over the limit"), "{body}");
+
+    // Sampling with no seed: a fresh one each time, reported, and it reproduces the answer.
+    let sampled = |seed: Option<u64>| {
+        let seed = seed.map(|s| format!(r#","seed":{s}"#)).unwrap_or_default();
+        let req = format!(r#"{{"prompt":[1,2,3],"max_tokens":12,"temperature":1.5{seed}}}"#);
+        let (status, head, body) =
+            exchange(&cluster.http, "POST", "/v1/completions", Some(&req), key);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let seed = v["seed"].as_u64().unwrap();
+        assert!(head.contains(&format!("x-strata-seed: {seed}")), "{head}");
+        (seed, v["choices"][0]["text"].as_str().unwrap().to_string())
+    };
+    let (seed_a, text_a) = sampled(None);
+    let (seed_b, _) = sampled(None);
+    assert_ne!(
+        seed_a, seed_b,
+        "two requests without a seed got the same one"
+    );
+    assert_eq!(sampled(Some(seed_a)), (seed_a, text_a));
+}
+
+#[test]
+fn a_burst_is_answered_or_refused_with_retry_after_within_the_kv_budget() {
+    let (_dir, model) = small_gguf("q8_0");
+    // Room for one request of 8 + 40 positions at a time, and two waiting.
+    let options = ClusterOptions {
+        workers: 2,
+        serve_args: vec![
+            "--kv-tokens".into(),
+            "64".into(),
+            "--max-queue".into(),
+            "2".into(),
+        ],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    wait_healthy(&cluster.http);
+    // Needing more positions than a stage holds: 400 at once, naming both numbers.
+    let req = r#"{"prompt":[1,2,3,4,5,6,7,8],"max_tokens":100}"#;
+    let (status, body) = http(&cluster.http, "POST", "/v1/completions", Some(req), None);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("needs 108 KV-cache positions") && body.contains("holds 64"),
+        "{body}"
+    );
+
+    let burst: Vec<_> = (0..10)
+        .map(|i| {
+            let addr = cluster.http.clone();
+            std::thread::spawn(move || {
+                let req = format!(
+                    r#"{{"prompt":[1,2,3,4,5,6,7,{}],"max_tokens":40,"ignore_eos":true,"temperature":0}}"#,
+                    10 + i
+                );
+                exchange(&addr, "POST", "/v1/completions", Some(&req), None)
+            })
+        })
+        .collect();
+    let (mut answered, mut refused) = (0, 0);
+    for handle in burst {
+        let (status, head, body) = handle.join().unwrap();
+        match status {
+            200 => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["usage"]["completion_tokens"], 40, "{body}");
+                answered += 1;
+            }
+            429 => {
+                assert!(head.contains("retry-after: "), "{head}");
+                assert!(body.contains("busy"), "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // One runs and two wait at any moment, so some were refused and at least three answered.
+    assert!(
+        answered >= 3 && refused >= 1,
+        "{answered} answered, {refused} refused"
+    );
+    // The last reservation goes back once the stages say they dropped its caches.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = metrics(&cluster.http);
+        if m["strata_kv_positions{kind=\"reserved\"}"] == 0.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "reservations were never given back");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        m["strata_requests_refused_total{reason=\"busy\"}"],
+        refused as f64
+    );
+    assert_eq!(m["strata_queue_depth"], 0.0);
+    assert_eq!(m["strata_kv_positions{kind=\"capacity\"}"], 64.0);
+    let (status, _) = http(&cluster.http, "GET", "/health", None, None);
+    assert_eq!(status, 200);
 }
 
 /// Waits until `/health` says 200.

@@ -61,7 +61,9 @@ impl Api {
         ignore_eos: bool,
     ) -> std::result::Result<TokenStream, Status> {
         let logprobs = sampling.as_ref().is_some_and(|s| s.logprobs);
-        let sampling = strata_net::frame::sampling_params(sampling.as_ref());
+        let seed = sampling.as_ref().and_then(|s| s.seed);
+        let mut sampling = strata_net::frame::sampling_params(sampling.as_ref());
+        sampling.seed = seed.unwrap_or_else(session::fresh_seed);
         let answer = session::start(
             &self.shared,
             SequenceRequest {
@@ -76,11 +78,11 @@ impl Api {
         // Deltas become GenerateResponses here, at the edge; a client that leaves drops
         // the stream, which ends the relay and so cancels the sequence.
         let (tx, rx) = mpsc::channel(RELAY_QUEUE);
-        let id = answer.id;
+        let (id, seed) = (answer.id, answer.seed);
         let mut deltas = answer.deltas;
         tokio::spawn(async move {
             while let Some(d) = deltas.recv().await {
-                let msg = d.map(|d| response(&id, d)).map_err(Status::from);
+                let msg = d.map(|d| response(&id, seed, d)).map_err(Status::from);
                 if tx.send(msg).await.is_err() {
                     return;
                 }
@@ -104,7 +106,7 @@ impl Api {
 const RELAY_QUEUE: usize = 16;
 
 /// One delta as the gRPC API sends it.
-fn response(id: &str, d: Delta) -> GenerateResponse {
+fn response(id: &str, seed: u64, d: Delta) -> GenerateResponse {
     let (finish_reason, usage) = match d.finish {
         Some((reason, u)) => (
             match reason {
@@ -117,6 +119,7 @@ fn response(id: &str, d: Delta) -> GenerateResponse {
                 completion_tokens: u.completion_tokens as u32,
                 time_to_first_token_ms: u.time_to_first_token_ms,
                 decode_tokens_per_second: u.decode_tokens_per_second,
+                seed,
             }),
         ),
         None => (0, None),

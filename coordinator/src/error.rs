@@ -12,6 +12,14 @@ pub enum Error {
     /// The cluster cannot serve right now.
     #[error("{0}")]
     Unavailable(String),
+    /// Too many requests wait for room: retry after a while.
+    #[error("{message}")]
+    Busy {
+        /// What to tell the client.
+        message: String,
+        /// When a place is likely to be free.
+        retry_after: std::time::Duration,
+    },
     /// A request was malformed.
     #[error("{0}")]
     InvalidRequest(String),
@@ -40,6 +48,13 @@ impl From<Error> for tonic::Status {
                 tonic::Status::invalid_argument(msg)
             }
             Error::NoSuchWorker(_) => tonic::Status::not_found(msg),
+            Error::Busy { retry_after, .. } => {
+                let mut status = tonic::Status::resource_exhausted(msg);
+                if let Ok(v) = retry_after.as_secs().max(1).to_string().parse() {
+                    status.metadata_mut().insert("retry-after", v);
+                }
+                status
+            }
             Error::Unavailable(_) | Error::Sequence(_) => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }

@@ -30,7 +30,12 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header (429 and 503).
+    retry_after: Option<u64>,
 }
+
+/// What a 503 tells a client to wait before retrying: the cluster re-plans in seconds.
+const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
@@ -38,6 +43,18 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(UNAVAILABLE_RETRY_SECONDS),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                message,
+            )
         }
     }
 }
@@ -45,7 +62,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": null}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -55,14 +78,19 @@ impl From<Error> for ApiError {
             Error::InvalidRequest(m) | Error::UnknownSpec(m) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m)
             }
-            Error::Unavailable(m) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m)
-            }
-            Error::Sequence(e) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                e.to_string(),
-            ),
+            Error::Unavailable(m) => ApiError::unavailable(m),
+            Error::Busy {
+                message,
+                retry_after,
+            } => ApiError {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    message,
+                )
+            },
+            Error::Sequence(e) => ApiError::unavailable(e.to_string()),
             other => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -104,14 +132,15 @@ struct StreamOptions {
 #[derive(Debug, Deserialize)]
 struct Common {
     model: Option<String>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    // Read as f64 so that an out-of-range number is reported as sent, not as `inf`.
+    temperature: Option<f64>,
+    top_p: Option<f64>,
     top_k: Option<u32>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
+    min_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
     seed: Option<u64>,
     stop: Option<Stop>,
     n: Option<u32>,
@@ -145,27 +174,50 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
 }
 
+/// A sampling number as the sampler takes it; one that no f32 holds is refused by name.
+fn real(name: &str, value: Option<f64>) -> std::result::Result<Option<f32>, ApiError> {
+    match value {
+        Some(v) if !v.is_finite() || v.abs() > f64::from(f32::MAX) => Err(bad(format!(
+            // `{:e}` writes 1e308 as sent, where `{}` would spell out 309 digits.
+            "`{name}` must be a finite number of ordinary size, got {v:e}"
+        ))),
+        Some(v) => Ok(Some(v as f32)),
+        None => Ok(None),
+    }
+}
+
 impl Common {
-    fn sampling(&self) -> SamplingParams {
+    /// The sampler's settings; with no seed, a fresh one (see [`session::fresh_seed`]).
+    fn sampling(&self) -> std::result::Result<SamplingParams, ApiError> {
         let d = SamplingParams::default();
         // OpenAI's frequency_penalty (0..2, additive) maps onto a multiplicative repeat
         // penalty of 1 + penalty/2 when no explicit repeat_penalty is given.
-        let repeat = self
-            .repeat_penalty
-            .or(self
-                .frequency_penalty
+        let repeat = real("repeat_penalty", self.repeat_penalty)?
+            .or(real("frequency_penalty", self.frequency_penalty)?
                 .filter(|p| *p > 0.0)
                 .map(|p| 1.0 + p / 2.0))
             .unwrap_or(1.0);
-        SamplingParams {
+        Ok(SamplingParams {
             // OpenAI's default temperature is 1; a request that omits it samples.
-            temperature: self.temperature.unwrap_or(1.0),
-            top_p: self.top_p.unwrap_or(1.0),
+            temperature: real("temperature", self.temperature)?.unwrap_or(1.0),
+            top_p: real("top_p", self.top_p)?.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0) as usize,
-            min_p: self.min_p.unwrap_or(0.0),
+            min_p: real("min_p", self.min_p)?.unwrap_or(0.0),
             repeat_penalty: repeat,
-            seed: self.seed.unwrap_or(0),
+            seed: self.seed.unwrap_or_else(session::fresh_seed),
             ..d
+        })
+    }
+
+    /// Most tokens to generate: 0 when not given (the session's default); an explicit 0
+    /// is refused, as OpenAI's API does.
+    fn max_tokens(&self) -> std::result::Result<usize, ApiError> {
+        match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => Err(bad(
+                "`max_tokens` must be at least 1 (leave it out for the default)",
+            )),
+            Some(n) => Ok(n as usize),
+            None => Ok(0),
         }
     }
 
@@ -324,6 +376,8 @@ enum Kind {
 /// What every message of one answer repeats: its id, creation time, model and shape.
 struct Reply {
     id: String,
+    /// The sampler's seed (reported so that the answer can be reproduced).
+    seed: u64,
     created: u64,
     model: String,
     kind: Kind,
@@ -358,7 +412,7 @@ impl Reply {
             }
         };
         json!({"id": self.id, "object": self.chunk_object(), "created": self.created,
-               "model": self.model, "choices": [choice]})
+               "model": self.model, "seed": self.seed, "choices": [choice]})
     }
 
     /// The whole answer as its endpoint writes it.
@@ -375,9 +429,12 @@ impl Reply {
             ),
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-               "choices": [choice], "usage": usage_json(last)})
+               "seed": self.seed, "choices": [choice], "usage": usage_json(last)})
     }
 }
+
+/// The response header that carries the sampler's seed.
+const SEED_HEADER: &str = "x-strata-seed";
 
 async fn respond(
     shared: Arc<Shared>,
@@ -385,12 +442,9 @@ async fn respond(
     prompt: Vec<u32>,
     common: Common,
 ) -> std::result::Result<Response, ApiError> {
-    let max = common
-        .max_completion_tokens
-        .or(common.max_tokens)
-        .unwrap_or(0) as usize;
+    let max = common.max_tokens()?;
     let (logprobs, top_logprobs) = common.logprobs()?;
-    let mut sampling = common.sampling();
+    let mut sampling = common.sampling()?;
     sampling.top_logprobs = top_logprobs;
     let answer = session::start(
         &shared,
@@ -422,6 +476,7 @@ async fn respond(
     };
     let reply = Reply {
         id: format!("{prefix}-{}", answer.id),
+        seed: answer.seed,
         created: now(),
         model: shared.model().name.clone(),
         kind,
@@ -431,14 +486,16 @@ async fn respond(
             on: logprobs,
         },
     };
+    let seed_header = (SEED_HEADER, answer.seed.to_string());
     if !common.stream {
-        return whole(reply, first, deltas).await;
+        let whole = whole(reply, first, deltas).await?;
+        return Ok(([seed_header], whole).into_response());
     }
     let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    Ok(streamed(reply, first, deltas, include_usage))
+    Ok(([seed_header], streamed(reply, first, deltas, include_usage)).into_response())
 }
 
 /// Collects the answer and answers once.
@@ -513,18 +570,30 @@ fn streamed(
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
 }
 
+/// Most bytes a request body may have (axum's default, said here so that the error can
+/// name it).
+const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// A body that could not be read as JSON: 413 when it is over the size limit, else 400
+/// saying what was wrong.
+fn rejected(e: axum::extract::rejection::JsonRejection, what: &str) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is over the limit of {MAX_BODY_BYTES} bytes"),
+        );
+    }
+    bad(format!("the request body is not {what}: {}", e.body_text()))
+}
+
 async fn chat_completions(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: std::result::Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
-    let Json(body) = body.map_err(|e| {
-        bad(format!(
-            "the request body is not a chat completion request: {}",
-            e.body_text()
-        ))
-    })?;
+    let Json(body) = body.map_err(|e| rejected(e, "a chat completion request"))?;
     body.common.check(&shared)?;
     let messages: Vec<Message> = body
         .messages
@@ -552,12 +621,7 @@ async fn completions(
     body: std::result::Result<Json<CompletionBody>, axum::extract::rejection::JsonRejection>,
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
-    let Json(body) = body.map_err(|e| {
-        bad(format!(
-            "the request body is not a completion request: {}",
-            e.body_text()
-        ))
-    })?;
+    let Json(body) = body.map_err(|e| rejected(e, "a completion request"))?;
     body.common.check(&shared)?;
     let vocab = shared.model().file.config().vocab_size as u64;
     let prompt: Vec<u32> = match &body.prompt {
@@ -566,17 +630,14 @@ async fn completions(
             .tokenizer
             .encode(text, true)
             .map_err(|e| bad(e.to_string()))?,
-        Value::Array(ids) if ids.iter().all(Value::is_u64) => ids
+        Value::Array(ids) if ids.iter().all(Value::is_number) => ids
             .iter()
-            .filter_map(Value::as_u64)
-            .map(|t| {
-                if t < vocab {
-                    Ok(t as u32)
-                } else {
-                    Err(bad(format!(
-                        "token {t} is outside the vocabulary of {vocab}"
-                    )))
-                }
+            .map(|t| match t.as_u64() {
+                Some(t) if t < vocab => Ok(t as u32),
+                _ => Err(bad(format!(
+                    "token {t} is not in the vocabulary: token ids are whole numbers from 0 to {}",
+                    vocab.saturating_sub(1)
+                ))),
             })
             .collect::<std::result::Result<_, _>>()?,
         _ => return Err(bad("`prompt` must be a string or an array of token ids")),
@@ -639,6 +700,14 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         }
     }
     m.active_sequences.set(shared.sessions().active() as i64);
+    let (capacity, reserved, queued) = shared.gate().figures();
+    m.queue_depth.set(queued as i64);
+    m.kv_positions
+        .with_label_values(&["capacity"])
+        .set(capacity as i64);
+    m.kv_positions
+        .with_label_values(&["reserved"])
+        .set(reserved as i64);
     m.coordinator_resident
         .set(strata_net::memory::resident_bytes() as i64);
     (
@@ -735,6 +804,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/health", get(health))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
 

@@ -40,6 +40,7 @@
 //!   equals its undisturbed twin; `--wire-dtype f16|bf16` halves the bytes for slow links
 //!   and may change a token where two are nearly tied.
 
+mod admission;
 pub mod api;
 mod digest;
 pub mod error;
@@ -102,6 +103,15 @@ pub struct CoordinatorConfig {
     /// Measure the links between workers when they join, and plan with them (default
     /// true).
     pub measure_links: bool,
+    /// Most positions one step of a prompt carries: longer prompts go in pieces, between
+    /// which other answers' steps run (default 256).
+    pub prefill_chunk: usize,
+    /// Requests that may wait for room in the KV cache; past them a request is refused
+    /// with 429 and a time to retry (default 64).
+    pub max_queue: usize,
+    /// How long a streaming client may leave a token unread before its answer is cancelled
+    /// and its caches freed (default 30 s).
+    pub client_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -120,6 +130,9 @@ impl CoordinatorConfig {
             settle: Duration::from_millis(1500),
             recover_wait: Duration::from_secs(60),
             measure_links: true,
+            prefill_chunk: 256,
+            max_queue: 64,
+            client_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -74,6 +74,12 @@ pub struct Metrics {
     /// For an answer that moved to another pipeline: its pause, from its last token
     /// before to its first after.
     pub resume_pause: Histogram,
+    /// Requests refused before they started, by why.
+    pub refused: IntCounterVec,
+    /// Requests waiting for room in the KV cache.
+    pub queue_depth: IntGauge,
+    /// KV positions reserved by running requests, and the positions each stage holds.
+    pub kv_positions: IntGaugeVec,
     recent: Mutex<VecDeque<RequestRecord>>,
 }
 
@@ -235,8 +241,38 @@ impl Metrics {
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0]),
             ),
         );
+        let refused = add(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "strata_requests_refused_total",
+                    "Requests refused before they started, by why: busy (the queue was full, 429)",
+                ),
+                &["reason"],
+            ),
+        );
+        let queue_depth = add(
+            &registry,
+            IntGauge::new(
+                "strata_queue_depth",
+                "Requests waiting for room in the KV cache",
+            ),
+        );
+        let kv_positions = add(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "strata_kv_positions",
+                    "KV-cache positions: reserved by running requests, and the capacity each stage holds",
+                ),
+                &["kind"],
+            ),
+        );
         Metrics {
             registry,
+            refused,
+            queue_depth,
+            kv_positions,
             slice_bytes_sent,
             replays,
             resume_pause,

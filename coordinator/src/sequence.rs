@@ -7,9 +7,13 @@
 //! a lost stage, the client leaving, time passing) and actions go out ([`Action`]: a step
 //! to send, text for the client, the end, caches to free).
 //!
-//! Every run of the sequence starts the same way: the whole history as one step from
-//! position 0, which (re)builds every stage's cache and restarts the last stage's sampler
-//! where the random stream stood. The first run is the prompt; after a stage is lost, the
+//! Every run of the sequence starts the same way: the whole history from position 0, which
+//! (re)builds every stage's cache and restarts the last stage's sampler where the random
+//! stream stood. A history longer than [`ModelLimits::prefill_chunk`] goes in pieces, one
+//! in flight at a time: the last stage caches each piece and reports it done, and samples
+//! after the last one. So no stage runs one forward over a long prompt (which would stall
+//! every other answer in its batch, and its memory would grow with the prompt), and other
+//! answers' decode steps ride in the same batches as the pieces. The first run is the prompt; after a stage is lost, the
 //! same step replays the prompt and the accepted tokens on the new pipeline, and the answer
 //! continues with the tokens it would have had: the model's forward is batch-invariant, so
 //! the replayed caches are bit-identical to the ones decoding built.
@@ -21,7 +25,7 @@
 use std::time::{Duration, Instant};
 
 use strata_model::{SamplingParams, SeqId, StreamDecoder, Tokenizer};
-use strata_net::frame::{Sampled, SamplerStart, SeqFailure, Step};
+use strata_net::frame::{Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Why an answer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +73,8 @@ pub struct ModelLimits {
     pub eos: Vec<u32>,
     /// Context length in tokens.
     pub context: usize,
+    /// Most positions one step of a prompt or replay carries.
+    pub prefill_chunk: usize,
 }
 
 /// Timings and counts of an answer.
@@ -154,6 +160,13 @@ pub enum Event<'a> {
         /// The token.
         sampled: &'a Sampled,
     },
+    /// The last stage cached a piece of the history (in a frame of plan `epoch`).
+    Prefilled {
+        /// The frame's epoch.
+        epoch: u64,
+        /// What it cached.
+        done: Prefilled,
+    },
     /// A stage could not run the sequence.
     Failure {
         /// The frame's epoch.
@@ -238,8 +251,12 @@ enum Phase {
         since: Instant,
         lost: Option<String>,
     },
-    /// A step is in flight on the pipeline of plan `epoch`.
-    Running { epoch: u64, sent_at: Instant },
+    /// A step is in flight on the pipeline of plan `epoch`; it ends at position `upto`.
+    Running {
+        epoch: u64,
+        sent_at: Instant,
+        upto: usize,
+    },
     /// The client left while a step was in flight: free once it lands.
     Cancelling { epoch: u64, since: Instant },
     /// Over.
@@ -391,6 +408,7 @@ impl SequenceCore {
         match event {
             Event::Pipeline { epoch } => self.on_pipeline(epoch, now),
             Event::Token { epoch, sampled } => self.on_token(epoch, sampled, now, tokenizer),
+            Event::Prefilled { epoch, done } => self.on_prefilled(epoch, done, now),
             Event::Failure { epoch, failure } => self.on_failure(epoch, failure, now),
             Event::StageLost { epoch, reason } => self.on_stage_lost(epoch, reason, now),
             Event::ClientGone => self.on_client_gone(now),
@@ -406,23 +424,57 @@ impl SequenceCore {
         if lost.is_some() {
             self.replays += 1;
         }
+        self.send_piece(epoch, 0, now)
+    }
+
+    /// Positions this sequence may reach: what each stage reserves for it.
+    fn reserve(&self) -> u32 {
+        let most = self.request.prompt.len() + self.request.max_tokens;
+        most.min(self.limits.context) as u32
+    }
+
+    /// Sends the piece of the history from `start` (the first carries the sampler).
+    fn send_piece(&mut self, epoch: u64, start: usize, now: Instant) -> Vec<Action> {
+        let end = (start + self.limits.prefill_chunk.max(1)).min(self.history.len());
         self.phase = Phase::Running {
             epoch,
             sent_at: now,
+            upto: end,
         };
         vec![Action::Send {
             epoch,
             step: Step {
                 seq: self.id,
-                start: 0,
-                tokens: self.history.clone(),
-                sampler: Some(SamplerStart {
+                start: start as u32,
+                tokens: self.history[start..end].to_vec(),
+                sampler: (start == 0).then(|| SamplerStart {
                     params: self.request.sampling.clone(),
                     rng_position: self.rng_position,
                 }),
                 attempt: self.attempt,
+                reserve: self.reserve(),
+                partial: end < self.history.len(),
             },
         }]
+    }
+
+    /// The last stage cached a piece: send the next.
+    fn on_prefilled(&mut self, epoch: u64, done: Prefilled, now: Instant) -> Vec<Action> {
+        let Phase::Running { upto, .. } = self.phase else {
+            if let Phase::Cancelling { epoch: e, .. } = self.phase {
+                if e == epoch && self.current(epoch, done.attempt) {
+                    return self.end(Outcome::Cancelled, Some(epoch));
+                }
+            }
+            return Vec::new();
+        };
+        if !self.current(epoch, done.attempt)
+            || done.end as usize != upto
+            || upto >= self.history.len()
+        {
+            return Vec::new();
+        }
+        self.send_piece(epoch, upto, now)
     }
 
     /// Whether news of `epoch` and `attempt` is about the step in flight.
@@ -437,7 +489,11 @@ impl SequenceCore {
         now: Instant,
         tokenizer: &Tokenizer,
     ) -> Vec<Action> {
-        if !self.current(epoch, sampled.attempt) || sampled.position as usize != self.history.len()
+        let expected = matches!(self.phase, Phase::Running { upto, .. } if upto == self.history.len())
+            || matches!(self.phase, Phase::Cancelling { .. });
+        if !self.current(epoch, sampled.attempt)
+            || sampled.position as usize != self.history.len()
+            || !expected
         {
             return Vec::new();
         }
@@ -458,20 +514,8 @@ impl SequenceCore {
                         actions.extend(self.end(Outcome::Finished(reason), Some(epoch)))
                     }
                     None => {
-                        self.phase = Phase::Running {
-                            epoch,
-                            sent_at: now,
-                        };
-                        actions.push(Action::Send {
-                            epoch,
-                            step: Step {
-                                seq: self.id,
-                                start: (self.history.len() - 1) as u32,
-                                tokens: vec![sampled.token],
-                                sampler: None,
-                                attempt: self.attempt,
-                            },
-                        });
+                        let start = self.history.len() - 1;
+                        actions.extend(self.send_piece(epoch, start, now));
                     }
                 }
                 actions
@@ -659,6 +703,15 @@ mod tests {
     }
 
     fn core(max_tokens: usize, stop: &[&str], now: Instant) -> SequenceCore {
+        core_in_pieces(max_tokens, stop, 64, now)
+    }
+
+    fn core_in_pieces(
+        max_tokens: usize,
+        stop: &[&str],
+        prefill_chunk: usize,
+        now: Instant,
+    ) -> SequenceCore {
         SequenceCore::new(
             7,
             SequenceRequest {
@@ -676,6 +729,7 @@ mod tests {
             ModelLimits {
                 eos: vec![509],
                 context: 64,
+                prefill_chunk,
             },
             Deadlines::default(),
             now,
@@ -740,6 +794,82 @@ mod tests {
         }
         assert_eq!(c.outcome(), Some(&Outcome::Finished(FinishReason::Length)));
         assert_eq!(c.history(), &[10, 11, 12, 40, 41, 42]);
+    }
+
+    #[test]
+    fn a_long_history_goes_in_pieces_one_at_a_time_and_only_the_last_samples() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core_in_pieces(4, &[], 2, now);
+        let a = c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!((step.start, step.tokens.as_slice()), (0, &[10, 11][..]));
+        assert!(step.partial && step.sampler.is_some());
+        // Every piece reserves what the whole answer may reach: prompt 3 + 4 tokens.
+        assert_eq!(step.reserve, 7);
+        // A token cannot come before the last piece; a report of another piece, run or
+        // epoch changes nothing.
+        let early = token(2, 40, 0);
+        let early = Event::Token {
+            epoch: 1,
+            sampled: &early,
+        };
+        assert!(c.handle(early, now, &t, "").is_empty());
+        for (epoch, end, attempt) in [(1, 1, 0), (1, 2, 1), (2, 2, 0)] {
+            let done = Prefilled {
+                seq: 7,
+                end,
+                attempt,
+            };
+            let news = Event::Prefilled { epoch, done };
+            assert!(c.handle(news, now, &t, "").is_empty());
+        }
+        let done = Prefilled {
+            seq: 7,
+            end: 2,
+            attempt: 0,
+        };
+        let a = c.handle(Event::Prefilled { epoch: 1, done }, now, &t, "");
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!((step.start, step.tokens.as_slice()), (2, &[12][..]));
+        assert!(!step.partial && step.sampler.is_none());
+        // The report again (a doubled frame) sends nothing more.
+        assert!(c
+            .handle(Event::Prefilled { epoch: 1, done }, now, &t, "")
+            .is_empty());
+        let first = token(3, 40, 0);
+        let a = c.handle(
+            Event::Token {
+                epoch: 1,
+                sampled: &first,
+            },
+            now,
+            &t,
+            "",
+        );
+        assert!(matches!(&a[0], Action::Deliver(d) if d.token == 40));
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!((step.start, step.len(), step.partial), (3, 1, false));
+        // A lost stage: the replay of the four positions goes in pieces again.
+        c.handle(
+            Event::StageLost {
+                epoch: 1,
+                reason: "gone".into(),
+            },
+            now,
+            &t,
+            "",
+        );
+        let a = c.handle(Event::Pipeline { epoch: 2 }, now, &t, "");
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!(
+            (
+                step.start,
+                step.tokens.as_slice(),
+                step.partial,
+                step.attempt
+            ),
+            (0, &[10, 11][..], true, 1)
+        );
     }
 
     #[test]

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use strata_model::SeqId;
-use strata_net::frame::{Frame, Sampled, SeqFailure, Step};
+use strata_net::frame::{Frame, Prefilled, Sampled, SeqFailure, Step};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::admission::{Refusal, Reservation};
 use crate::error::Error;
 use crate::metrics::RequestRecord;
 use crate::sequence::{
@@ -33,19 +34,34 @@ pub const OUTBOX_QUEUE: usize = 1024;
 const SESSION_QUEUE: usize = 16;
 /// Streamed deltas waiting for a slow client.
 const STREAM_QUEUE: usize = 16;
+/// How long an ended answer waits for word that every stage dropped its caches before
+/// its KV reservation goes to another request anyway.
+const FREED_WAIT: Duration = Duration::from_secs(5);
 /// Tokens generated when a request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// How long a new request waits for the cluster to be ready.
 pub const READY_WAIT: Duration = Duration::from_secs(120);
-/// How long a client may leave a token unread before it counts as gone (its sequence is
-/// freed rather than held forever by a reader that stopped).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// News the shell routes to a session.
 enum News {
-    Token { epoch: u64, sampled: Sampled },
-    Failure { epoch: u64, failure: SeqFailure },
-    StageLost { epoch: u64, reason: String },
+    Token {
+        epoch: u64,
+        sampled: Sampled,
+    },
+    Prefilled {
+        epoch: u64,
+        done: Prefilled,
+    },
+    /// Every stage of the pipeline dropped the sequence's caches.
+    Freed,
+    Failure {
+        epoch: u64,
+        failure: SeqFailure,
+    },
+    StageLost {
+        epoch: u64,
+        reason: String,
+    },
 }
 
 struct Entry {
@@ -169,6 +185,8 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
         let Frame::Tokens {
             epoch,
             tokens,
+            prefilled,
+            freed,
             failures,
         } = frame
         else {
@@ -179,6 +197,14 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
             shared
                 .sessions()
                 .tell(sampled.seq, News::Token { epoch, sampled });
+        }
+        for seq in freed {
+            shared.sessions().tell(seq, News::Freed);
+        }
+        for done in prefilled {
+            shared
+                .sessions()
+                .tell(done.seq, News::Prefilled { epoch, done });
         }
         for failure in failures {
             shared
@@ -221,28 +247,63 @@ pub async fn batcher(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Outbound>) 
                 break;
             }
         }
-        // One frame per pipeline (sequences can be on two for a moment).
+        // One frame per pipeline (sequences can be on two for a moment), each within the
+        // rows a stage runs at once.
         while !batch.is_empty() {
             let epoch = batch[0].pipeline.epoch;
             let (group, rest): (Vec<Outbound>, Vec<Outbound>) =
                 batch.into_iter().partition(|o| o.pipeline.epoch == epoch);
             batch = rest;
             let pipeline = group[0].pipeline.clone();
-            let frame = Frame::Forward {
-                epoch,
-                steps: group.into_iter().map(|o| o.step).collect(),
-                activations: None,
-                failures: Vec::new(),
-            };
-            debug!(rows = frame.rows(), "to stage 0");
-            if let Err(e) = strata_net::transport::send_frame(&pipeline.first, &frame).await {
-                let reason = format!(
-                    "stage 0 (worker {}) is unreachable: {e}",
-                    pipeline.first_worker()
-                );
-                pipeline_broken(&shared, epoch, &reason);
+            for steps in frames_of(group.into_iter().map(|o| o.step).collect()) {
+                send_to_stage0(&shared, &pipeline, epoch, steps).await;
             }
         }
+    }
+}
+
+/// Splits steps into frames of at most [`strata_net::frame::BATCH_ROWS`] rows (a single
+/// larger step goes alone: prompts come in pieces smaller than that).
+fn frames_of(steps: Vec<Step>) -> Vec<Vec<Step>> {
+    let mut frames: Vec<Vec<Step>> = Vec::new();
+    let mut rows = 0;
+    for step in steps {
+        let fits = rows + step.len() <= strata_net::frame::BATCH_ROWS
+            && frames
+                .last()
+                .is_some_and(|f| f.len() < strata_net::frame::MAX_CHUNKS);
+        if !fits {
+            frames.push(Vec::new());
+            rows = 0;
+        }
+        rows += step.len();
+        if let Some(f) = frames.last_mut() {
+            f.push(step);
+        }
+    }
+    frames
+}
+
+/// Sends one frame of steps to stage 0; an unreachable stage 0 breaks the pipeline.
+async fn send_to_stage0(
+    shared: &Arc<Shared>,
+    pipeline: &Arc<Pipeline>,
+    epoch: u64,
+    steps: Vec<Step>,
+) {
+    let frame = Frame::Forward {
+        epoch,
+        steps,
+        activations: None,
+        failures: Vec::new(),
+    };
+    debug!(rows = frame.rows(), "to stage 0");
+    if let Err(e) = strata_net::transport::send_frame(&pipeline.first, &frame).await {
+        let reason = format!(
+            "stage 0 (worker {}) is unreachable: {e}",
+            pipeline.first_worker()
+        );
+        pipeline_broken(shared, epoch, &reason);
     }
 }
 
@@ -278,41 +339,121 @@ pub fn chat_prompt(shared: &Shared, messages: &[strata_model::Message]) -> Resul
 pub struct Answer {
     /// The request id, as the logs name it.
     pub id: String,
+    /// The sampler's seed: the one asked for, or the fresh one drawn for it (reported back
+    /// so that the answer can be reproduced).
+    pub seed: u64,
     /// The answer, a token at a time; the last delta carries the finish.
     pub deltas: mpsc::Receiver<Result<Delta, Error>>,
 }
 
-/// Starts generating; refuses at once what cannot run.
-pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answer, Error> {
+/// Most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// A seed for a request that gave none: fresh for every request, as OpenAI's API does, so
+/// that asking again gives another answer.
+pub fn fresh_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness (never seen): the clock still differs between requests.
+        return unix_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// Checks what a request asks for against the model and the limits, and fills in the
+/// defaults: `max_tokens` 0 means "not given" (the default, cut to what the context
+/// leaves), empty stop strings are dropped.
+fn settle(request: &mut SequenceRequest, context: usize, kv: usize) -> Result<(), Error> {
     request
         .sampling
         .validate()
         .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-    let context = shared.model().file.config().max_position_embeddings;
-    if request.prompt.is_empty() {
+    let prompt = request.prompt.len();
+    if prompt == 0 {
         return Err(Error::InvalidRequest("the prompt has no tokens".into()));
     }
-    if request.prompt.len() >= context {
+    if prompt >= context {
         return Err(Error::InvalidRequest(format!(
-            "the prompt has {} tokens but the model's context holds {context}: shorten it",
-            request.prompt.len()
+            "the prompt has {prompt} tokens but the model's context holds {context}: shorten it"
         )));
     }
     if request.max_tokens == 0 {
-        request.max_tokens = DEFAULT_MAX_TOKENS;
+        // The default fits the KV budget when the prompt leaves room in it.
+        let room = kv.saturating_sub(prompt).max(1);
+        request.max_tokens = DEFAULT_MAX_TOKENS.min(context - prompt).min(room);
+    } else if prompt + request.max_tokens > context {
+        return Err(Error::InvalidRequest(format!(
+            "the prompt has {prompt} tokens and max_tokens is {}, {} in all, but the model's \
+             context holds {context}: ask for at most {} tokens or shorten the prompt",
+            request.max_tokens,
+            prompt + request.max_tokens,
+            context - prompt
+        )));
     }
     request.stop.retain(|s| !s.is_empty());
+    if request.stop.len() > MAX_STOP_STRINGS {
+        return Err(Error::InvalidRequest(format!(
+            "{} stop strings: at most {MAX_STOP_STRINGS} are allowed",
+            request.stop.len()
+        )));
+    }
+    if let Some(long) = request.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(Error::InvalidRequest(format!(
+            "a stop string of {} bytes: each may have at most {MAX_STOP_BYTES}",
+            long.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reserves the request's positions in the KV budget, or says why not.
+fn reserve(shared: &Arc<Shared>, request: &SequenceRequest) -> Result<Reservation, Error> {
+    let need = request.prompt.len() + request.max_tokens;
+    shared.gate().ask(need).map_err(|refusal| match refusal {
+        Refusal::TooLarge { need, capacity } => Error::InvalidRequest(format!(
+            "this request needs {need} KV-cache positions (a prompt of {} tokens and \
+             max_tokens {}), but each stage of this cluster holds {capacity} (serve's \
+             --kv-tokens): ask for fewer tokens or send a shorter prompt",
+            request.prompt.len(),
+            request.max_tokens
+        )),
+        Refusal::Busy {
+            queued,
+            retry_after,
+        } => {
+            shared.metrics().refused.with_label_values(&["busy"]).inc();
+            Error::Busy {
+                message: format!(
+                    "the cluster is busy: its KV cache is full and {queued} requests are \
+                     waiting; retry in {} s",
+                    retry_after.as_secs()
+                ),
+                retry_after,
+            }
+        }
+    })
+}
+
+/// Starts generating; refuses at once what cannot run.
+pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answer, Error> {
+    let context = shared.model().file.config().max_position_embeddings;
+    settle(&mut request, context, shared.gate().figures().0)?;
     // Waiting helps while a plan loads, not when the workers cannot hold the model.
     if let ServingState::Shortfall(detail) = shared.serving() {
         return Err(Error::Unavailable(format!(
             "the cluster cannot hold the model: {detail}"
         )));
     }
+    let reservation = reserve(shared, &request)?;
+    let seed = request.sampling.seed;
     let (news_tx, news) = mpsc::channel(SESSION_QUEUE);
     let seq = shared.sessions().register(news_tx);
     let limits = ModelLimits {
         eos: shared.model().tokenizer.eos().to_vec(),
         context,
+        prefill_chunk: shared.config().prefill_chunk,
     };
     let deadlines = Deadlines {
         ready: READY_WAIT,
@@ -338,9 +479,11 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         started_unix_ms: unix_ms(),
         last_token_at: None,
         paused_since: None,
+        reservation,
+        freeing: None,
     };
     tokio::spawn(session.run().instrument(span));
-    Ok(Answer { id, deltas })
+    Ok(Answer { id, seed, deltas })
 }
 
 fn unix_ms() -> u64 {
@@ -364,6 +507,10 @@ struct Session {
     last_token_at: Option<Instant>,
     /// Replayed onto another pipeline and not yet delivered there: since when it paused.
     paused_since: Option<Instant>,
+    /// Its positions in the KV budget (given back when the session ends).
+    reservation: Reservation,
+    /// The pipeline a free was sent to, whose word that it is done the session awaits.
+    freeing: Option<u64>,
 }
 
 impl Session {
@@ -375,7 +522,34 @@ impl Session {
                 self.perform(action).await;
             }
         }
-        self.finish();
+        self.record();
+        self.await_freed().await;
+        self.shared.sessions().remove(self.core.id());
+        // Dropping the session gives its KV reservation back.
+    }
+
+    /// Holds the KV reservation until every stage has dropped the caches (the last stage
+    /// says so), so a request admitted into those positions never finds them still taken;
+    /// a pipeline that broke, or no word within [`FREED_WAIT`], lets go anyway (a new plan
+    /// drops every cache).
+    async fn await_freed(&mut self) {
+        let Some(epoch) = self.freeing else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + FREED_WAIT;
+        loop {
+            tokio::select! {
+                news = self.news.recv() => match news {
+                    Some(News::Freed) | None => return,
+                    Some(News::StageLost { epoch: e, .. }) if e == epoch => return,
+                    Some(_) => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    debug!(request = %self.id, "no word that the caches were dropped; letting the reservation go");
+                    return;
+                }
+            }
+        }
     }
 
     /// Waits for what happens next and lets the core decide.
@@ -385,7 +559,8 @@ impl Session {
     ) -> Vec<Action> {
         let shared = self.shared.clone();
         let tokenizer = &shared.model().tokenizer;
-        if self.core.waiting() {
+        let queued = self.reservation.queued();
+        if self.core.waiting() && !queued {
             let state = serving.borrow_and_update().clone();
             if let Some(p) = state.pipeline() {
                 self.pipeline = Some(p.clone());
@@ -409,6 +584,10 @@ impl Session {
                     Some(News::Token { epoch, sampled }) => {
                         self.core.handle(Event::Token { epoch, sampled: &sampled }, now, tokenizer, "")
                     }
+                    Some(News::Prefilled { epoch, done }) => {
+                        self.core.handle(Event::Prefilled { epoch, done }, now, tokenizer, "")
+                    }
+                    Some(News::Freed) => Vec::new(),
                     Some(News::Failure { epoch, failure }) => {
                         self.core.handle(Event::Failure { epoch, failure: &failure }, now, tokenizer, "")
                     }
@@ -431,8 +610,17 @@ impl Session {
                 self.client_gone = true;
                 self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "")
             }
+            _ = self.reservation.admitted(), if queued => Vec::new(),
             _ = sleep => {
-                let detail = shared.serving().detail();
+                let detail = if queued {
+                    let (capacity, reserved, waiting) = shared.gate().figures();
+                    format!(
+                        "it waited its turn for room in the KV cache ({reserved} of {capacity} \
+                         positions reserved, {waiting} requests waiting)"
+                    )
+                } else {
+                    shared.serving().detail()
+                };
                 self.core.handle(Event::Tick, Instant::now(), tokenizer, &detail)
             }
         }
@@ -475,7 +663,11 @@ impl Session {
                 }
                 let delivered = !self.client_gone
                     && matches!(
-                        tokio::time::timeout(CLIENT_TIMEOUT, self.out.send(Ok(delta))).await,
+                        tokio::time::timeout(
+                            self.shared.config().client_timeout,
+                            self.out.send(Ok(delta))
+                        )
+                        .await,
                         Ok(Ok(()))
                     );
                 if !self.client_gone && !delivered {
@@ -496,23 +688,23 @@ impl Session {
                         epoch,
                         seqs: vec![self.core.id()],
                     };
-                    if let Err(e) = strata_net::transport::send_frame(&p.first, &frame).await {
-                        debug!(cause = %e, "could not free a sequence's caches");
+                    match strata_net::transport::send_frame(&p.first, &frame).await {
+                        Ok(()) => self.freeing = Some(epoch),
+                        Err(e) => debug!(cause = %e, "could not free a sequence's caches"),
                     }
                 }
             }
             Action::Fail(e) => {
                 info!(request = %self.id, cause = %e, "request failed");
                 let failed = self.out.send(Err(Error::from(e)));
-                let _ = tokio::time::timeout(CLIENT_TIMEOUT, failed).await;
+                let _ = tokio::time::timeout(self.shared.config().client_timeout, failed).await;
             }
         }
     }
 
-    /// Records the outcome and leaves the table.
-    fn finish(&self) {
+    /// Records the outcome.
+    fn record(&self) {
         let shared = &self.shared;
-        shared.sessions().remove(self.core.id());
         let usage = self.core.usage(Instant::now());
         let outcome = match self.core.outcome() {
             Some(Outcome::Finished(FinishReason::Stop)) => "stop",

@@ -3,12 +3,13 @@
 //! members, the plan epoch) change through methods that say what happened.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use strata_net::identity::{ClusterCa, Identity};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Gate;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::serving::ServingState;
@@ -31,6 +32,7 @@ pub struct Shared {
     outbox: mpsc::Sender<Outbound>,
     cancel: CancellationToken,
     metrics: Metrics,
+    gate: Arc<Gate>,
 }
 
 /// The parts [`Shared::new`] is built from.
@@ -58,6 +60,10 @@ impl Shared {
     pub fn new(p: Parts) -> Self {
         let waiting = format!("waiting for {} worker(s) to join", p.config.min_workers);
         let (serving, _) = watch::channel(ServingState::Starting(waiting));
+        let gate = Gate::new(
+            usize::try_from(p.config.plan.kv_tokens).unwrap_or(usize::MAX),
+            p.config.max_queue,
+        );
         Shared {
             config: p.config,
             model: p.model,
@@ -71,6 +77,7 @@ impl Shared {
             epoch: AtomicU64::new(0),
             sessions: Sessions::default(),
             outbox: p.outbox,
+            gate,
             cancel: p.cancel,
             metrics: Metrics::new(),
         }
@@ -119,6 +126,11 @@ impl Shared {
     /// Shutdown.
     pub fn cancel(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Admission: the KV budget's reservations and the queue.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// Prometheus metrics and recent requests.

@@ -297,6 +297,7 @@ fn wire_request(
         next_server_name: name,
         epoch,
         wire_dtype: shared.config().wire_dtype.name().into(),
+        kv_positions: shared.config().plan.kv_tokens,
     };
     Ok((w.client.clone(), request))
 }

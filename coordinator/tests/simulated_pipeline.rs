@@ -37,6 +37,12 @@ const DETECT: u64 = 30;
 const MAX_STAGES: usize = 3;
 /// Ticks after which a run is declared stuck.
 const TICK_LIMIT: u64 = 20_000;
+/// Positions per piece of a prompt: small, so that the prompts (3 to 23 tokens) and every
+/// replay go in pieces through the faults.
+const PREFILL_CHUNK: usize = 8;
+/// Each stage's KV budget: the six answers' reservations (prompt + 20) fit, with little
+/// to spare, so a reservation that leaked would refuse a later run.
+const KV_POSITIONS: usize = 260;
 
 /// What the network and the nodes do wrong.
 #[derive(Debug, Clone, Default)]
@@ -167,6 +173,7 @@ impl Sim {
         let limits = ModelLimits {
             eos: tokenizer.eos().to_vec(),
             context: file.config().max_position_embeddings,
+            prefill_chunk: PREFILL_CHUNK,
         };
         let clients = requests()
             .into_iter()
@@ -232,6 +239,7 @@ impl Sim {
             n.core.wire(Wiring {
                 epoch,
                 wire: WireType::F32,
+                kv_positions: KV_POSITIONS,
             });
             n.next = usable
                 .get(k + 1)
@@ -462,7 +470,10 @@ impl Sim {
         let Frame::Tokens {
             epoch,
             tokens,
+            prefilled,
             failures,
+            // The simulated coordinator has no reservations to give back.
+            freed: _,
         } = frame
         else {
             panic!("the coordinator got a frame that is not tokens");
@@ -472,6 +483,16 @@ impl Sim {
             let i = (sampled.seq - 1) as usize;
             let actions = self.clients[i].core.handle(
                 Event::Token { epoch, sampled },
+                now,
+                &self.tokenizer,
+                "",
+            );
+            self.perform(i, actions);
+        }
+        for done in prefilled {
+            let i = (done.seq - 1) as usize;
+            let actions = self.clients[i].core.handle(
+                Event::Prefilled { epoch, done },
                 now,
                 &self.tokenizer,
                 "",

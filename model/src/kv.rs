@@ -28,6 +28,9 @@ struct LayerKv {
 #[derive(Debug)]
 struct SeqKv {
     len: usize,
+    /// Positions it is known to reach: its buffers are allocated at that size at once
+    /// (0: unknown, they grow by doubling).
+    reserve: usize,
     layers: Vec<LayerKv>,
 }
 
@@ -51,8 +54,22 @@ impl KvCache {
 
     /// Starts an empty sequence; an existing one is reset to empty.
     pub fn create(&mut self, seq: SeqId) {
+        self.create_with_capacity(seq, 0);
+    }
+
+    /// Starts an empty sequence that will reach `reserve` positions: each layer's buffers
+    /// are allocated once at that size, so its memory is what was reserved, never a
+    /// doubling past it (0: unknown, grow as needed).
+    pub fn create_with_capacity(&mut self, seq: SeqId, reserve: usize) {
         let layers = (0..self.num_layers).map(|_| LayerKv::default()).collect();
-        self.seqs.insert(seq, SeqKv { len: 0, layers });
+        self.seqs.insert(
+            seq,
+            SeqKv {
+                len: 0,
+                reserve,
+                layers,
+            },
+        );
     }
 
     /// Whether the sequence exists here.
@@ -115,6 +132,7 @@ impl KvCache {
             .get_mut(&seq)
             .ok_or(Error::UnknownSequence { seq })?;
         let layers = self.first_layer..self.first_layer + self.num_layers;
+        let reserve = s.reserve;
         let entry = layer
             .checked_sub(self.first_layer)
             .and_then(|local| s.layers.get_mut(local))
@@ -122,7 +140,11 @@ impl KvCache {
         let (kv_heads, n, head_dim) = k.dims3()?;
         let needed = start + n;
         if needed > entry.capacity {
-            let capacity = needed.max(2 * entry.capacity).max(MIN_CAPACITY);
+            let capacity = if reserve >= needed {
+                reserve
+            } else {
+                needed.max(2 * entry.capacity).max(MIN_CAPACITY)
+            };
             let grow = |old: Option<&Tensor>, device: &Device, dtype: DType| -> Result<Tensor> {
                 let fresh = Tensor::zeros((kv_heads, capacity, head_dim), dtype, device)?;
                 if let Some(old) = old {

@@ -9,8 +9,8 @@
 use prost::Message;
 use strata_model::{SamplingParams, SeqId, WireType};
 use strata_proto::v1::{
-    FrameChunk, FrameHeader, FrameKind, SampledToken, Sampling, SequenceError, TokenLogprob,
-    WireDType,
+    FrameChunk, FrameHeader, FrameKind, PrefillDone, SampledToken, Sampling, SequenceError,
+    TokenLogprob, WireDType,
 };
 use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION};
 
@@ -18,6 +18,10 @@ use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VER
 pub const MAX_CHUNKS: usize = 4096;
 /// Most rows (token positions) in one frame.
 pub const MAX_ROWS: u64 = 1 << 16;
+/// Most rows a stage runs in one batched forward, and so the most a sender puts in one
+/// frame: well within [`MAX_ROWS`], and within the payload limit for any hidden size up
+/// to 16,384 in f32.
+pub const BATCH_ROWS: usize = 2048;
 /// Widest hidden size accepted.
 pub const MAX_HIDDEN: u32 = 1 << 16;
 
@@ -42,6 +46,23 @@ pub struct Step {
     /// For the last stage: present when `start` is 0, where the sampler (re)starts.
     pub sampler: Option<SamplerStart>,
     /// Which run of the sequence: 0 first, one more per replay.
+    pub attempt: u32,
+    /// Positions the sequence may reach in this run (prompt plus `max_tokens`): what a
+    /// stage reserves in its KV budget when the run starts; 0 when not said.
+    pub reserve: u32,
+    /// A piece of a longer prompt: the last stage caches it and reports it done
+    /// ([`Prefilled`]) instead of sampling.
+    pub partial: bool,
+}
+
+/// A piece of a prompt the last stage has cached ([`Step::partial`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefilled {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Positions now cached.
+    pub end: u32,
+    /// The run of the sequence.
     pub attempt: u32,
 }
 
@@ -119,6 +140,10 @@ pub enum Frame {
         epoch: u64,
         /// What was sampled.
         tokens: Vec<Sampled>,
+        /// Pieces of prompts cached without sampling.
+        prefilled: Vec<Prefilled>,
+        /// Sequences whose caches every stage has dropped.
+        freed: Vec<SeqId>,
         /// Sequences that failed.
         failures: Vec<SeqFailure>,
     },
@@ -188,11 +213,24 @@ impl Frame {
                 (header, payload)
             }
             Frame::Tokens {
-                tokens, failures, ..
+                tokens,
+                prefilled,
+                freed,
+                failures,
+                ..
             } => (
                 FrameHeader {
                     kind: FrameKind::Tokens as i32,
+                    freed: freed.clone(),
                     tokens: tokens.iter().map(sampled_token).collect(),
+                    prefilled: prefilled
+                        .iter()
+                        .map(|p| PrefillDone {
+                            sequence: p.seq,
+                            end: p.end,
+                            attempt: p.attempt,
+                        })
+                        .collect(),
                     errors: failures.iter().map(sequence_error).collect(),
                     ..base
                 },
@@ -237,6 +275,16 @@ impl Frame {
             Ok(FrameKind::Tokens) => Frame::Tokens {
                 epoch: h.epoch,
                 tokens: h.tokens.into_iter().map(sampled).collect(),
+                prefilled: h
+                    .prefilled
+                    .into_iter()
+                    .map(|p| Prefilled {
+                        seq: p.sequence,
+                        end: p.end,
+                        attempt: p.attempt,
+                    })
+                    .collect(),
+                freed: h.freed,
                 failures,
             },
             Ok(FrameKind::Free) => Frame::Free {
@@ -270,6 +318,44 @@ pub fn header_len(prefix: [u8; 4]) -> Result<usize, String> {
     Ok(len)
 }
 
+/// What a receiver hands on in place of a frame it refused (over a limit, inconsistent,
+/// cut short): a failure for every sequence the header names, in the frame's epoch, so the
+/// answers hear at once why rather than waiting out a timeout. None when the header does
+/// not decode at all, or names no sequence (a refused `Free` leaves caches that the next
+/// epoch drops).
+pub fn refusal(header_bytes: &[u8], reason: &str) -> Option<Frame> {
+    let h = FrameHeader::decode(header_bytes).ok()?;
+    let message = format!("a frame was refused by its receiver: {reason}");
+    let fail = |seq: SeqId, attempt: u32| SeqFailure {
+        seq,
+        attempt,
+        message: message.clone(),
+    };
+    let mut failures: Vec<SeqFailure> = h.errors.into_iter().map(seq_failure).collect();
+    failures.extend(h.chunks.iter().map(|c| fail(c.sequence, c.attempt)));
+    failures.extend(h.tokens.iter().map(|t| fail(t.sequence, t.attempt)));
+    failures.extend(h.prefilled.iter().map(|p| fail(p.sequence, p.attempt)));
+    failures.truncate(MAX_CHUNKS);
+    if failures.is_empty() {
+        return None;
+    }
+    Some(match FrameKind::try_from(h.kind) {
+        Ok(FrameKind::Tokens) => Frame::Tokens {
+            epoch: h.epoch,
+            tokens: Vec::new(),
+            prefilled: Vec::new(),
+            freed: Vec::new(),
+            failures,
+        },
+        _ => Frame::Forward {
+            epoch: h.epoch,
+            steps: Vec::new(),
+            activations: None,
+            failures,
+        },
+    })
+}
+
 /// Decodes and validates a header.
 pub fn decode_header(bytes: &[u8]) -> Result<Header, String> {
     let header = FrameHeader::decode(bytes).map_err(|e| format!("undecodable header: {e}"))?;
@@ -299,7 +385,11 @@ fn validate(h: &FrameHeader) -> Result<(), String> {
             if h.payload_bytes != 0 {
                 return Err("control frame with a payload".into());
             }
-            if h.tokens.len() > MAX_CHUNKS || h.free.len() > MAX_CHUNKS {
+            if h.tokens.len() > MAX_CHUNKS
+                || h.free.len() > MAX_CHUNKS
+                || h.prefilled.len() > MAX_CHUNKS
+                || h.freed.len() > MAX_CHUNKS
+            {
                 return Err("too many entries".into());
             }
             if h.tokens.iter().any(|t| t.top.len() > 20) {
@@ -389,6 +479,8 @@ fn chunk(s: &Step) -> FrameChunk {
         sampling: s.sampler.as_ref().map(|st| wire_sampling(&st.params)),
         rng_position: s.sampler.as_ref().map_or(0, |st| st.rng_position),
         attempt: s.attempt,
+        reserve: s.reserve,
+        partial: s.partial,
     }
 }
 
@@ -402,6 +494,8 @@ fn step(c: FrameChunk) -> Step {
         }),
         tokens: c.token_ids,
         attempt: c.attempt,
+        reserve: c.reserve,
+        partial: c.partial,
     }
 }
 
@@ -468,7 +562,7 @@ pub fn sampling_params(s: Option<&Sampling>) -> SamplingParams {
         } else {
             d.repeat_window
         },
-        seed: s.seed,
+        seed: s.seed.unwrap_or(0),
         top_logprobs: s.top_logprobs as usize,
         ..d
     }
@@ -483,7 +577,7 @@ pub fn wire_sampling(p: &SamplingParams) -> Sampling {
         min_p: p.min_p,
         repeat_penalty: p.repeat_penalty,
         repeat_window: p.repeat_window as u32,
-        seed: p.seed,
+        seed: Some(p.seed),
         logprobs: false,
         top_logprobs: p.top_logprobs as u32,
     }
@@ -515,6 +609,8 @@ mod tests {
                     rng_position: 12,
                 }),
                 attempt: 1,
+                reserve: 300,
+                partial: true,
             }],
             activations: Some(Activations {
                 wire,
@@ -545,6 +641,12 @@ mod tests {
                     rng_position: 40,
                     attempt: 3,
                 }],
+                prefilled: vec![Prefilled {
+                    seq: 8,
+                    end: 256,
+                    attempt: 0,
+                }],
+                freed: vec![4, 5],
                 failures: Vec::new(),
             },
             Frame::Free {
@@ -588,5 +690,29 @@ mod tests {
         assert!(decode(&head, &payload[1..])
             .unwrap_err()
             .contains("payload"));
+    }
+
+    #[test]
+    fn a_refused_frame_fails_every_sequence_it_names_in_its_epoch() {
+        let (head, _) = forward(3, 64, WireType::F16).encode();
+        let Some(Frame::Forward {
+            epoch,
+            steps,
+            failures,
+            ..
+        }) = refusal(&head[4..], "payload of 9 GB")
+        else {
+            panic!("a forward frame's refusal travels on as a forward frame")
+        };
+        assert_eq!(epoch, 3);
+        assert!(steps.is_empty());
+        // The failure it carried, and one for its step's sequence, in the step's run.
+        let seqs: Vec<(u64, u32)> = failures.iter().map(|f| (f.seq, f.attempt)).collect();
+        assert_eq!(seqs, vec![(5, 2), (7, 1)]);
+        assert!(failures[1]
+            .message
+            .contains("refused by its receiver: payload of 9 GB"));
+        // Nothing to say for bytes that are no header.
+        assert!(refusal(&[0xff, 0xff, 0xff], "garbage").is_none());
     }
 }

@@ -123,8 +123,36 @@ async fn write_frame(conn: &quinn::Connection, frame: &Frame) -> Result<()> {
     Ok(())
 }
 
-/// Reads one frame from a stream, validating the header before reading the payload.
-pub async fn read_frame(stream: &mut quinn::RecvStream, peer: &str) -> Result<Frame> {
+/// The QUIC error code a receiver stops a refused frame's stream with.
+const REFUSED: u32 = 1;
+
+/// A frame that was not taken: why, and the failures to hand on in its place.
+struct Refused {
+    error: Error,
+    failures: Option<Frame>,
+}
+
+/// Reads one frame from a stream, validating the header before reading the payload. A
+/// frame refused after its header decoded names its sequences, which fail.
+async fn read_frame(
+    stream: &mut quinn::RecvStream,
+    peer: &str,
+) -> std::result::Result<Frame, Refused> {
+    let mut header_bytes = Vec::new();
+    match read_frame_parts(stream, peer, &mut header_bytes).await {
+        Ok(frame) => Ok(frame),
+        Err(error) => {
+            let failures = frame::refusal(&header_bytes, &error.to_string());
+            Err(Refused { error, failures })
+        }
+    }
+}
+
+async fn read_frame_parts(
+    stream: &mut quinn::RecvStream,
+    peer: &str,
+    header_bytes: &mut Vec<u8>,
+) -> Result<Frame> {
     let bad = |reason: String| Error::BadFrame {
         peer: peer.to_string(),
         reason,
@@ -135,12 +163,12 @@ pub async fn read_frame(stream: &mut quinn::RecvStream, peer: &str) -> Result<Fr
         .await
         .map_err(|e| bad(format!("reading the length: {e}")))?;
     let len = frame::header_len(prefix).map_err(bad)?;
-    let mut header_bytes = vec![0u8; len];
+    header_bytes.resize(len, 0);
     stream
-        .read_exact(&mut header_bytes)
+        .read_exact(header_bytes)
         .await
         .map_err(|e| bad(format!("reading the header: {e}")))?;
-    let header = frame::decode_header(&header_bytes).map_err(bad)?;
+    let header = frame::decode_header(header_bytes).map_err(bad)?;
     // Validated against MAX_FRAME_PAYLOAD_BYTES, so this allocation is bounded.
     let mut payload = vec![0u8; header.payload_bytes() as usize];
     stream
@@ -201,7 +229,20 @@ pub fn spawn_acceptor(
                                 Ok(f) => {
                                     let _ = frames.send(f).await;
                                 }
-                                Err(e) => warn!(cause = %e, "dropped a frame"),
+                                Err(Refused { error, failures }) => {
+                                    // The sender's writes fail at once, and the answers in
+                                    // the frame hear why from the failures handed on.
+                                    let _ = stream.stop(REFUSED.into());
+                                    let told = failures.as_ref().map_or(0, |f| match f {
+                                        Frame::Forward { failures, .. }
+                                        | Frame::Tokens { failures, .. } => failures.len(),
+                                        Frame::Free { .. } => 0,
+                                    });
+                                    warn!(cause = %error, sequences_failed = told, "refused a frame");
+                                    if let Some(f) = failures {
+                                        let _ = frames.send(f).await;
+                                    }
+                                }
                             }
                         });
                     }

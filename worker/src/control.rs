@@ -385,6 +385,7 @@ impl WorkerControl for ControlService {
                     Wiring {
                         epoch: w.epoch,
                         wire,
+                        kv_positions: usize::try_from(w.kv_positions).unwrap_or(usize::MAX),
                     },
                     tx,
                     r,

@@ -110,9 +110,23 @@ pub struct ServeArgs {
     /// can take it over before it fails (e.g. 60s, 2m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     recover_wait: std::time::Duration,
-    /// KV-cache positions reserved per layer on each stage (context x concurrency).
+    /// KV-cache positions reserved per layer on each stage (context x concurrency). Each
+    /// request reserves its prompt plus max_tokens of them before it starts; requests that
+    /// do not fit wait (see --max-queue).
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
+    /// Requests that may wait for room in the KV cache; past them a request gets 429
+    /// (gRPC RESOURCE_EXHAUSTED) with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Most prompt tokens one forward takes: longer prompts go in pieces, between which
+    /// other answers keep decoding.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=2048))]
+    prefill_chunk: u32,
+    /// A streaming client that leaves a token unread this long is cancelled, and its
+    /// caches freed on every stage (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    client_timeout: std::time::Duration,
     /// What plans minimise: `latency` (time per token of one stream: the fastest machines
     /// first, others only where they pay for their hop) or `throughput` (the slowest
     /// stage, when many streams keep every stage busy).
@@ -174,6 +188,9 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.wire_dtype = dtype;
     config.recover_wait = a.recover_wait;
     config.measure_links = !a.no_link_probe;
+    config.max_queue = a.max_queue;
+    config.prefill_chunk = a.prefill_chunk as usize;
+    config.client_timeout = a.client_timeout;
     config.plan = serve_plan_options(&a, dtype)?;
     let local_memory = match &a.local_memory {
         Some(m) => Some(

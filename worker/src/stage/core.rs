@@ -13,6 +13,12 @@
 //!   past fail quietly in their own attempt, and a step that repeats one already run (a
 //!   duplicated frame) is skipped, so late and doubled frames change nothing;
 //! - wiring a new epoch drops every cache: sequences come back by replay;
+//! - a run reserves the positions its step says it may reach (`Step::reserve`) when it
+//!   starts, and the reservations may not exceed the positions the plan gave the stage
+//!   (`Wiring::kv_positions`): a run that does not fit, or a step past its reservation,
+//!   fails, so the cache never grows past what the plan counted;
+//! - a piece of a longer prompt (`Step::partial`) is cached and reported done by the last
+//!   stage, which samples only after the last piece;
 //! - nothing is dropped silently: whatever cannot run becomes a failure that travels on.
 
 use std::collections::HashMap;
@@ -21,7 +27,7 @@ use candle_core::{Device, Tensor};
 use strata_model::{
     Chunk, KvCache, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
 };
-use strata_net::frame::{Activations, Frame, Sampled, SamplerStart, SeqFailure, Step};
+use strata_net::frame::{Activations, Frame, Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Where the stage's output goes: its epoch and the activations' wire type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +36,8 @@ pub struct Wiring {
     pub epoch: u64,
     /// Activations' wire type.
     pub wire: WireType,
+    /// KV positions per layer the plan gave this stage (0: no limit).
+    pub kv_positions: usize,
 }
 
 /// A last-stage sequence's sampler and the tokens it has seen (for the repeat penalty).
@@ -44,6 +52,16 @@ struct Loaded {
     samplers: HashMap<SeqId, SequenceSampler>,
     /// The run (attempt) each cached sequence is on.
     attempts: HashMap<SeqId, u32>,
+    /// Positions each cached sequence may reach.
+    reserved: HashMap<SeqId, Reserved>,
+}
+
+/// A run's hold on the stage's KV budget.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    positions: usize,
+    /// Said by the coordinator (`Step::reserve`); otherwise it grows with the cache.
+    fixed: bool,
 }
 
 impl Loaded {
@@ -51,12 +69,51 @@ impl Loaded {
         self.cache.free(seq);
         self.samplers.remove(&seq);
         self.attempts.remove(&seq);
+        self.reserved.remove(&seq);
     }
 
     fn clear(&mut self) {
         self.cache = self.stage.new_cache();
         self.samplers.clear();
         self.attempts.clear();
+        self.reserved.clear();
+    }
+
+    /// Positions reserved by every sequence but `seq`.
+    fn reserved_by_others(&self, seq: SeqId) -> usize {
+        self.reserved
+            .iter()
+            .filter(|(s, _)| **s != seq)
+            .map(|(_, r)| r.positions)
+            .sum()
+    }
+
+    /// Reserves positions up to `end` for `seq` (a new run's whole reservation, or a
+    /// sequence whose reservation grows as it goes), within `budget` (0: no limit).
+    fn reserve(
+        &mut self,
+        seq: SeqId,
+        end: usize,
+        fixed: bool,
+        budget: usize,
+    ) -> Result<(), String> {
+        let others = self.reserved_by_others(seq);
+        if budget > 0 && others + end > budget {
+            return Err(format!(
+                "its KV budget is full: {others} of {budget} positions are reserved by {} other \
+                 sequence(s), and this one needs {end}; the coordinator admits requests within \
+                 the budget, so this is a bug or a coordinator of another plan",
+                self.reserved.len() - usize::from(self.reserved.contains_key(&seq))
+            ));
+        }
+        self.reserved.insert(
+            seq,
+            Reserved {
+                positions: end,
+                fixed,
+            },
+        );
+        Ok(())
     }
 }
 
@@ -102,6 +159,7 @@ impl StageCore {
             cache,
             samplers: HashMap::new(),
             attempts: HashMap::new(),
+            reserved: HashMap::new(),
         });
     }
 
@@ -229,6 +287,8 @@ impl StageCore {
             Frame::Tokens {
                 epoch,
                 tokens: Vec::new(),
+                prefilled: Vec::new(),
+                freed: Vec::new(),
                 failures,
             }
         } else {
@@ -241,14 +301,27 @@ impl StageCore {
         }
     }
 
-    /// Drops the sequences' caches here, and passes the news down the pipeline.
+    /// Drops the sequences' caches here, and passes the news down the pipeline; the last
+    /// stage tells the coordinator that every stage has dropped them (only then may their
+    /// KV reservations go to other requests: a new run that overtook the free would find
+    /// the budget still taken).
     fn free(&mut self, seqs: Vec<SeqId>, epoch: u64) -> Option<Frame> {
         if let Some(l) = &mut self.loaded {
             for seq in &seqs {
                 l.forget(*seq);
             }
         }
-        (!self.is_last()).then_some(Frame::Free { epoch, seqs })
+        Some(if self.is_last() {
+            Frame::Tokens {
+                epoch,
+                tokens: Vec::new(),
+                prefilled: Vec::new(),
+                freed: seqs,
+                failures: Vec::new(),
+            }
+        } else {
+            Frame::Free { epoch, seqs }
+        })
     }
 
     /// Admits the steps, runs them as one forward and builds the frame for the next hop.
@@ -407,6 +480,7 @@ impl StageCore {
     /// cache, and the sampler on the last stage); the current run must continue exactly
     /// where its cache ends, and what it already ran is a duplicate.
     fn admission(&mut self, step: &Step) -> Admission {
+        let budget = self.wiring.map_or(0, |w| w.kv_positions);
         let Some(l) = &mut self.loaded else {
             return Admission::Refuse("holds no slice".into());
         };
@@ -429,7 +503,21 @@ impl StageCore {
             Some(current) if step.attempt == current => {
                 let cached = cached.unwrap_or(0);
                 return if start == cached {
-                    Admission::Run
+                    match l.reserved.get(&step.seq).copied() {
+                        Some(r) if r.fixed && start + len > r.positions => {
+                            Admission::Refuse(format!(
+                                "sequence {} goes to position {} past the {} it reserved",
+                                step.seq,
+                                start + len,
+                                r.positions
+                            ))
+                        }
+                        Some(r) if r.fixed => Admission::Run,
+                        _ => match l.reserve(step.seq, start + len, false, budget) {
+                            Ok(()) => Admission::Run,
+                            Err(e) => Admission::Refuse(e),
+                        },
+                    }
                 } else if start + len <= cached {
                     Admission::Duplicate
                 } else {
@@ -448,7 +536,15 @@ impl StageCore {
             ));
         }
         l.forget(step.seq);
-        l.cache.create(step.seq);
+        let fixed = step.reserve > 0;
+        let end = (step.reserve as usize).max(start + len);
+        if let Err(e) = l.reserve(step.seq, end, fixed, budget) {
+            return Admission::Refuse(e);
+        }
+        // A known reservation is allocated once, at its size: the cache never doubles
+        // past what the plan counted.
+        l.cache
+            .create_with_capacity(step.seq, if fixed { end } else { 0 });
         l.attempts.insert(step.seq, step.attempt);
         if l.stage.slice().head {
             let start = step.sampler.clone().unwrap_or(SamplerStart {
@@ -524,7 +620,19 @@ impl StageCore {
             }
         };
         let mut tokens = Vec::with_capacity(steps.len());
+        let mut prefilled = Vec::new();
         for (step, row) in steps.iter().zip(&rows) {
+            if step.partial {
+                match self.absorb(step) {
+                    Ok(()) => prefilled.push(Prefilled {
+                        seq: step.seq,
+                        end: step.start + step.len() as u32,
+                        attempt: step.attempt,
+                    }),
+                    Err(message) => failures.push(self.fail(step, message)),
+                }
+                continue;
+            }
             match self.sample(step, row) {
                 Ok(t) => tokens.push(t),
                 Err(message) => failures.push(self.fail(step, message)),
@@ -533,8 +641,22 @@ impl StageCore {
         Frame::Tokens {
             epoch: wiring.epoch,
             tokens,
+            prefilled,
+            freed: Vec::new(),
             failures,
         }
+    }
+
+    /// A piece of a prompt reached the last stage: its tokens join the sampler's history
+    /// (for the repeat penalty), and nothing is sampled.
+    fn absorb(&mut self, step: &Step) -> Result<(), String> {
+        let l = self.loaded.as_mut().ok_or("holds no slice")?;
+        let s = l
+            .samplers
+            .get_mut(&step.seq)
+            .ok_or_else(|| format!("no sampler for sequence {}", step.seq))?;
+        s.history.extend(&step.tokens);
+        Ok(())
     }
 
     fn sample(&mut self, step: &Step, logits: &[f32]) -> Result<Sampled, String> {
@@ -582,11 +704,24 @@ mod tests {
         core.wire(Wiring {
             epoch: 1,
             wire: WireType::F32,
+            kv_positions: 16,
         });
         core
     }
 
     fn forward(epoch: u64, seq: SeqId, start: u32, tokens: Vec<u32>, attempt: u32) -> Frame {
+        reserving(epoch, seq, start, tokens, attempt, 0, false)
+    }
+
+    fn reserving(
+        epoch: u64,
+        seq: SeqId,
+        start: u32,
+        tokens: Vec<u32>,
+        attempt: u32,
+        reserve: u32,
+        partial: bool,
+    ) -> Frame {
         Frame::Forward {
             epoch,
             steps: vec![Step {
@@ -598,10 +733,57 @@ mod tests {
                     rng_position: 0,
                 }),
                 attempt,
+                reserve,
+                partial,
             }],
             activations: None,
             failures: Vec::new(),
         }
+    }
+
+    fn prefilled(out: &[Frame]) -> Vec<Prefilled> {
+        out.iter()
+            .flat_map(|f| match f {
+                Frame::Tokens { prefilled, .. } => prefilled.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_reserve_within_the_budget_and_pieces_are_cached_without_sampling() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = last_stage(dir.path());
+        // A piece of a prompt: cached and reported, nothing sampled.
+        let out = core.handle(vec![reserving(1, 1, 0, vec![1, 2, 3], 0, 10, true)]);
+        assert!(sampled(&out).is_empty());
+        assert_eq!(
+            prefilled(&out),
+            vec![Prefilled {
+                seq: 1,
+                end: 3,
+                attempt: 0
+            }]
+        );
+        // 10 of 16 positions are reserved: a run that needs 8 more does not fit.
+        let out = core.handle(vec![reserving(1, 2, 0, vec![4], 0, 8, false)]);
+        let f = failures(&out);
+        assert!(f[0].1.message.contains("KV budget is full"), "{f:?}");
+        // The last piece samples.
+        let out = core.handle(vec![reserving(1, 1, 3, vec![5], 0, 10, false)]);
+        assert_eq!(sampled(&out)[0].position, 4);
+        // Past its reservation, a step fails rather than growing the cache.
+        let out = core.handle(vec![forward(1, 1, 4, vec![6; 7], 0)]);
+        let f = failures(&out);
+        assert!(f[0].1.message.contains("past the 10 it reserved"), "{f:?}");
+        // Freed, its positions are there for the next run; the last stage says so.
+        let out = core.handle(vec![Frame::Free {
+            epoch: 1,
+            seqs: vec![1],
+        }]);
+        assert!(matches!(&out[..], [Frame::Tokens { freed, .. }] if freed == &vec![1]));
+        let out = core.handle(vec![reserving(1, 2, 0, vec![4], 0, 8, false)]);
+        assert_eq!(sampled(&out).len(), 1);
     }
 
     fn sampled(out: &[Frame]) -> Vec<Sampled> {
@@ -664,6 +846,7 @@ mod tests {
         core.wire(Wiring {
             epoch: 2,
             wire: WireType::F32,
+            kv_positions: 16,
         });
         assert_eq!(core.sequences(), 0);
     }

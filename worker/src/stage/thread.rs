@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use super::core::{StageCore, Wiring};
 
 /// Most rows one batched forward takes; more waiting frames go into the next batch.
-pub const MAX_BATCH_ROWS: usize = 2048;
+pub const MAX_BATCH_ROWS: usize = strata_net::frame::BATCH_ROWS;
 /// Frames and commands waiting for the compute thread.
 pub const QUEUE_DEPTH: usize = 256;
 
