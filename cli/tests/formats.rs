@@ -215,6 +215,49 @@ fn truncated_and_inconsistent_files_are_clear_errors() {
         stderr.contains("truncated") && !stderr.contains("panicked"),
         "{stderr}"
     );
+
+    // Header values that would size things wrongly: each a clear error through the CLI.
+    for (key, value, needle) in [
+        ("general.alignment", 0u32, "must be a power of two"),
+        ("llama.block_count", (1 << 31) - 1, "past the most"),
+        ("llama.block_count", u32::MAX, "past the most"),
+    ] {
+        synth_gguf("llama", &[], "q8_0", &gg);
+        let mut bytes = std::fs::read(&gg).unwrap();
+        // The key's string, then its type (u32 = 4), then the value.
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap()
+            + key.len();
+        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
+        bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&gg, &bytes).unwrap();
+        for command in ["inspect", "generate"] {
+            let mut args = vec![];
+            if command == "inspect" {
+                args.extend(["model", "inspect", gg.to_str().unwrap()]);
+            } else {
+                args.extend([
+                    "generate",
+                    "--model",
+                    gg.to_str().unwrap(),
+                    "--prompt",
+                    "hi",
+                ]);
+            }
+            let out = strata().args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{key} = {value}: {command} succeeded"
+            );
+            assert!(
+                stderr.contains(needle) && !stderr.contains("panicked"),
+                "{key} = {value}, {command}: {stderr}"
+            );
+        }
+    }
 }
 
 #[test]

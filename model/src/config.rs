@@ -167,6 +167,29 @@ impl ModelConfig {
                 return Err(invalid(format!("{name} must be positive")));
             }
         }
+        // Far past any real model, and small enough that nothing sized from them overflows
+        // (a header that says 2^31 layers is refused here, not by allocating them).
+        let most = [
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 4096),
+            ("num_attention_heads", self.num_heads, 4096),
+            ("head_dim", self.head_dim, 1 << 14),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+        ];
+        for (name, value, limit) in most {
+            if value > limit {
+                return Err(invalid(format!(
+                    "{name} is {value}, past the most this loader takes ({limit}): the file's \
+                     header is damaged or not a language model"
+                )));
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -580,5 +603,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("`yarn` is not supported"), "{err}");
+        let err = parse(
+            r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2147483647, "num_attention_heads": 4, "vocab_size": 300}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("num_hidden_layers is 2147483647, past the most"),
+            "{err}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Seek;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -597,6 +598,16 @@ impl ModelFile {
     fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let malformed_header = |reason: String| Error::Malformed {
+            path: path.to_path_buf(),
+            format: "gguf",
+            reason,
+        };
+        // candle's reader trusts the header's counts and alignment: check them first.
+        crate::gguf_check::check(&mut std::io::BufReader::new(&file), file_len)
+            .map_err(malformed_header)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| Error::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Malformed {
             path: path.to_path_buf(),
             format: "gguf",
@@ -927,5 +938,14 @@ fn config_from_gguf(
         eos_token_ids: u32_key("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
     config.validate(path)?;
+    // Every layer has tensors: a block count past the tensors is a damaged header.
+    if config.num_layers > tensors.len() {
+        return Err(invalid(format!(
+            "`{}` is {}, but the file has only {} tensors",
+            key("block_count"),
+            config.num_layers,
+            tensors.len()
+        )));
+    }
     Ok(config)
 }

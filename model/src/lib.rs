@@ -10,7 +10,9 @@
 //!
 //! # Layout
 //! - [`config`]: hyper-parameters from `config.json` or GGUF metadata.
-//! - [`format`]: the files, their tensor directories, reading one tensor by offset.
+//! - [`format`]: the files, their tensor directories, reading one tensor by offset;
+//!   `gguf_check`: every count, length and the alignment of a GGUF header checked against
+//!   the file before anything is sized from it.
 //! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
 //! - [`kv`]: the KV cache, per sequence, per layer.
 //! - [`kernels`]: our packed Q4_0/Q8_0/Q4_K and F16 matmuls (AVX2) and portable dense F32,
@@ -34,6 +36,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod format;
+mod gguf_check;
 pub mod kernels;
 pub mod kv;
 pub mod model;
