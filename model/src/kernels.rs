@@ -17,7 +17,8 @@
 //! 4-bit weights are used as unsigned nibbles `q` (value `q - 8`), so a single
 //! `maddubs` multiplies them; the `- 8 * sum(a)` offset is folded in per block.
 //!
-//! This is the only module with `unsafe`: SIMD intrinsics behind a runtime CPU check.
+//! This module's `unsafe` is SIMD intrinsics behind a runtime CPU check (`attention` has
+//! the only other: its portable code compiled for AVX2, behind the same kind of check).
 #![allow(unsafe_code)]
 
 use rayon::prelude::*;
@@ -487,6 +488,7 @@ const LANES: usize = 8;
 
 /// `Σ a[i] · b[i]` in one fixed order (eight interleaved partial sums, then a fixed tree),
 /// so the same inputs give the same bits wherever they are computed.
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut ac = a.chunks_exact(LANES);
