@@ -342,7 +342,10 @@ fn a_burst_is_answered_or_refused_with_retry_after_within_the_kv_budget() {
         if m["strata_kv_positions{kind=\"reserved\"}"] == 0.0 {
             break m;
         }
-        assert!(Instant::now() < deadline, "reservations were never given back");
+        assert!(
+            Instant::now() < deadline,
+            "reservations were never given back"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(

@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API (axum), beside the gRPC one: `GET /v1/models`,
 //! `POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events
 //! ending in `data: [DONE]`, or whole), and `GET /health`. Errors use OpenAI's JSON shape
-//! (`{"error": {"message", "type", "param", "code"}}`) with 400, 401, 404 or 503. A client
-//! that goes away mid-stream drops the stream, which frees its sequence on every stage.
+//! (`{"error": {"message", "type", "param", "code"}}`) with 400, 401, 404, 413, 429 (the
+//! queue for KV room is full) or 503, the last two with `Retry-After`. A client that goes
+//! away mid-stream drops the stream, which frees its sequence on every stage.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -433,6 +434,25 @@ impl Reply {
     }
 }
 
+/// What the request asks for, as the session takes it.
+fn sequence_request(
+    common: &Common,
+    prompt: Vec<u32>,
+) -> std::result::Result<SequenceRequest, ApiError> {
+    let max_tokens = common.max_tokens()?;
+    let (logprobs, top_logprobs) = common.logprobs()?;
+    let mut sampling = common.sampling()?;
+    sampling.top_logprobs = top_logprobs;
+    Ok(SequenceRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        stop: common.stops(),
+        ignore_eos: common.ignore_eos,
+        logprobs,
+    })
+}
+
 /// The response header that carries the sampler's seed.
 const SEED_HEADER: &str = "x-strata-seed";
 
@@ -442,21 +462,9 @@ async fn respond(
     prompt: Vec<u32>,
     common: Common,
 ) -> std::result::Result<Response, ApiError> {
-    let max = common.max_tokens()?;
-    let (logprobs, top_logprobs) = common.logprobs()?;
-    let mut sampling = common.sampling()?;
-    sampling.top_logprobs = top_logprobs;
-    let answer = session::start(
-        &shared,
-        SequenceRequest {
-            prompt,
-            max_tokens: max,
-            sampling,
-            stop: common.stops(),
-            ignore_eos: common.ignore_eos,
-            logprobs,
-        },
-    )?;
+    let request = sequence_request(&common, prompt)?;
+    let logprobs = request.logprobs;
+    let answer = session::start(&shared, request)?;
     let mut deltas = answer.deltas;
     // The first step tells whether the request runs at all: errors before it are HTTP errors.
     let first = match deltas.recv().await {
@@ -624,12 +632,22 @@ async fn completions(
     let Json(body) = body.map_err(|e| rejected(e, "a completion request"))?;
     body.common.check(&shared)?;
     let vocab = shared.model().file.config().vocab_size as u64;
-    let prompt: Vec<u32> = match &body.prompt {
-        Value::String(text) => shared
+    let prompt = match token_prompt(&body.prompt, vocab)? {
+        Some(ids) => ids,
+        None => shared
             .model()
             .tokenizer
-            .encode(text, true)
+            .encode(body.prompt.as_str().unwrap_or_default(), true)
             .map_err(|e| bad(e.to_string()))?,
+    };
+    respond(shared, Kind::Text, prompt, body.common).await
+}
+
+/// A completion's prompt given as token ids, each checked against the vocabulary; None
+/// for a text prompt (which the tokenizer encodes).
+fn token_prompt(prompt: &Value, vocab: u64) -> std::result::Result<Option<Vec<u32>>, ApiError> {
+    match prompt {
+        Value::String(_) => Ok(None),
         Value::Array(ids) if ids.iter().all(Value::is_number) => ids
             .iter()
             .map(|t| match t.as_u64() {
@@ -639,10 +657,45 @@ async fn completions(
                     vocab.saturating_sub(1)
                 ))),
             })
-            .collect::<std::result::Result<_, _>>()?,
-        _ => return Err(bad("`prompt` must be a string or an array of token ids")),
+            .collect::<std::result::Result<_, _>>()
+            .map(Some),
+        _ => Err(bad("`prompt` must be a string or an array of token ids")),
+    }
+}
+
+/// A request body through parsing and every check that needs no cluster, as the server
+/// runs them: for the fuzz target, which feeds it anything. The model is taken to have a
+/// context of 4,096, a vocabulary of 32,000 and a KV budget of 8,192 positions; prompts
+/// stand in for their tokens byte by byte.
+#[doc(hidden)]
+pub fn check_request_body(bytes: &[u8]) -> std::result::Result<SequenceRequest, String> {
+    let (prompt, common) = if let Ok(chat) = serde_json::from_slice::<ChatBody>(bytes) {
+        let text: Vec<u32> = chat
+            .messages
+            .iter()
+            .flat_map(|m| match &m.content {
+                Some(Content::Text(t)) => t.bytes().map(u32::from).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        (text, chat.common)
+    } else {
+        let body: CompletionBody = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let prompt = match token_prompt(&body.prompt, 32_000).map_err(|e| e.message)? {
+            Some(ids) => ids,
+            None => body
+                .prompt
+                .as_str()
+                .unwrap_or_default()
+                .bytes()
+                .map(u32::from)
+                .collect(),
+        };
+        (prompt, body.common)
     };
-    respond(shared, Kind::Text, prompt, body.common).await
+    let mut request = sequence_request(&common, prompt).map_err(|e| e.message)?;
+    session::settle(&mut request, 4096, 8192).map_err(|e| e.to_string())?;
+    Ok(request)
 }
 
 async fn models(

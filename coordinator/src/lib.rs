@@ -71,6 +71,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 pub use error::{Error, Result};
+#[doc(hidden)]
+pub use http::check_request_body;
 use planner::{ModelProfile, PlanOptions};
 use shared::{Parts, Shared};
 

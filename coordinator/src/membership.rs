@@ -281,9 +281,17 @@ pub async fn browse(shared: Arc<Shared>) {
         if s.get("role") == Some("worker") {
             info!(instance = %s.instance, addresses = ?s.addresses, "saw a worker over mDNS");
         }
-        shared.registry().seen.insert(s.instance.clone(), s);
+        let mut registry = shared.registry();
+        // A LAN host can announce any number of names: keep the status's list bounded
+        // (a name already listed is updated; past the bound, new ones are not listed).
+        if registry.seen.len() < MAX_SEEN || registry.seen.contains_key(&s.instance) {
+            registry.seen.insert(s.instance.clone(), s);
+        }
     }
 }
+
+/// Most mDNS instances the status lists.
+const MAX_SEEN: usize = 1024;
 
 /// Stops giving `id` new work; the reconciler re-plans without it once its sequences end.
 pub fn drain(shared: &Shared, id: &str) -> Result<String, Error> {

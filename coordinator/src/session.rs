@@ -365,7 +365,11 @@ pub fn fresh_seed() -> u64 {
 /// Checks what a request asks for against the model and the limits, and fills in the
 /// defaults: `max_tokens` 0 means "not given" (the default, cut to what the context
 /// leaves), empty stop strings are dropped.
-fn settle(request: &mut SequenceRequest, context: usize, kv: usize) -> Result<(), Error> {
+pub(crate) fn settle(
+    request: &mut SequenceRequest,
+    context: usize,
+    kv: usize,
+) -> Result<(), Error> {
     request
         .sampling
         .validate()

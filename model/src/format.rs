@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Seek;
+use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -596,77 +596,8 @@ impl ModelFile {
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let malformed_header = |reason: String| Error::Malformed {
-            path: path.to_path_buf(),
-            format: "gguf",
-            reason,
-        };
-        // candle's reader trusts the header's counts and alignment: check them first.
-        crate::gguf_check::check(&mut std::io::BufReader::new(&file), file_len)
-            .map_err(malformed_header)?;
-        file.seek(std::io::SeekFrom::Start(0))
-            .map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Malformed {
-            path: path.to_path_buf(),
-            format: "gguf",
-            reason: e.to_string(),
-        })?;
-        let mut tensors = HashMap::new();
-        for (name, info) in &content.tensor_infos {
-            let storage = match info.ggml_dtype {
-                GgmlDType::F32 => StorageType::F32,
-                GgmlDType::F16 => StorageType::F16,
-                GgmlDType::BF16 => StorageType::BF16,
-                q => StorageType::Quantized(q),
-            };
-            let shape = info.shape.dims().to_vec();
-            let malformed = |reason: String| Error::Malformed {
-                path: path.to_path_buf(),
-                format: "gguf",
-                reason,
-            };
-            let elements = element_count(&shape).ok_or_else(|| {
-                malformed(format!("tensor `{name}` has an impossible shape {shape:?}"))
-            })?;
-            if let StorageType::Quantized(q) = storage {
-                let row = shape.last().copied().unwrap_or(0);
-                if row % q.block_size() != 0 {
-                    return Err(Error::Malformed {
-                        path: path.to_path_buf(),
-                        format: "gguf",
-                        reason: format!(
-                            "tensor `{name}`: rows of {row} values are not a whole number of {q:?} blocks of {}",
-                            q.block_size()
-                        ),
-                    });
-                }
-            }
-            let offset = content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .ok_or_else(|| malformed(format!("tensor `{name}` has an impossible offset")))?;
-            let entry = TensorEntry {
-                file: 0,
-                offset,
-                storage,
-                shape,
-            };
-            let end = entry
-                .offset
-                .saturating_add(entry.storage.bytes_for(elements));
-            if end > file_len {
-                return Err(Error::Truncated {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    start: entry.offset,
-                    end,
-                    file_len,
-                });
-            }
-            tensors.insert(name.clone(), entry);
-        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let (content, tensors) = gguf_directory(&mut std::io::BufReader::new(&file), &file, path)?;
         let config = config_from_gguf(&content.metadata, &tensors, path, &file)?;
         Ok(ModelFile {
             path: path.to_path_buf(),
@@ -745,9 +676,139 @@ impl ModelFile {
 /// Parses a safetensors header: an 8-byte little-endian length, then that many bytes of
 /// JSON mapping names to `{dtype, shape, data_offsets}`. Every length is checked against the
 /// file before anything is allocated from it.
-fn read_safetensors_header(
+/// A GGUF file's metadata and tensor directory, every count and extent checked against the
+/// file's length before anything is sized from it.
+fn gguf_directory<R: Read + Seek, S: ByteSource + ?Sized>(
+    reader: &mut R,
+    source: &S,
     path: &Path,
-    file: &File,
+) -> Result<(gguf_file::Content, HashMap<String, TensorEntry>)> {
+    let file_len = source.byte_len().map_err(|e| Error::io(path, e))?;
+    let malformed_header = |reason: String| Error::Malformed {
+        path: path.to_path_buf(),
+        format: "gguf",
+        reason,
+    };
+    // candle's reader trusts the header's counts and alignment: check them first.
+    crate::gguf_check::check(reader, file_len).map_err(malformed_header)?;
+    reader
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(reader).map_err(|e| Error::Malformed {
+        path: path.to_path_buf(),
+        format: "gguf",
+        reason: e.to_string(),
+    })?;
+    let mut tensors = HashMap::new();
+    for (name, info) in &content.tensor_infos {
+        let storage = match info.ggml_dtype {
+            GgmlDType::F32 => StorageType::F32,
+            GgmlDType::F16 => StorageType::F16,
+            GgmlDType::BF16 => StorageType::BF16,
+            q => StorageType::Quantized(q),
+        };
+        let shape = info.shape.dims().to_vec();
+        let malformed = |reason: String| Error::Malformed {
+            path: path.to_path_buf(),
+            format: "gguf",
+            reason,
+        };
+        let elements = element_count(&shape).ok_or_else(|| {
+            malformed(format!("tensor `{name}` has an impossible shape {shape:?}"))
+        })?;
+        if let StorageType::Quantized(q) = storage {
+            let row = shape.last().copied().unwrap_or(0);
+            if row % q.block_size() != 0 {
+                return Err(Error::Malformed {
+                    path: path.to_path_buf(),
+                    format: "gguf",
+                    reason: format!(
+                        "tensor `{name}`: rows of {row} values are not a whole number of {q:?} blocks of {}",
+                        q.block_size()
+                    ),
+                });
+            }
+        }
+        let offset = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .ok_or_else(|| malformed(format!("tensor `{name}` has an impossible offset")))?;
+        let entry = TensorEntry {
+            file: 0,
+            offset,
+            storage,
+            shape,
+        };
+        let end = entry
+            .offset
+            .saturating_add(entry.storage.bytes_for(elements));
+        if end > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                start: entry.offset,
+                end,
+                file_len,
+            });
+        }
+        tensors.insert(name.clone(), entry);
+    }
+    Ok((content, tensors))
+}
+
+/// Bytes read by offset: a model file, or (for the fuzz targets) a buffer.
+pub trait ByteSource {
+    /// Its length in bytes.
+    fn byte_len(&self) -> std::io::Result<u64>;
+    /// Fills `buf` from `offset`; an error past the end.
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ByteSource for File {
+    fn byte_len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl ByteSource for [u8] {
+    fn byte_len(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Reads a safetensors file's header from bytes, as the loader does: for the fuzz
+/// targets, which feed it anything.
+#[doc(hidden)]
+pub fn safetensors_header_of(bytes: &[u8]) -> Result<usize> {
+    read_safetensors_header(Path::new("fuzz.safetensors"), bytes, 0).map(|e| e.len())
+}
+
+/// Reads a GGUF file's header, tensor directory and config from bytes, as the loader
+/// does: for the fuzz targets, which feed it anything.
+#[doc(hidden)]
+pub fn gguf_config_of(bytes: &[u8]) -> Result<ModelConfig> {
+    let path = Path::new("fuzz.gguf");
+    let (content, tensors) = gguf_directory(&mut std::io::Cursor::new(bytes), bytes, path)?;
+    config_from_gguf(&content.metadata, &tensors, path, bytes)
+}
+
+fn read_safetensors_header<S: ByteSource + ?Sized>(
+    path: &Path,
+    file: &S,
     file_index: usize,
 ) -> Result<Vec<(String, TensorEntry)>> {
     let malformed = |reason: String| Error::Malformed {
@@ -755,9 +816,9 @@ fn read_safetensors_header(
         format: "safetensors",
         reason,
     };
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let file_len = file.byte_len().map_err(|e| Error::io(path, e))?;
     let mut len_bytes = [0u8; 8];
-    file.read_exact_at(&mut len_bytes, 0).map_err(|_| {
+    file.fill_at(&mut len_bytes, 0).map_err(|_| {
         malformed(format!(
             "file of {file_len} bytes is too short for a header"
         ))
@@ -769,7 +830,7 @@ fn read_safetensors_header(
         )));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8)
+    file.fill_at(&mut header, 8)
         .map_err(|e| Error::io(path, e))?;
     let json: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| malformed(format!("header JSON: {e}")))?;
@@ -822,7 +883,7 @@ fn read_safetensors_header(
             return Err(Error::Truncated {
                 path: path.to_path_buf(),
                 tensor: name,
-                start: data_start + begin,
+                start: data_start.saturating_add(begin),
                 end: data_start.saturating_add(end),
                 file_len,
             });
@@ -841,11 +902,11 @@ fn read_safetensors_header(
 }
 
 /// Builds the config from llama.cpp's metadata keys (`{arch}.block_count`, ...).
-fn config_from_gguf(
+fn config_from_gguf<S: ByteSource + ?Sized>(
     md: &HashMap<String, gguf_file::Value>,
     tensors: &HashMap<String, TensorEntry>,
     path: &Path,
-    file: &File,
+    file: &S,
 ) -> Result<ModelConfig> {
     let invalid = |reason: String| Error::InvalidConfig {
         path: path.to_path_buf(),
@@ -896,7 +957,7 @@ fn config_from_gguf(
         }
         let n: usize = entry.shape.iter().product();
         let mut factors = vec![0f32; n];
-        file.read_exact_at(bytemuck::cast_slice_mut(&mut factors), entry.offset)
+        file.fill_at(bytemuck::cast_slice_mut(&mut factors), entry.offset)
             .map_err(|e| Error::io(path, e))?;
         rope_scaling = Some(RopeScaling::FreqFactors { factors });
     } else if let Some(kind) = md

@@ -32,6 +32,28 @@ use strata_net::{memory, transport};
 use crate::cache::{CacheError, SliceCache};
 use crate::stage::{Command, StageHandle, StageState, StageStats, Wiring};
 
+/// A wiring request as the stage takes it: the next hop's address, and the stage's
+/// epoch, wire type and KV budget. Pure, so the fuzz target runs it on anything.
+pub fn wiring_of(w: &WireRequest) -> Result<(SocketAddr, Wiring), Status> {
+    let addr: SocketAddr = w.next_address.parse().map_err(|_| {
+        Status::invalid_argument(format!("next address `{}` is not ip:port", w.next_address))
+    })?;
+    let wire = WireType::parse(&w.wire_dtype).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "wire dtype `{}`: use f16, bf16 or f32",
+            w.wire_dtype
+        ))
+    })?;
+    Ok((
+        addr,
+        Wiring {
+            epoch: w.epoch,
+            wire,
+            kv_positions: usize::try_from(w.kv_positions).unwrap_or(usize::MAX),
+        },
+    ))
+}
+
 /// Frames waiting to go to the next hop.
 const OUTGOING_QUEUE: usize = 256;
 /// How long wiring waits for the next hop to accept a connection.
@@ -320,15 +342,7 @@ impl WorkerControl for ControlService {
     async fn wire(&self, req: Request<WireRequest>) -> Result<Response<WireResponse>, Status> {
         self.authorize(&req)?;
         let w = req.into_inner();
-        let addr: SocketAddr = w.next_address.parse().map_err(|_| {
-            Status::invalid_argument(format!("next address `{}` is not ip:port", w.next_address))
-        })?;
-        let wire = WireType::parse(&w.wire_dtype).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "wire dtype `{}`: use f16, bf16 or f32",
-                w.wire_dtype
-            ))
-        })?;
+        let (addr, wiring) = wiring_of(&w)?;
         let deadline = Instant::now() + CONNECT_DEADLINE;
         let conn = loop {
             match transport::connect(&self.endpoint, addr, &w.next_server_name).await {
@@ -379,19 +393,7 @@ impl WorkerControl for ControlService {
             }
             hop.conn.close(0u32.into(), b"rewired");
         });
-        self.stage
-            .call(|r| {
-                Command::Wire(
-                    Wiring {
-                        epoch: w.epoch,
-                        wire,
-                        kv_positions: usize::try_from(w.kv_positions).unwrap_or(usize::MAX),
-                    },
-                    tx,
-                    r,
-                )
-            })
-            .await;
+        self.stage.call(|r| Command::Wire(wiring, tx, r)).await;
         info!(stage = w.stage, of = w.stages, next = %w.next_address, epoch = w.epoch, "wired");
         Ok(Response::new(WireResponse {}))
     }
