@@ -10,7 +10,8 @@
 //!   of a token (hidden size x the wire type's bytes) over the link's bandwidth; a token
 //!   crosses one hop into stage 0, one between each pair of stages, and one back;
 //! - memory: a stage holds its weights, a KV cache of `kv_tokens` positions per layer, a
-//!   fixed overhead, and the transient of repacking its largest tensor at load.
+//!   fixed overhead, and the larger of two transients: repacking its largest tensor at
+//!   load, and the activations of a full batch while it runs.
 //!
 //! The objective: by default the time per token of one stream (the stages one after
 //! another, plus the hops): the fastest machines are filled first and a worker joins only
@@ -69,6 +70,9 @@ pub struct ModelProfile {
     pub largest_layer_tensor: u64,
     /// Hidden size: the activations of a token between two stages.
     pub hidden: usize,
+    /// Bytes of activations one row of a batch keeps alive while a layer runs (see
+    /// [`crate::profile::activation_bytes_per_row`]).
+    pub activation_bytes_per_row: u64,
 }
 
 impl ModelProfile {
@@ -369,7 +373,13 @@ impl<'a> Sizes<'a> {
         .into_iter()
         .max()
         .unwrap_or(0);
-        (weights, weights + kv + o.overhead + 2 * largest)
+        let transient = (2 * largest).max(self.batch_activations());
+        (weights, weights + kv + o.overhead + transient)
+    }
+
+    /// A full batch's activations, while it runs (loading's transient is over by then).
+    fn batch_activations(&self) -> u64 {
+        strata_net::frame::BATCH_ROWS as u64 * self.p.activation_bytes_per_row
     }
 
     /// Bytes a stage streams per token: its layers, and the head (an embedding lookup
@@ -934,10 +944,12 @@ fn shortfall(sizes: &Sizes, order: &[&Candidate]) -> Shortfall {
     }
     let k = order.len() as u64;
     let budget: u64 = order.iter().map(|w| w.budget).sum();
-    let need = whole + o.overhead * (k - 1);
+    // Every further stage has its own runtime and a batch's activations.
+    let per_worker = o.overhead + sizes.batch_activations();
+    let need = whole + per_worker * (k - 1);
     let missing = need.saturating_sub(budget).max(1);
     let mid = total / 2;
-    let per_worker: Vec<String> = order
+    let rooms: Vec<String> = order
         .iter()
         .map(|w| {
             let mut n = 0;
@@ -955,15 +967,15 @@ fn shortfall(sizes: &Sizes, order: &[&Candidate]) -> Shortfall {
     Shortfall {
         missing,
         detail: format!(
-            "the cluster cannot hold {}: it needs about {} (weights {} + KV cache for {} tokens + {} per worker) but the workers offer {}: {} missing. Every worker is full: {}. Add a machine with at least {} free, or raise --memory where the machine has room.",
+            "the cluster cannot hold {}: it needs about {} (weights {} + KV cache for {} tokens + {} per worker for its runtime and a batch's activations) but the workers offer {}: {} missing. Every worker is full: {}. Add a machine with at least {} free, or raise --memory where the machine has room.",
             p.name,
             human(need),
             human(p.weight_bytes()),
             o.kv_tokens,
-            human(o.overhead),
+            human(per_worker),
             human(budget),
             human(missing),
-            per_worker.join(", "),
+            rooms.join(", "),
             human(missing),
         ),
     }
@@ -985,6 +997,7 @@ mod tests {
             kv_bytes_per_token: 1024,
             largest_layer_tensor: 40 * MIB,
             hidden: 4096,
+            activation_bytes_per_row: 0,
         }
     }
 
@@ -1166,6 +1179,7 @@ mod tests {
             kv_bytes_per_token: 8192,
             largest_layer_tensor: 143_000_000,
             hidden: 8192,
+            activation_bytes_per_row: 0,
         }
     }
 
@@ -1250,6 +1264,7 @@ mod tests {
             kv_bytes_per_token: 8192,
             largest_layer_tensor: 530_000_000,
             hidden: 16384,
+            activation_bytes_per_row: 0,
         };
         let workers: Vec<Candidate> = (0..100)
             .map(|i| Candidate {

@@ -12,6 +12,14 @@ pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
     (2 * c.num_kv_heads * c.head_dim * 4) as u64
 }
 
+/// Bytes of activations one row of a batch keeps alive while a layer runs, in f32: the
+/// residual, its norm, the attention's queries, keys, values and output (about eight
+/// hidden-size rows), and the MLP's gate, up, their product and its input to `down`
+/// (four intermediate-size rows). The planner counts a full batch of them.
+pub fn activation_bytes_per_row(c: &ModelConfig) -> u64 {
+    (4 * (8 * c.hidden_size + 4 * c.intermediate_size)) as u64
+}
+
 /// The profile of a model on disk, from its tensor directory (quantized sizes as stored).
 pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
     let c = file.config();
@@ -34,6 +42,7 @@ pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
             .max()
             .unwrap_or(0),
         hidden: c.hidden_size,
+        activation_bytes_per_row: activation_bytes_per_row(c),
     }
 }
 
@@ -84,6 +93,7 @@ pub fn of_spec(spec: &str) -> Result<ModelProfile> {
         kv_bytes_per_token: kv_bytes_per_token(&c),
         largest_layer_tensor: bytes(h * c.intermediate_size),
         hidden: h,
+        activation_bytes_per_row: activation_bytes_per_row(&c),
     })
 }
 

@@ -19,9 +19,10 @@ pub const MAX_CHUNKS: usize = 4096;
 /// Most rows (token positions) in one frame.
 pub const MAX_ROWS: u64 = 1 << 16;
 /// Most rows a stage runs in one batched forward, and so the most a sender puts in one
-/// frame: well within [`MAX_ROWS`], and within the payload limit for any hidden size up
-/// to 16,384 in f32.
-pub const BATCH_ROWS: usize = 2048;
+/// frame: well within [`MAX_ROWS`] and the payload limit. As llama.cpp's default micro-batch:
+/// large enough that a batch's matrix products run at full speed, small enough that its
+/// activations (which the plan counts) stay a fraction of a large model's stage.
+pub const BATCH_ROWS: usize = 512;
 /// Widest hidden size accepted.
 pub const MAX_HIDDEN: u32 = 1 << 16;
 

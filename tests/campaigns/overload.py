@@ -88,6 +88,10 @@ def burst(args):
     cluster = Cluster(model, 2, serve_args=["--kv-tokens", "1024"])
     try:
         cluster.wait_serving(2)
+        # One request first, so the baseline has run a forward (thread pools, buffers).
+        post(cluster.http, "/v1/completions", {"prompt": "warm", "max_tokens": 2})
+        log("  loaded and warm, before the burst:")
+        memory_report(cluster)
         rng = random.Random(args.seed)
         results = [None] * args.requests
 
