@@ -14,7 +14,8 @@ cluster helpers of heal.py) on loopback. Standard library only.
                                                # 4-layer model (the tiny shape): time to answer
     python3 tests/campaigns/overload.py soak   # 1,000 requests: normal, over-long, malformed,
                                                # abandoned streams and clients that never read;
-                                               # normal latency against an idle run, memory
+                                               # the normal ones' latency against the normal
+                                               # clients alone (same arrivals), memory
 
 Options: --strata PATH (default target/release/strata), --requests N, --seed S.
 """
@@ -184,6 +185,56 @@ def abandons(addr, body):
     return r.status
 
 
+def load(cluster, args, kinds, seed):
+    """`args.requests` requests of the given kinds, at most 24 at once, arriving 0-20 ms
+    apart. Returns the outcomes by kind and status, the normal requests' latencies, and
+    the sockets of the clients that never read (to close once the run is over)."""
+    rng = random.Random(seed)
+    outcomes, lat, held = {}, [], []
+    lock = threading.Lock()
+
+    def one(i, kind):
+        body = {"prompt": f"Request {i} about the harbour", "max_tokens": 24,
+                "ignore_eos": True, "temperature": 0.7, "stream": kind != "normal"}
+        try:
+            if kind == "normal":
+                status, _, _, t = post(cluster.http, "/v1/completions", body)
+                if status == 200:
+                    with lock:
+                        lat.append(t)
+            elif kind == "overlong":
+                body["prompt"] = [5] * 3000
+                status = post(cluster.http, "/v1/completions", body)[0]
+            elif kind == "malformed":
+                status = post(cluster.http, "/v1/completions", None,
+                              raw=rng.choice(['{"prompt": [1,2', '{"prompt": "x", "max_tokens": -3}',
+                                              '{"prompt": [999999999]}', 'null']))[0]
+            elif kind == "abandon":
+                status = abandons(cluster.http, body)
+            else:
+                body["max_tokens"] = 400
+                with lock:
+                    held.append(never_reads(cluster.http, body))
+                status = "sent"
+        except Exception as e:  # counted, the soak goes on
+            status = f"error {type(e).__name__}"
+        with lock:
+            key = f"{kind}:{status}"
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+    threads = []
+    for i in range(args.requests):
+        t = threading.Thread(target=one, args=(i, rng.choice(kinds)))
+        t.start()
+        threads.append(t)
+        time.sleep(rng.uniform(0, 0.02))
+        if len(threads) >= 24:
+            threads.pop(0).join(600)
+    for t in threads:
+        t.join(600)
+    return outcomes, lat, held
+
+
 def soak(args):
     model = os.path.join(heal.tempfile.mkdtemp(), "m.gguf")
     synth(model, context=2048)
@@ -192,57 +243,19 @@ def soak(args):
     try:
         cluster.wait_serving(2)
         idle = normal_latency(cluster.http)
-        log(f"soak: idle normal request {idle * 1e3:.0f} ms (median of 5)")
-        rng = random.Random(args.seed)
-        kinds = ["normal"] * 5 + ["overlong", "malformed", "abandon", "never_reads"]
-        outcomes, lat, held = {}, [], []
-        lock = threading.Lock()
+        log(f"soak: one normal request alone {idle * 1e3:.0f} ms (median of 5)")
         hwm_start = {w: p.vm_hwm() for w, p in cluster.workers.items()}
-
-        def one(i, kind):
-            body = {"prompt": f"Request {i} about the harbour", "max_tokens": 24,
-                    "ignore_eos": True, "temperature": 0.7, "stream": kind != "normal"}
-            try:
-                if kind == "normal":
-                    body["stream"] = False
-                    status, _, _, t = post(cluster.http, "/v1/completions", body)
-                    if status == 200:
-                        with lock:
-                            lat.append(t)
-                elif kind == "overlong":
-                    body["prompt"] = [5] * 3000
-                    status = post(cluster.http, "/v1/completions", body)[0]
-                elif kind == "malformed":
-                    status = post(cluster.http, "/v1/completions", None,
-                                  raw=rng.choice(['{"prompt": [1,2', '{"prompt": "x", "max_tokens": -3}',
-                                                  '{"prompt": [999999999]}', 'null']))[0]
-                elif kind == "abandon":
-                    status = abandons(cluster.http, body)
-                else:
-                    body["max_tokens"] = 400
-                    with lock:
-                        held.append(never_reads(cluster.http, body))
-                    status = "sent"
-            except Exception as e:  # counted, the soak goes on
-                status = f"error {type(e).__name__}"
-            with lock:
-                key = f"{kind}:{status}"
-                outcomes[key] = outcomes.get(key, 0) + 1
-
-        threads = []
-        for i in range(args.requests):
-            t = threading.Thread(target=one, args=(i, rng.choice(kinds)))
-            t.start()
-            threads.append(t)
-            time.sleep(rng.uniform(0, 0.02))
-            if len(threads) >= 24:
-                threads.pop(0).join(600)
-        for t in threads:
-            t.join(600)
+        # The normal clients alone, arriving as they will in the mixed run: the baseline.
+        normal_share = 5 / 9
+        base_args = argparse.Namespace(requests=int(args.requests * normal_share))
+        _, base, _ = load(cluster, base_args, ["normal"], args.seed)
+        log(f"  normal clients alone: median {statistics.median(base) * 1e3:.0f} ms")
+        kinds = ["normal"] * 5 + ["overlong", "malformed", "abandon", "never_reads"]
+        outcomes, lat, held = load(cluster, args, kinds, args.seed + 1)
         log(f"  outcomes: {dict(sorted(outcomes.items()))}")
-        log(f"  normal under load: median {statistics.median(lat) * 1e3:.0f} ms, "
+        log(f"  normal among the others: median {statistics.median(lat) * 1e3:.0f} ms, "
             f"p95 {sorted(lat)[int(len(lat) * 0.95)] * 1e3:.0f} ms "
-            f"({statistics.median(lat) / idle:.2f}x idle)")
+            f"({statistics.median(lat) / statistics.median(base):.2f}x the normal clients alone)")
         # The clients that never read are cancelled after --client-timeout.
         deadline = time.time() + 60
         while time.time() < deadline:
