@@ -192,7 +192,9 @@ impl<R: Read + Seek> Walker<'_, R> {
         Ok(())
     }
 
-    /// A key or tensor name: bounded, and valid UTF-8.
+    /// A key or tensor name: bounded, and valid UTF-8; trailing NULs are dropped, as the
+    /// reader that runs after this check drops them (a key `general.alignment\0` is the
+    /// alignment to it).
     fn name(&mut self, what: &str) -> Result<String, String> {
         let n = self.size(what)?;
         if n > MAX_NAME_BYTES.min(self.left()) {
@@ -203,6 +205,9 @@ impl<R: Read + Seek> Walker<'_, R> {
             .read_exact(&mut b)
             .map_err(|e| format!("reading {what}: {e}"))?;
         self.at += n;
+        while b.last() == Some(&0) {
+            b.pop();
+        }
         String::from_utf8(b).map_err(|_| format!("{what} is not UTF-8"))
     }
 
@@ -321,6 +326,13 @@ mod tests {
             let e = checked(&bytes).expect_err(needle);
             assert!(e.contains(needle), "{e} (wanted {needle})");
         }
+        // The alignment under a key with a NUL at its end (found by fuzzing: the reader
+        // after this check strips it).
+        let mut padded = string("general.alignment\0");
+        padded.extend(4u32.to_le_bytes());
+        padded.extend(0u32.to_le_bytes());
+        let e = checked(&file(1, &padded, 0, &[], 16)).unwrap_err();
+        assert!(e.contains("must be a power of two"), "{e}");
         // A string value longer than the file, and an array of 2^40 elements.
         let mut long = string("k");
         long.extend(8u32.to_le_bytes());
