@@ -79,6 +79,70 @@ impl Loaded {
         self.reserved.clear();
     }
 
+    /// A step of the run the sequence is on: it runs where its cache ends (within its
+    /// reservation), and what it already ran is a duplicate.
+    fn continuation(&mut self, step: &Step, cached: usize, budget: usize) -> Admission {
+        let (start, end) = (step.start as usize, step.start as usize + step.len());
+        if start != cached {
+            return if end <= cached {
+                Admission::Duplicate
+            } else {
+                Admission::Refuse(format!(
+                    "sequence {} continues at {start} but its cache holds {cached} positions",
+                    step.seq
+                ))
+            };
+        }
+        match self.reserved.get(&step.seq).copied() {
+            Some(r) if r.fixed && end > r.positions => Admission::Refuse(format!(
+                "sequence {} goes to position {end} past the {} it reserved",
+                step.seq, r.positions
+            )),
+            Some(r) if r.fixed => Admission::Run,
+            _ => match self.reserve(step.seq, end, false, budget) {
+                Ok(()) => Admission::Run,
+                Err(e) => Admission::Refuse(e),
+            },
+        }
+    }
+
+    /// A new run of a sequence (a step from position 0): its reservation, its cache
+    /// (allocated once at the reserved size: it never doubles past what the plan counted)
+    /// and, on the last stage, its sampler where the step says the random stream stands.
+    fn start_run(&mut self, step: &Step, budget: usize) -> Admission {
+        self.forget(step.seq);
+        let fixed = step.reserve > 0;
+        let end = (step.reserve as usize).max(step.len());
+        if let Err(e) = self.reserve(step.seq, end, fixed, budget) {
+            return Admission::Refuse(e);
+        }
+        self.cache
+            .create_with_capacity(step.seq, if fixed { end } else { 0 });
+        self.attempts.insert(step.seq, step.attempt);
+        if self.stage.slice().head {
+            let start = step.sampler.clone().unwrap_or(SamplerStart {
+                params: Default::default(),
+                rng_position: 0,
+            });
+            match Sampler::resume(start.params, start.rng_position) {
+                Ok(sampler) => {
+                    self.samplers.insert(
+                        step.seq,
+                        SequenceSampler {
+                            sampler,
+                            history: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.forget(step.seq);
+                    return Admission::Refuse(e.to_string());
+                }
+            }
+        }
+        Admission::Run
+    }
+
     /// Positions reserved by every sequence but `seq`.
     fn reserved_by_others(&self, seq: SeqId) -> usize {
         self.reserved
@@ -501,31 +565,7 @@ impl StageCore {
                 ))
             }
             Some(current) if step.attempt == current => {
-                let cached = cached.unwrap_or(0);
-                return if start == cached {
-                    match l.reserved.get(&step.seq).copied() {
-                        Some(r) if r.fixed && start + len > r.positions => {
-                            Admission::Refuse(format!(
-                                "sequence {} goes to position {} past the {} it reserved",
-                                step.seq,
-                                start + len,
-                                r.positions
-                            ))
-                        }
-                        Some(r) if r.fixed => Admission::Run,
-                        _ => match l.reserve(step.seq, start + len, false, budget) {
-                            Ok(()) => Admission::Run,
-                            Err(e) => Admission::Refuse(e),
-                        },
-                    }
-                } else if start + len <= cached {
-                    Admission::Duplicate
-                } else {
-                    Admission::Refuse(format!(
-                        "sequence {} continues at {start} but its cache holds {cached} positions",
-                        step.seq
-                    ))
-                };
+                return l.continuation(step, cached.unwrap_or(0), budget);
             }
             _ => {}
         }
@@ -535,39 +575,7 @@ impl StageCore {
                 step.attempt, step.seq
             ));
         }
-        l.forget(step.seq);
-        let fixed = step.reserve > 0;
-        let end = (step.reserve as usize).max(start + len);
-        if let Err(e) = l.reserve(step.seq, end, fixed, budget) {
-            return Admission::Refuse(e);
-        }
-        // A known reservation is allocated once, at its size: the cache never doubles
-        // past what the plan counted.
-        l.cache
-            .create_with_capacity(step.seq, if fixed { end } else { 0 });
-        l.attempts.insert(step.seq, step.attempt);
-        if l.stage.slice().head {
-            let start = step.sampler.clone().unwrap_or(SamplerStart {
-                params: Default::default(),
-                rng_position: 0,
-            });
-            match Sampler::resume(start.params, start.rng_position) {
-                Ok(sampler) => {
-                    l.samplers.insert(
-                        step.seq,
-                        SequenceSampler {
-                            sampler,
-                            history: Vec::new(),
-                        },
-                    );
-                }
-                Err(e) => {
-                    l.forget(step.seq);
-                    return Admission::Refuse(e.to_string());
-                }
-            }
-        }
-        Admission::Run
+        l.start_run(step, budget)
     }
 
     fn activations_frame(
