@@ -145,7 +145,7 @@ fn safetensors_header() {
 
 #[test]
 fn frame() {
-    use strata_net::frame::{decode_header, header_len, refusal, Frame, SeqFailure, Step};
+    use strata_net::frame::{Frame, SeqFailure, Step};
     let forward = Frame::Forward {
         epoch: 2,
         steps: vec![Step {
@@ -180,29 +180,7 @@ fn frame() {
             head
         })
         .collect();
-    run("frame", seeds, |data| {
-        let Some((prefix, rest)) = data.split_first_chunk::<4>() else {
-            return;
-        };
-        let Ok(len) = header_len(*prefix) else {
-            return;
-        };
-        let (header_bytes, payload) = rest.split_at(len.min(rest.len()));
-        match decode_header(header_bytes) {
-            Ok(header) => {
-                if let Ok(frame) = Frame::from_wire(header, payload.to_vec()) {
-                    let (head, body) = frame.encode();
-                    let again = decode_header(&head[4..])
-                        .and_then(|h| Frame::from_wire(h, body.to_vec()))
-                        .expect("an encoded frame decodes");
-                    assert_eq!(again, frame);
-                }
-            }
-            Err(reason) => {
-                let _ = refusal(header_bytes, &reason);
-            }
-        }
-    });
+    run("frame", seeds, strata_net::frame::receive_bytes);
 }
 
 #[test]
