@@ -665,3 +665,98 @@ fn the_official_openai_python_client_works() {
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
+
+#[test]
+fn a_client_that_stops_reading_gives_its_room_to_others_and_resumes_when_it_reads() {
+    let (_dir, model) = small_gguf("q8_0");
+    // Room for the long answer (8 + 1000 positions) but not beside the short one (3 + 16).
+    let options = ClusterOptions {
+        workers: 2,
+        serve_args: vec![
+            "--kv-tokens".into(),
+            "1020".into(),
+            "--client-timeout".into(),
+            "120s".into(),
+        ],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    wait_healthy(&cluster.http);
+    let long = |stream: bool| {
+        format!(
+            r#"{{"prompt":[1,2,3,4,5,6,7,8],"max_tokens":1000,"ignore_eos":true,"temperature":0.9,"seed":11,"stream":{stream}}}"#
+        )
+    };
+    let (status, body) = http(
+        &cluster.http,
+        "POST",
+        "/v1/completions",
+        Some(&long(false)),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let expected = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    // The same answer streamed to a client that reads nothing for now: once the buffers
+    // are full (the server's small send buffer, this socket's small receive buffer, a few
+    // dozen events in the server), the answer stops one token ahead of its reader.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = cluster.http.parse().unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut stalled: TcpStream = sock.into();
+    let body = long(true);
+    write!(
+        stalled,
+        "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Wait until its reservation is in (the short request must queue behind it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics(&cluster.http)["strata_kv_positions{kind=\"reserved\"}"] < 1008.0 {
+        assert!(Instant::now() < deadline, "the long answer never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A short request waits for room; the stalled answer gives its room up (not after the
+    // client timeout of 120 s, which would fail this deadline).
+    let started = Instant::now();
+    let short = r#"{"prompt":[9,9,9],"max_tokens":16,"ignore_eos":true}"#;
+    let (status, body) = http(&cluster.http, "POST", "/v1/completions", Some(short), None);
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(waited < Duration::from_secs(60), "waited {waited:?}");
+    assert!(metrics(&cluster.http)["strata_preemptions_total"] >= 1.0);
+
+    // The client reads again: the answer resumes by replay and is the one it would have
+    // been (same tokens after the same sampler position).
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut raw = String::new();
+    stalled.read_to_string(&mut raw).unwrap();
+    let mut text = String::new();
+    let mut finish = None;
+    for data in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            break;
+        }
+        let e: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert!(e.get("error").is_none(), "the stream failed: {e}");
+        text.push_str(e["choices"][0]["text"].as_str().unwrap_or_default());
+        if let Some(f) = e["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert_eq!(text, expected);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics(&cluster.http)["strata_kv_positions{kind=\"reserved\"}"] != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "reservations were never given back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -542,6 +542,9 @@ impl Cluster for Api {
     }
 }
 
+/// Calls one gRPC connection may have open at once (HTTP/2 streams).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Serves the public API on `listener` until `shutdown`.
 pub async fn serve(
     shared: Arc<Shared>,
@@ -558,12 +561,15 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Unavailable(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
+        // Each of a client's calls is a stream of its connection: bounded, as the
+        // connections are (see `listen`).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health)
         .add_service(reflection)
         .add_service(InferenceServer::new(api.clone()))
         .add_service(ClusterServer::new(api))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::listen::Bounded::new(listener).into_stream(),
             async move { shutdown.cancelled().await },
         )
         .await?;

@@ -537,7 +537,9 @@ fn streamed(
     mut deltas: mpsc::Receiver<Result<Delta>>,
     include_usage: bool,
 ) -> Response {
-    let (tx, out) = mpsc::channel::<std::result::Result<Event, Infallible>>(16);
+    // Events wait in the connection's buffers, not here: a client that stops reading is
+    // noticed soon (see `listen`).
+    let (tx, out) = mpsc::channel::<std::result::Result<Event, Infallible>>(2);
     tokio::spawn(async move {
         let send = |v: Value| {
             let tx = tx.clone();
@@ -867,7 +869,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    axum::serve(listener, router(shared))
+    axum::serve(crate::listen::Bounded::new(listener), router(shared))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(Error::Io)

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub slice_bytes_sent: IntCounter,
     /// Answers replayed onto another pipeline.
     pub replays: IntCounter,
+    /// Answers paused, their caches given to others, because their client stopped reading.
+    pub preemptions: IntCounter,
     /// For an answer that moved to another pipeline: its pause, from its last token
     /// before to its first after.
     pub resume_pause: Histogram,
@@ -231,6 +233,14 @@ impl Metrics {
                 "Answers replayed onto another pipeline, after a lost stage or a re-plan",
             ),
         );
+        let preemptions = add(
+            &registry,
+            IntCounter::new(
+                "strata_preemptions_total",
+                "Answers whose client stopped reading while others waited for KV-cache room: \
+                 their caches were freed, to be replayed when the client reads again",
+            ),
+        );
         let resume_pause = add(
             &registry,
             Histogram::with_opts(
@@ -275,6 +285,7 @@ impl Metrics {
             kv_positions,
             slice_bytes_sent,
             replays,
+            preemptions,
             resume_pause,
             requests,
             prompt_tokens,

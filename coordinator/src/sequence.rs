@@ -143,6 +143,14 @@ pub enum SequenceError {
     /// Detokenizing failed.
     #[error("detokenizing: {0}")]
     Detokenize(String),
+    /// It waited for room in the KV cache, and gave its place up to a smaller request.
+    #[error("{message}")]
+    Busy {
+        /// What to tell the client.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
 }
 
 /// News for a sequence.
@@ -183,6 +191,20 @@ pub enum Event<'a> {
     },
     /// The client hung up.
     ClientGone,
+    /// The client stopped reading and others wait for KV-cache room: the step the sequence
+    /// last asked for was held back, not sent, so nothing of it is in flight. It gives its
+    /// caches up and pauses, keeping its history.
+    Preempt,
+    /// The client of a paused sequence reads again and its room in the KV cache is back:
+    /// it waits for a pipeline, where it replays its history.
+    Resume,
+    /// It waited for room and is refused after all (see [`SequenceError::Busy`]).
+    Refused {
+        /// What to tell the client.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// Time passed: deadlines are checked.
     Tick,
 }
@@ -259,6 +281,8 @@ enum Phase {
     },
     /// The client left while a step was in flight: free once it lands.
     Cancelling { epoch: u64, since: Instant },
+    /// Preempted: no caches anywhere, the history kept, until the client reads again.
+    Paused,
     /// Over.
     Done(Outcome),
 }
@@ -344,6 +368,16 @@ impl SequenceCore {
         matches!(self.phase, Phase::Waiting { .. })
     }
 
+    /// Whether it is preempted, waiting for its client to read again.
+    pub fn paused(&self) -> bool {
+        matches!(self.phase, Phase::Paused)
+    }
+
+    /// Which run its steps belong to (steps of an earlier run are stale).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
     /// The plan epoch it runs on, if a step is in flight.
     pub fn epoch(&self) -> Option<u64> {
         match self.phase {
@@ -373,7 +407,8 @@ impl SequenceCore {
             ),
             Phase::Running { sent_at, .. } => Some(sent_at + self.deadlines.step),
             Phase::Cancelling { since, .. } => Some(since + self.deadlines.cancel),
-            Phase::Done(_) => None,
+            // The shell cancels a client that does not read within its timeout.
+            Phase::Paused | Phase::Done(_) => None,
         }
     }
 
@@ -412,6 +447,21 @@ impl SequenceCore {
             Event::Failure { epoch, failure } => self.on_failure(epoch, failure, now),
             Event::StageLost { epoch, reason } => self.on_stage_lost(epoch, reason, now),
             Event::ClientGone => self.on_client_gone(now),
+            Event::Preempt => self.on_preempt(),
+            Event::Resume => self.on_resume(now),
+            Event::Refused {
+                message,
+                retry_after,
+            } => match self.phase {
+                Phase::Waiting { .. } => self.fail(
+                    SequenceError::Busy {
+                        message,
+                        retry_after,
+                    },
+                    None,
+                ),
+                _ => Vec::new(),
+            },
             Event::Tick => self.on_tick(now, detail),
         }
     }
@@ -643,9 +693,30 @@ impl SequenceCore {
                 self.phase = Phase::Cancelling { epoch, since: now };
                 Vec::new()
             }
-            Phase::Waiting { .. } => self.end(Outcome::Cancelled, None),
+            Phase::Waiting { .. } | Phase::Paused => self.end(Outcome::Cancelled, None),
             _ => Vec::new(),
         }
+    }
+
+    /// Gives the caches up: whatever still comes of the run is stale (a new attempt), and
+    /// the next run replays the history from position 0, the sampler where it stood.
+    fn on_preempt(&mut self) -> Vec<Action> {
+        let Phase::Running { epoch, .. } = self.phase else {
+            return Vec::new();
+        };
+        self.attempt += 1;
+        self.phase = Phase::Paused;
+        vec![Action::Free { epoch }]
+    }
+
+    fn on_resume(&mut self, now: Instant) -> Vec<Action> {
+        if let Phase::Paused = self.phase {
+            self.phase = Phase::Waiting {
+                since: now,
+                lost: None,
+            };
+        }
+        Vec::new()
     }
 
     fn on_tick(&mut self, now: Instant, detail: &str) -> Vec<Action> {
@@ -670,7 +741,7 @@ impl SequenceCore {
                 self.fail(SequenceError::Stuck(self.deadlines.step), Some(epoch))
             }
             Phase::Cancelling { epoch, .. } => self.end(Outcome::Cancelled, Some(epoch)),
-            Phase::Done(_) => Vec::new(),
+            Phase::Paused | Phase::Done(_) => Vec::new(),
         }
     }
 
@@ -979,6 +1050,79 @@ mod tests {
         );
         assert!(matches!(&a[0], Action::Deliver(d) if d.token == 42));
         assert_eq!(c.replays(), 1);
+    }
+
+    #[test]
+    fn a_preempted_sequence_frees_pauses_then_replays_its_history_when_resumed() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let s = token(3, 40, 0);
+        let a = c.handle(
+            Event::Token {
+                epoch: 1,
+                sampled: &s,
+            },
+            now,
+            &t,
+            "",
+        );
+        // The shell could not deliver the token and held back the next step.
+        assert!(sent(&a).is_some());
+        assert_eq!(
+            c.handle(Event::Preempt, now, &t, ""),
+            vec![Action::Free { epoch: 1 }]
+        );
+        assert!(c.paused() && !c.waiting());
+        assert_eq!(c.poll_timeout(), None, "the shell times the client out");
+        // A pipeline alone does not restart it: its client does not read.
+        assert!(c
+            .handle(Event::Pipeline { epoch: 1 }, now, &t, "")
+            .is_empty());
+        // Whatever of the old run comes late is stale.
+        let late = token(4, 41, 0);
+        let event = Event::Token {
+            epoch: 1,
+            sampled: &late,
+        };
+        assert!(c.handle(event, now, &t, "").is_empty());
+        assert!(c.handle(Event::Resume, now, &t, "").is_empty());
+        assert!(c.waiting());
+        let a = c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!((step.start, step.attempt), (0, 1));
+        assert_eq!(step.tokens, vec![10, 11, 12, 40]);
+        assert_eq!(step.sampler.as_ref().unwrap().rng_position, 30);
+        assert_eq!(c.replays(), 0, "a pause is not a lost stage");
+    }
+
+    #[test]
+    fn a_waiting_sequence_refused_after_all_fails_as_busy_with_nothing_to_free() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        let event = Event::Refused {
+            message: "busy".into(),
+            retry_after: Duration::from_secs(3),
+        };
+        let a = c.handle(event, now, &t, "");
+        assert_eq!(
+            a,
+            vec![Action::Fail(SequenceError::Busy {
+                message: "busy".into(),
+                retry_after: Duration::from_secs(3)
+            })]
+        );
+        assert_eq!(c.outcome(), Some(&Outcome::Failed));
+    }
+
+    #[test]
+    fn a_paused_sequence_whose_client_leaves_ends_with_nothing_to_free() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let mut c = core(8, &[], now);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        c.handle(Event::Preempt, now, &t, "");
+        assert!(c.handle(Event::ClientGone, now, &t, "").is_empty());
+        assert_eq!(c.outcome(), Some(&Outcome::Cancelled));
     }
 
     #[test]

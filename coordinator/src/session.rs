@@ -3,11 +3,18 @@
 //! stage, a lost stage, a new pipeline, the client leaving, deadlines) and does what the
 //! core says: hand a step to the batcher, stream text to the client, free caches.
 //!
+//! A client that stops reading gets no more than one token ahead of it: the next step
+//! waits until it reads. If it has not read for a second while other requests wait for
+//! room in the KV cache, its answer is preempted: it frees its caches and its reservation,
+//! keeps its history, and when the client reads again asks for room ahead of the queue and
+//! replays (as vLLM preempts by recomputation). A client that reads nothing for
+//! `--client-timeout` is cancelled.
+//!
 //! Steps of sequences that become ready together are sent to stage 0 as one frame by the
 //! batcher, so stage 0 runs them as one batch. The dispatcher routes what the last stage
 //! sends back to the sessions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,7 +28,7 @@ use crate::error::Error;
 use crate::metrics::RequestRecord;
 use crate::sequence::{
     Action, Deadlines, Delta, Event, FinishReason, ModelLimits, Outcome, SequenceCore,
-    SequenceRequest,
+    SequenceError, SequenceRequest,
 };
 use crate::serving::{Pipeline, ServingState};
 use crate::Shared;
@@ -30,10 +37,17 @@ use crate::Shared;
 pub const TOKEN_QUEUE: usize = 1024;
 /// Steps waiting for the batcher.
 pub const OUTBOX_QUEUE: usize = 1024;
-/// News waiting for one session.
-const SESSION_QUEUE: usize = 16;
-/// Streamed deltas waiting for a slow client.
-const STREAM_QUEUE: usize = 16;
+/// News waiting for one session. A session has one step in flight and hears a few things
+/// of each (a token or a piece done or a failure, a free done, a lost stage), so only a
+/// peer that sends what nobody asked for fills it.
+const SESSION_QUEUE: usize = 64;
+/// Deltas waiting for the client's connection to take them (a few: what a client has not
+/// read waits in its socket's buffers, and beyond those the answer waits for it).
+const STREAM_QUEUE: usize = 4;
+/// How long a client may leave its stream unread, while others wait for room in the KV
+/// cache, before its answer pauses and its caches go to them (it replays when the client
+/// reads again, as vLLM's preemption by recomputation does).
+const PREEMPT_AFTER: Duration = Duration::from_secs(1);
 /// How long an ended answer waits for word that every stage dropped its caches before
 /// its KV reservation goes to another request anyway.
 const FREED_WAIT: Duration = Duration::from_secs(5);
@@ -107,6 +121,13 @@ impl Sessions {
         }
     }
 
+    /// A preempted sequence has nothing on any pipeline (a re-plan does not wait for it).
+    fn clear_pipeline(&self, id: SeqId) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.pipeline = None;
+        }
+    }
+
     fn remove(&self, id: SeqId) {
         self.lock().remove(&id);
     }
@@ -117,11 +138,11 @@ impl Sessions {
             Some(e) => e.tx.clone(),
             None => return,
         };
-        if let Err(mpsc::error::TrySendError::Full(news)) = tx.try_send(news) {
-            // A session that is slow to read still gets its news, in order of arrival.
-            tokio::spawn(async move {
-                let _ = tx.send(news).await;
-            });
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(news) {
+            warn!(
+                seq = id,
+                "a sequence got more news than it can have asked for; dropped"
+            );
         }
     }
 }
@@ -483,7 +504,11 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         started_unix_ms: unix_ms(),
         last_token_at: None,
         paused_since: None,
-        reservation,
+        need: reservation.need(),
+        reservation: Some(reservation),
+        backlog: VecDeque::new(),
+        stall: None,
+        held: None,
         freeing: None,
     };
     tokio::spawn(session.run().instrument(span));
@@ -511,10 +536,37 @@ struct Session {
     last_token_at: Option<Instant>,
     /// Replayed onto another pipeline and not yet delivered there: since when it paused.
     paused_since: Option<Instant>,
-    /// Its positions in the KV budget (given back when the session ends).
-    reservation: Reservation,
-    /// The pipeline a free was sent to, whose word that it is done the session awaits.
-    freeing: Option<u64>,
+    /// Positions it reserves in the KV budget.
+    need: usize,
+    /// Its hold on them: none while it is preempted (given back when the session ends).
+    reservation: Option<Reservation>,
+    /// What the client has not taken yet, in order: a delta, maybe an error after it.
+    backlog: VecDeque<Result<Delta, Error>>,
+    /// Since when the client has not read what waits for it.
+    stall: Option<Stall>,
+    /// The next step, held back while the client does not read (so the answer runs no
+    /// further ahead of its reader than one token).
+    held: Option<(u64, Step)>,
+    /// A free sent to the pipeline of an epoch, and until when the session waits for word
+    /// that every stage did it.
+    freeing: Option<(u64, Instant)>,
+}
+
+/// A client that does not read.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    since: Instant,
+    /// When to look again at whether others wait for its room.
+    look_again: Instant,
+}
+
+impl Stall {
+    fn new(now: Instant) -> Self {
+        Stall {
+            since: now,
+            look_again: now + PREEMPT_AFTER,
+        }
+    }
 }
 
 impl Session {
@@ -529,7 +581,9 @@ impl Session {
         self.record();
         self.await_freed().await;
         self.shared.sessions().remove(self.core.id());
-        // Dropping the session gives its KV reservation back.
+        // The KV reservation goes back before the end of the answer waits for its reader.
+        self.reservation = None;
+        self.drain_backlog().await;
     }
 
     /// Holds the KV reservation until every stage has dropped the caches (the last stage
@@ -537,10 +591,9 @@ impl Session {
     /// a pipeline that broke, or no word within [`FREED_WAIT`], lets go anyway (a new plan
     /// drops every cache).
     async fn await_freed(&mut self) {
-        let Some(epoch) = self.freeing else {
+        let Some((epoch, deadline)) = self.freeing else {
             return;
         };
-        let deadline = tokio::time::Instant::now() + FREED_WAIT;
         loop {
             tokio::select! {
                 news = self.news.recv() => match news {
@@ -548,10 +601,22 @@ impl Session {
                     Some(News::StageLost { epoch: e, .. }) if e == epoch => return,
                     Some(_) => {}
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(deadline.into()) => {
                     debug!(request = %self.id, "no word that the caches were dropped; letting the reservation go");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Gives the client what is left of the answer, within its timeout.
+    async fn drain_backlog(&mut self) {
+        let since = self.stall.map_or_else(Instant::now, |s| s.since);
+        let deadline = since + self.shared.config().client_timeout;
+        while let Some(item) = self.backlog.pop_front() {
+            let sent = tokio::time::timeout_at(deadline.into(), self.out.send(item)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return;
             }
         }
     }
@@ -563,8 +628,10 @@ impl Session {
     ) -> Vec<Action> {
         let shared = self.shared.clone();
         let tokenizer = &shared.model().tokenizer;
-        let queued = self.reservation.queued();
-        if self.core.waiting() && !queued {
+        let queued = self.reservation.as_ref().is_some_and(Reservation::queued);
+        let admitted = self.reservation.as_ref().is_some_and(|r| !r.queued());
+        // A preempted answer restarts only once its old caches are gone.
+        if self.core.waiting() && admitted && self.freeing.is_none() {
             let state = serving.borrow_and_update().clone();
             if let Some(p) = state.pipeline() {
                 self.pipeline = Some(p.clone());
@@ -573,37 +640,19 @@ impl Session {
                 return self.core.handle(event, Instant::now(), tokenizer, "");
             }
         }
-        let deadline = self.core.poll_timeout();
+        let wake = self.next_wake();
         let waiting = self.core.waiting();
         let sleep = async {
-            match deadline {
+            match wake {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
+        let out = self.out.clone();
+        let unread = !self.backlog.is_empty() && !self.client_gone;
+        let reservation = &mut self.reservation;
         tokio::select! {
-            news = self.news.recv() => {
-                let now = Instant::now();
-                match news {
-                    Some(News::Token { epoch, sampled }) => {
-                        self.core.handle(Event::Token { epoch, sampled: &sampled }, now, tokenizer, "")
-                    }
-                    Some(News::Prefilled { epoch, done }) => {
-                        self.core.handle(Event::Prefilled { epoch, done }, now, tokenizer, "")
-                    }
-                    Some(News::Freed) => Vec::new(),
-                    Some(News::Failure { epoch, failure }) => {
-                        self.core.handle(Event::Failure { epoch, failure: &failure }, now, tokenizer, "")
-                    }
-                    Some(News::StageLost { epoch, reason }) => {
-                        if self.core.epoch() == Some(epoch) {
-                            info!(request = %self.id, "{reason}: waiting for the next plan to resume");
-                        }
-                        self.core.handle(Event::StageLost { epoch, reason }, now, tokenizer, "")
-                    }
-                    None => self.core.handle(Event::ClientGone, now, tokenizer, ""),
-                }
-            }
+            news = self.news.recv() => self.on_news(news, tokenizer),
             changed = serving.changed(), if waiting => {
                 if changed.is_err() {
                     return self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "");
@@ -614,19 +663,237 @@ impl Session {
                 self.client_gone = true;
                 self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "")
             }
-            _ = self.reservation.admitted(), if queued => Vec::new(),
-            _ = sleep => {
-                let detail = if queued {
-                    let (capacity, reserved, waiting) = shared.gate().figures();
-                    format!(
-                        "it waited its turn for room in the KV cache ({reserved} of {capacity} \
-                         positions reserved, {waiting} requests waiting)"
-                    )
-                } else {
-                    shared.serving().detail()
+            permit = out.reserve(), if unread => match permit {
+                Ok(permit) => self.client_read(permit),
+                // Hung up: the branch above cancels.
+                Err(_) => Vec::new(),
+            },
+            admitted = async {
+                match reservation {
+                    Some(r) => r.admitted().await,
+                    None => Ok(()),
+                }
+            }, if queued => match admitted {
+                Ok(()) => Vec::new(),
+                Err(refusal) => self.refused(refusal),
+            },
+            _ = sleep => self.on_timers(Instant::now()),
+        }
+    }
+
+    fn on_news(&mut self, news: Option<News>, tokenizer: &strata_model::Tokenizer) -> Vec<Action> {
+        let now = Instant::now();
+        match news {
+            Some(News::Token { epoch, sampled }) => {
+                let event = Event::Token {
+                    epoch,
+                    sampled: &sampled,
                 };
-                self.core.handle(Event::Tick, Instant::now(), tokenizer, &detail)
+                self.core.handle(event, now, tokenizer, "")
             }
+            Some(News::Prefilled { epoch, done }) => {
+                self.core
+                    .handle(Event::Prefilled { epoch, done }, now, tokenizer, "")
+            }
+            Some(News::Freed) => {
+                self.freed();
+                Vec::new()
+            }
+            Some(News::Failure { epoch, failure }) => {
+                let event = Event::Failure {
+                    epoch,
+                    failure: &failure,
+                };
+                self.core.handle(event, now, tokenizer, "")
+            }
+            Some(News::StageLost { epoch, reason }) => {
+                if self.freeing.is_some_and(|(e, _)| e == epoch) {
+                    // Its caches went with the pipeline.
+                    self.freed();
+                }
+                if self.core.epoch() == Some(epoch) {
+                    info!(request = %self.id, "{reason}: waiting for the next plan to resume");
+                }
+                self.core
+                    .handle(Event::StageLost { epoch, reason }, now, tokenizer, "")
+            }
+            None => self.core.handle(Event::ClientGone, now, tokenizer, ""),
+        }
+    }
+
+    /// The earliest of the core's deadline, the stalled client's and the free's.
+    fn next_wake(&self) -> Option<Instant> {
+        let client_timeout = self.shared.config().client_timeout;
+        let stall = self
+            .stall
+            .map(|s| s.look_again.min(s.since + client_timeout));
+        let freeing = self.freeing.map(|(_, deadline)| deadline);
+        [self.core.poll_timeout(), stall, freeing]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timers(&mut self, now: Instant) -> Vec<Action> {
+        if self.freeing.is_some_and(|(_, deadline)| now >= deadline) {
+            debug!(request = %self.id, "no word that the caches were dropped; letting the reservation go");
+            self.freed();
+        }
+        let mut actions = self.on_stall(now);
+        if self.core.poll_timeout().is_some_and(|t| now >= t) {
+            let detail = if self.reservation.as_ref().is_some_and(Reservation::queued) {
+                let (capacity, reserved, waiting) = self.shared.gate().figures();
+                format!(
+                    "it waited its turn for room in the KV cache ({reserved} of {capacity} \
+                     positions reserved, {waiting} requests waiting)"
+                )
+            } else {
+                self.shared.serving().detail()
+            };
+            let shared = self.shared.clone();
+            let tokenizer = &shared.model().tokenizer;
+            actions.extend(self.core.handle(Event::Tick, now, tokenizer, &detail));
+        }
+        actions
+    }
+
+    /// A client that does not read: after [`PREEMPT_AFTER`], while others wait for room in
+    /// the KV cache, its answer is paused and its caches freed; after `--client-timeout` it
+    /// is cancelled.
+    fn on_stall(&mut self, now: Instant) -> Vec<Action> {
+        let Some(stall) = self.stall else {
+            return Vec::new();
+        };
+        let shared = self.shared.clone();
+        let tokenizer = &shared.model().tokenizer;
+        let timeout = shared.config().client_timeout;
+        if now >= stall.since + timeout {
+            info!(request = %self.id, ?timeout, "the client read nothing within its timeout: cancelled");
+            self.client_gone = true;
+            self.backlog.clear();
+            self.stall = None;
+            let mut actions = Vec::new();
+            if self.held.take().is_some() {
+                actions = self.core.handle(Event::Preempt, now, tokenizer, "");
+            }
+            actions.extend(self.core.handle(Event::ClientGone, now, tokenizer, ""));
+            return actions;
+        }
+        if now < stall.look_again {
+            return Vec::new();
+        }
+        self.stall = Some(Stall {
+            look_again: now + PREEMPT_AFTER,
+            ..stall
+        });
+        let (_, _, waiting) = shared.gate().figures();
+        if waiting == 0 || self.held.take().is_none() {
+            return Vec::new();
+        }
+        info!(
+            request = %self.id,
+            waiting,
+            generated = self.core.generated(),
+            "the client stopped reading while others wait for room: the answer pauses and frees its caches"
+        );
+        shared.metrics().preemptions.inc();
+        shared.sessions().clear_pipeline(self.core.id());
+        self.core.handle(Event::Preempt, now, tokenizer, "")
+    }
+
+    /// The client took what waited for it (`permit` has room for the first of it).
+    fn client_read(&mut self, permit: mpsc::Permit<'_, Result<Delta, Error>>) -> Vec<Action> {
+        if let Some(item) = self.backlog.pop_front() {
+            permit.send(item);
+        }
+        while let Some(item) = self.backlog.pop_front() {
+            match self.out.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.backlog.push_front(item);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.backlog.clear(),
+            }
+        }
+        let now = Instant::now();
+        if !self.backlog.is_empty() {
+            self.stall = Some(Stall::new(now));
+            return Vec::new();
+        }
+        self.stall = None;
+        if self.core.paused() {
+            return self.resume(now);
+        }
+        match self.held.take() {
+            Some((epoch, step)) => vec![Action::Send { epoch, step }],
+            None => Vec::new(),
+        }
+    }
+
+    /// The client of a preempted answer reads again: it asks for its room back, ahead of
+    /// the queue, and replays once it has it.
+    fn resume(&mut self, now: Instant) -> Vec<Action> {
+        let shared = self.shared.clone();
+        let tokenizer = &shared.model().tokenizer;
+        info!(request = %self.id, "the client reads again: the answer resumes");
+        if self.reservation.is_none() {
+            match shared.gate().resume(self.need) {
+                Ok(r) => self.reservation = Some(r),
+                Err(refusal) => {
+                    // It fitted before and the budget does not shrink: never seen.
+                    warn!(request = %self.id, ?refusal, "no room for a resumed answer; cancelled");
+                    return self.core.handle(Event::ClientGone, now, tokenizer, "");
+                }
+            }
+        }
+        self.core.handle(Event::Resume, now, tokenizer, "")
+    }
+
+    /// It waited for room and gave its place up to a smaller request.
+    fn refused(&mut self, refusal: Refusal) -> Vec<Action> {
+        let retry_after = match refusal {
+            Refusal::Busy { retry_after, .. } => retry_after,
+            Refusal::TooLarge { .. } => Duration::from_secs(1),
+        };
+        let shared = self.shared.clone();
+        shared.metrics().refused.with_label_values(&["busy"]).inc();
+        let event = Event::Refused {
+            message: format!(
+                "the cluster is busy: this request waited for {} KV-cache positions and gave \
+                 its place in the full queue to a shorter one; retry in {} s",
+                self.need,
+                retry_after.as_secs()
+            ),
+            retry_after,
+        };
+        self.core
+            .handle(event, Instant::now(), &shared.model().tokenizer, "")
+    }
+
+    /// Every stage dropped the caches the session freed (or it stopped waiting for word):
+    /// a preempted answer gives its room back.
+    fn freed(&mut self) {
+        self.freeing = None;
+        if self.core.paused() {
+            self.reservation = None;
+        }
+    }
+
+    /// Hands an item to the client, or keeps it (and all after it) until the client reads.
+    fn give(&mut self, item: Result<Delta, Error>) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(item);
+            return;
+        }
+        match self.out.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.backlog.push_back(item);
+                self.stall = Some(Stall::new(Instant::now()));
+            }
+            // Hung up: the session hears of it and cancels.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -636,6 +903,10 @@ impl Session {
                 let Some(pipeline) = self.pipeline.clone().filter(|p| p.epoch == epoch) else {
                     return;
                 };
+                if !self.backlog.is_empty() {
+                    self.held = Some((epoch, step));
+                    return;
+                }
                 if step.start == 0 && self.core.replays() > 0 {
                     info!(request = %self.id, epoch, tokens = step.len(), "replaying the answer's history on the new pipeline");
                     self.shared.metrics().replays.inc();
@@ -665,43 +936,46 @@ impl Session {
                     m.time_to_first_token
                         .observe(self.core.usage(Instant::now()).time_to_first_token_ms / 1e3);
                 }
-                let delivered = !self.client_gone
-                    && matches!(
-                        tokio::time::timeout(
-                            self.shared.config().client_timeout,
-                            self.out.send(Ok(delta))
-                        )
-                        .await,
-                        Ok(Ok(()))
-                    );
-                if !self.client_gone && !delivered {
-                    // Let the rest of the actions happen, then cancel.
-                    self.client_gone = true;
-                    // The core only waits for the step in flight now: nothing to do yet.
-                    let _ = self.core.handle(
-                        Event::ClientGone,
-                        Instant::now(),
-                        &self.shared.model().tokenizer,
-                        "",
-                    );
+                if !self.client_gone {
+                    self.give(Ok(delta));
                 }
             }
             Action::Free { epoch } => {
-                if let Some(p) = self.pipeline.clone().filter(|p| p.epoch == epoch) {
-                    let frame = Frame::Free {
-                        epoch,
-                        seqs: vec![self.core.id()],
-                    };
-                    match strata_net::transport::send_frame(&p.first, &frame).await {
-                        Ok(()) => self.freeing = Some(epoch),
-                        Err(e) => debug!(cause = %e, "could not free a sequence's caches"),
+                let sent = match self.pipeline.clone().filter(|p| p.epoch == epoch) {
+                    Some(p) => {
+                        let frame = Frame::Free {
+                            epoch,
+                            seqs: vec![self.core.id()],
+                        };
+                        let sent = strata_net::transport::send_frame(&p.first, &frame).await;
+                        if let Err(e) = &sent {
+                            debug!(cause = %e, "could not free a sequence's caches");
+                        }
+                        sent.is_ok()
                     }
+                    None => false,
+                };
+                if sent {
+                    self.freeing = Some((epoch, Instant::now() + FREED_WAIT));
+                } else {
+                    self.freed();
                 }
             }
             Action::Fail(e) => {
                 info!(request = %self.id, cause = %e, "request failed");
-                let failed = self.out.send(Err(Error::from(e)));
-                let _ = tokio::time::timeout(self.shared.config().client_timeout, failed).await;
+                let e = match e {
+                    SequenceError::Busy {
+                        message,
+                        retry_after,
+                    } => Error::Busy {
+                        message,
+                        retry_after,
+                    },
+                    e => Error::from(e),
+                };
+                if !self.client_gone {
+                    self.give(Err(e));
+                }
             }
         }
     }

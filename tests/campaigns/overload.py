@@ -235,6 +235,41 @@ def load(cluster, args, kinds, seed):
     return outcomes, lat, held
 
 
+class Sampler:
+    """Polls /metrics every half second: the queue's depth, KV positions reserved, answers
+    running and preempted, so the run says where the time went."""
+
+    def __init__(self, addr):
+        self.addr, self.samples, self.stop = addr, [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        names = {"strata_queue_depth": "queue", 'strata_kv_positions{kind="reserved"}': "reserved",
+                 "strata_active_sequences": "active", "strata_preemptions_total": "preempted"}
+        while not self.stop.wait(0.5):
+            try:
+                _, text = get(self.addr, "/metrics")
+            except OSError:
+                continue
+            row = {}
+            for line in text.splitlines():
+                series, _, value = line.rpartition(" ")
+                if series in names:
+                    row[names[series]] = float(value)
+            self.samples.append(row)
+
+    def report(self):
+        self.stop.set()
+        self.thread.join(5)
+        for k in ["queue", "reserved", "active"]:
+            vals = [r.get(k, 0) for r in self.samples]
+            if vals:
+                log(f"  {k}: mean {statistics.mean(vals):.1f}, max {max(vals):.0f}")
+        if self.samples:
+            log(f"  preempted: {self.samples[-1].get('preempted', 0):.0f}")
+
+
 def soak(args):
     model = os.path.join(heal.tempfile.mkdtemp(), "m.gguf")
     synth(model, context=2048)
@@ -251,11 +286,14 @@ def soak(args):
         _, base, _ = load(cluster, base_args, ["normal"], args.seed)
         log(f"  normal clients alone: median {statistics.median(base) * 1e3:.0f} ms")
         kinds = ["normal"] * 5 + ["overlong", "malformed", "abandon", "never_reads"]
+        sampler = Sampler(cluster.http)
         outcomes, lat, held = load(cluster, args, kinds, args.seed + 1)
+        sampler.report()
         log(f"  outcomes: {dict(sorted(outcomes.items()))}")
         log(f"  normal among the others: median {statistics.median(lat) * 1e3:.0f} ms, "
             f"p95 {sorted(lat)[int(len(lat) * 0.95)] * 1e3:.0f} ms "
-            f"({statistics.median(lat) / statistics.median(base):.2f}x the normal clients alone)")
+            f"({statistics.median(lat) / statistics.median(base):.2f}x the normal clients alone, "
+            f"{statistics.median(lat) / idle:.2f}x one alone on an idle cluster)")
         # The clients that never read are cancelled after --client-timeout.
         deadline = time.time() + 60
         while time.time() < deadline:

@@ -116,7 +116,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
     /// Requests that may wait for room in the KV cache; past them a request gets 429
-    /// (gRPC RESOURCE_EXHAUSTED) with Retry-After.
+    /// (gRPC RESOURCE_EXHAUSTED) with Retry-After, or takes the place of a larger one
+    /// waiting, which gets it instead.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
     /// Most prompt tokens one forward takes: longer prompts go in pieces, between which
@@ -124,7 +125,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=2048))]
     prefill_chunk: u32,
     /// A streaming client that leaves a token unread this long is cancelled, and its
-    /// caches freed on every stage (e.g. 30s).
+    /// caches freed on every stage (e.g. 30s). One that stops reading for a second while
+    /// others wait for room gives its caches up sooner, and replays when it reads again.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     client_timeout: std::time::Duration,
     /// What plans minimise: `latency` (time per token of one stream: the fastest machines
