@@ -751,11 +751,54 @@ fn a_client_that_stops_reading_gives_its_room_to_others_and_resumes_when_it_read
     }
     assert_eq!(finish.as_deref(), Some("length"));
     assert_eq!(text, expected);
+    let reserved = || metrics(&cluster.http)["strata_kv_positions{kind=\"reserved\"}"];
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metrics(&cluster.http)["strata_kv_positions{kind=\"reserved\"}"] != 0.0 {
+    while reserved() != 0.0 {
         assert!(
             Instant::now() < deadline,
             "reservations were never given back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A client that stops reading with nobody waiting keeps its room, its next step held;
+    // when it hangs up, its caches and room are freed at once (not after the 30 s a step
+    // in flight is given to land).
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut stalled: TcpStream = sock.into();
+    let body = long(true);
+    write!(
+        stalled,
+        "POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let generated = || metrics(&cluster.http)["strata_generated_tokens_total"];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (generated(), Instant::now());
+    loop {
+        assert!(Instant::now() < deadline, "the answer never stalled");
+        std::thread::sleep(Duration::from_millis(100));
+        let now = generated();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+    }
+    assert_eq!(
+        reserved(),
+        1008.0,
+        "a stalled answer keeps its room while nobody waits"
+    );
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reserved() != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that hung up kept its room"
         );
         std::thread::sleep(Duration::from_millis(50));
     }

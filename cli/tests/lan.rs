@@ -366,6 +366,19 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     let twin = completion_text(
         &SseStream::start(&cluster.http, "/v1/completions", body).finish(Duration::from_secs(60)),
     );
+    // Each worker reports what it received with its heartbeats (its row says 0 until the
+    // first one after it loaded).
+    cluster.wait_status(
+        "every worker's received bytes reported",
+        Duration::from_secs(10),
+        |s| {
+            s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["state"] != "ready" || w["bytes_received"].as_u64().unwrap_or(0) > 0)
+        },
+    );
     let received = cluster.bytes_received();
     let last = status["plan"]["stages"][2]["worker"]
         .as_str()

@@ -42,6 +42,13 @@ struct Waiting {
     resumed: bool,
 }
 
+impl Waiting {
+    /// Whether others may still go ahead of it.
+    fn patient(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < PATIENCE
+    }
+}
+
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -123,12 +130,10 @@ impl Admission {
         self.reserved() + need <= self.capacity
     }
 
-    /// Whether a request may go ahead of the first in line (none waits, or it has waited
-    /// less than [`PATIENCE`]).
+    /// Whether a request may go ahead of those waiting: none of them has waited
+    /// [`PATIENCE`] yet.
     fn may_overtake(&self, now: Instant) -> bool {
-        self.queue
-            .front()
-            .is_none_or(|first| now.saturating_duration_since(first.since) < PATIENCE)
+        self.queue.iter().all(|w| w.patient(now))
     }
 
     /// A request that needs `need` positions asks to start.
@@ -227,6 +232,13 @@ impl Admission {
                 self.typical_hold = (self.typical_hold * 3 + held) / 4;
             }
         }
+        self.fill(now)
+    }
+
+    /// Starts the queued requests that fit: in order, each past those ahead of it that do
+    /// not fit but are still patient; one that has waited its patience stops the rest.
+    /// Returns their tickets.
+    pub fn fill(&mut self, now: Instant) -> Vec<Ticket> {
         let mut admitted = Vec::new();
         let mut i = 0;
         while let Some(&w) = self.queue.get(i) {
@@ -234,7 +246,7 @@ impl Admission {
                 self.queue.remove(i);
                 self.reserved.insert(w.ticket, w.need);
                 admitted.push(w.ticket);
-            } else if i == 0 && !self.may_overtake(now) {
+            } else if !w.patient(now) {
                 break;
             } else {
                 i += 1;
@@ -324,6 +336,9 @@ impl Gate {
         }
         let (tx, rx) = oneshot::channel();
         g.waiting.insert(ticket, tx);
+        // The queue changed (one gave its place up, or a resumed answer went first): who
+        // fits now may differ.
+        g.wake(Instant::now());
         let admitted = Some(rx);
         Ok(Reservation {
             gate: self.clone(),
@@ -337,8 +352,21 @@ impl Gate {
     fn release(&self, ticket: Ticket, held: Option<Duration>) {
         let mut g = self.lock();
         g.waiting.remove(&ticket);
-        for t in g.core.release(ticket, held, Instant::now()) {
-            if let Some(tx) = g.waiting.remove(&t) {
+        let started = g.core.release(ticket, held, Instant::now());
+        g.tell_started(started);
+    }
+}
+
+impl GateInner {
+    /// Starts the queued requests that fit and tells them.
+    fn wake(&mut self, now: Instant) {
+        let started = self.core.fill(now);
+        self.tell_started(started);
+    }
+
+    fn tell_started(&mut self, started: Vec<Ticket>) {
+        for t in started {
+            if let Some(tx) = self.waiting.remove(&t) {
                 let _ = tx.send(Ok(()));
             }
         }
@@ -358,11 +386,14 @@ impl Reservation {
 
     /// Waits until admitted (at once when it already is), or refused after all: a
     /// smaller request took its place in a full queue.
+    /// Cancel-safe: a wait cut short loses nothing.
     pub async fn admitted(&mut self) -> Result<(), Refusal> {
-        if let Some(rx) = self.admitted.take() {
+        if let Some(rx) = self.admitted.as_mut() {
             // The gate lives as long as this reservation, so the sender is never dropped
             // without sending; if it were, carrying on is the safe reading.
-            rx.await.unwrap_or(Ok(()))?;
+            let heard = rx.await.unwrap_or(Ok(()));
+            self.admitted = None;
+            heard?;
             self.since = Some(Instant::now());
         }
         Ok(())

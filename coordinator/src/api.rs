@@ -569,7 +569,7 @@ pub async fn serve(
         .add_service(InferenceServer::new(api.clone()))
         .add_service(ClusterServer::new(api))
         .serve_with_incoming_shutdown(
-            crate::listen::Bounded::new(listener).into_stream(),
+            crate::http::client_connections(listener).into_stream(),
             async move { shutdown.cancelled().await },
         )
         .await?;

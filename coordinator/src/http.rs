@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_model::{Message, SamplingParams};
+use strata_net::listen::{Bounded, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -863,13 +864,59 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Most connections each client API (HTTP, gRPC) holds open at once.
+const MAX_CLIENT_CONNECTIONS: usize = 512;
+/// A client connection's kernel send buffer: a second or more of a fast token stream (an
+/// event is about 200 bytes), a long answer's JSON in a few round trips of a LAN, and a
+/// client that stops reading a stream is noticed after about a hundred tokens rather than
+/// the megabytes the kernel would buffer for it (its answer then waits one token ahead of
+/// it, and gives its cache up while others wait: see `session`).
+const CLIENT_SEND_BUFFER: usize = 16 * 1024;
+
+/// The connections of a client API, bounded in number and set up for token streams.
+pub(crate) fn client_connections(listener: tokio::net::TcpListener) -> Bounded {
+    Bounded::new(listener, MAX_CLIENT_CONNECTIONS).with_send_buffer(CLIENT_SEND_BUFFER)
+}
+
+/// What an HTTP connection past the most is told before it is closed: 503, OpenAI's error
+/// shape, retry in a second.
+fn too_many_connections() -> Vec<u8> {
+    let body = json!({"error": {
+        "message": format!("this server holds {MAX_CLIENT_CONNECTIONS} connections open at once and all are taken; retry shortly, or reuse a connection"),
+        "type": "server_error", "param": null, "code": null}})
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The HTTP API's connections, as axum takes them.
+struct HttpListener(Bounded);
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Connection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, std::net::SocketAddr) {
+        self.0.next().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
 /// Serves the HTTP API on `listener` until `shutdown`.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    axum::serve(crate::listen::Bounded::new(listener), router(shared))
+    let connections = client_connections(listener).with_refusal(too_many_connections());
+    axum::serve(HttpListener(connections), router(shared))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(Error::Io)

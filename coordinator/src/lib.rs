@@ -14,8 +14,6 @@
 //! - `digest`: the served model's content digest, which workers key their slice caches by;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
 //! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
-//! - `listen`: the client connections of both APIs, bounded in number and set up for
-//!   token streams;
 //! - `metrics`: the Prometheus metrics and the recent-requests list.
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
@@ -24,8 +22,7 @@
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
 //! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see `metrics`), `sha2` (the
-//! model's content digest), `socket2` (a client connection's send buffer, which tokio's
-//! `TcpStream` does not expose).
+//! model's content digest).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -49,7 +46,6 @@ mod digest;
 pub mod error;
 mod http;
 mod links;
-mod listen;
 mod membership;
 mod metrics;
 pub mod planner;

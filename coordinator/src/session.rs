@@ -659,10 +659,7 @@ impl Session {
                 }
                 Vec::new()
             }
-            _ = self.out.closed(), if !self.client_gone => {
-                self.client_gone = true;
-                self.core.handle(Event::ClientGone, Instant::now(), tokenizer, "")
-            }
+            _ = self.out.closed(), if !self.client_gone => self.client_left(Instant::now()),
             permit = out.reserve(), if unread => match permit {
                 Ok(permit) => self.client_read(permit),
                 // Hung up: the branch above cancels.
@@ -769,15 +766,7 @@ impl Session {
         let timeout = shared.config().client_timeout;
         if now >= stall.since + timeout {
             info!(request = %self.id, ?timeout, "the client read nothing within its timeout: cancelled");
-            self.client_gone = true;
-            self.backlog.clear();
-            self.stall = None;
-            let mut actions = Vec::new();
-            if self.held.take().is_some() {
-                actions = self.core.handle(Event::Preempt, now, tokenizer, "");
-            }
-            actions.extend(self.core.handle(Event::ClientGone, now, tokenizer, ""));
-            return actions;
+            return self.client_left(now);
         }
         if now < stall.look_again {
             return Vec::new();
@@ -799,6 +788,23 @@ impl Session {
         shared.metrics().preemptions.inc();
         shared.sessions().clear_pipeline(self.core.id());
         self.core.handle(Event::Preempt, now, tokenizer, "")
+    }
+
+    /// The client hung up or timed out: the answer is cancelled. A step held back for it
+    /// was never sent, so its caches are freed now rather than after a step that will not
+    /// come back.
+    fn client_left(&mut self, now: Instant) -> Vec<Action> {
+        let shared = self.shared.clone();
+        let tokenizer = &shared.model().tokenizer;
+        self.client_gone = true;
+        self.backlog.clear();
+        self.stall = None;
+        let mut actions = Vec::new();
+        if self.held.take().is_some() {
+            actions = self.core.handle(Event::Preempt, now, tokenizer, "");
+        }
+        actions.extend(self.core.handle(Event::ClientGone, now, tokenizer, ""));
+        actions
     }
 
     /// The client took what waited for it (`permit` has room for the first of it).
@@ -826,8 +832,13 @@ impl Session {
             return self.resume(now);
         }
         match self.held.take() {
-            Some((epoch, step)) => vec![Action::Send { epoch, step }],
-            None => Vec::new(),
+            // Unless the run it belongs to was lost meanwhile (the next replays instead).
+            Some((epoch, step))
+                if step.attempt == self.core.attempt() && self.core.epoch() == Some(epoch) =>
+            {
+                vec![Action::Send { epoch, step }]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -858,6 +869,7 @@ impl Session {
         };
         let shared = self.shared.clone();
         shared.metrics().refused.with_label_values(&["busy"]).inc();
+        self.reservation = None;
         let event = Event::Refused {
             message: format!(
                 "the cluster is busy: this request waited for {} KV-cache positions and gave \

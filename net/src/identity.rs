@@ -28,6 +28,8 @@ const TOKEN_PREFIX: &str = "strata1";
 
 /// Bytes of the cluster secret.
 const SECRET_BYTES: usize = 32;
+/// QUIC connections a node lets be in their handshake at once.
+const MAX_HANDSHAKING: usize = 256;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -419,6 +421,9 @@ impl Identity {
             .map_err(|e| Error::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(crate::transport::transport_config()));
+        // Connections still in their handshake (quinn's default is 65,536): a cluster has
+        // a few peers, so a flood of strangers' handshakes is held to this many.
+        config.max_incoming(MAX_HANDSHAKING);
         Ok(config)
     }
 

@@ -7,6 +7,7 @@
 //!   decode and validation;
 //! - [`transport`]: the QUIC data plane (quinn, ALPN `strata/1`) that carries frames;
 //! - [`discovery`]: mDNS announce and browse (`_strata._udp.local.`);
+//! - [`listen`]: accepting a server's TCP connections, a bounded number at once;
 //! - [`memory`]: what a node measures of its own and its machine's memory;
 //! - [`progress`]: bars (or log lines) for slice transfers and loads, drawn the same way
 //!   by every node.
@@ -19,12 +20,14 @@
 //! beyond `cc`); `rcgen` (the cluster CA and certificate requests); `hmac`/`sha2` (token
 //! proofs, fingerprints); `mdns-sd` (pure-Rust mDNS responder and browser that shares port
 //! 5353 with avahi/mDNSResponder); `indicatif` (progress bars that share the terminal with
-//! logs).
+//! logs); `socket2` (a connection's send buffer, which tokio's `TcpStream` does not
+//! expose).
 
 pub mod discovery;
 pub mod error;
 pub mod frame;
 pub mod identity;
+pub mod listen;
 pub mod memory;
 pub mod progress;
 pub mod transport;

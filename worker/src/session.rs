@@ -33,6 +33,10 @@ pub const COORDINATOR_SILENCE: Duration = Duration::from_secs(5);
 const RECEIVED_QUEUE: usize = 256;
 /// Pause between failed joins.
 const RETRY: Duration = Duration::from_secs(1);
+/// Connections the control service holds open at once (the coordinator needs a few).
+const CONTROL_CONNECTIONS: usize = 32;
+/// Calls one control connection may have open at once.
+const CONTROL_STREAMS: u32 = 64;
 
 /// What belongs to the machine, across sessions.
 pub struct Machine {
@@ -242,11 +246,14 @@ async fn session(
     };
     let listener = sockets.control(config).await?;
     let server_cancel = cancel.clone();
+    // Only the coordinator passes the mutual TLS; others' connections are bounded all the
+    // same, as are the calls on one.
     let server = tonic::transport::Server::builder()
         .tls_config(joined.identity.grpc_server_tls())?
+        .max_concurrent_streams(Some(CONTROL_STREAMS))
         .add_service(WorkerControlServer::new(service))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            strata_net::listen::Bounded::new(listener, CONTROL_CONNECTIONS).into_stream(),
             async move { server_cancel.cancelled().await },
         );
     let server = tokio::spawn(server);
