@@ -110,6 +110,20 @@ fn openai_endpoints_answer_like_openai() {
     assert_eq!(status, 401);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("API key"));
+    // Only `/health` and the dashboard page answer without it; `/metrics` needs it too.
+    for (path, open) in [
+        ("/health", true),
+        ("/", true),
+        ("/metrics", false),
+        ("/v1/cluster", false),
+    ] {
+        let (status, body) = http(&cluster.http, "GET", path, None, None);
+        assert_eq!(status, if open { 200 } else { 401 }, "{path}: {body}");
+        let (status, body) = http(&cluster.http, "GET", path, None, Some("k3y-but-wrong"));
+        assert_eq!(status, if open { 200 } else { 401 }, "{path}: {body}");
+    }
+    let (status, body) = http(&cluster.http, "GET", "/metrics", None, key);
+    assert_eq!(status, 200, "{body}");
 
     // A whole chat completion: greedy, the same tokens as the local chat run.
     let local = local_generate(

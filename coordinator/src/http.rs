@@ -726,7 +726,12 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// Prometheus text: counters as they stand, gauges read now.
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !shared.metrics_open() {
+        if let Err(e) = check_key(&shared, &headers) {
+            return e.into_response();
+        }
+    }
     let m = shared.metrics();
     {
         let registry = shared.registry();

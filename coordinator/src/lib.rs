@@ -22,7 +22,7 @@
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
 //! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see `metrics`), `sha2` (the
-//! model's content digest).
+//! model's content digest), `subtle` (comparing API keys in constant time).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -89,6 +89,8 @@ pub struct CoordinatorConfig {
     pub bind: IpAddr,
     /// Require `authorization: Bearer <key>` on the public API (default: none).
     pub api_key: Option<String>,
+    /// Serve `/metrics` without the API key (default false: with a key, it needs it).
+    pub open_metrics: bool,
     /// Workers to wait for before the first plan (default 1).
     pub min_workers: usize,
     /// Announce over mDNS and browse for workers (default true).
@@ -125,6 +127,7 @@ impl CoordinatorConfig {
             data_port: 0,
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             api_key: None,
+            open_metrics: false,
             min_workers: 1,
             mdns: true,
             wire_dtype: WireType::F32,

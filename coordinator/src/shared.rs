@@ -190,7 +190,24 @@ impl Shared {
     pub fn authorized(&self, header: Option<&str>) -> bool {
         match &self.config.api_key {
             None => true,
-            Some(key) => header.and_then(|v| v.strip_prefix("Bearer ")) == Some(key.as_str()),
+            Some(key) => header
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| same_key(given, key)),
         }
     }
+
+    /// Whether `/metrics` answers without the API key (`--open-metrics`).
+    pub fn metrics_open(&self) -> bool {
+        self.config.open_metrics
+    }
+}
+
+/// Compares a key a client gave with the configured one in constant time: their SHA-256
+/// digests, so neither the bytes nor the length that match leak through timing.
+fn same_key(given: &str, key: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(key.as_bytes()))
+        .into()
 }

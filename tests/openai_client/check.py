@@ -22,8 +22,10 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def metrics(base: str) -> dict:
-    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+def metrics(base: str, key: str) -> dict:
+    # With an API key, /metrics needs it too (as a Prometheus scrape config sends it).
+    request = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    text = urllib.request.urlopen(request, timeout=30).read().decode()
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -40,7 +42,7 @@ def check(cond: bool, what: str) -> None:
 
 def main() -> None:
     base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
-    before = metrics(base)
+    before = metrics(base, key)
     check("strata_generated_tokens_total" in before, "/metrics parses as Prometheus text")
 
     client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
@@ -89,7 +91,7 @@ def main() -> None:
         except openai.AuthenticationError as e:
             check(e.status_code == 401 and "API key" in str(e), f"{label}: 401 ({e})")
 
-    after = metrics(base)
+    after = metrics(base, key)
     grew = after["strata_generated_tokens_total"] - before["strata_generated_tokens_total"]
     check(grew >= 2 * whole.usage.completion_tokens,
           f"strata_generated_tokens_total grew by {grew}")

@@ -91,9 +91,13 @@ pub struct ServeArgs {
     /// Where the cluster's CA and secret live (created on first start).
     #[arg(long, env = "STRATA_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Require `authorization: Bearer <key>` on the public API.
+    /// Require `authorization: Bearer <key>` on the public API (everything but `/health`
+    /// and the dashboard page, `/metrics` included unless --open-metrics).
     #[arg(long, env = "STRATA_API_KEY")]
     api_key: Option<String>,
+    /// Serve `/metrics` without the API key, for a scraper that cannot send one.
+    #[arg(long)]
+    open_metrics: bool,
     /// Workers to wait for before the first plan.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
@@ -173,17 +177,28 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
     let (ca, created) = ClusterCa::load_or_create(&state_dir)
         .with_context(|| format!("opening the cluster state in {}", state_dir.display()))?;
-    let token = ca.token().to_text();
+    // The token is the cluster's secret: shown once, to the terminal that created the
+    // cluster, and never to a log (a service's stdout is its journal).
+    use std::io::IsTerminal;
     if created {
         println!("created a new cluster in {}", state_dir.display());
     }
-    println!("join token: {token}");
-    println!("  on each machine: strata worker --token {token}");
+    if created && std::io::stdout().is_terminal() {
+        let token = ca.token().to_text();
+        println!("join token (keep it secret; it is not shown again): {token}");
+        println!("  on each machine: strata worker --token {token}");
+    } else {
+        println!(
+            "workers join with the cluster's token: `strata token create --state-dir {}` prints it",
+            state_dir.display()
+        );
+    }
     let dtype = strata_model::WireType::parse(&a.wire_dtype)
         .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
     // An empty key (STRATA_API_KEY= in a config file) means none, not the empty string.
     config.api_key = a.api_key.clone().filter(|k| !k.is_empty());
+    config.open_metrics = a.open_metrics;
     config.min_workers = a.min_workers;
     config.mdns = !a.no_mdns;
     config.data_port = a.data_port;
@@ -209,7 +224,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr} (gRPC: strata.v1.Inference, strata.v1.Cluster)");
         let shutdown = shutdown_on_signal();
         if a.local_worker {
-            let mut w = WorkerConfig::new(JoinToken::parse(&token)?);
+            let mut w = WorkerConfig::new(ca.token().clone());
             let reach = if addr.ip().is_unspecified() {
                 "127.0.0.1".parse()?
             } else {
