@@ -7,7 +7,7 @@
 //! and the coordinator proves it back with an HMAC over the certificate it issues. After
 //! that, every connection is mutual TLS with the cluster CA as the only root.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
@@ -180,7 +180,28 @@ impl ClusterCa {
         let key_path = dir.join("ca.key.pem");
         let cert_path = dir.join("ca.cert.der");
         let secret_path = dir.join("cluster.secret");
-        if key_path.exists() && cert_path.exists() && secret_path.exists() {
+        let files = [&key_path, &cert_path, &secret_path];
+        let (present, absent): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            files.iter().partition(|p| p.exists());
+        if !present.is_empty() && !absent.is_empty() {
+            let names = |ps: &[&PathBuf]| {
+                ps.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(Error::State(format!(
+                "the cluster state in {} is partial: {} missing beside {}. A new CA would \
+                 lock every worker out, so nothing was changed: restore the missing files from \
+                 a backup, or move the directory away to start a new cluster (every worker \
+                 then needs the new token)",
+                dir.display(),
+                names(&absent),
+                names(&present)
+            )));
+        }
+        if absent.is_empty() {
+            check_private(dir, &files)?;
             let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
             let key_pem = String::from_utf8(read(&key_path)?)
                 .map_err(|_| Error::State(format!("{} is not PEM text", key_path.display())))?;
@@ -209,7 +230,7 @@ impl ClusterCa {
             ));
         }
         let ca = Self::create()?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        create_private_dir(dir)?;
         write_private(&key_path, ca.key.serialize_pem().as_bytes())?;
         write_private(&cert_path, &ca.cert_der)?;
         write_private(&secret_path, hex::encode(ca.token.secret).as_bytes())?;
@@ -286,14 +307,96 @@ impl ClusterCa {
     }
 }
 
+/// Writes a file only its owner can read, atomically: a temporary file beside it (0600),
+/// synced, renamed over it, and the directory synced, so a crash leaves the old file or
+/// the new one, never half of one.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| Error::io(&p, e)
+    };
+    // A temporary file left by a crash is replaced, not trusted.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&tmp, e)),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))
+    let mut f = options.open(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Creates the state directory (and any parents) only its owner can enter; an existing
+/// one, still without state, is closed to others.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| Error::io(dir, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            Error::State(format!(
+                "cannot make {} private to this user ({e}): give it to this user with \
+                 mode 0700, or choose another --state-dir",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Refuses state that other users can read or change: the directory must be 0700 and
+/// the files 0600 (or stricter), each with the command that fixes it.
+fn check_private(dir: &Path, files: &[&PathBuf]) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .map_err(|e| Error::io(p, e))
+        };
+        let m = mode(dir)?;
+        if m & 0o077 != 0 {
+            return Err(Error::State(format!(
+                "the cluster state directory {} is open to other users (mode {m:03o}): \
+                 `chmod 700 {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        for f in files {
+            let m = mode(f)?;
+            if m & 0o077 != 0 {
+                return Err(Error::State(format!(
+                    "{} is open to other users (mode {m:03o}): `chmod 600 {}`; if anyone \
+                     else could read it, start a new cluster, as its secret may be known",
+                    f.display(),
+                    f.display()
+                )));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, files);
+    Ok(())
 }
 
 /// A key that will be certified: kept by a worker from start until it has joined.
@@ -530,5 +633,51 @@ mod tests {
         let (b, created) = ClusterCa::load_or_create(dir.path()).unwrap();
         assert!(!created);
         assert_eq!(a.token().to_text(), b.token().to_text());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn state_is_private_checked_on_every_start_and_never_silently_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let (ca, _) = ClusterCa::load_or_create(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let files = ["ca.key.pem", "ca.cert.der", "cluster.secret"];
+        for f in files {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        // Opened up: refused, naming the fix; closed again: loads.
+        chmod(&dir, 0o755);
+        let e = ClusterCa::load_or_create(&dir).err().unwrap().to_string();
+        assert!(e.contains("chmod 700") && e.contains("755"), "{e}");
+        chmod(&dir, 0o700);
+        chmod(&dir.join("cluster.secret"), 0o644);
+        let e = ClusterCa::load_or_create(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("chmod 600") && e.contains("cluster.secret"),
+            "{e}"
+        );
+        chmod(&dir.join("cluster.secret"), 0o600);
+        let (again, created) = ClusterCa::load_or_create(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(again.token().to_text(), ca.token().to_text());
+        // A file missing: refused, and the rest left as it was (no new CA).
+        let key = std::fs::read(dir.join("ca.key.pem")).unwrap();
+        std::fs::remove_file(dir.join("ca.cert.der")).unwrap();
+        let e = ClusterCa::load_or_create(&dir).err().unwrap().to_string();
+        assert!(e.contains("partial") && e.contains("ca.cert.der"), "{e}");
+        assert_eq!(std::fs::read(dir.join("ca.key.pem")).unwrap(), key);
+        assert!(!dir.join("ca.cert.der").exists());
+        // No temporary files are left behind.
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     }
 }

@@ -156,10 +156,16 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             }
         };
         info!(speed_gb_s = speed / 1e9, budget_mib = budget >> 20, "measured");
-        let cache_dir = config
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| default_cache_dir(&requested_id));
+        let cache_dir = match config.cache_dir.clone() {
+            Some(dir) => dir,
+            None => default_cache_dir(&requested_id).ok_or_else(|| {
+                Error::Cache(cache::CacheError::Invalid(
+                    "neither XDG_CACHE_HOME nor HOME is set, so there is no private place \
+                     for the slice cache (a shared /tmp is not one): pass --cache-dir"
+                        .into(),
+                ))
+            })?,
+        };
         let machine = session::Machine {
             stage: stage::StageHandle::spawn(requested_id.clone())?,
             cache: cache::SliceCache::open(&cache_dir)?,
@@ -176,12 +182,17 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
 }
 
 /// Where received slices are kept when `--cache-dir` is not given:
-/// `$XDG_CACHE_HOME/strata/slices-<id>` (or `~/.cache/...`), never a shared `/tmp` path.
-fn default_cache_dir(id: &str) -> PathBuf {
+/// `$XDG_CACHE_HOME/strata/slices-<id>` (or `~/.cache/...`); never a shared `/tmp` path,
+/// where another local user could make the directory first (none without a home).
+fn default_cache_dir(id: &str) -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("strata").join(format!("slices-{id}"))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".cache"))
+        })?;
+    Some(base.join("strata").join(format!("slices-{id}")))
 }
