@@ -149,47 +149,64 @@ fn a_worker_with_a_wrong_token_is_refused_on_both_sides() {
         },
     );
     cluster.wait_serving(1);
+    let intrude = |token: &str, id: &str| {
+        let mut intruder = Proc::spawn(id, {
+            let mut c = strata();
+            c.args([
+                "worker",
+                "--token",
+                token,
+                "--coordinator",
+                &cluster.api,
+                "--id",
+                id,
+                "--no-mdns",
+                "--bind",
+                "127.0.0.1",
+                "--speed",
+                "1e9",
+            ]);
+            c
+        });
+        let exit = intruder.wait_exit(Duration::from_secs(30));
+        assert!(!exit.success());
+        assert!(
+            intruder.output().contains("refused"),
+            "{}",
+            intruder.output()
+        );
+        let status = cluster.status();
+        let row = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .unwrap_or_else(|| panic!("no row for {id}: {status}"))
+            .clone();
+        assert_eq!(row["state"], "refused", "{row}");
+        // It never became a stage.
+        assert_eq!(status["plan"]["stages"].as_array().unwrap().len(), 1);
+    };
     // Same cluster id, another secret: the proof cannot match.
-    let (head, _) = cluster.token.rsplit_once('-').unwrap();
-    let forged = format!("{head}-{}", "ab".repeat(32));
-    let mut intruder = Proc::spawn("intruder", {
-        let mut c = strata();
-        c.args([
-            "worker",
-            "--token",
-            &forged,
-            "--coordinator",
-            &cluster.api,
-            "--id",
-            "intruder",
-            "--no-mdns",
-            "--bind",
-            "127.0.0.1",
-            "--speed",
-            "1e9",
-        ]);
-        c
-    });
-    let exit = intruder.wait_exit(Duration::from_secs(30));
-    assert!(!exit.success());
-    assert!(
-        intruder.output().contains("refused"),
-        "{}",
-        intruder.output()
-    );
+    let (head, secret) = cluster.token.rsplit_once('-').unwrap();
+    intrude(&format!("{head}-{}", "ab".repeat(32)), "intruder");
     cluster
         .coordinator
         .wait_for("refused a worker", Duration::from_secs(5));
-    let status = cluster.status();
-    let row = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == "intruder")
-        .unwrap();
-    assert_eq!(row["state"], "refused");
-    // It never became a stage.
-    assert_eq!(status["plan"]["stages"].as_array().unwrap().len(), 1);
+    // The right secret under another cluster's id: the proof covers the whole token, so
+    // the coordinator refuses it too (it once admitted it, and planned onto a worker that
+    // had refused the coordinator and left).
+    let (prefix, id) = head.split_once('-').unwrap();
+    let other: String = id
+        .chars()
+        .map(|c| if c == '0' { '1' } else { '0' })
+        .collect();
+    intrude(&format!("{prefix}-{other}-{secret}"), "intruder2");
+    assert_eq!(
+        tokens(&cluster.generate(&["--prompt", "still here", "--max-tokens", "4"])).len(),
+        4,
+        "the cluster keeps serving"
+    );
     // A token that is not even well-formed is refused before any network traffic.
     let out = strata()
         .args([

@@ -116,17 +116,21 @@ impl JoinToken {
         )
     }
 
+    /// An HMAC under the secret over the whole token's cluster id, a label and `data`:
+    /// a token with the right secret but another cluster's id proves nothing.
     fn mac(&self, label: &[u8], data: &[u8]) -> HmacSha256 {
         #[allow(clippy::expect_used)] // HMAC takes keys of any length
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("hmac accepts any key");
         mac.update(label);
+        mac.update(&(self.cluster_id.len() as u32).to_be_bytes());
+        mac.update(self.cluster_id.as_bytes());
         mac.update(data);
         mac
     }
 
     /// A worker's proof of the token, bound to its signing request.
     pub fn join_proof(&self, csr_der: &[u8]) -> Vec<u8> {
-        self.mac(b"strata-join-v1", csr_der)
+        self.mac(b"strata-join-v2", csr_der)
             .finalize()
             .into_bytes()
             .to_vec()
@@ -134,14 +138,14 @@ impl JoinToken {
 
     /// Checks a worker's proof (in constant time).
     pub fn verify_join(&self, csr_der: &[u8], proof: &[u8]) -> bool {
-        self.mac(b"strata-join-v1", csr_der)
+        self.mac(b"strata-join-v2", csr_der)
             .verify_slice(proof)
             .is_ok()
     }
 
     /// The coordinator's proof of the token, bound to the certificate it issued.
     pub fn admit_proof(&self, cert_der: &[u8]) -> Vec<u8> {
-        self.mac(b"strata-admit-v1", cert_der)
+        self.mac(b"strata-admit-v2", cert_der)
             .finalize()
             .into_bytes()
             .to_vec()
@@ -149,7 +153,7 @@ impl JoinToken {
 
     /// Checks the coordinator's proof (in constant time).
     pub fn verify_admit(&self, cert_der: &[u8], proof: &[u8]) -> bool {
-        self.mac(b"strata-admit-v1", cert_der)
+        self.mac(b"strata-admit-v2", cert_der)
             .verify_slice(proof)
             .is_ok()
     }
@@ -608,6 +612,17 @@ mod tests {
             .signing_request("w1")
             .unwrap();
         assert!(!ca.token().verify_join(&csr2, &proof));
+        // The right secret under another cluster's id proves nothing, either way.
+        let text = ca.token().to_text();
+        let secret = text.rsplit_once('-').unwrap().1;
+        let elsewhere = JoinToken::parse(&format!(
+            "{TOKEN_PREFIX}-{}-{secret}",
+            other.token().cluster_id()
+        ))
+        .unwrap();
+        assert!(!ca.token().verify_join(&csr, &elsewhere.join_proof(&csr)));
+        let cert = b"a certificate";
+        assert!(!elsewhere.verify_admit(cert, &ca.token().admit_proof(cert)));
     }
 
     #[test]
