@@ -29,7 +29,12 @@ pub struct Admission {
     pub id: String,
 }
 
-pub async fn find_coordinator(config: &WorkerConfig) -> Result<String> {
+/// The coordinator's address: `--coordinator`, or the first this cluster's mDNS records
+/// name that is not in `skip` (addresses that failed to prove the token lately).
+pub async fn find_coordinator(
+    config: &WorkerConfig,
+    skip: &std::collections::HashSet<String>,
+) -> Result<String> {
     if let Some(c) = &config.coordinator {
         return Ok(c.clone());
     }
@@ -59,6 +64,9 @@ pub async fn find_coordinator(config: &WorkerConfig) -> Result<String> {
             .or(s.addresses.first());
         if let Some(ip) = ip {
             let addr = SocketAddr::new(IpAddr::V4(*ip), s.port).to_string();
+            if skip.contains(&addr) {
+                continue;
+            }
             info!(%addr, "found the coordinator over mDNS");
             return Ok(addr);
         }

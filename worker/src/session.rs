@@ -33,6 +33,9 @@ pub const COORDINATOR_SILENCE: Duration = Duration::from_secs(5);
 const RECEIVED_QUEUE: usize = 256;
 /// Pause between failed joins.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a coordinator found over mDNS that refused this worker, or could not prove it
+/// holds the token, is passed over.
+const SKIP_REFUSING: Duration = Duration::from_secs(30);
 /// Connections the control service holds open at once (the coordinator needs a few).
 const CONTROL_CONNECTIONS: usize = 32;
 /// Calls one control connection may have open at once.
@@ -166,13 +169,22 @@ async fn admitted(
 ) -> Result<Admission> {
     let grace_ends = cut_off_since.map(|t| t + config.grace);
     let mut freed = false;
+    // Records found over mDNS whose coordinator refused or could not prove the token, and
+    // until when they are passed over: anyone on the LAN can announce one.
+    let mut skipped: Vec<(String, Instant)> = Vec::new();
     loop {
+        let now = Instant::now();
+        skipped.retain(|(_, until)| *until > now);
+        let skip = skipped.iter().map(|(a, _)| a.clone()).collect();
         let attempt = async {
-            let coordinator = join::find_coordinator(config).await?;
+            let coordinator = join::find_coordinator(config, &skip)
+                .await
+                .map_err(|e| (None, e))?;
             let held = crate::control::held_slice(&m.stage.stats);
             join::join(&coordinator, &config.token, key, info.clone(), held)
                 .await
-                .map(|a| (coordinator, a))
+                .map(|a| (coordinator.clone(), a))
+                .map_err(|e| (Some(coordinator), e))
         };
         let grace = async {
             match grace_ends {
@@ -186,11 +198,18 @@ async fn admitted(
                     info!(id = %a.id, coordinator = %coordinator, "joined the cluster");
                     return Ok(a);
                 }
-                Err(e @ Error::Refused { .. }) => {
+                Err((Some(address), e @ Error::Refused { .. })) if config.coordinator.is_none() => {
+                    // Found over mDNS: maybe not our coordinator at all. Pass it over a while
+                    // and keep looking (the real one, if it refuses too, is tried again).
+                    warn!(cause = %e, %address, "not admitted by the coordinator an mDNS record named; passing it over for {}s and still looking", SKIP_REFUSING.as_secs());
+                    skipped.push((address, Instant::now() + SKIP_REFUSING));
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err((_, e @ Error::Refused { .. })) => {
                     error!(cause = %e, "not admitted");
                     return Err(e);
                 }
-                Err(e) => {
+                Err((_, e)) => {
                     warn!(cause = %e, "join failed; retrying");
                     tokio::time::sleep(RETRY).await;
                 }
