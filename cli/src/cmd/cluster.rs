@@ -173,12 +173,9 @@ fn serve_plan_options(a: &ServeArgs, dtype: strata_model::WireType) -> anyhow::R
     })
 }
 
-pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
-    let (ca, created) = ClusterCa::load_or_create(&state_dir)
-        .with_context(|| format!("opening the cluster state in {}", state_dir.display()))?;
-    // The token is the cluster's secret: shown once, to the terminal that created the
-    // cluster, and never to a log (a service's stdout is its journal).
+/// The token is the cluster's secret: shown once, to the terminal that created the
+/// cluster, and never to a log (a service's stdout is its journal).
+fn announce_token(ca: &ClusterCa, created: bool, state_dir: &std::path::Path) {
     use std::io::IsTerminal;
     if created {
         println!("created a new cluster in {}", state_dir.display());
@@ -193,6 +190,13 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
+    let (ca, created) = ClusterCa::load_or_create(&state_dir)
+        .with_context(|| format!("opening the cluster state in {}", state_dir.display()))?;
+    announce_token(&ca, created, &state_dir);
     let dtype = strata_model::WireType::parse(&a.wire_dtype)
         .with_context(|| format!("--wire-dtype {}: use f32, f16 or bf16", a.wire_dtype))?;
     let mut config = CoordinatorConfig::new(a.model.clone(), state_dir);
