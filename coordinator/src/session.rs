@@ -909,6 +909,30 @@ impl Session {
         }
     }
 
+    /// Frees the sequence's caches on the pipeline of `epoch`, then awaits word that every
+    /// stage did (or, when the frame cannot go, counts them freed now).
+    async fn free(&mut self, epoch: u64) {
+        let sent = match self.pipeline.clone().filter(|p| p.epoch == epoch) {
+            Some(p) => {
+                let frame = Frame::Free {
+                    epoch,
+                    seqs: vec![self.core.id()],
+                };
+                let sent = strata_net::transport::send_frame(&p.first, &frame).await;
+                if let Err(e) = &sent {
+                    debug!(cause = %e, "could not free a sequence's caches");
+                }
+                sent.is_ok()
+            }
+            None => false,
+        };
+        if sent {
+            self.freeing = Some((epoch, Instant::now() + FREED_WAIT));
+        } else {
+            self.freed();
+        }
+    }
+
     async fn perform(&mut self, action: Action) {
         match action {
             Action::Send { epoch, step } => {
@@ -952,27 +976,7 @@ impl Session {
                     self.give(Ok(delta));
                 }
             }
-            Action::Free { epoch } => {
-                let sent = match self.pipeline.clone().filter(|p| p.epoch == epoch) {
-                    Some(p) => {
-                        let frame = Frame::Free {
-                            epoch,
-                            seqs: vec![self.core.id()],
-                        };
-                        let sent = strata_net::transport::send_frame(&p.first, &frame).await;
-                        if let Err(e) = &sent {
-                            debug!(cause = %e, "could not free a sequence's caches");
-                        }
-                        sent.is_ok()
-                    }
-                    None => false,
-                };
-                if sent {
-                    self.freeing = Some((epoch, Instant::now() + FREED_WAIT));
-                } else {
-                    self.freed();
-                }
-            }
+            Action::Free { epoch } => self.free(epoch).await,
             Action::Fail(e) => {
                 info!(request = %self.id, cause = %e, "request failed");
                 let e = match e {
