@@ -236,8 +236,45 @@ fn drain_replans_without_the_worker_and_keeps_serving() {
         .as_str()
         .unwrap()
         .to_string();
-    let out = run_ok(&["cluster", "drain", &first, "--coordinator", &cluster.api]);
-    assert!(out.contains("draining"), "{out}");
+    // Without the cluster's credentials (an empty HOME, no state directory), drain and
+    // remove are refused, and the plan does not change.
+    let home = tempfile::tempdir().unwrap();
+    for change in ["drain", "remove"] {
+        let out = strata()
+            .args(["cluster", change, &first, "--coordinator", &cluster.api])
+            .env("HOME", home.path())
+            .env_remove("STRATA_STATE_DIR")
+            .env_remove("STRATA_OPERATOR_KEY")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{change} without credentials: {err}");
+        assert!(err.contains("operator credential"), "{err}");
+    }
+    cluster
+        .coordinator
+        .wait_for("refused a cluster change", Duration::from_secs(5));
+    assert_eq!(
+        cluster.wait_serving(3)["plan"]["stages"][0]["worker"],
+        first.as_str()
+    );
+    check_same_tokens(&cluster, &model);
+    // Another machine drains with the operator credential the coordinator's prints.
+    let operator = run_ok(&["token", "operator", "--state-dir", &cluster.state_dir()]);
+    let out = strata()
+        .args(["cluster", "drain", &first, "--coordinator", &cluster.api])
+        .env("HOME", home.path())
+        .env_remove("STRATA_STATE_DIR")
+        .env("STRATA_OPERATOR_KEY", operator.trim())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("draining"), "{said}");
     let status = cluster.wait_serving(2);
     assert!(status["plan"]["stages"]
         .as_array()

@@ -194,6 +194,7 @@ fn joining_and_draining_while_answers_stream_fails_none_and_changes_none() {
     streams[0].wait_received(5, Duration::from_secs(60));
     let out = strata()
         .args(["cluster", "drain", "w1", "--coordinator", &cluster.api])
+        .args(["--state-dir", &cluster.state_dir()])
         .output()
         .unwrap();
     assert!(

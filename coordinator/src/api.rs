@@ -1,7 +1,8 @@
 //! The public gRPC API (`strata.v1.Inference`, `strata.v1.Cluster`), the standard health
 //! service and server reflection (so `grpcurl` works without the .proto files). Errors
 //! become `tonic::Status` here, once, with a message a user can act on. An optional
-//! bearer key guards everything but `Cluster/Join`, which the join token guards.
+//! bearer key guards everything but `Cluster/Join`, which the join token guards; cluster
+//! changes (drain, remove) need the operator's signature besides, key or not.
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
 use crate::error::{Error, Result};
 use crate::planner::{self, Candidate, Plan, Shortfall};
@@ -46,6 +48,31 @@ impl Api {
             ));
         }
         Ok(())
+    }
+
+    /// Lets a cluster change through only with the operator's signature of it; a refusal
+    /// is logged here, with who asked, and told to the caller.
+    fn check_change<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        target: &str,
+    ) -> std::result::Result<(), Status> {
+        let header = req
+            .metadata()
+            .get(strata_net::operator::HEADER)
+            .and_then(|v| v.to_str().ok());
+        let call = strata_net::operator::Call { action, target };
+        self.shared.check_change(&call, header).map_err(|refusal| {
+            let from = req
+                .remote_addr()
+                .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+            warn!(%from, action, target, "refused a cluster change: {refusal}");
+            match refusal {
+                crate::operator::Refusal::Unsigned => Status::unauthenticated(refusal.to_string()),
+                _ => Status::permission_denied(refusal.to_string()),
+            }
+        })
     }
 
     fn model_info(&self) -> ModelInfo {
@@ -528,6 +555,7 @@ impl Cluster for Api {
         req: Request<DrainRequest>,
     ) -> std::result::Result<Response<DrainResponse>, Status> {
         self.check_key(&req)?;
+        self.check_change(&req, "drain", &req.get_ref().worker_id)?;
         let detail = membership::drain(&self.shared, &req.into_inner().worker_id)?;
         Ok(Response::new(DrainResponse { detail }))
     }
@@ -537,6 +565,7 @@ impl Cluster for Api {
         req: Request<RemoveRequest>,
     ) -> std::result::Result<Response<RemoveResponse>, Status> {
         self.check_key(&req)?;
+        self.check_change(&req, "remove", &req.get_ref().worker_id)?;
         let detail = membership::remove(&self.shared, &req.into_inner().worker_id).await?;
         Ok(Response::new(RemoveResponse { detail }))
     }

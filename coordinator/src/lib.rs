@@ -14,7 +14,8 @@
 //! - `digest`: the served model's content digest, which workers key their slice caches by;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
 //! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
-//! - `metrics`: the Prometheus metrics and the recent-requests list.
+//! - `metrics`: the Prometheus metrics and the recent-requests list;
+//! - `operator`: the guard that lets only signed cluster changes (drain, remove) through.
 //!
 //! Model math never enters here: it tokenizes and renders chat templates, and the
 //! workers do the rest.
@@ -48,6 +49,7 @@ mod http;
 mod links;
 mod membership;
 mod metrics;
+mod operator;
 pub mod planner;
 pub mod profile;
 mod reconcile;
@@ -196,10 +198,10 @@ pub async fn run(
     let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
     let model = ServedModel::open(&config.model, &config.state_dir)?;
     if created {
+        // The token is never logged: `strata token create` prints it to a terminal.
         info!(
             dir = %config.state_dir.display(),
-            "created a new cluster; join workers with this token:\n\n    {}\n",
-            ca.token().to_text()
+            "created a new cluster; `strata token create --state-dir` prints its join token"
         );
     }
     let identity = ca.issue_identity(COORDINATOR_NAME)?;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Gate;
 use crate::metrics::Metrics;
+use crate::operator::{Guard, Refusal};
 use crate::registry::Registry;
 use crate::serving::ServingState;
 use crate::session::{Outbound, Sessions};
@@ -33,6 +34,7 @@ pub struct Shared {
     cancel: CancellationToken,
     metrics: Metrics,
     gate: Arc<Gate>,
+    operator: Mutex<Guard>,
 }
 
 /// The parts [`Shared::new`] is built from.
@@ -64,7 +66,9 @@ impl Shared {
             usize::try_from(p.config.plan.kv_tokens).unwrap_or(usize::MAX),
             p.config.max_queue,
         );
+        let operator = Mutex::new(Guard::new(p.ca.token().operator_key()));
         Shared {
+            operator,
             config: p.config,
             model: p.model,
             ca: p.ca,
@@ -194,6 +198,21 @@ impl Shared {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|given| same_key(given, key)),
         }
+    }
+
+    /// Whether a cluster change carries a fresh, unused operator signature (`header`).
+    pub fn check_change(
+        &self,
+        call: &strata_net::operator::Call<'_>,
+        header: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.operator
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .check(call, header, now_ms)
     }
 
     /// Whether `/metrics` answers without the API key (`--open-metrics`).

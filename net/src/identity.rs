@@ -26,6 +26,11 @@ pub const COORDINATOR_NAME: &str = "coordinator.strata";
 /// Prefix of a join token; names the token format version.
 const TOKEN_PREFIX: &str = "strata1";
 
+/// The state directory's files: the CA's key and certificate, and the secret.
+const CA_KEY_FILE: &str = "ca.key.pem";
+const CA_CERT_FILE: &str = "ca.cert.der";
+const SECRET_FILE: &str = "cluster.secret";
+
 /// Bytes of the cluster secret.
 const SECRET_BYTES: usize = 32;
 /// QUIC connections a node lets be in their handshake at once.
@@ -116,6 +121,16 @@ impl JoinToken {
         )
     }
 
+    /// The operator credential this token grants (see [`crate::operator`]).
+    pub fn operator_key(&self) -> crate::operator::OperatorKey {
+        let key: [u8; SECRET_BYTES] = self
+            .mac(b"strata-operator-v1", &[])
+            .finalize()
+            .into_bytes()
+            .into();
+        crate::operator::OperatorKey::new(self.cluster_id.clone(), key)
+    }
+
     /// An HMAC under the secret over the whole token's cluster id, a label and `data`:
     /// a token with the right secret but another cluster's id proves nothing.
     fn mac(&self, label: &[u8], data: &[u8]) -> HmacSha256 {
@@ -181,9 +196,26 @@ impl ClusterCa {
     /// Loads the CA and secret from `dir`, or creates them there (files readable by the
     /// owner only). Returns whether they were created.
     pub fn load_or_create(dir: &Path) -> Result<(Self, bool)> {
-        let key_path = dir.join("ca.key.pem");
-        let cert_path = dir.join("ca.cert.der");
-        let secret_path = dir.join("cluster.secret");
+        if let Some(ca) = Self::load(dir)? {
+            return Ok((ca, false));
+        }
+        let ca = Self::create()?;
+        create_private_dir(dir)?;
+        write_private(&dir.join(CA_KEY_FILE), ca.key.serialize_pem().as_bytes())?;
+        write_private(&dir.join(CA_CERT_FILE), &ca.cert_der)?;
+        write_private(
+            &dir.join(SECRET_FILE),
+            hex::encode(ca.token.secret).as_bytes(),
+        )?;
+        Ok((ca, true))
+    }
+
+    /// Loads the CA and secret from `dir`; `None` when there is no cluster there. A
+    /// partial or badly protected state is an error that names the fix.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_path = dir.join(CA_CERT_FILE);
+        let secret_path = dir.join(SECRET_FILE);
         let files = [&key_path, &cert_path, &secret_path];
         let (present, absent): (Vec<&PathBuf>, Vec<&PathBuf>) =
             files.iter().partition(|p| p.exists());
@@ -224,21 +256,13 @@ impl ClusterCa {
                 cluster_id: cluster_id_of(&cert_der),
                 secret,
             };
-            return Ok((
-                ClusterCa {
-                    key,
-                    cert_der,
-                    token,
-                },
-                false,
-            ));
+            return Ok(Some(ClusterCa {
+                key,
+                cert_der,
+                token,
+            }));
         }
-        let ca = Self::create()?;
-        create_private_dir(dir)?;
-        write_private(&key_path, ca.key.serialize_pem().as_bytes())?;
-        write_private(&cert_path, &ca.cert_der)?;
-        write_private(&secret_path, hex::encode(ca.token.secret).as_bytes())?;
-        Ok((ca, true))
+        Ok(None)
     }
 
     /// A new CA and secret, in memory.

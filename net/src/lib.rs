@@ -7,6 +7,7 @@
 //!   decode and validation;
 //! - [`transport`]: the QUIC data plane (quinn, ALPN `strata/1`) that carries frames;
 //! - [`discovery`]: mDNS announce and browse (`_strata._udp.local.`);
+//! - [`operator`]: the operator credential that signs cluster changes (drain, remove);
 //! - [`listen`]: accepting a server's TCP connections, a bounded number at once;
 //! - [`memory`]: what a node measures of its own and its machine's memory;
 //! - [`progress`]: bars (or log lines) for slice transfers and loads, drawn the same way
@@ -29,6 +30,7 @@ pub mod frame;
 pub mod identity;
 pub mod listen;
 pub mod memory;
+pub mod operator;
 pub mod progress;
 pub mod transport;
 

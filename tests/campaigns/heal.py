@@ -321,7 +321,8 @@ def change(args):
                 c.add_worker("w3")
                 c.wait_serving(3)
             else:
-                subprocess.run([STRATA, "cluster", "drain", "w1", "--coordinator", c.api], check=True,
+                subprocess.run([STRATA, "cluster", "drain", "w1", "--coordinator", c.api,
+                                "--state-dir", c.state], check=True,
                                capture_output=True)
                 c.wait("w1 released", lambda s: all(x["worker"] != "w1" for x in s["plan"]["stages"]))
             failed, changed = check(streams, tw, what)

@@ -12,6 +12,7 @@ use strata_coordinator::registry::state_name;
 use strata_coordinator::{profile, CoordinatorConfig};
 use strata_net::identity::{ClusterCa, JoinToken};
 use strata_net::memory::parse_size;
+use strata_net::operator::{self, Call, OperatorKey};
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::inference_client::InferenceClient;
 use strata_proto::v1::{DrainRequest, PlanRequest, PlanResponse, RemoveRequest, StatusRequest};
@@ -342,6 +343,13 @@ pub enum TokenCommand {
         #[arg(long, env = "STRATA_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Print the operator credential: it lets `strata cluster drain/remove` change the
+    /// cluster from another machine (it cannot join a worker).
+    Operator {
+        /// Where the cluster's CA and secret live.
+        #[arg(long, env = "STRATA_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 pub fn token(c: TokenCommand) -> anyhow::Result<()> {
@@ -357,7 +365,75 @@ pub fn token(c: TokenCommand) -> anyhow::Result<()> {
             println!("{}", ca.token().to_text());
             Ok(())
         }
+        TokenCommand::Operator { state_dir } => {
+            let dir = state_dir.unwrap_or_else(default_state_dir);
+            let ca = ClusterCa::load(&dir)?.with_context(|| {
+                format!(
+                    "there is no cluster in {}: run this on the coordinator's machine, as its user (or pass its --state-dir)",
+                    dir.display()
+                )
+            })?;
+            eprintln!(
+                "operator credential of cluster {} (keep it secret: it can drain and remove workers):",
+                ca.token().cluster_id()
+            );
+            println!("{}", ca.token().operator_key().to_text());
+            Ok(())
+        }
     }
+}
+
+/// Who may change the cluster: the operator credential, given or read from the
+/// coordinator's state directory.
+#[derive(Debug, Args)]
+pub struct Credentials {
+    /// The operator credential (`strata token operator` prints it on the coordinator's
+    /// machine). Without it, the credential comes from the state directory.
+    #[arg(long, env = "STRATA_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: Option<String>,
+    /// The coordinator's state directory, when this is its machine.
+    #[arg(long, env = "STRATA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The operator key, if there is one to be had. None means the call goes unsigned
+    /// and the coordinator says what it needs.
+    fn key(&self) -> anyhow::Result<Option<OperatorKey>> {
+        if let Some(text) = self.operator_key.as_deref().filter(|k| !k.is_empty()) {
+            return Ok(Some(OperatorKey::parse(text)?));
+        }
+        let dir = self.state_dir.clone().unwrap_or_else(default_state_dir);
+        let ca = ClusterCa::load(&dir)
+            .with_context(|| format!("reading the operator credential from {}", dir.display()))?;
+        Ok(ca.map(|ca| ca.token().operator_key()))
+    }
+
+    /// `call` signed now, as a request's metadata value.
+    fn sign(&self, call: &Call<'_>) -> anyhow::Result<Option<tonic::metadata::AsciiMetadataValue>> {
+        let Some(key) = self.key()? else {
+            return Ok(None);
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_millis() as u64;
+        let header = key.sign(call, now_ms)?.to_header();
+        Ok(Some(header.parse().context("a signature is ASCII")?))
+    }
+}
+
+/// `request` with the operator's signature of `call`, when there is a credential.
+fn signed<T>(
+    request: T,
+    call: &Call<'_>,
+    credentials: &Credentials,
+) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(request);
+    if let Some(sig) = credentials.sign(call)? {
+        request.metadata_mut().insert(operator::HEADER, sig);
+    }
+    Ok(request)
 }
 
 /// Adds the bearer key to every call.
@@ -445,18 +521,24 @@ pub enum ClusterCommand {
     /// Join a coordinator from this machine (a worker that skips mDNS).
     Join(WorkerArgs),
     /// Stop giving a worker new work, re-plan without it, release it when its sequences end.
+    /// Needs the operator credential (the state directory, or --operator-key).
     Drain {
         /// The worker's id.
         worker: String,
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        credentials: Credentials,
     },
-    /// Drop a worker at once (its sequences fail; the cluster re-plans).
+    /// Drop a worker at once (its sequences fail; the cluster re-plans). Needs the
+    /// operator credential (the state directory, or --operator-key).
     Remove {
         /// The worker's id.
         worker: String,
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        credentials: Credentials,
     },
 }
 
@@ -667,29 +749,63 @@ pub fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
         match c {
             ClusterCommand::Status { remote, json } => status(remote, json).await,
             ClusterCommand::Plan(a) => plan(a).await,
-            ClusterCommand::Drain { worker, remote } => {
+            ClusterCommand::Drain {
+                worker,
+                remote,
+                credentials,
+            } => {
+                let call = Call {
+                    action: "drain",
+                    target: &worker,
+                };
+                let request = signed(
+                    DrainRequest {
+                        worker_id: worker.clone(),
+                    },
+                    &call,
+                    &credentials,
+                )?;
                 let mut client =
                     cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
-                let r = client
-                    .drain(DrainRequest { worker_id: worker })
-                    .await?
-                    .into_inner();
+                let r = client.drain(request).await.map_err(refused)?.into_inner();
                 println!("{}", r.detail);
                 Ok(())
             }
-            ClusterCommand::Remove { worker, remote } => {
+            ClusterCommand::Remove {
+                worker,
+                remote,
+                credentials,
+            } => {
+                let call = Call {
+                    action: "remove",
+                    target: &worker,
+                };
+                let request = signed(
+                    RemoveRequest {
+                        worker_id: worker.clone(),
+                    },
+                    &call,
+                    &credentials,
+                )?;
                 let mut client =
                     cluster_client(&remote.coordinator, remote.api_key.as_deref()).await?;
-                let r = client
-                    .remove(RemoveRequest { worker_id: worker })
-                    .await?
-                    .into_inner();
+                let r = client.remove(request).await.map_err(refused)?.into_inner();
                 println!("{}", r.detail);
                 Ok(())
             }
             ClusterCommand::Join(_) => Ok(()),
         }
     })
+}
+
+/// A refused call as the coordinator explained it (not tonic's debug form).
+fn refused(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            anyhow::anyhow!("the coordinator refused: {}", status.message())
+        }
+        _ => status.into(),
+    }
 }
 
 /// `strata cluster status`: the cluster's model, workers, links and plan.

@@ -257,6 +257,11 @@ impl TestCluster {
         (coordinator, api, http)
     }
 
+    /// The coordinator's state directory (what its machine's CLI reads credentials from).
+    pub fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_str().unwrap().to_string()
+    }
+
     /// Kills the coordinator (`kill -9`) and starts it again on the same addresses with
     /// the same state directory; returns once it listens.
     pub fn restart_coordinator(&mut self, model: &Path, o: &ClusterOptions) {
