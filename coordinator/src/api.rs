@@ -7,14 +7,16 @@
 use std::sync::Arc;
 
 use strata_model::Message;
+use strata_net::api_tls::{self, ApiConnectInfo};
 use strata_proto::v1::cluster_server::{Cluster, ClusterServer};
 use strata_proto::v1::inference_server::{Inference, InferenceServer};
 use strata_proto::v1::{
-    ChatRequest, DrainRequest, DrainResponse, GenerateRequest, GenerateResponse, JoinRequest,
-    JoinResponse, LinkStatus, ListModelsRequest, ListModelsResponse, ListWorkersRequest,
-    ListWorkersResponse, ModelInfo, PlanRequest, PlanResponse, PlanStage, RemoveRequest,
-    RemoveResponse, Sampling, StatusRequest, StatusResponse, TokenizeRequest, TokenizeResponse,
-    WorkerInfo, WorkerState as ProtoWorkerState, WorkerStatus,
+    ChatRequest, DrainRequest, DrainResponse, GenerateRequest, GenerateResponse,
+    JoinChallengeRequest, JoinChallengeResponse, JoinRequest, JoinResponse, LinkStatus,
+    ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse, ModelInfo,
+    PlanRequest, PlanResponse, PlanStage, RemoveRequest, RemoveResponse, Sampling, StatusRequest,
+    StatusResponse, TokenizeRequest, TokenizeResponse, WorkerInfo, WorkerState as ProtoWorkerState,
+    WorkerStatus,
 };
 use strata_proto::v1::{FinishReason as ProtoFinish, SampledLogprob, TokenLogprob, Usage};
 use tokio::sync::mpsc;
@@ -65,7 +67,9 @@ impl Api {
         let call = strata_net::operator::Call { action, target };
         self.shared.check_change(&call, header).map_err(|refusal| {
             let from = req
-                .remote_addr()
+                .extensions()
+                .get::<ApiConnectInfo>()
+                .and_then(|c| c.remote)
                 .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
             warn!(%from, action, target, "refused a cluster change: {refusal}");
             match refusal {
@@ -545,9 +549,29 @@ impl Cluster for Api {
         &self,
         req: Request<JoinRequest>,
     ) -> std::result::Result<Response<JoinResponse>, Status> {
-        let remote = req.remote_addr();
-        let local = req.local_addr();
-        membership::admit(&self.shared, req.into_inner(), remote, local).map(Response::new)
+        let conn = req.extensions().get::<ApiConnectInfo>().copied();
+        membership::admit(&self.shared, req.into_inner(), conn).map(Response::new)
+    }
+
+    async fn join_challenge(
+        &self,
+        req: Request<JoinChallengeRequest>,
+    ) -> std::result::Result<Response<JoinChallengeResponse>, Status> {
+        if !req
+            .extensions()
+            .get::<ApiConnectInfo>()
+            .is_some_and(|c| c.tls)
+        {
+            return Err(Status::failed_precondition(
+                "a join must come over TLS: run the same strata version on the worker",
+            ));
+        }
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| Status::unavailable(format!("no randomness: {e}")))?;
+        Ok(Response::new(JoinChallengeResponse {
+            challenge: self.shared.issue_challenge(nonce),
+        }))
     }
 
     async fn drain(
@@ -580,6 +604,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let tls = api_tls::server_config(shared.identity())?;
     let api = Api { shared };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<InferenceServer<Api>>().await;
@@ -598,7 +623,7 @@ pub async fn serve(
         .add_service(InferenceServer::new(api.clone()))
         .add_service(ClusterServer::new(api))
         .serve_with_incoming_shutdown(
-            crate::http::client_connections(listener).into_stream(),
+            api_tls::sorted(crate::http::client_connections(listener), tls),
             async move { shutdown.cancelled().await },
         )
         .await?;

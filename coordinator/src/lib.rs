@@ -1,6 +1,7 @@
 //! `strata-coordinator`: the node clients talk to. It owns:
 //!
-//! - `membership`: admission by join token, certificates, heartbeats (a worker that
+//! - `membership`: admission by join token (over TLS, each join answering a fresh
+//!   `challenge`), certificates, heartbeats (a worker that
 //!   stops answering, or whose compute thread stalls, has failed), mDNS browsing;
 //! - [`planner`] (pure) and [`profile`]: which worker holds which layers;
 //! - `reconcile`: when to re-plan, and how (make before break); `slices`: getting a plan
@@ -43,6 +44,7 @@
 
 mod admission;
 pub mod api;
+mod challenge;
 mod digest;
 pub mod error;
 mod http;
@@ -187,6 +189,14 @@ impl ServedModel {
     }
 }
 
+/// 32 random bytes from the operating system.
+fn random_seed() -> Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)
+        .map_err(|e| Error::Unavailable(format!("the system has no randomness to give: {e}")))?;
+    Ok(seed)
+}
+
 /// Runs a coordinator on `listener` (the public gRPC API), and on `http` (the
 /// OpenAI-compatible API) when given, until `shutdown`.
 pub async fn run(
@@ -219,14 +229,20 @@ pub async fn run(
         data_port,
         outbox,
         cancel: shutdown.clone(),
+        challenge_seed: random_seed()?,
     }));
     let tracker = TaskTracker::new();
     let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(session::TOKEN_QUEUE);
+    let gate: strata_net::transport::Gate = {
+        let shared = shared.clone();
+        Arc::new(move |from, frame| shared.takes_frame(from, frame))
+    };
     strata_net::transport::spawn_acceptor(
         endpoint.clone(),
         frames_tx,
         shutdown.clone(),
         "coordinator",
+        gate,
     );
     tracker.spawn(
         session::dispatch(shared.clone(), frames_rx).instrument(tracing::info_span!("dispatch")),

@@ -3,11 +3,11 @@
 //! asks and acts), mDNS browsing, drain and remove.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_net::identity::{sanitize_id, worker_name, COORDINATOR_NAME};
+use strata_net::api_tls::ApiConnectInfo;
+use strata_net::identity::{sanitize_id, worker_name, ClusterCa, COORDINATOR_NAME};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
 use strata_proto::v1::{
     HealthRequest, HealthResponse, HeldSlice, JoinRequest, JoinResponse, UnloadRequest,
@@ -20,73 +20,152 @@ use tracing::{info, warn};
 use crate::error::Error;
 use crate::metrics::{growth, Metrics};
 use crate::registry::{
-    Health, Held, Refusal, Verdict, Worker, WorkerProfile, WorkerState, COORDINATOR_HOP, HEARTBEAT,
+    Addresses, Health, Held, Refusal, Verdict, Worker, WorkerProfile, COORDINATOR_HOP, HEARTBEAT,
     HEARTBEAT_TIMEOUT,
 };
 use crate::Shared;
 
-/// Handles a join request that arrived from `remote` on the coordinator's `local` address.
+/// A join that was refused: the status the worker gets, and the reason that is logged.
+struct Refused {
+    status: Status,
+}
+
+impl Refused {
+    fn new(code: tonic::Code, reason: String) -> Self {
+        Refused {
+            status: Status::new(code, reason),
+        }
+    }
+}
+
+/// Handles a join request that arrived on an API connection (`conn`): vets it, then
+/// admits the worker. Every refusal is logged with where it came from.
 pub fn admit(
     shared: &Shared,
     req: JoinRequest,
-    remote: Option<SocketAddr>,
-    local: Option<SocketAddr>,
+    conn: Option<ApiConnectInfo>,
 ) -> Result<JoinResponse, Status> {
-    let from = remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
-    let info = req
-        .worker
-        .ok_or_else(|| Status::invalid_argument("a join request must describe the worker"))?;
-    let asked = sanitize_id(&info.id);
-    let refuse = |reason: String| {
+    let from = conn
+        .and_then(|c| c.remote)
+        .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+    let asked = sanitize_id(req.worker.as_ref().map_or("", |w| w.id.as_str()));
+    let admitted =
+        vet(shared, &req, conn, &asked).and_then(|()| register(shared, req, conn, &asked));
+    admitted.map_err(|refused| {
+        let reason = refused.status.message().to_string();
         warn!(from = %from, id = %asked, "refused a worker: {reason}");
         shared.registry().refuse(Refusal {
-            from: from.clone(),
-            id: asked.clone(),
-            reason: reason.clone(),
+            from,
+            id: asked,
+            reason,
         });
-    };
-    if info.protocol_version != PROTOCOL_VERSION {
-        let reason = format!(
-            "worker speaks protocol {} and the coordinator {PROTOCOL_VERSION}: run the same strata version on both",
-            info.protocol_version
-        );
-        refuse(reason.clone());
-        return Err(Status::failed_precondition(reason));
+        refused.status
+    })
+}
+
+/// Whether a join may be admitted: over TLS, the same protocol, a fresh challenge of ours
+/// answered with the token (and used up here, so a replay is refused), not removed.
+fn vet(
+    shared: &Shared,
+    req: &JoinRequest,
+    conn: Option<ApiConnectInfo>,
+    asked: &str,
+) -> Result<(), Refused> {
+    use tonic::Code;
+    if !conn.is_some_and(|c| c.tls) {
+        return Err(Refused::new(
+            Code::FailedPrecondition,
+            "a join must come over TLS: run the same strata version on the worker".into(),
+        ));
     }
-    if !shared
-        .ca()
-        .token()
-        .verify_join(&req.csr_der, &req.token_proof)
-    {
-        let reason = format!(
-            "its join token is not this cluster's (cluster {}); print the right one with `strata token create --state-dir` on the coordinator's machine",
-            shared.ca().token().cluster_id()
-        );
-        refuse(reason.clone());
-        return Err(Status::permission_denied(reason));
-    }
-    if shared.registry().removed.contains(&asked) {
-        let reason = format!("worker `{asked}` was removed with `strata cluster remove`; restart the coordinator or join with another --id");
-        refuse(reason.clone());
-        return Err(Status::permission_denied(reason));
-    }
-    let remote =
-        remote.ok_or_else(|| Status::failed_precondition("cannot tell where the worker is"))?;
-    let local = local.ok_or_else(|| {
-        Status::failed_precondition("cannot tell which address the worker reached")
+    let info = req.worker.as_ref().ok_or_else(|| {
+        Refused::new(
+            Code::InvalidArgument,
+            "a join request must describe the worker".into(),
+        )
     })?;
+    if info.protocol_version != PROTOCOL_VERSION {
+        return Err(Refused::new(
+            Code::FailedPrecondition,
+            format!(
+                "worker speaks protocol {} and the coordinator {PROTOCOL_VERSION}: run the same strata version on both",
+                info.protocol_version
+            ),
+        ));
+    }
+    shared
+        .check_challenge(&req.challenge)
+        .map_err(|e| Refused::new(Code::FailedPrecondition, e.to_string()))?;
+    let token = shared.ca().token();
+    if !token.verify_join(&req.challenge, &req.csr_der, &req.token_proof) {
+        return Err(Refused::new(
+            Code::PermissionDenied,
+            format!(
+                "its join token is not this cluster's (cluster {}); print the right one with `strata token create --state-dir` on the coordinator's machine",
+                token.cluster_id()
+            ),
+        ));
+    }
+    shared
+        .spend_challenge(&req.challenge)
+        .map_err(|e| Refused::new(Code::PermissionDenied, e.to_string()))?;
+    let key = ClusterCa::request_key_fingerprint(&req.csr_der).map_err(|e| {
+        Refused::new(
+            Code::InvalidArgument,
+            format!("bad certificate signing request: {e}"),
+        )
+    })?;
+    if shared.registry().revoked.contains(&key) {
+        return Err(Refused::new(
+            Code::PermissionDenied,
+            "its key was revoked when it was removed with `strata cluster remove`; a restarted worker has a new key".into(),
+        ));
+    }
+    if shared.registry().removed.contains(asked) {
+        return Err(Refused::new(
+            Code::PermissionDenied,
+            format!("worker `{asked}` was removed with `strata cluster remove`; restart the coordinator or join with another --id"),
+        ));
+    }
+    Ok(())
+}
+
+/// Certifies a vetted worker and puts it in the registry (a rejoin replaces its entry).
+fn register(
+    shared: &Shared,
+    req: JoinRequest,
+    conn: Option<ApiConnectInfo>,
+    asked: &str,
+) -> Result<JoinResponse, Refused> {
+    use tonic::Code;
+    let bad_request = |e: strata_net::Error| {
+        Refused::new(
+            Code::InvalidArgument,
+            format!("bad certificate signing request: {e}"),
+        )
+    };
+    let (Some(remote), Some(local)) = (conn.and_then(|c| c.remote), conn.and_then(|c| c.local))
+    else {
+        return Err(Refused::new(
+            Code::FailedPrecondition,
+            "cannot tell where the worker is".into(),
+        ));
+    };
+    let info = req.worker.unwrap_or_default();
+    // Who the worker is across joins: the key it proved it holds, not what it says.
+    let fingerprint = ClusterCa::request_key_fingerprint(&req.csr_der).map_err(bad_request)?;
     let mut registry = shared.registry();
-    let id = registry.free_id(&asked, &info.key_fingerprint);
+    let id = registry.free_id(asked, &fingerprint);
     let cert = shared
         .ca()
         .sign_request(&req.csr_der, &worker_name(&id))
-        .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
+        .map_err(bad_request)?;
     let control_addr = SocketAddr::new(remote.ip(), info.control_port as u16);
-    let data_addr = SocketAddr::new(remote.ip(), info.data_port as u16);
+    let internal = |e: &dyn std::fmt::Display| Refused::new(Code::Internal, e.to_string());
     let channel = Channel::from_shared(format!("https://{control_addr}"))
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| internal(&e))?
         .tls_config(shared.identity().grpc_client_tls(&worker_name(&id)))
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| internal(&e))?
         .connect_timeout(HEARTBEAT_TIMEOUT)
         .connect_lazy();
     let profile = WorkerProfile {
@@ -96,53 +175,46 @@ pub fn admit(
         memory_budget: info.memory_budget,
         speed: info.speed_bytes_per_second,
         version: info.version,
-        key_fingerprint: info.key_fingerprint,
+        key_fingerprint: fingerprint,
         addresses: info.addresses,
     };
     info!(
         id = %id,
-        from = %from,
+        from = %remote,
         budget_mib = profile.memory_budget >> 20,
         speed_gb_s = profile.speed / 1e9,
         "admitted a worker"
     );
+    let held = req
+        .held
+        .as_ref()
+        .and_then(|h| held(h, &shared.model().digest));
     // Where it joins from now may not be where it was: its links are measured anew.
     registry.links.forget(&id);
     registry.workers.insert(
         id.clone(),
-        Worker {
+        Worker::admitted(
             profile,
-            requested_id: asked,
-            control_addr,
-            data_addr,
-            coordinator_ip: local.ip(),
-            client: WorkerControlClient::new(channel),
-            state: WorkerState::Idle,
-            last_seen: Instant::now(),
-            load_done: Arc::new(AtomicU64::new(0)),
-            load_total: 0,
-            health: Health::default(),
-            detail: String::new(),
-            held: req
-                .held
-                .as_ref()
-                .and_then(|h| held(h, &shared.model().digest)),
-            stage: None,
-            unreachable: None,
-            cooldown_until: None,
-            measured_ms: None,
-            decode_mark: (0.0, 0),
-        },
+            asked,
+            WorkerControlClient::new(channel),
+            Addresses {
+                control: control_addr,
+                data: SocketAddr::new(remote.ip(), info.data_port as u16),
+                coordinator_ip: local.ip(),
+            },
+            held,
+        ),
     );
     registry.changed_at = Some(Instant::now());
     drop(registry);
     shared.membership_changed();
+    let token = shared.ca().token();
     Ok(JoinResponse {
         assigned_id: id,
+        admit_proof: token.admit_proof(&req.challenge, &cert),
         certificate_der: cert.to_vec(),
         ca_certificate_der: shared.ca().cert_der().to_vec(),
-        admit_proof: shared.ca().token().admit_proof(&cert),
-        cluster_id: shared.ca().token().cluster_id().to_string(),
+        cluster_id: token.cluster_id().to_string(),
         coordinator_certificate_der: shared.identity().cert_der().to_vec(),
     })
 }
@@ -317,9 +389,13 @@ pub async fn remove(shared: &Shared, id: &str) -> Result<String, Error> {
         .workers
         .remove(id)
         .ok_or_else(|| Error::NoSuchWorker(id.to_string()))?;
+    // Its key is revoked: its certificate is refused on the data plane at once, and a
+    // join with that key (under any id) is refused.
+    shared.revoke_sender(&w.profile.key_fingerprint);
     {
         let mut registry = shared.registry();
         registry.removed.insert(w.requested_id.clone());
+        registry.revoked.insert(w.profile.key_fingerprint.clone());
         registry.links.forget(id);
         registry.changed_at = Some(Instant::now());
     }

@@ -210,7 +210,48 @@ pub struct Worker {
     pub decode_mark: (f64, u64),
 }
 
+/// Where a worker is reached, and where it reached the coordinator.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    /// Its control service.
+    pub control: SocketAddr,
+    /// Its QUIC endpoint.
+    pub data: SocketAddr,
+    /// The coordinator's address as it reached it.
+    pub coordinator_ip: std::net::IpAddr,
+}
+
 impl Worker {
+    /// A worker just admitted: idle, seen now, holding `held` (what it said it still holds).
+    pub fn admitted(
+        profile: WorkerProfile,
+        requested_id: &str,
+        client: WorkerControlClient<Channel>,
+        at: Addresses,
+        held: Option<Held>,
+    ) -> Self {
+        Worker {
+            profile,
+            requested_id: requested_id.to_string(),
+            control_addr: at.control,
+            data_addr: at.data,
+            coordinator_ip: at.coordinator_ip,
+            client,
+            state: WorkerState::Idle,
+            last_seen: Instant::now(),
+            load_done: Arc::new(AtomicU64::new(0)),
+            load_total: 0,
+            health: Health::default(),
+            detail: String::new(),
+            held,
+            stage: None,
+            unreachable: None,
+            cooldown_until: None,
+            measured_ms: None,
+            decode_mark: (0.0, 0),
+        }
+    }
+
     /// Whether the planner may use it.
     pub fn eligible(&self) -> bool {
         self.state.eligible()
@@ -380,6 +421,9 @@ pub struct Registry {
     pub refusals: Vec<Refusal>,
     /// Requested ids removed by an operator: refused until the coordinator restarts.
     pub removed: HashSet<String>,
+    /// Key fingerprints of removed workers: refused on every join until the coordinator
+    /// restarts.
+    pub revoked: HashSet<String>,
     /// When membership last changed.
     pub changed_at: Option<Instant>,
     /// The links between workers, as measured (see [`Links`]).

@@ -84,11 +84,26 @@ struct Entry {
     pipeline: Option<Arc<Pipeline>>,
 }
 
+/// 64 random bits; from the clock and a counter in the unlikely case the system has no
+/// randomness to give (ids must then still differ, if not be secret).
+fn random_id() -> SeqId {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_ok() {
+        return u64::from_le_bytes(bytes);
+    }
+    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now ^ FALLBACK
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .rotate_left(32)
+}
+
 /// Live sequences by id.
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<SeqId, Entry>>,
-    next: std::sync::atomic::AtomicU64,
 }
 
 impl Sessions {
@@ -109,10 +124,17 @@ impl Sessions {
             .count()
     }
 
+    /// A new sequence under a random 64-bit id, so that no one can guess another's id
+    /// from their own (ids that counted up told every client the next one).
     fn register(&self, tx: mpsc::Sender<News>) -> SeqId {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.lock().insert(id, Entry { tx, pipeline: None });
-        id
+        let mut map = self.lock();
+        loop {
+            let id = random_id();
+            if id != 0 && !map.contains_key(&id) {
+                map.insert(id, Entry { tx, pipeline: None });
+                return id;
+            }
+        }
     }
 
     fn set_pipeline(&self, id: SeqId, pipeline: &Arc<Pipeline>) {

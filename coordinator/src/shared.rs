@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Gate;
+use crate::challenge::{ChallengeRefusal, Challenges};
 use crate::metrics::Metrics;
 use crate::operator::{Guard, Refusal};
 use crate::registry::Registry;
@@ -35,6 +36,8 @@ pub struct Shared {
     metrics: Metrics,
     gate: Arc<Gate>,
     operator: Mutex<Guard>,
+    challenges: Mutex<Challenges>,
+    token_senders: Mutex<TokenSenders>,
 }
 
 /// The parts [`Shared::new`] is built from.
@@ -55,6 +58,8 @@ pub struct Parts {
     pub outbox: mpsc::Sender<Outbound>,
     /// Shutdown.
     pub cancel: CancellationToken,
+    /// 32 random bytes: the key of this process's join challenges.
+    pub challenge_seed: [u8; 32],
 }
 
 impl Shared {
@@ -69,6 +74,8 @@ impl Shared {
         let operator = Mutex::new(Guard::new(p.ca.token().operator_key()));
         Shared {
             operator,
+            challenges: Mutex::new(Challenges::new(p.challenge_seed)),
+            token_senders: Mutex::new(TokenSenders::default()),
             config: p.config,
             model: p.model,
             ca: p.ca,
@@ -206,19 +213,106 @@ impl Shared {
         call: &strata_net::operator::Call<'_>,
         header: Option<&str>,
     ) -> Result<(), Refusal> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         self.operator
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .check(call, header, now_ms)
+            .check(call, header, unix_ms())
+    }
+
+    /// A fresh join challenge (from 16 random bytes `nonce`).
+    pub fn issue_challenge(&self, nonce: [u8; 16]) -> Vec<u8> {
+        self.challenges().issue(unix_ms(), nonce)
+    }
+
+    /// Whether `challenge` is this process's and fresh.
+    pub fn check_challenge(&self, challenge: &[u8]) -> Result<(), ChallengeRefusal> {
+        self.challenges().check(challenge, unix_ms())
+    }
+
+    /// Uses `challenge` up: a second join that answers it is a replay.
+    pub fn spend_challenge(&self, challenge: &[u8]) -> Result<(), ChallengeRefusal> {
+        self.challenges().spend(challenge, unix_ms())
+    }
+
+    /// Plan `epoch`'s last stage holds key `key`: tokens of that epoch come from it alone.
+    pub fn expect_tokens_from(&self, epoch: u64, key: String) {
+        self.token_senders().planned(epoch, key);
+    }
+
+    /// Whether the data plane takes `frame` from the holder of key `from`.
+    pub fn takes_frame(&self, from: &str, frame: &strata_net::frame::Frame) -> Result<(), String> {
+        match frame {
+            strata_net::frame::Frame::Tokens { epoch, .. } => {
+                self.token_senders().allows(from, *epoch)
+            }
+            _ => Err("only tokens come to the coordinator".into()),
+        }
+    }
+
+    /// A removed worker's key sends nothing more.
+    pub fn revoke_sender(&self, key: &str) {
+        self.token_senders().revoke(key);
+    }
+
+    fn token_senders(&self) -> MutexGuard<'_, TokenSenders> {
+        self.token_senders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn challenges(&self) -> MutexGuard<'_, Challenges> {
+        self.challenges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether `/metrics` answers without the API key (`--open-metrics`).
     pub fn metrics_open(&self) -> bool {
         self.config.open_metrics
     }
+}
+
+/// Who may send the coordinator tokens: the last stage of each recent plan, in that
+/// plan's epoch. A few plans are kept, so tokens already on their way when a plan was
+/// replaced still arrive (their sessions judge them stale).
+#[derive(Debug, Default)]
+struct TokenSenders {
+    /// `(epoch, key fingerprint)`, newest last.
+    planned: std::collections::VecDeque<(u64, String)>,
+}
+
+/// Plans whose last stage may still send tokens.
+const TOKEN_SENDER_PLANS: usize = 4;
+
+impl TokenSenders {
+    fn planned(&mut self, epoch: u64, key: String) {
+        self.planned.retain(|(e, _)| *e != epoch);
+        self.planned.push_back((epoch, key));
+        while self.planned.len() > TOKEN_SENDER_PLANS {
+            self.planned.pop_front();
+        }
+    }
+
+    fn allows(&self, from: &str, epoch: u64) -> Result<(), String> {
+        if self.planned.iter().any(|(e, k)| *e == epoch && k == from) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the sender is not the last stage of plan epoch {epoch}: only that stage sends tokens"
+            ))
+        }
+    }
+
+    fn revoke(&mut self, key: &str) {
+        self.planned.retain(|(_, k)| k != key);
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Compares a key a client gave with the configured one in constant time: their SHA-256

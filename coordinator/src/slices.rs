@@ -246,6 +246,19 @@ async fn stream(
 /// dials) for `epoch`; returns the connection to stage 0.
 pub async fn wire(shared: &Shared, plan: &Plan, epoch: u64) -> Result<quinn::Connection> {
     let k = plan.stages.len();
+    // The last stage may send tokens as soon as it is wired (it is wired first).
+    let last = plan
+        .stages
+        .last()
+        .map(|s| s.worker.clone())
+        .unwrap_or_default();
+    let last_key = shared
+        .registry()
+        .workers
+        .get(&last)
+        .map(|w| w.profile.key_fingerprint.clone())
+        .ok_or_else(|| Error::Unavailable(format!("worker {last} left")))?;
+    shared.expect_tokens_from(epoch, last_key);
     for i in (0..k).rev() {
         let (mut client, request) = wire_request(shared, plan, i, epoch)?;
         let worker = &plan.stages[i].worker;
@@ -281,6 +294,13 @@ fn wire_request(
             .ok_or_else(|| Error::Unavailable(format!("worker {id} left")))
     };
     let w = get(&plan.stages[i].worker)?;
+    let previous_key = match i {
+        0 => shared.identity().key_fingerprint().to_string(),
+        _ => get(&plan.stages[i - 1].worker)?
+            .profile
+            .key_fingerprint
+            .clone(),
+    };
     let (addr, name) = if i + 1 == k {
         (
             std::net::SocketAddr::new(w.coordinator_ip, shared.data_port()),
@@ -298,6 +318,7 @@ fn wire_request(
         epoch,
         wire_dtype: shared.config().wire_dtype.name().into(),
         kv_positions: shared.config().plan.kv_tokens,
+        previous_key,
     };
     Ok((w.client.clone(), request))
 }

@@ -143,32 +143,44 @@ impl JoinToken {
         mac
     }
 
-    /// A worker's proof of the token, bound to its signing request.
-    pub fn join_proof(&self, csr_der: &[u8]) -> Vec<u8> {
-        self.mac(b"strata-join-v2", csr_der)
+    /// HMAC over length-prefixed `parts` under `label`.
+    fn proof(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = self.mac(label, &[]);
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// A worker's proof of the token, bound to the coordinator's challenge and to its
+    /// signing request (and so to the key the request is signed with).
+    pub fn join_proof(&self, challenge: &[u8], csr_der: &[u8]) -> Vec<u8> {
+        self.proof(b"strata-join-v3", &[challenge, csr_der])
             .finalize()
             .into_bytes()
             .to_vec()
     }
 
     /// Checks a worker's proof (in constant time).
-    pub fn verify_join(&self, csr_der: &[u8], proof: &[u8]) -> bool {
-        self.mac(b"strata-join-v2", csr_der)
+    pub fn verify_join(&self, challenge: &[u8], csr_der: &[u8], proof: &[u8]) -> bool {
+        self.proof(b"strata-join-v3", &[challenge, csr_der])
             .verify_slice(proof)
             .is_ok()
     }
 
-    /// The coordinator's proof of the token, bound to the certificate it issued.
-    pub fn admit_proof(&self, cert_der: &[u8]) -> Vec<u8> {
-        self.mac(b"strata-admit-v2", cert_der)
+    /// The coordinator's proof of the token, bound to the challenge and to the
+    /// certificate it issued.
+    pub fn admit_proof(&self, challenge: &[u8], cert_der: &[u8]) -> Vec<u8> {
+        self.proof(b"strata-admit-v3", &[challenge, cert_der])
             .finalize()
             .into_bytes()
             .to_vec()
     }
 
     /// Checks the coordinator's proof (in constant time).
-    pub fn verify_admit(&self, cert_der: &[u8], proof: &[u8]) -> bool {
-        self.mac(b"strata-admit-v2", cert_der)
+    pub fn verify_admit(&self, challenge: &[u8], cert_der: &[u8], proof: &[u8]) -> bool {
+        self.proof(b"strata-admit-v3", &[challenge, cert_der])
             .verify_slice(proof)
             .is_ok()
     }
@@ -310,6 +322,13 @@ impl ClusterCa {
         self.issue_for(&csr.public_key, name)
     }
 
+    /// SHA-256 (hex) of the public key a signing request is for, once its signature
+    /// shows the requester holds that key: what identifies a worker across its joins.
+    pub fn request_key_fingerprint(csr_der: &[u8]) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())?;
+        Ok(sha256_hex(&csr.public_key.subject_public_key_info()))
+    }
+
     fn issue_for(
         &self,
         public_key: &impl PublicKeyData,
@@ -427,6 +446,13 @@ fn check_private(dir: &Path, files: &[&PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// SHA-256 (hex) of the public key a certificate certifies (what [`PendingKey::fingerprint`]
+/// and [`Identity::key_fingerprint`] say of its key); `None` when it does not parse.
+pub fn key_fingerprint_of_cert(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(sha256_hex(cert.tbs_certificate.subject_pki.raw))
+}
+
 /// A key that will be certified: kept by a worker from start until it has joined.
 pub struct PendingKey {
     key: KeyPair,
@@ -468,6 +494,7 @@ pub struct Identity {
     name: String,
     cert_der: CertificateDer<'static>,
     key_der: Vec<u8>,
+    key_fingerprint: String,
     ca_der: CertificateDer<'static>,
 }
 
@@ -489,7 +516,7 @@ fn der_to_pem(label: &str, der: &[u8]) -> String {
     pem
 }
 
-fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -504,8 +531,14 @@ impl Identity {
             name: name.to_string(),
             cert_der,
             key_der: key.serialize_der(),
+            key_fingerprint: sha256_hex(&key.subject_public_key_info()),
             ca_der,
         }
+    }
+
+    /// SHA-256 (hex) of the public key: who this node is on the data plane.
+    pub fn key_fingerprint(&self) -> &str {
+        &self.key_fingerprint
     }
 
     /// The name the certificate is for.
@@ -523,7 +556,7 @@ impl Identity {
         &self.ca_der
     }
 
-    fn key(&self) -> PrivateKeyDer<'static> {
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 
@@ -623,19 +656,22 @@ mod tests {
     }
 
     #[test]
-    fn join_proof_needs_the_secret_and_the_same_request() {
+    fn join_proof_needs_the_secret_the_same_challenge_and_the_same_request() {
         let ca = ClusterCa::create().unwrap();
         let other = ClusterCa::create().unwrap();
         let key = PendingKey::generate().unwrap();
         let csr = key.signing_request("w1").unwrap();
-        let proof = ca.token().join_proof(&csr);
-        assert!(ca.token().verify_join(&csr, &proof));
-        assert!(!other.token().verify_join(&csr, &proof));
+        let challenge = b"challenge one";
+        let proof = ca.token().join_proof(challenge, &csr);
+        assert!(ca.token().verify_join(challenge, &csr, &proof));
+        assert!(!other.token().verify_join(challenge, &csr, &proof));
+        // Another challenge: a captured proof does not answer it.
+        assert!(!ca.token().verify_join(b"challenge two", &csr, &proof));
         let csr2 = PendingKey::generate()
             .unwrap()
             .signing_request("w1")
             .unwrap();
-        assert!(!ca.token().verify_join(&csr2, &proof));
+        assert!(!ca.token().verify_join(challenge, &csr2, &proof));
         // The right secret under another cluster's id proves nothing, either way.
         let text = ca.token().to_text();
         let secret = text.rsplit_once('-').unwrap().1;
@@ -644,9 +680,14 @@ mod tests {
             other.token().cluster_id()
         ))
         .unwrap();
-        assert!(!ca.token().verify_join(&csr, &elsewhere.join_proof(&csr)));
+        assert!(!ca
+            .token()
+            .verify_join(challenge, &csr, &elsewhere.join_proof(challenge, &csr)));
         let cert = b"a certificate";
-        assert!(!elsewhere.verify_admit(cert, &ca.token().admit_proof(cert)));
+        let admit = ca.token().admit_proof(challenge, cert);
+        assert!(ca.token().verify_admit(challenge, cert, &admit));
+        assert!(!ca.token().verify_admit(b"challenge two", cert, &admit));
+        assert!(!elsewhere.verify_admit(challenge, cert, &admit));
     }
 
     #[test]
@@ -718,5 +759,28 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn a_certificates_key_fingerprint_is_its_holders() {
+        let ca = ClusterCa::create().unwrap();
+        let key = PendingKey::generate().unwrap();
+        let csr = key.signing_request("w1").unwrap();
+        let cert = ca.sign_request(&csr, &worker_name("w1")).unwrap();
+        let fingerprint = key_fingerprint_of_cert(&cert).unwrap();
+        assert_eq!(fingerprint, key.fingerprint());
+        assert_eq!(
+            ClusterCa::request_key_fingerprint(&csr).unwrap(),
+            fingerprint
+        );
+        let identity = key.into_identity(&worker_name("w1"), cert.to_vec(), ca.cert_der().to_vec());
+        assert_eq!(identity.key_fingerprint(), fingerprint);
+        let coordinator = ca.issue_identity(COORDINATOR_NAME).unwrap();
+        assert_eq!(
+            key_fingerprint_of_cert(coordinator.cert_der()).unwrap(),
+            coordinator.key_fingerprint()
+        );
+        assert_ne!(coordinator.key_fingerprint(), fingerprint);
+        assert!(key_fingerprint_of_cert(b"not a certificate").is_none());
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`identity`]: the join token, the cluster CA, certificates, mutual-TLS configs (rustls
 //!   for QUIC, tonic's for the gRPC control plane);
+//! - [`api_tls`]: TLS beside plaintext on the coordinator's API port, for joins, and the
+//!   worker's connector that pins the coordinator to its token's CA;
 //! - [`frame`]: the data-plane frame (a prost header and raw tensor bytes), pure encode,
 //!   decode and validation;
 //! - [`transport`]: the QUIC data plane (quinn, ALPN `strata/1`) that carries frames;
@@ -24,6 +26,7 @@
 //! logs); `socket2` (a connection's send buffer, which tokio's `TcpStream` does not
 //! expose).
 
+pub mod api_tls;
 pub mod discovery;
 pub mod error;
 pub mod frame;

@@ -118,6 +118,13 @@ fn prepare(stream: &TcpStream, send_buffer: Option<usize>) {
     }
 }
 
+impl Connection {
+    /// Reads the first bytes without taking them (to tell TLS from plaintext).
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.peek(buf).await
+    }
+}
+
 impl tonic::transport::server::Connected for Connection {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 

@@ -178,13 +178,34 @@ async fn read_frame_parts(
     Frame::from_wire(header, payload).map_err(bad)
 }
 
-/// Accepts connections on `ep` until cancelled, feeding each valid frame to `frames`.
-/// A peer that fails the TLS handshake (no cluster certificate) is refused and logged.
+/// Decides whether a frame from a peer (the SHA-256 of its certificate's public key) is
+/// taken: `Err` says why not. A cluster certificate proves only membership; which member
+/// may send what (the planned predecessor, in its epoch) is the receiver's to say.
+pub type Gate = Arc<dyn Fn(&str, &Frame) -> std::result::Result<(), String> + Send + Sync>;
+
+/// A gate that takes every frame of a cluster peer (tests of the transport alone).
+pub fn open_gate() -> Gate {
+    Arc::new(|_, _| Ok(()))
+}
+
+/// The key fingerprint of the certificate a connection's peer presented.
+fn peer_key(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::identity::key_fingerprint_of_cert(certs.first()?)
+}
+
+/// Accepts connections on `ep` until cancelled, feeding each valid frame that `gate`
+/// takes to `frames`. A peer that fails the TLS handshake (no cluster certificate) is
+/// refused and logged; so is a frame the gate refuses, and its connection is closed.
 pub fn spawn_acceptor(
     ep: quinn::Endpoint,
     frames: mpsc::Sender<Frame>,
     cancel: CancellationToken,
     role: &'static str,
+    gate: Gate,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -194,6 +215,7 @@ pub fn spawn_acceptor(
             };
             let frames = frames.clone();
             let cancel = cancel.clone();
+            let gate = gate.clone();
             let remote = incoming.remote_address();
             let span = tracing::info_span!("connection", remote = %remote);
             tokio::spawn(
@@ -205,7 +227,12 @@ pub fn spawn_acceptor(
                             return;
                         }
                     };
-                    debug!("data-plane connection up");
+                    let Some(key) = peer_key(&conn) else {
+                        warn!("{role}: refused a data-plane connection: its certificate does not parse");
+                        conn.close(REFUSED.into(), b"no certificate");
+                        return;
+                    };
+                    debug!(key = %&key[..16], "data-plane connection up");
                     let peer = remote.to_string();
                     loop {
                         let mut stream = tokio::select! {
@@ -224,11 +251,19 @@ pub fn spawn_acceptor(
                         };
                         let frames = frames.clone();
                         let peer = peer.clone();
+                        let (gate, key, conn) = (gate.clone(), key.clone(), conn.clone());
                         tokio::spawn(async move {
                             match read_frame(&mut stream, &peer).await {
-                                Ok(f) => {
-                                    let _ = frames.send(f).await;
-                                }
+                                Ok(f) => match gate(&key, &f) {
+                                    Ok(()) => {
+                                        let _ = frames.send(f).await;
+                                    }
+                                    Err(why) => {
+                                        let _ = stream.stop(REFUSED.into());
+                                        warn!(sender = %&key[..16], epoch = f.epoch(), "{role}: refused a frame: {why}");
+                                        conn.close(REFUSED.into(), b"not a planned sender");
+                                    }
+                                },
                                 Err(Refused { error, failures }) => {
                                     // The sender's writes fail at once, and the answers in
                                     // the frame hear why from the failures handed on.
@@ -239,7 +274,9 @@ pub fn spawn_acceptor(
                                         Frame::Free { .. } => 0,
                                     });
                                     warn!(cause = %error, sequences_failed = told, "refused a frame");
-                                    if let Some(f) = failures {
+                                    // What it says of its sequences counts only from a
+                                    // sender that may speak of them.
+                                    if let Some(f) = failures.filter(|f| gate(&key, f).is_ok()) {
                                         let _ = frames.send(f).await;
                                     }
                                 }
@@ -375,7 +412,7 @@ mod tests {
         let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
         let (tx, mut rx) = mpsc::channel(4);
         let cancel = CancellationToken::new();
-        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test");
+        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test", open_gate());
         let conn = connect(&ea, eb.local_addr().unwrap(), &worker_name("b"))
             .await
             .unwrap();
@@ -408,7 +445,7 @@ mod tests {
         let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
         let (tx, _rx) = mpsc::channel(4);
         let cancel = CancellationToken::new();
-        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test");
+        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test", open_gate());
         let conn = connect(&ea, eb.local_addr().unwrap(), &worker_name("b"))
             .await
             .unwrap();
@@ -417,6 +454,47 @@ mod tests {
             matches!(err, Error::Connection { .. } | Error::Timeout { .. }),
             "{err}"
         );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_cluster_member_the_gate_does_not_name_is_refused_and_cut_off() {
+        let ca = ClusterCa::create().unwrap();
+        let a = ca.issue_identity(&worker_name("a")).unwrap();
+        let b = ca.issue_identity(&worker_name("b")).unwrap();
+        let stranger = ca.issue_identity(&worker_name("c")).unwrap();
+        let (ea, eb, ec) = (
+            loopback_endpoint(&a),
+            loopback_endpoint(&b),
+            loopback_endpoint(&stranger),
+        );
+        let (tx, mut rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let only_a = a.key_fingerprint().to_string();
+        let gate: Gate = Arc::new(move |from, _| {
+            (from == only_a)
+                .then_some(())
+                .ok_or_else(|| "not the planned predecessor".to_string())
+        });
+        spawn_acceptor(eb.clone(), tx, cancel.clone(), "test", gate);
+        let to_b = eb.local_addr().unwrap();
+        let frame = |epoch| Frame::Free {
+            epoch,
+            seqs: vec![1],
+        };
+        let from_c = connect(&ec, to_b, &worker_name("b")).await.unwrap();
+        send_frame(&from_c, &frame(1)).await.unwrap();
+        // The stranger's connection is closed and nothing reached the receiver.
+        tokio::time::timeout(Duration::from_secs(5), from_c.closed())
+            .await
+            .unwrap();
+        let from_a = connect(&ea, to_b, &worker_name("b")).await.unwrap();
+        send_frame(&from_a, &frame(2)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.epoch(), 2, "the stranger's frame got through");
         cancel.cancel();
     }
 }

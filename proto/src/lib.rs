@@ -20,7 +20,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// Version of the control and data-plane messages. A peer with another version is refused
 /// with a message naming both. 2: samplers resume at a random-stream position (replay).
 /// 3: prompts travel in pieces (`FrameChunk.partial`) and runs reserve KV positions.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: joins are challenged, over TLS.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN of the data plane: names the frame format version.
 pub const DATA_ALPN: &[u8] = b"strata/1";

@@ -30,6 +30,7 @@ use strata_net::progress::Progress;
 use strata_net::{memory, transport};
 
 use crate::cache::{CacheError, SliceCache};
+use crate::senders::Senders;
 use crate::stage::{Command, StageHandle, StageState, StageStats, Wiring};
 
 /// A wiring request as the stage takes it: the next hop's address, and the stage's
@@ -116,6 +117,8 @@ pub struct ControlService {
     pub contact: Contact,
     /// Cancels the current next-hop sender.
     pub sender: Mutex<Option<CancellationToken>>,
+    /// Who may send this stage frames (the data plane's gate reads it; wiring sets it).
+    pub senders: Arc<Mutex<Senders>>,
     /// The worker's shutdown.
     pub cancel: CancellationToken,
 }
@@ -343,6 +346,11 @@ impl WorkerControl for ControlService {
         self.authorize(&req)?;
         let w = req.into_inner();
         let (addr, wiring) = wiring_of(&w)?;
+        // The stage before is wired after this one: it may send as soon as it is.
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wired(w.epoch, w.previous_key.clone());
         let deadline = Instant::now() + CONNECT_DEADLINE;
         let conn = loop {
             match transport::connect(&self.endpoint, addr, &w.next_server_name).await {

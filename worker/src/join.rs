@@ -1,15 +1,17 @@
 //! Joining a cluster: finding the coordinator (by `--coordinator`, or over mDNS for this
-//! cluster's id) and proving the join token to it, which answers with this worker's
-//! certificate. Each join is bounded by a deadline: a coordinator that does not answer is
-//! retried, never waited on forever.
+//! cluster's id) and proving the join token to it, over TLS pinned to the token's CA and
+//! bound to a fresh challenge, which answers with this worker's certificate. Each join is
+//! bounded by a deadline: a coordinator that does not answer is retried, never waited on
+//! forever.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use strata_net::api_tls::{self, PinnedConnector};
 use strata_net::discovery;
 use strata_net::identity::{self, Identity, JoinToken, PendingKey};
 use strata_proto::v1::cluster_client::ClusterClient;
-use strata_proto::v1::{HeldSlice, JoinRequest, WorkerInfo};
+use strata_proto::v1::{HeldSlice, JoinChallengeRequest, JoinRequest, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -99,47 +101,52 @@ async fn join_once(
     info: WorkerInfo,
     held: Option<HeldSlice>,
 ) -> Result<Admission> {
-    let endpoint = format!("http://{address}");
-    let mut client = ClusterClient::connect(endpoint).await?;
+    let refused = |reason: String| Error::Refused {
+        address: address.to_string(),
+        reason,
+    };
+    // Over TLS, trusting only a coordinator whose CA the token's cluster id names.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| refused(format!("not an address: {e}")))?
+        .connect_with_connector(PinnedConnector::new(token.cluster_id())?)
+        .await
+        .map_err(|e| match api_tls::tls_failure(&e) {
+            Some(why) => refused(format!("its TLS certificate is not of the cluster the token names ({why}): not our coordinator")),
+            None => e.into(),
+        })?;
+    let mut client = ClusterClient::new(channel);
+    let refusal = |s: tonic::Status| match s.code() {
+        tonic::Code::PermissionDenied
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::InvalidArgument
+        | tonic::Code::Unimplemented => refused(s.message().to_string()),
+        _ => s.into(),
+    };
+    let challenge = client
+        .join_challenge(JoinChallengeRequest {})
+        .await
+        .map_err(refusal)?
+        .into_inner()
+        .challenge;
     let csr = key.signing_request(&identity::worker_name(&info.id))?;
-    let proof = token.join_proof(&csr);
     let reply = client
         .join(JoinRequest {
             worker: Some(info),
+            token_proof: token.join_proof(&challenge, &csr),
             csr_der: csr,
-            token_proof: proof,
             held,
+            challenge: challenge.clone(),
         })
-        .await;
-    let reply = match reply {
-        Ok(r) => r.into_inner(),
-        Err(s)
-            if matches!(
-                s.code(),
-                tonic::Code::PermissionDenied
-                    | tonic::Code::FailedPrecondition
-                    | tonic::Code::InvalidArgument
-            ) =>
-        {
-            return Err(Error::Refused {
-                address: address.to_string(),
-                reason: s.message().to_string(),
-            })
-        }
-        Err(s) => return Err(s.into()),
-    };
-    if !token.verify_admit(&reply.certificate_der, &reply.admit_proof) {
-        return Err(Error::Refused {
-            address: address.to_string(),
-            reason: "its answer does not prove it holds this cluster's secret: not our coordinator"
-                .into(),
-        });
+        .await
+        .map_err(refusal)?
+        .into_inner();
+    if !token.verify_admit(&challenge, &reply.certificate_der, &reply.admit_proof) {
+        return Err(refused(
+            "its answer does not prove it holds this cluster's secret: not our coordinator".into(),
+        ));
     }
     if identity::cluster_id_of(&reply.ca_certificate_der) != token.cluster_id() {
-        return Err(Error::Refused {
-            address: address.to_string(),
-            reason: "its CA is not the one the token names".into(),
-        });
+        return Err(refused("its CA is not the one the token names".into()));
     }
     let coordinator_cert =
         rustls_pki_types::CertificateDer::from(reply.coordinator_certificate_der);

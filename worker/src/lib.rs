@@ -4,6 +4,8 @@
 //!   compute thread around it;
 //! - [`control`]: the `WorkerControl` gRPC service the coordinator drives;
 //! - [`cache`]: received slices on disk by model digest, so nothing is sent twice;
+//! - [`senders`]: who may send this stage frames (the coordinator, the planned
+//!   predecessor in its epoch);
 //! - `join` and `session`: finding and joining the coordinator, and one joined session
 //!   (QUIC endpoint, control server) until the coordinator goes silent;
 //! - [`speed`]: what the worker measures about its machine;
@@ -28,6 +30,7 @@ pub mod cache;
 pub mod control;
 pub mod error;
 mod join;
+pub mod senders;
 mod session;
 pub mod speed;
 pub mod stage;

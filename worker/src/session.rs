@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use strata_net::discovery;
-use strata_net::identity::PendingKey;
+use strata_net::identity::{self, PendingKey};
 use strata_net::transport;
 use strata_proto::v1::worker_control_server::WorkerControlServer;
 use strata_proto::v1::WorkerInfo;
@@ -23,6 +23,7 @@ use crate::cache::SliceCache;
 use crate::control::{Contact, ControlService};
 use crate::error::{Error, Result};
 use crate::join::{self, Admission};
+use crate::senders::Senders;
 use crate::stage::{Command, StageHandle};
 use crate::WorkerConfig;
 
@@ -238,7 +239,24 @@ async fn session(
     let cancel = shutdown.child_token();
     let endpoint = transport::endpoint(sockets.data(config)?, &joined.identity)?;
     let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(RECEIVED_QUEUE);
-    transport::spawn_acceptor(endpoint.clone(), frames_tx, cancel.clone(), "worker");
+    let coordinator_key =
+        identity::key_fingerprint_of_cert(&joined.coordinator_cert).ok_or_else(|| {
+            Error::Refused {
+                address: "the coordinator".into(),
+                reason: "its certificate does not parse".into(),
+            }
+        })?;
+    let senders = Arc::new(Mutex::new(Senders::new(coordinator_key)));
+    let gate: transport::Gate = {
+        let senders = senders.clone();
+        Arc::new(move |from, frame| {
+            senders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .allows(from, frame.epoch())
+        })
+    };
+    transport::spawn_acceptor(endpoint.clone(), frames_tx, cancel.clone(), "worker", gate);
     let to_stage = m.stage.clone();
     tokio::spawn(async move {
         while let Some(f) = frames_rx.recv().await {
@@ -261,6 +279,7 @@ async fn session(
         device: m.device.clone(),
         contact: contact.clone(),
         sender: Mutex::new(None),
+        senders,
         cancel: cancel.clone(),
     };
     let listener = sockets.control(config).await?;
