@@ -4,7 +4,9 @@
 //! had; the worker, plugged back, rejoins without its weights being sent again; and a
 //! worker with a wrong token is refused. And with the link between two workers capped to
 //! 100 Mbit/s (`tc` tbf on that pair's traffic alone), the measured links show it and the
-//! plan keeps it off the path.
+//! plan keeps it off the path. And hostile peers (a stranger's remove and drain, a
+//! replayed join, frames from a member that is not the planned predecessor or was
+//! removed, a forged coordinator record) are refused while the cluster serves.
 //! Without root the test prints why it skipped; CI runs as root, so there it runs.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
@@ -514,5 +516,257 @@ fn a_slow_link_is_measured_and_kept_off_the_path() {
         tokens(&cluster.generate(&prompt)),
         tokens(&local_generate(model, &prompt))
     );
+    drop(cluster);
+}
+
+/// Where stage `i` of the plan in `status` takes frames: its host and data port, and the
+/// name its certificate is for.
+fn stage_data_address(status: &serde_json::Value, i: usize) -> (std::net::SocketAddr, String) {
+    let id = status["plan"]["stages"][i]["worker"].as_str().unwrap();
+    let row = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == id)
+        .unwrap();
+    let control: std::net::SocketAddr = row["address"].as_str().unwrap().parse().unwrap();
+    let port = row["data_port"].as_u64().unwrap() as u16;
+    (
+        std::net::SocketAddr::new(control.ip(), port),
+        strata_net::identity::worker_name(id),
+    )
+}
+
+/// The hostile-peer suite: a stranger on the LAN, and a peer that holds the join token or
+/// held it, try what they must not, and each attempt is refused with a log line on both
+/// sides while the cluster keeps serving the same tokens.
+#[test]
+fn hostile_peers_are_refused_while_the_cluster_serves() {
+    use common::attacker::{self, Delivery};
+    use strata_net::frame::Frame;
+    use strata_net::identity::{JoinToken, PendingKey};
+
+    let Some(Setup { lan, model, .. }) = &Setup::new(4) else {
+        return;
+    };
+    let options = ClusterOptions {
+        workers: 2,
+        listen: "0.0.0.0:7433".into(),
+        direct: false,
+        serve_args: vec![
+            "--wire-dtype".into(),
+            "f32".into(),
+            "--data-port".into(),
+            "7435".into(),
+        ],
+        prefix: (0..3).map(|h| lan.prefix(h)).collect(),
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(model, &options);
+    cluster.api = format!("{}.1:7433", lan.subnet);
+    let status = cluster.wait_serving(2);
+    let prompt = [
+        "--prompt",
+        "Hostile LAN",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+    ];
+    let local = tokens(&local_generate(model, &prompt));
+    let serving_same = |cluster: &TestCluster, what: &str| {
+        assert_eq!(tokens(&cluster.generate(&prompt)), local, "after {what}");
+    };
+    let here: std::net::IpAddr = format!("{}.254", lan.subnet).parse().unwrap();
+    let token = JoinToken::parse(&cluster.token).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // 1. A stranger on another host (no HOME, no state directory) removes and drains.
+    let empty_home = tempfile::tempdir().unwrap();
+    for change in ["remove", "drain"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lan.hosts[3], env!("CARGO_BIN_EXE_strata")])
+            .args(["cluster", change, "w1", "--coordinator", &cluster.api])
+            .env("HOME", empty_home.path())
+            .env_remove("STRATA_STATE_DIR")
+            .env_remove("STRATA_OPERATOR_KEY")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a stranger's {change} passed");
+        assert!(said.contains("operator credential"), "{said}");
+        eprintln!("stranger's {change}: {}", said.lines().next().unwrap_or(""));
+    }
+    let log = cluster
+        .coordinator
+        .wait_for("refused a cluster change", Duration::from_secs(5));
+    eprintln!(
+        "coordinator: {}",
+        log.lines()
+            .find(|l| l.contains("refused a cluster change"))
+            .unwrap()
+    );
+    assert_eq!(
+        cluster.wait_serving(2)["plan"]["stages"],
+        status["plan"]["stages"]
+    );
+    serving_same(&cluster, "a stranger's remove and drain");
+
+    // 2. A join replayed, and a join in plaintext. (Joins travel over TLS, so the
+    // "captured" join is one this peer made itself, holding the token.)
+    let key = PendingKey::generate().unwrap();
+    let (sent, phantom) = rt
+        .block_on(attacker::join(&cluster.api, &token, &key, "phantom"))
+        .unwrap();
+    let replayed = rt
+        .block_on(attacker::replay(&cluster.api, &token, sent.clone()))
+        .unwrap_err();
+    assert_eq!(
+        replayed.code(),
+        tonic::Code::PermissionDenied,
+        "{replayed:?}"
+    );
+    assert!(replayed.message().contains("replayed"), "{replayed:?}");
+    eprintln!("replayed join: {}", replayed.message());
+    let plain = rt
+        .block_on(attacker::plaintext_join(&cluster.api, sent))
+        .unwrap_err();
+    assert!(plain.message().contains("TLS"), "{plain:?}");
+    eprintln!("plaintext join: {}", plain.message());
+    let log = cluster
+        .coordinator
+        .wait_for("replayed join", Duration::from_secs(5));
+    eprintln!(
+        "coordinator: {}",
+        log.lines().find(|l| l.contains("replayed join")).unwrap()
+    );
+
+    // 3. Frames from a member that is not the planned predecessor: to stage 1 (stage 0
+    // is its predecessor), and tokens to the coordinator (only the last stage sends them).
+    let epoch = status["plan"]["epoch"].as_u64().unwrap();
+    let (stage1, stage1_name) = stage_data_address(&status, 1);
+    let free = Frame::Free {
+        epoch,
+        seqs: vec![1, 2, 3],
+    };
+    let tokens_frame = Frame::Tokens {
+        epoch,
+        tokens: Vec::new(),
+        prefilled: Vec::new(),
+        freed: vec![1, 2, 3],
+        failures: Vec::new(),
+    };
+    let coordinator_data: std::net::SocketAddr = format!("{}.1:7435", lan.subnet).parse().unwrap();
+    let attempts = |who: &str| {
+        for (to, name, frame, what) in [
+            (stage1, stage1_name.as_str(), &free, "a free to stage 1"),
+            (
+                coordinator_data,
+                strata_net::identity::COORDINATOR_NAME,
+                &tokens_frame,
+                "tokens to the coordinator",
+            ),
+        ] {
+            let delivery = rt
+                .block_on(attacker::send_frame(&phantom, here, to, name, frame))
+                .unwrap();
+            assert!(
+                matches!(delivery, Delivery::Refused(_)),
+                "{who}: {what}: {delivery:?}"
+            );
+            eprintln!("{who} sent {what}: {delivery:?}");
+        }
+    };
+    attempts("a member that is not the predecessor");
+    let stage1_proc = cluster
+        .workers
+        .iter()
+        .find(|w| stage1_name.starts_with(&format!("{}.", w.name)))
+        .unwrap();
+    for (side, out) in [
+        (
+            "stage 1",
+            stage1_proc.wait_for("refused a frame", Duration::from_secs(5)),
+        ),
+        (
+            "coordinator",
+            cluster
+                .coordinator
+                .wait_for("refused a frame", Duration::from_secs(5)),
+        ),
+    ] {
+        eprintln!(
+            "{side}: {}",
+            out.lines().find(|l| l.contains("refused a frame")).unwrap()
+        );
+    }
+    serving_same(&cluster, "frames from a non-predecessor");
+
+    // 4. The same peer, removed by the operator (the coordinator's state directory):
+    // its frames are refused, and so is a join with its key under another id.
+    common::run_ok(&[
+        "cluster",
+        "remove",
+        "phantom",
+        "--coordinator",
+        &cluster.api,
+        "--state-dir",
+        &cluster.state_dir(),
+    ]);
+    attempts("a removed worker");
+    let rejoin = rt
+        .block_on(attacker::join(&cluster.api, &token, &key, "phantom-2"))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(rejoin.message().contains("revoked"), "{rejoin:?}");
+    eprintln!("removed worker rejoining: {}", rejoin.message());
+    serving_same(&cluster, "frames from a removed worker");
+
+    // 5. A forged coordinator record for this cluster, leading to a coordinator of
+    // another CA. A worker that can only reach it (the real one is blackholed from its
+    // host for now) passes it over and keeps browsing; unblocked, it joins the real one.
+    let foreign = strata_net::identity::ClusterCa::create()
+        .unwrap()
+        .issue_identity(strata_net::identity::COORDINATOR_NAME)
+        .unwrap();
+    let forged = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(std::net::SocketAddr::new(here, 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tls = strata_net::api_tls::server_config(&foreign).unwrap();
+        let bounded = strata_net::listen::Bounded::new(listener, 16);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut conns = std::pin::pin!(strata_net::api_tls::sorted(bounded, tls));
+            while conns.next().await.is_some() {}
+        });
+        let txt = [
+            ("role", "coordinator".to_string()),
+            ("cluster", token.cluster_id().to_string()),
+            ("proto", strata_proto::PROTOCOL_VERSION.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let instance = format!("strata-coordinator-{}-forged", token.cluster_id());
+        (
+            strata_net::discovery::announce(&instance, port, txt, Some(here)).unwrap(),
+            port,
+        )
+    });
+    let forged_addr = format!("{here}:{}", forged.1);
+    let real = format!("{}.1/32", lan.subnet);
+    ip(&["-n", &lan.hosts[3], "route", "add", "blackhole", &real]);
+    cluster.add_worker("w3", &options, Some(&lan.prefix(3)));
+    let w3 = cluster.workers.last().unwrap();
+    let out = w3.wait_for(&forged_addr, Duration::from_secs(30));
+    w3.wait_for("not our coordinator", Duration::from_secs(15));
+    eprintln!(
+        "worker: {}",
+        out.lines().find(|l| l.contains(&forged_addr)).unwrap()
+    );
+    ip(&["-n", &lan.hosts[3], "route", "del", "blackhole", &real]);
+    cluster.wait_serving(3);
+    serving_same(&cluster, "a forged coordinator record");
     drop(cluster);
 }

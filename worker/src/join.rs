@@ -4,8 +4,9 @@
 //! bounded by a deadline: a coordinator that does not answer is retried, never waited on
 //! forever.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_net::api_tls::{self, PinnedConnector};
 use strata_net::discovery;
@@ -32,10 +33,12 @@ pub struct Admission {
 }
 
 /// The coordinator's address: `--coordinator`, or the first this cluster's mDNS records
-/// name that is not in `skip` (addresses that failed to prove the token lately).
+/// name that is not passed over in `skip` (addresses that failed lately, and until when).
+/// An address seen while passed over is taken once its time is up: a browser tells of a
+/// record once, so waiting for it to be told again could be forever.
 pub async fn find_coordinator(
     config: &WorkerConfig,
-    skip: &std::collections::HashSet<String>,
+    skip: &HashMap<String, Instant>,
 ) -> Result<String> {
     if let Some(c) = &config.coordinator {
         return Ok(c.clone());
@@ -44,36 +47,68 @@ pub async fn find_coordinator(
     let _guard = cancel.clone().drop_guard();
     let mut seen = discovery::browse(cancel)?;
     info!(cluster = %config.token.cluster_id(), "looking for the coordinator over mDNS");
-    while let Some(s) = seen.recv().await {
-        if s.get("role") != Some("coordinator") {
-            continue;
-        }
-        let cluster = s.get("cluster").unwrap_or("");
-        if cluster != config.token.cluster_id() {
-            warn!(
-                found = %cluster,
-                mine = %config.token.cluster_id(),
-                instance = %s.instance,
-                "found a coordinator of another cluster; ignoring it"
-            );
-            continue;
-        }
-        // A coordinator also answers on its loopback: only use that when it is all there is.
-        let ip = s
-            .addresses
-            .iter()
-            .find(|a| !a.is_loopback() && !a.is_link_local())
-            .or(s.addresses.first());
-        if let Some(ip) = ip {
-            let addr = SocketAddr::new(IpAddr::V4(*ip), s.port).to_string();
-            if skip.contains(&addr) {
-                continue;
+    // The passed-over address seen whose time is up first.
+    let mut later: Option<(String, Instant)> = None;
+    loop {
+        let wait_for_later = async {
+            match &later {
+                Some((_, until)) => tokio::time::sleep_until((*until).into()).await,
+                None => std::future::pending().await,
             }
-            info!(%addr, "found the coordinator over mDNS");
-            return Ok(addr);
+        };
+        let s = tokio::select! {
+            s = seen.recv() => match s {
+                Some(s) => s,
+                None => break,
+            },
+            () = wait_for_later => {
+                let addr = later.take().map(|(addr, _)| addr).unwrap_or_default();
+                info!(%addr, "trying the coordinator an mDNS record named again");
+                return Ok(addr);
+            }
+        };
+        for addr in coordinator_addresses(config, &s) {
+            match skip.get(&addr) {
+                None => {
+                    info!(%addr, "found the coordinator over mDNS");
+                    return Ok(addr);
+                }
+                Some(until) => {
+                    if later.as_ref().is_none_or(|(_, first)| until < first) {
+                        later = Some((addr, *until));
+                    }
+                }
+            }
         }
     }
     Err(strata_net::Error::Mdns("the mDNS browser stopped".into()).into())
+}
+
+/// The addresses a record names for this cluster's coordinator, best first: a
+/// coordinator also answers on its loopback, so that comes last. A record may carry
+/// several addresses (or two hosts' under one name): each is tried in turn.
+fn coordinator_addresses(config: &WorkerConfig, s: &discovery::Seen) -> Vec<String> {
+    if s.get("role") != Some("coordinator") {
+        return Vec::new();
+    }
+    let cluster = s.get("cluster").unwrap_or("");
+    if cluster != config.token.cluster_id() {
+        warn!(
+            found = %cluster,
+            mine = %config.token.cluster_id(),
+            instance = %s.instance,
+            "found a coordinator of another cluster; ignoring it"
+        );
+        return Vec::new();
+    }
+    let (lan, local): (Vec<&std::net::Ipv4Addr>, Vec<_>) = s
+        .addresses
+        .iter()
+        .partition(|a| !a.is_loopback() && !a.is_link_local());
+    lan.into_iter()
+        .chain(local)
+        .map(|ip| SocketAddr::new(IpAddr::V4(*ip), s.port).to_string())
+        .collect()
 }
 
 /// Asks the coordinator at `address` to admit this worker, within [`JOIN_TIMEOUT`].

@@ -37,6 +37,8 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long a coordinator found over mDNS that refused this worker, or could not prove it
 /// holds the token, is passed over.
 const SKIP_REFUSING: Duration = Duration::from_secs(30);
+/// How long an mDNS-found coordinator that could not be reached is passed over.
+const SKIP_UNREACHABLE: Duration = Duration::from_secs(5);
 /// Connections the control service holds open at once (the coordinator needs a few).
 const CONTROL_CONNECTIONS: usize = 32;
 /// Calls one control connection may have open at once.
@@ -176,7 +178,7 @@ async fn admitted(
     loop {
         let now = Instant::now();
         skipped.retain(|(_, until)| *until > now);
-        let skip = skipped.iter().map(|(a, _)| a.clone()).collect();
+        let skip = skipped.iter().cloned().collect();
         let attempt = async {
             let coordinator = join::find_coordinator(config, &skip)
                 .await
@@ -199,11 +201,17 @@ async fn admitted(
                     info!(id = %a.id, coordinator = %coordinator, "joined the cluster");
                     return Ok(a);
                 }
-                Err((Some(address), e @ Error::Refused { .. })) if config.coordinator.is_none() => {
-                    // Found over mDNS: maybe not our coordinator at all. Pass it over a while
-                    // and keep looking (the real one, if it refuses too, is tried again).
-                    warn!(cause = %e, %address, "not admitted by the coordinator an mDNS record named; passing it over for {}s and still looking", SKIP_REFUSING.as_secs());
-                    skipped.push((address, Instant::now() + SKIP_REFUSING));
+                Err((Some(address), e)) if config.coordinator.is_none() => {
+                    // Found over mDNS: maybe not our coordinator at all (anyone can announce
+                    // a record). Pass it over a while and keep looking, so that a record that
+                    // refuses, or leads nowhere, cannot keep the worker from the real one
+                    // (which, if it was that, is tried again).
+                    let skip = match e {
+                        Error::Refused { .. } => SKIP_REFUSING,
+                        _ => SKIP_UNREACHABLE,
+                    };
+                    warn!(cause = %e, %address, "not admitted by the coordinator an mDNS record named; passing it over for {}s and still looking", skip.as_secs());
+                    skipped.push((address, Instant::now() + skip));
                     tokio::time::sleep(RETRY).await;
                 }
                 Err((_, e @ Error::Refused { .. })) => {

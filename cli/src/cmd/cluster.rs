@@ -720,6 +720,7 @@ fn print_plan(p: &PlanResponse) {
 fn plan_json(p: &PlanResponse) -> serde_json::Value {
     serde_json::json!({
         "model": p.model,
+        "epoch": p.epoch,
         "fits": !p.stages.is_empty(),
         "missing_bytes": p.missing_bytes,
         "shortfall": if p.stages.is_empty() { p.shortfall.clone() } else { String::new() },
@@ -829,6 +830,7 @@ fn status_json(s: &strata_proto::v1::StatusResponse) -> serde_json::Value {
             let info = w.info.clone().unwrap_or_default();
             serde_json::json!({
                 "id": info.id, "state": state_name(w.state), "address": w.address, "stage": w.stage,
+                "data_port": info.data_port,
                 "layers": [w.layer_start, w.layer_end], "memory_budget": info.memory_budget,
                 "speed_bytes_per_second": info.speed_bytes_per_second,
                 "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod attacker;
 pub mod cluster;
 
 use candle_core::Device;
