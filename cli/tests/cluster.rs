@@ -608,3 +608,61 @@ fn the_coordinators_machine_can_hold_a_stage_with_local_worker() {
     );
     check_same_tokens(&cluster, &model);
 }
+
+/// Certificates end: with a 4 s lifetime the coordinator renews its own and every
+/// worker's at half of it, and after the first ones ended a re-plan (new QUIC connections
+/// between the stages, new handshakes everywhere) still serves the same tokens.
+#[test]
+fn certificates_end_and_are_renewed_while_the_cluster_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let mut options = exact_wire();
+    options
+        .serve_args
+        .extend(["--cert-lifetime".to_string(), "4s".to_string()]);
+    let cluster = TestCluster::start(&model, &options);
+    cluster.wait_serving(3);
+    // Every worker renewed twice: the certificates it joined with have ended.
+    let renewed = |out: &str, id: &str| {
+        out.lines()
+            .filter(|l| {
+                l.contains("renewed a worker's certificate") && l.contains(&format!("id={id}"))
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cluster.coordinator.output();
+        if ["w1", "w2", "w3"].iter().all(|id| renewed(&out, id) >= 2)
+            && out.matches("renewed the coordinator's certificate").count() >= 2
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no renewals:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for w in &cluster.workers {
+        assert!(
+            w.output().contains("renewed this worker's certificate"),
+            "{}",
+            w.output()
+        );
+    }
+    check_same_tokens(&cluster, &model);
+    // A re-plan makes new connections: they handshake with the renewed certificates.
+    run_ok(&[
+        "cluster",
+        "drain",
+        "w1",
+        "--coordinator",
+        &cluster.api,
+        "--state-dir",
+        &cluster.state_dir(),
+    ]);
+    cluster.wait_serving(2);
+    check_same_tokens(&cluster, &model);
+}

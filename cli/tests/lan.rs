@@ -726,14 +726,17 @@ fn hostile_peers_are_refused_while_the_cluster_serves() {
     // host for now) passes it over and keeps browsing; unblocked, it joins the real one.
     let foreign = strata_net::identity::ClusterCa::create()
         .unwrap()
-        .issue_identity(strata_net::identity::COORDINATOR_NAME)
+        .issue_identity(
+            strata_net::identity::COORDINATOR_NAME,
+            strata_net::identity::CERT_LIFETIME,
+        )
         .unwrap();
     let forged = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(std::net::SocketAddr::new(here, 0))
             .await
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let tls = strata_net::api_tls::server_config(&foreign).unwrap();
+        let tls = foreign.api_server_config().unwrap();
         let bounded = strata_net::listen::Bounded::new(listener, 16);
         tokio::spawn(async move {
             use futures::StreamExt;

@@ -604,7 +604,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let tls = api_tls::server_config(shared.identity())?;
+    let tls = shared.identity().api_server_config()?;
     let api = Api { shared };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<InferenceServer<Api>>().await;

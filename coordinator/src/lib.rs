@@ -120,6 +120,9 @@ pub struct CoordinatorConfig {
     /// How long a streaming client may leave a token unread before its answer is cancelled
     /// and its caches freed (default 30 s).
     pub client_timeout: Duration,
+    /// How long the certificates the CA issues (the workers', the coordinator's own) are
+    /// valid; members' are renewed at half of it (default 24 h).
+    pub cert_lifetime: Duration,
 }
 
 impl CoordinatorConfig {
@@ -142,6 +145,7 @@ impl CoordinatorConfig {
             prefill_chunk: 256,
             max_queue: 64,
             client_timeout: Duration::from_secs(30),
+            cert_lifetime: strata_net::identity::CERT_LIFETIME,
         }
     }
 }
@@ -214,7 +218,7 @@ pub async fn run(
             "created a new cluster; `strata token create --state-dir` prints its join token"
         );
     }
-    let identity = ca.issue_identity(COORDINATOR_NAME)?;
+    let identity = ca.issue_identity(COORDINATOR_NAME, config.cert_lifetime)?;
     let socket = std::net::UdpSocket::bind(SocketAddr::new(config.bind, config.data_port))?;
     let data_port = socket.local_addr()?.port();
     let endpoint = strata_net::transport::endpoint(socket, &identity)?;
@@ -254,6 +258,7 @@ pub async fn run(
         membership::heartbeats(shared.clone()).instrument(tracing::info_span!("heartbeats")),
     );
     tracker.spawn(reconcile::run(shared.clone()).instrument(tracing::info_span!("reconcile")));
+    tracker.spawn(membership::renewals(shared.clone()).instrument(tracing::info_span!("renewals")));
     tracker.spawn(links::run(shared.clone()).instrument(tracing::info_span!("links")));
     let _announcement = if shared.config().mdns {
         let txt: HashMap<String, String> = [

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_net::api_tls::ApiConnectInfo;
+use strata_net::api_tls::{ApiConnectInfo, ClusterConnector};
 use strata_net::identity::{sanitize_id, worker_name, ClusterCa, COORDINATOR_NAME};
 use strata_proto::v1::worker_control_client::WorkerControlClient;
 use strata_proto::v1::{
-    HealthRequest, HealthResponse, HeldSlice, JoinRequest, JoinResponse, UnloadRequest,
+    HealthRequest, HealthResponse, HeldSlice, JoinRequest, JoinResponse, RenewRequest,
+    UnloadRequest,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tonic::transport::Channel;
@@ -158,16 +159,22 @@ fn register(
     let id = registry.free_id(asked, &fingerprint);
     let cert = shared
         .ca()
-        .sign_request(&req.csr_der, &worker_name(&id))
+        .sign_request(
+            &req.csr_der,
+            &worker_name(&id),
+            shared.config().cert_lifetime,
+        )
         .map_err(bad_request)?;
     let control_addr = SocketAddr::new(remote.ip(), info.control_port as u16);
     let internal = |e: &dyn std::fmt::Display| Refused::new(Code::Internal, e.to_string());
-    let channel = Channel::from_shared(format!("https://{control_addr}"))
-        .map_err(|e| internal(&e))?
-        .tls_config(shared.identity().grpc_client_tls(&worker_name(&id)))
+    // Mutual TLS of our own making, so the coordinator's renewed certificate reaches
+    // every new connection to the worker.
+    let connector =
+        ClusterConnector::mutual(shared.identity(), &worker_name(&id)).map_err(|e| internal(&e))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control_addr}"))
         .map_err(|e| internal(&e))?
         .connect_timeout(HEARTBEAT_TIMEOUT)
-        .connect_lazy();
+        .connect_with_connector_lazy(connector);
     let profile = WorkerProfile {
         id: id.clone(),
         hostname: info.hostname,
@@ -203,6 +210,7 @@ fn register(
                 coordinator_ip: local.ip(),
             },
             held,
+            req.csr_der.clone(),
         ),
     );
     registry.changed_at = Some(Instant::now());
@@ -287,6 +295,68 @@ pub async fn heartbeats(shared: Arc<Shared>) {
         for (id, reason) in died {
             crate::session::stage_lost(&shared, &id, &reason);
             shared.membership_changed();
+        }
+    }
+}
+
+/// Renews certificates before half their lifetime is gone: the coordinator's own, and
+/// every worker's that answers (one that does not is retried; if it never does, its
+/// certificate ends and no new connection takes it).
+pub async fn renewals(shared: Arc<Shared>) {
+    let lifetime = shared.config().cert_lifetime;
+    let every = (lifetime / 20).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let mut own_issued = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shared.cancel().cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = Instant::now();
+        if now.duration_since(own_issued) >= lifetime / 2 {
+            let renewed = shared
+                .ca()
+                .reissue(shared.identity(), lifetime)
+                .and_then(|cert| shared.identity().renew(cert.to_vec()));
+            match renewed {
+                Ok(()) => {
+                    own_issued = now;
+                    info!("renewed the coordinator's certificate");
+                }
+                Err(e) => warn!(cause = %e, "could not renew the coordinator's certificate"),
+            }
+        }
+        let due: Vec<(String, WorkerControlClient<Channel>, Vec<u8>)> = shared
+            .registry()
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                !w.state.is_dead() && now.duration_since(w.certificate.1) >= lifetime / 2
+            })
+            .map(|(id, w)| (id.clone(), w.client.clone(), w.certificate.0.clone()))
+            .collect();
+        for (id, mut client, csr) in due {
+            let cert = match shared.ca().sign_request(&csr, &worker_name(&id), lifetime) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(id = %id, cause = %e, "could not renew a worker's certificate");
+                    continue;
+                }
+            };
+            let call = client.renew(RenewRequest {
+                certificate_der: cert.to_vec(),
+            });
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, call).await {
+                Ok(Ok(_)) => {
+                    if let Some(w) = shared.registry().workers.get_mut(&id) {
+                        w.certificate.1 = now;
+                    }
+                    info!(id = %id, "renewed a worker's certificate");
+                }
+                Ok(Err(s)) => {
+                    warn!(id = %id, cause = %s.message(), "a worker did not take its renewed certificate")
+                }
+                Err(_) => warn!(id = %id, "renewing a worker's certificate timed out"),
+            }
         }
     }
 }

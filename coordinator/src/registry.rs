@@ -208,6 +208,9 @@ pub struct Worker {
     pub measured_ms: Option<f64>,
     /// The decode totals the next measurement counts from.
     pub decode_mark: (f64, u64),
+    /// Its signing request (what a renewal certifies again) and when its certificate was
+    /// last issued.
+    pub certificate: (Vec<u8>, Instant),
 }
 
 /// Where a worker is reached, and where it reached the coordinator.
@@ -229,6 +232,7 @@ impl Worker {
         client: WorkerControlClient<Channel>,
         at: Addresses,
         held: Option<Held>,
+        csr_der: Vec<u8>,
     ) -> Self {
         Worker {
             profile,
@@ -249,6 +253,7 @@ impl Worker {
             cooldown_until: None,
             measured_ms: None,
             decode_mark: (0.0, 0),
+            certificate: (csr_der, Instant::now()),
         }
     }
 
@@ -591,35 +596,26 @@ mod tests {
 
     fn worker(now: Instant) -> Worker {
         let channel = Channel::from_static("https://127.0.0.1:1").connect_lazy();
-        Worker {
-            profile: WorkerProfile {
-                id: "w1".into(),
-                ..Default::default()
-            },
-            requested_id: "w1".into(),
-            control_addr: "127.0.0.1:1"
-                .parse()
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1))),
-            data_addr: SocketAddr::from(([127, 0, 0, 1], 2)),
+        let profile = WorkerProfile {
+            id: "w1".into(),
+            ..Default::default()
+        };
+        let at = Addresses {
+            control: SocketAddr::from(([127, 0, 0, 1], 1)),
+            data: SocketAddr::from(([127, 0, 0, 1], 2)),
             coordinator_ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            client: WorkerControlClient::new(channel),
-            state: WorkerState::Ready,
-            last_seen: now,
-            load_done: Arc::new(AtomicU64::new(0)),
-            load_total: 0,
-            health: Health::default(),
-            detail: String::new(),
-            held: Some(Held {
-                layers: 0..2,
-                embed: true,
-                head: false,
-            }),
-            stage: Some(0),
-            unreachable: None,
-            cooldown_until: None,
-            measured_ms: None,
-            decode_mark: (0.0, 0),
-        }
+        };
+        let held = Some(Held {
+            layers: 0..2,
+            embed: true,
+            head: false,
+        });
+        let client = WorkerControlClient::new(channel);
+        let mut w = Worker::admitted(profile, "w1", client, at, held, Vec::new());
+        w.state = WorkerState::Ready;
+        w.last_seen = now;
+        w.stage = Some(0);
+        w
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
 use crate::error::Result;
-use crate::identity::{cluster_id_of, crypto_provider, Identity, COORDINATOR_NAME};
+use crate::identity::{cluster_id_of, crypto_provider, Identity};
 use crate::listen::{Bounded, Connection};
 
 /// How long a new connection may take to send its first byte and finish a handshake.
@@ -36,19 +36,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SORTED_QUEUE: usize = 64;
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
-
-/// The API port's server side of TLS: the coordinator's certificate and the CA after it
-/// (the worker learns the CA from the chain and checks it against its token), TLS 1.3,
-/// HTTP/2, no client certificate (the join proves the token instead).
-pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>> {
-    let chain = vec![identity.cert_der().clone(), identity.ca_der().clone()];
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, identity.key())?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(tls))
-}
 
 /// A connection to the API port, in plaintext or TLS.
 pub enum ApiConnection {
@@ -91,13 +78,38 @@ impl tonic::transport::server::Connected for ApiConnection {
     }
 }
 
-/// `listener`'s connections, each sorted into plaintext or TLS (handshaken with `tls`)
-/// off the accept loop, so one that sends nothing holds up no other. A connection that
-/// does not start or finish within [`HANDSHAKE_TIMEOUT`] is closed.
+/// `listener`'s connections, each sorted into plaintext or TLS (handshaken with `tls`).
 pub fn sorted(
-    mut listener: Bounded,
+    listener: Bounded,
     tls: Arc<rustls::ServerConfig>,
 ) -> impl futures::Stream<Item = io::Result<ApiConnection>> {
+    handshaken(listener, tls, sort)
+}
+
+/// `listener`'s connections after a TLS handshake with `tls` (a worker's control
+/// service: mutual TLS). tonic reads the client's certificate from each.
+pub fn tls_only(
+    listener: Bounded,
+    tls: Arc<rustls::ServerConfig>,
+) -> impl futures::Stream<Item = io::Result<tokio_rustls::server::TlsStream<Connection>>> {
+    handshaken(listener, tls, |connection, acceptor| {
+        acceptor.accept(connection)
+    })
+}
+
+/// `listener`'s connections once `handshake` is done with each, off the accept loop so
+/// that one that sends nothing holds up no other. A connection that does not finish
+/// within [`HANDSHAKE_TIMEOUT`] is closed.
+fn handshaken<T, F, H>(
+    mut listener: Bounded,
+    tls: Arc<rustls::ServerConfig>,
+    handshake: H,
+) -> impl futures::Stream<Item = io::Result<T>>
+where
+    T: Send + 'static,
+    F: Future<Output = io::Result<T>> + Send + 'static,
+    H: Fn(Connection, TlsAcceptor) -> F + Clone + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(SORTED_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -106,13 +118,17 @@ pub fn sorted(
                 next = listener.next() => next,
             };
             let (tx, acceptor) = (tx.clone(), TlsAcceptor::from(tls.clone()));
+            let handshake = handshake.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, sort(connection, acceptor)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(connection, acceptor)).await
+                {
                     Ok(Ok(c)) => {
                         let _ = tx.send(Ok(c)).await;
                     }
-                    Ok(Err(e)) => debug!(%peer, cause = %e, "closed an API connection"),
-                    Err(_) => debug!(%peer, "closed an API connection that stayed silent"),
+                    Ok(Err(e)) => {
+                        debug!(%peer, cause = %e, "closed a connection: its handshake failed")
+                    }
+                    Err(_) => debug!(%peer, "closed a connection that stayed silent"),
                 }
             });
         }
@@ -244,16 +260,18 @@ impl ServerCertVerifier for PinnedCluster {
     }
 }
 
-/// Connects to a coordinator's API port over TLS, trusting only a certificate of the
-/// cluster `cluster_id` names: a connector for `tonic`'s `Endpoint::connect_with_connector`.
+/// Connects over TLS for `tonic`'s `Endpoint::connect_with_connector`: to a
+/// coordinator's API port trusting only the CA its token names ([`ClusterConnector::pinned`]),
+/// or to a worker's control service with mutual TLS ([`ClusterConnector::mutual`]).
 #[derive(Clone)]
-pub struct PinnedConnector {
+pub struct ClusterConnector {
     config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
 }
 
-impl PinnedConnector {
-    /// A connector pinned to the CA of `cluster_id`.
-    pub fn new(cluster_id: &str) -> Result<Self> {
+impl ClusterConnector {
+    /// To the coordinator, pinned to the CA of `cluster_id` (a worker joining).
+    pub fn pinned(cluster_id: &str) -> Result<Self> {
         let provider = crypto_provider();
         let verifier = PinnedCluster {
             cluster_id: cluster_id.to_string(),
@@ -265,18 +283,33 @@ impl PinnedConnector {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(PinnedConnector {
+        Ok(ClusterConnector {
             config: Arc::new(tls),
+            server_name: server_name(crate::identity::COORDINATOR_NAME)?,
+        })
+    }
+
+    /// To a peer whose certificate is for `name`, presenting `identity` (the
+    /// coordinator calling a worker). Renewals of `identity` reach new connections.
+    pub fn mutual(identity: &Identity, name: &str) -> Result<Self> {
+        Ok(ClusterConnector {
+            config: identity.grpc_client_config()?,
+            server_name: server_name(name)?,
         })
     }
 }
 
-type Connecting = Pin<Box<dyn Future<Output = io::Result<PinnedStream>> + Send>>;
-/// What [`PinnedConnector`] connects.
-pub type PinnedStream = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+fn server_name(name: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(name.to_string())
+        .map_err(|e| crate::Error::Tls(format!("{name} is not a server name: {e}")))
+}
 
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for PinnedConnector {
-    type Response = PinnedStream;
+type Connecting = Pin<Box<dyn Future<Output = io::Result<TlsClientStream>> + Send>>;
+/// What [`ClusterConnector`] connects.
+pub type TlsClientStream = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for ClusterConnector {
+    type Response = TlsClientStream;
     type Error = io::Error;
     type Future = Connecting;
 
@@ -286,13 +319,12 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for PinnedConnector {
 
     fn call(&mut self, uri: tonic::codegen::http::Uri) -> Connecting {
         let connector = TlsConnector::from(self.config.clone());
+        let name = self.server_name.clone();
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_string();
             let port = uri.port_u16().unwrap_or(7433);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(COORDINATOR_NAME)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let tls = connector.connect(name, tcp).await?;
             Ok(TokioIo::new(tls))
         })

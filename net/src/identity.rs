@@ -8,16 +8,17 @@
 //! that, every connection is mutual TLS with the cluster CA as the only root.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
+pub(crate) use crate::certificate::crypto_provider;
+pub use crate::certificate::Identity;
 use crate::error::{Error, Result};
 
 /// TLS server name of the coordinator's certificate.
@@ -33,8 +34,13 @@ const SECRET_FILE: &str = "cluster.secret";
 
 /// Bytes of the cluster secret.
 const SECRET_BYTES: usize = 32;
-/// QUIC connections a node lets be in their handshake at once.
-const MAX_HANDSHAKING: usize = 256;
+/// How long a certificate the CA issues is valid unless told otherwise. A member renews
+/// its certificate before half of it is gone; one that is not renewed (cut off, or
+/// removed) stops being accepted by any new connection when it ends.
+pub const CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How long before its issue a certificate is valid already: clocks of a LAN's machines
+/// disagree by seconds, sometimes minutes.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -317,9 +323,24 @@ impl ClusterCa {
 
     /// Issues a certificate for `name` over the public key of a signing request. The
     /// request's own names and extensions are ignored: the CA decides what it certifies.
-    pub fn sign_request(&self, csr_der: &[u8], name: &str) -> Result<CertificateDer<'static>> {
+    pub fn sign_request(
+        &self,
+        csr_der: &[u8],
+        name: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<CertificateDer<'static>> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())?;
-        self.issue_for(&csr.public_key, name)
+        self.issue_for(&csr.public_key, name, lifetime)
+    }
+
+    /// A new certificate for `identity`'s key and name, valid for `lifetime` from now
+    /// (the coordinator renewing its own).
+    pub fn reissue(
+        &self,
+        identity: &Identity,
+        lifetime: std::time::Duration,
+    ) -> Result<CertificateDer<'static>> {
+        self.issue_for(&identity.key_pair()?, identity.name(), lifetime)
     }
 
     /// SHA-256 (hex) of the public key a signing request is for, once its signature
@@ -333,8 +354,12 @@ impl ClusterCa {
         &self,
         public_key: &impl PublicKeyData,
         name: &str,
+        lifetime: std::time::Duration,
     ) -> Result<CertificateDer<'static>> {
         let mut params = CertificateParams::new(vec![name.to_string()])?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + lifetime;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -347,10 +372,10 @@ impl ClusterCa {
     }
 
     /// A fresh key and certificate for `name`, signed by this CA (the coordinator's own).
-    pub fn issue_identity(&self, name: &str) -> Result<Identity> {
+    pub fn issue_identity(&self, name: &str, lifetime: std::time::Duration) -> Result<Identity> {
         let key = KeyPair::generate()?;
-        let cert_der = self.issue_for(&key, name)?;
-        Ok(Identity::new(name, cert_der, &key, self.cert_der.clone()))
+        let cert_der = self.issue_for(&key, name, lifetime)?;
+        Identity::new(name, cert_der, &key, self.cert_der.clone())
     }
 }
 
@@ -478,158 +503,17 @@ impl PendingKey {
     }
 
     /// The identity once the coordinator has certified this key.
-    pub fn into_identity(&self, name: &str, cert_der: Vec<u8>, ca_der: Vec<u8>) -> Identity {
+    pub fn into_identity(
+        &self,
+        name: &str,
+        cert_der: Vec<u8>,
+        ca_der: Vec<u8>,
+    ) -> Result<Identity> {
         Identity::new(
             name,
             CertificateDer::from(cert_der),
             &self.key,
             CertificateDer::from(ca_der),
-        )
-    }
-}
-
-/// A certified key: what a node presents on every control and data connection.
-#[derive(Clone)]
-pub struct Identity {
-    name: String,
-    cert_der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-    key_fingerprint: String,
-    ca_der: CertificateDer<'static>,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Identity({})", self.name)
-    }
-}
-
-fn der_to_pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str(&format!("-----END {label}-----\n"));
-    pem
-}
-
-pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-impl Identity {
-    fn new(
-        name: &str,
-        cert_der: CertificateDer<'static>,
-        key: &KeyPair,
-        ca_der: CertificateDer<'static>,
-    ) -> Self {
-        Identity {
-            name: name.to_string(),
-            cert_der,
-            key_der: key.serialize_der(),
-            key_fingerprint: sha256_hex(&key.subject_public_key_info()),
-            ca_der,
-        }
-    }
-
-    /// SHA-256 (hex) of the public key: who this node is on the data plane.
-    pub fn key_fingerprint(&self) -> &str {
-        &self.key_fingerprint
-    }
-
-    /// The name the certificate is for.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// This node's certificate.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
-    /// The cluster CA certificate.
-    pub fn ca_der(&self) -> &CertificateDer<'static> {
-        &self.ca_der
-    }
-
-    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
-    }
-
-    fn roots(&self) -> Result<rustls::RootCertStore> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone())?;
-        Ok(roots)
-    }
-
-    /// QUIC server side: TLS 1.3, ALPN `strata/1`, client certificates required and
-    /// verified against the cluster CA.
-    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig> {
-        let provider = crypto_provider();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(self.roots()?),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![self.cert_der.clone()], self.key())?;
-        tls.alpn_protocols = vec![strata_proto::DATA_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(crate::transport::transport_config()));
-        // Connections still in their handshake (quinn's default is 65,536): a cluster has
-        // a few peers, so a flood of strangers' handshakes is held to this many.
-        config.max_incoming(MAX_HANDSHAKING);
-        Ok(config)
-    }
-
-    /// QUIC client side: presents this identity, trusts only the cluster CA.
-    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig> {
-        let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(vec![self.cert_der.clone()], self.key())?;
-        tls.alpn_protocols = vec![strata_proto::DATA_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(crate::transport::transport_config()));
-        Ok(config)
-    }
-
-    /// gRPC server side (a worker's control service): client certificates required.
-    pub fn grpc_server_tls(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(self.grpc_identity())
-            .client_ca_root(tonic::transport::Certificate::from_pem(der_to_pem(
-                "CERTIFICATE",
-                &self.ca_der,
-            )))
-    }
-
-    /// gRPC client side, expecting the server's certificate to be for `server_name`.
-    pub fn grpc_client_tls(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(der_to_pem(
-                "CERTIFICATE",
-                &self.ca_der,
-            )))
-            .identity(self.grpc_identity())
-            .domain_name(server_name)
-    }
-
-    fn grpc_identity(&self) -> tonic::transport::Identity {
-        tonic::transport::Identity::from_pem(
-            der_to_pem("CERTIFICATE", &self.cert_der),
-            der_to_pem("PRIVATE KEY", &self.key_der),
         )
     }
 }
@@ -695,8 +579,12 @@ mod tests {
         let ca = ClusterCa::create().unwrap();
         let key = PendingKey::generate().unwrap();
         let csr = key.signing_request("evil.example").unwrap();
-        let cert = ca.sign_request(&csr, &worker_name("w1")).unwrap();
-        let identity = key.into_identity("w1", cert.to_vec(), ca.cert_der().to_vec());
+        let cert = ca
+            .sign_request(&csr, &worker_name("w1"), CERT_LIFETIME)
+            .unwrap();
+        let identity = key
+            .into_identity("w1", cert.to_vec(), ca.cert_der().to_vec())
+            .unwrap();
         // Both TLS configurations build from it (they parse key and chain).
         identity.quic_server_config().unwrap();
         identity.quic_client_config().unwrap();
@@ -766,18 +654,22 @@ mod tests {
         let ca = ClusterCa::create().unwrap();
         let key = PendingKey::generate().unwrap();
         let csr = key.signing_request("w1").unwrap();
-        let cert = ca.sign_request(&csr, &worker_name("w1")).unwrap();
+        let cert = ca
+            .sign_request(&csr, &worker_name("w1"), CERT_LIFETIME)
+            .unwrap();
         let fingerprint = key_fingerprint_of_cert(&cert).unwrap();
         assert_eq!(fingerprint, key.fingerprint());
         assert_eq!(
             ClusterCa::request_key_fingerprint(&csr).unwrap(),
             fingerprint
         );
-        let identity = key.into_identity(&worker_name("w1"), cert.to_vec(), ca.cert_der().to_vec());
+        let identity = key
+            .into_identity(&worker_name("w1"), cert.to_vec(), ca.cert_der().to_vec())
+            .unwrap();
         assert_eq!(identity.key_fingerprint(), fingerprint);
-        let coordinator = ca.issue_identity(COORDINATOR_NAME).unwrap();
+        let coordinator = ca.issue_identity(COORDINATOR_NAME, CERT_LIFETIME).unwrap();
         assert_eq!(
-            key_fingerprint_of_cert(coordinator.cert_der()).unwrap(),
+            key_fingerprint_of_cert(&coordinator.cert_der()).unwrap(),
             coordinator.key_fingerprint()
         );
         assert_ne!(coordinator.key_fingerprint(), fingerprint);

@@ -5,6 +5,8 @@
 //!   for QUIC, tonic's for the gRPC control plane);
 //! - [`api_tls`]: TLS beside plaintext on the coordinator's API port, for joins, and the
 //!   worker's connector that pins the coordinator to its token's CA;
+//! - [`certificate`]: a node's certified key, renewed while it runs, and the TLS
+//!   configurations that present it;
 //! - [`frame`]: the data-plane frame (a prost header and raw tensor bytes), pure encode,
 //!   decode and validation;
 //! - [`transport`]: the QUIC data plane (quinn, ALPN `strata/1`) that carries frames;
@@ -27,6 +29,7 @@
 //! expose).
 
 pub mod api_tls;
+pub mod certificate;
 pub mod discovery;
 pub mod error;
 pub mod frame;

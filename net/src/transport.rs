@@ -397,7 +397,7 @@ async fn answer_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{worker_name, ClusterCa};
+    use crate::identity::{worker_name, ClusterCa, CERT_LIFETIME};
 
     fn loopback_endpoint(identity: &Identity) -> quinn::Endpoint {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -407,8 +407,8 @@ mod tests {
     #[tokio::test]
     async fn a_probe_times_the_link_and_frames_still_flow_beside_it() {
         let ca = ClusterCa::create().unwrap();
-        let a = ca.issue_identity(&worker_name("a")).unwrap();
-        let b = ca.issue_identity(&worker_name("b")).unwrap();
+        let a = ca.issue_identity(&worker_name("a"), CERT_LIFETIME).unwrap();
+        let b = ca.issue_identity(&worker_name("b"), CERT_LIFETIME).unwrap();
         let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
         let (tx, mut rx) = mpsc::channel(4);
         let cancel = CancellationToken::new();
@@ -440,8 +440,8 @@ mod tests {
     #[tokio::test]
     async fn a_probe_over_the_limit_is_refused() {
         let ca = ClusterCa::create().unwrap();
-        let a = ca.issue_identity(&worker_name("a")).unwrap();
-        let b = ca.issue_identity(&worker_name("b")).unwrap();
+        let a = ca.issue_identity(&worker_name("a"), CERT_LIFETIME).unwrap();
+        let b = ca.issue_identity(&worker_name("b"), CERT_LIFETIME).unwrap();
         let (ea, eb) = (loopback_endpoint(&a), loopback_endpoint(&b));
         let (tx, _rx) = mpsc::channel(4);
         let cancel = CancellationToken::new();
@@ -460,9 +460,9 @@ mod tests {
     #[tokio::test]
     async fn a_cluster_member_the_gate_does_not_name_is_refused_and_cut_off() {
         let ca = ClusterCa::create().unwrap();
-        let a = ca.issue_identity(&worker_name("a")).unwrap();
-        let b = ca.issue_identity(&worker_name("b")).unwrap();
-        let stranger = ca.issue_identity(&worker_name("c")).unwrap();
+        let a = ca.issue_identity(&worker_name("a"), CERT_LIFETIME).unwrap();
+        let b = ca.issue_identity(&worker_name("b"), CERT_LIFETIME).unwrap();
+        let stranger = ca.issue_identity(&worker_name("c"), CERT_LIFETIME).unwrap();
         let (ea, eb, ec) = (
             loopback_endpoint(&a),
             loopback_endpoint(&b),

@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use rustls_pki_types::CertificateDer;
 use strata_model::{ModelFile, Slice, Stage};
 use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::worker_control_server::WorkerControl;
 use strata_proto::v1::{
     HealthRequest, HealthResponse, HeldSlice, LinkMeasurement, LoadChunk, LoadHeader, LoadResponse,
-    MissingResponse, ProbeRequest, ProbeResponse, ProbeTarget, UnloadRequest, UnloadResponse,
-    WireRequest, WireResponse, WorkerInfo,
+    MissingResponse, ProbeRequest, ProbeResponse, ProbeTarget, RenewRequest, RenewResponse,
+    UnloadRequest, UnloadResponse, WireRequest, WireResponse, WorkerInfo,
 };
 use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
@@ -26,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use strata_model::WireType;
 use strata_net::frame::Frame;
+use strata_net::identity::{self, Identity};
 use strata_net::progress::Progress;
 use strata_net::{memory, transport};
 
@@ -103,8 +103,10 @@ pub struct ControlService {
     pub stage: StageHandle,
     /// The data-plane endpoint (dials the next hop).
     pub endpoint: quinn::Endpoint,
-    /// The only certificate allowed to call.
-    pub coordinator_cert: CertificateDer<'static>,
+    /// The key of the only caller allowed (the coordinator's, whose certificate renews).
+    pub coordinator_key: String,
+    /// This worker's certificate, which the coordinator renews.
+    pub identity: Identity,
     /// Received slices, on disk.
     pub cache: SliceCache,
     /// What this worker accepts.
@@ -125,9 +127,12 @@ pub struct ControlService {
 
 impl ControlService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let ok = req
-            .peer_certs()
-            .is_some_and(|certs| certs.first() == Some(&self.coordinator_cert));
+        let ok = req.peer_certs().is_some_and(|certs| {
+            certs
+                .first()
+                .and_then(|c| identity::key_fingerprint_of_cert(c))
+                == Some(self.coordinator_key.clone())
+        });
         if !ok {
             warn!("refused a control call: the caller is not the coordinator that admitted this worker");
             return Err(Status::permission_denied(
@@ -446,6 +451,15 @@ impl WorkerControl for ControlService {
         }
         info!("slice unloaded");
         Ok(Response::new(UnloadResponse {}))
+    }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        self.authorize(&req)?;
+        self.identity
+            .renew(req.into_inner().certificate_der)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!("renewed this worker's certificate");
+        Ok(Response::new(RenewResponse {}))
     }
 
     async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use strata_net::api_tls::{self, PinnedConnector};
+use strata_net::api_tls::{self, ClusterConnector};
 use strata_net::discovery;
 use strata_net::identity::{self, Identity, JoinToken, PendingKey};
 use strata_proto::v1::cluster_client::ClusterClient;
@@ -143,7 +143,7 @@ async fn join_once(
     // Over TLS, trusting only a coordinator whose CA the token's cluster id names.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| refused(format!("not an address: {e}")))?
-        .connect_with_connector(PinnedConnector::new(token.cluster_id())?)
+        .connect_with_connector(ClusterConnector::pinned(token.cluster_id())?)
         .await
         .map_err(|e| match api_tls::tls_failure(&e) {
             Some(why) => refused(format!("its TLS certificate is not of the cluster the token names ({why}): not our coordinator")),
@@ -190,7 +190,7 @@ async fn join_once(
         &identity::worker_name(&id),
         reply.certificate_der,
         reply.ca_certificate_der,
-    );
+    )?;
     Ok(Admission {
         identity,
         coordinator_cert,

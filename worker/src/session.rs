@@ -254,7 +254,7 @@ async fn session(
                 reason: "its certificate does not parse".into(),
             }
         })?;
-    let senders = Arc::new(Mutex::new(Senders::new(coordinator_key)));
+    let senders = Arc::new(Mutex::new(Senders::new(coordinator_key.clone())));
     let gate: transport::Gate = {
         let senders = senders.clone();
         Arc::new(move |from, frame| {
@@ -278,7 +278,8 @@ async fn session(
         stage: m.stage.clone(),
         cache: m.cache.clone(),
         endpoint: endpoint.clone(),
-        coordinator_cert: joined.coordinator_cert,
+        coordinator_key,
+        identity: joined.identity.clone(),
         memory_budget: m.budget,
         info: WorkerInfo {
             id: joined.id.clone(),
@@ -294,12 +295,16 @@ async fn session(
     let server_cancel = cancel.clone();
     // Only the coordinator passes the mutual TLS; others' connections are bounded all the
     // same, as are the calls on one.
+    // (The TLS is ours, not tonic's, so a renewed certificate reaches new connections.)
+    let tls = joined.identity.grpc_server_config()?;
     let server = tonic::transport::Server::builder()
-        .tls_config(joined.identity.grpc_server_tls())?
         .max_concurrent_streams(Some(CONTROL_STREAMS))
         .add_service(WorkerControlServer::new(service))
         .serve_with_incoming_shutdown(
-            strata_net::listen::Bounded::new(listener, CONTROL_CONNECTIONS).into_stream(),
+            strata_net::api_tls::tls_only(
+                strata_net::listen::Bounded::new(listener, CONTROL_CONNECTIONS),
+                tls,
+            ),
             async move { server_cancel.cancelled().await },
         );
     let server = tokio::spawn(server);

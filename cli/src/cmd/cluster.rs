@@ -134,6 +134,10 @@ pub struct ServeArgs {
     /// others wait for room gives its caches up sooner, and replays when it reads again.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     client_timeout: std::time::Duration,
+    /// How long the certificates the cluster's CA issues are valid (e.g. 24h); members
+    /// renew theirs at half of it, so a removed or vanished one is shut out by then.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: std::time::Duration,
     /// What plans minimise: `latency` (time per token of one stream: the fastest machines
     /// first, others only where they pay for their hop) or `throughput` (the slowest
     /// stage, when many streams keep every stage busy).
@@ -213,6 +217,15 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.max_queue = a.max_queue;
     config.prefill_chunk = a.prefill_chunk as usize;
     config.client_timeout = a.client_timeout;
+    if a.cert_lifetime < std::time::Duration::from_secs(2)
+        || a.cert_lifetime > std::time::Duration::from_secs(3650 * 24 * 3600)
+    {
+        bail!(
+            "--cert-lifetime {}: use between 2s and 3650days (default 24h)",
+            humantime::format_duration(a.cert_lifetime)
+        );
+    }
+    config.cert_lifetime = a.cert_lifetime;
     config.plan = serve_plan_options(&a, dtype)?;
     let local_memory = match &a.local_memory {
         Some(m) => Some(

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use strata_net::api_tls::PinnedConnector;
+use strata_net::api_tls::ClusterConnector;
 use strata_net::frame::Frame;
 use strata_net::identity::{self, Identity, JoinToken, PendingKey};
 use strata_proto::v1::cluster_client::ClusterClient;
@@ -27,7 +27,7 @@ pub async fn join_request(
 ) -> Result<(ClusterClient<tonic::transport::Channel>, JoinRequest), tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
         .unwrap()
-        .connect_with_connector(PinnedConnector::new(token.cluster_id()).unwrap())
+        .connect_with_connector(ClusterConnector::pinned(token.cluster_id()).unwrap())
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = ClusterClient::new(channel);
@@ -71,11 +71,13 @@ pub async fn join(
         ca_certificate_der,
         ..
     } = client.join(request.clone()).await?.into_inner();
-    let identity = key.into_identity(
-        &identity::worker_name(&assigned_id),
-        certificate_der,
-        ca_certificate_der,
-    );
+    let identity = key
+        .into_identity(
+            &identity::worker_name(&assigned_id),
+            certificate_der,
+            ca_certificate_der,
+        )
+        .unwrap();
     Ok((request, identity))
 }
 
@@ -87,7 +89,7 @@ pub async fn replay(
 ) -> Result<JoinResponse, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
         .unwrap()
-        .connect_with_connector(PinnedConnector::new(token.cluster_id()).unwrap())
+        .connect_with_connector(ClusterConnector::pinned(token.cluster_id()).unwrap())
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     Ok(ClusterClient::new(channel)
