@@ -277,7 +277,15 @@ impl Receiving {
 
     /// Checks that every range the header listed is now present, and records them.
     pub fn complete(self) -> Result<(), CacheError> {
-        for (i, f) in self.files.iter().enumerate() {
+        self.finish()?.persist()
+    }
+
+    /// Checks that every range the header listed is now present. What arrived is usable
+    /// at once (it is in the page cache); recording it for later starts is [`Durable`]'s,
+    /// which a worker runs off the load's critical path.
+    pub fn finish(self) -> Result<Durable, CacheError> {
+        let mut files = Vec::new();
+        for (i, f) in self.files.into_iter().enumerate() {
             let now = merge([f.have.clone(), f.written.clone()].concat());
             let gap: u64 = subtract(&f.allowed, &now).iter().map(|r| r.1).sum();
             if gap > 0 {
@@ -285,8 +293,25 @@ impl Receiving {
                     "file {i}: {gap} bytes of the slice never arrived; the coordinator will retry"
                 )));
             }
-            f.file.sync_data().map_err(io(&f.path))?;
-            let side = sidecar(&f.path);
+            files.push((f.path, f.file, now));
+        }
+        Ok(Durable { files })
+    }
+}
+
+/// A completed load's record, to be made durable: each file synced to disk, then the
+/// ranges it holds written beside it (so a crash before the sync leaves no record that
+/// claims bytes the disk may not have, and a later load merely sends them again).
+pub struct Durable {
+    files: Vec<(PathBuf, File, Vec<Range>)>,
+}
+
+impl Durable {
+    /// Syncs the files and records their ranges.
+    pub fn persist(self) -> Result<(), CacheError> {
+        for (path, file, now) in self.files {
+            file.sync_data().map_err(io(&path))?;
+            let side = sidecar(&path);
             let tmp = side.with_extension("ranges.tmp");
             let text = serde_json::to_string(&now).unwrap_or_else(|_| "[]".into());
             let mut w = File::create(&tmp).map_err(io(&tmp))?;

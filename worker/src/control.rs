@@ -238,10 +238,16 @@ impl ControlService {
                 _ => return Err(Status::invalid_argument("a second header in a load stream")),
             }
         }
-        receiving.complete().map_err(|e| match e {
+        let durable = receiving.finish().map_err(|e| match e {
             CacheError::Invalid(m) => Status::data_loss(m),
             io => Status::internal(io.to_string()),
         })?;
+        // Syncing hundreds of megabytes to disk is for the next start, not this load.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = durable.persist() {
+                warn!(cause = %e, "could not record a received slice in the cache; a later load sends it again");
+            }
+        });
         progress.finish("received");
         Ok(received)
     }
@@ -313,11 +319,13 @@ impl WorkerControl for ControlService {
                 self.stage.call(Command::Unload).await;
                 self.stage.stats.set_state(StageState::Loading);
             }
+            let receiving = Instant::now();
             let received = self.receive(&header, &mut stream).await.inspect_err(|_| {
                 if !header.prefetch {
                     self.stage.stats.set_state(StageState::Idle);
                 }
             })?;
+            let receive_ms = receiving.elapsed().as_millis() as u64;
             let weight_bytes = if header.prefetch {
                 0
             } else {
@@ -327,6 +335,7 @@ impl WorkerControl for ControlService {
                 weight_bytes,
                 received_bytes = received,
                 cached_bytes = total.saturating_sub(received),
+                receive_ms,
                 ms = started.elapsed().as_millis() as u64,
                 "{}",
                 if header.prefetch {

@@ -43,6 +43,8 @@ const SKIP_UNREACHABLE: Duration = Duration::from_secs(5);
 const CONTROL_CONNECTIONS: usize = 32;
 /// Calls one control connection may have open at once.
 const CONTROL_STREAMS: u32 = 64;
+/// The HTTP/2 flow-control window of a control stream (a slice's push): bytes in flight.
+const LOAD_WINDOW: u32 = 8 << 20;
 
 /// What belongs to the machine, across sessions.
 pub struct Machine {
@@ -299,6 +301,10 @@ async fn session(
     let tls = joined.identity.grpc_server_config()?;
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(CONTROL_STREAMS))
+        // HTTP/2's default 64 KiB windows hold a slice's push to a few hundred MB/s even
+        // on loopback: the window is what the coordinator may send before we ack.
+        .initial_stream_window_size(Some(LOAD_WINDOW))
+        .initial_connection_window_size(Some(2 * LOAD_WINDOW))
         .add_service(WorkerControlServer::new(service))
         .serve_with_incoming_shutdown(
             strata_net::api_tls::tls_only(

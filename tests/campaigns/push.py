@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Weight push: how fast the coordinator streams a slice to a worker on loopback, and what
+a restarted worker is sent again (its cache keeps slices by content digest: nothing).
+A figure for the closing note of the speed issue, never a CI test. Standard library only.
+
+    cargo build --release -p strata
+    python3 tests/campaigns/push.py            # a ~600 MB Q8_0 model, one worker
+    python3 tests/campaigns/push.py --layers 16 --trials 3
+
+It reads the worker's "slice loaded" line: received_bytes over receive_ms (the transfer
+alone; loading into memory is after it).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import heal
+from heal import Cluster, log
+
+
+def synth(path, layers):
+    subprocess.run([heal.STRATA, "model", "synth", "--arch", "llama", "--layers", str(layers),
+                    "--hidden", "2048", "--heads", "32", "--kv-heads", "8", "--intermediate", "8192",
+                    "--vocab", "32000", "--seed", "7", "--format", "gguf", "--quant", "q8_0",
+                    "--out", path], check=True, capture_output=True)
+
+
+def loaded(proc, after=0):
+    """(received bytes, receive ms) of the first "slice loaded" line past `after` lines."""
+    end = time.time() + 300
+    while time.time() < end:
+        for line in proc.lines[after:]:
+            if "slice loaded" in line:
+                got = dict(re.findall(r"(\w+)=(\d+)", line))
+                return int(got["received_bytes"]), int(got.get("receive_ms", got["ms"]))
+        time.sleep(0.05)
+    raise RuntimeError("no slice loaded:\n" + "".join(proc.lines[-20:]))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--strata", default=heal.STRATA)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--trials", type=int, default=2)
+    a = p.parse_args()
+    heal.STRATA = a.strata
+    d = tempfile.mkdtemp(prefix="strata-push-")
+    model = os.path.join(d, "push.gguf")
+    synth(model, a.layers)
+    log(f"model: {os.path.getsize(model) / 1e6:.0f} MB, {a.layers} layers")
+    for trial in range(a.trials):
+        c = Cluster(model, 1, worker_args=["--speed", "1e9"])
+        try:
+            c.wait_serving(1, timeout=600)
+            received, ms = loaded(c.workers["w1"])
+            log(f"trial {trial + 1}: pushed {received / 1e6:.0f} MB in {ms} ms: "
+                f"{received / max(ms, 1) / 1e3:.0f} MB/s")
+            # Restarted with the same cache: sent nothing.
+            c.workers["w1"].kill()
+            c.add_worker("w1")
+            c.wait_serving(1, timeout=600)
+            again, _ = loaded(c.workers["w1"])
+            log(f"trial {trial + 1}: the restarted worker was sent {again} bytes")
+        finally:
+            c.close()
+
+
+if __name__ == "__main__":
+    main()
