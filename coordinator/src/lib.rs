@@ -193,6 +193,30 @@ impl ServedModel {
     }
 }
 
+/// Announces the coordinator over mDNS (its API port and this cluster's id); `None`,
+/// with a warning, where it cannot.
+fn announce(shared: &Shared, api_addr: SocketAddr) -> Option<strata_net::discovery::Announcement> {
+    let txt: HashMap<String, String> = [
+        ("role", "coordinator".to_string()),
+        ("cluster", shared.ca().token().cluster_id().to_string()),
+        ("proto", strata_proto::PROTOCOL_VERSION.to_string()),
+        ("v", env!("CARGO_PKG_VERSION").to_string()),
+        ("model", shared.model().name.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ip = (!api_addr.ip().is_unspecified()).then_some(api_addr.ip());
+    let instance = format!("strata-coordinator-{}", shared.ca().token().cluster_id());
+    match strata_net::discovery::announce(&instance, api_addr.port(), txt, ip) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!(cause = %e, "could not announce over mDNS; workers must join with --coordinator");
+            None
+        }
+    }
+}
+
 /// 32 random bytes from the operating system.
 fn random_seed() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];
@@ -261,26 +285,8 @@ pub async fn run(
     tracker.spawn(membership::renewals(shared.clone()).instrument(tracing::info_span!("renewals")));
     tracker.spawn(links::run(shared.clone()).instrument(tracing::info_span!("links")));
     let _announcement = if shared.config().mdns {
-        let txt: HashMap<String, String> = [
-            ("role", "coordinator".to_string()),
-            ("cluster", shared.ca().token().cluster_id().to_string()),
-            ("proto", strata_proto::PROTOCOL_VERSION.to_string()),
-            ("v", env!("CARGO_PKG_VERSION").to_string()),
-            ("model", shared.model().name.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let ip = (!api_addr.ip().is_unspecified()).then_some(api_addr.ip());
-        let instance = format!("strata-coordinator-{}", shared.ca().token().cluster_id());
         tracker.spawn(membership::browse(shared.clone()).instrument(tracing::info_span!("mdns")));
-        match strata_net::discovery::announce(&instance, api_addr.port(), txt, ip) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                warn!(cause = %e, "could not announce over mDNS; workers must join with --coordinator");
-                None
-            }
-        }
+        announce(&shared, api_addr)
     } else {
         None
     };

@@ -166,15 +166,8 @@ fn register(
         )
         .map_err(bad_request)?;
     let control_addr = SocketAddr::new(remote.ip(), info.control_port as u16);
-    let internal = |e: &dyn std::fmt::Display| Refused::new(Code::Internal, e.to_string());
-    // Mutual TLS of our own making, so the coordinator's renewed certificate reaches
-    // every new connection to the worker.
-    let connector =
-        ClusterConnector::mutual(shared.identity(), &worker_name(&id)).map_err(|e| internal(&e))?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control_addr}"))
-        .map_err(|e| internal(&e))?
-        .connect_timeout(HEARTBEAT_TIMEOUT)
-        .connect_with_connector_lazy(connector);
+    let channel =
+        control_channel(shared, &id, control_addr).map_err(|e| Refused::new(Code::Internal, e))?;
     let profile = WorkerProfile {
         id: id.clone(),
         hostname: info.hostname,
@@ -225,6 +218,19 @@ fn register(
         cluster_id: token.cluster_id().to_string(),
         coordinator_certificate_der: shared.identity().cert_der().to_vec(),
     })
+}
+
+/// A lazy channel to worker `id`'s control service at `addr`: mutual TLS of our own
+/// making, so the coordinator's renewed certificate reaches every new connection.
+fn control_channel(shared: &Shared, id: &str, addr: SocketAddr) -> Result<Channel, String> {
+    let connector =
+        ClusterConnector::mutual(shared.identity(), &worker_name(id)).map_err(|e| e.to_string())?;
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(HEARTBEAT_TIMEOUT)
+            .connect_with_connector_lazy(connector),
+    )
 }
 
 /// Asks every worker how it is, forever. A worker that failed (silent, or hung) takes its

@@ -235,7 +235,7 @@ pub fn spawn_acceptor(
                     debug!(key = %&key[..16], "data-plane connection up");
                     let peer = remote.to_string();
                     loop {
-                        let mut stream = tokio::select! {
+                        let stream = tokio::select! {
                             _ = cancel.cancelled() => break,
                             s = conn.accept_uni() => match s {
                                 Ok(s) => s,
@@ -249,45 +249,69 @@ pub fn spawn_acceptor(
                                 Err(e) => { debug!(cause = %e, "data-plane connection closed"); break; }
                             },
                         };
-                        let frames = frames.clone();
-                        let peer = peer.clone();
-                        let (gate, key, conn) = (gate.clone(), key.clone(), conn.clone());
-                        tokio::spawn(async move {
-                            match read_frame(&mut stream, &peer).await {
-                                Ok(f) => match gate(&key, &f) {
-                                    Ok(()) => {
-                                        let _ = frames.send(f).await;
-                                    }
-                                    Err(why) => {
-                                        let _ = stream.stop(REFUSED.into());
-                                        warn!(sender = %&key[..16], epoch = f.epoch(), "{role}: refused a frame: {why}");
-                                        conn.close(REFUSED.into(), b"not a planned sender");
-                                    }
-                                },
-                                Err(Refused { error, failures }) => {
-                                    // The sender's writes fail at once, and the answers in
-                                    // the frame hear why from the failures handed on.
-                                    let _ = stream.stop(REFUSED.into());
-                                    let told = failures.as_ref().map_or(0, |f| match f {
-                                        Frame::Forward { failures, .. }
-                                        | Frame::Tokens { failures, .. } => failures.len(),
-                                        Frame::Free { .. } => 0,
-                                    });
-                                    warn!(cause = %error, sequences_failed = told, "refused a frame");
-                                    // What it says of its sequences counts only from a
-                                    // sender that may speak of them.
-                                    if let Some(f) = failures.filter(|f| gate(&key, f).is_ok()) {
-                                        let _ = frames.send(f).await;
-                                    }
-                                }
-                            }
-                        });
+                        let sender = Sender {
+                            frames: frames.clone(),
+                            gate: gate.clone(),
+                            key: key.clone(),
+                            conn: conn.clone(),
+                            peer: peer.clone(),
+                            role,
+                        };
+                        tokio::spawn(sender.take(stream));
                     }
                 }
                 .instrument(span),
             );
         }
     })
+}
+
+/// One peer's connection, as its frames are taken: who sent them and where they go.
+struct Sender {
+    frames: mpsc::Sender<Frame>,
+    gate: Gate,
+    key: String,
+    conn: quinn::Connection,
+    peer: String,
+    role: &'static str,
+}
+
+impl Sender {
+    /// Reads one frame off `stream` and hands it on if the gate takes it. A refused
+    /// sender is cut off; a malformed frame fails the sequences it names, if the sender
+    /// may speak of them.
+    async fn take(self, mut stream: quinn::RecvStream) {
+        let role = self.role;
+        match read_frame(&mut stream, &self.peer).await {
+            Ok(f) => match (self.gate)(&self.key, &f) {
+                Ok(()) => {
+                    let _ = self.frames.send(f).await;
+                }
+                Err(why) => {
+                    let _ = stream.stop(REFUSED.into());
+                    warn!(sender = %&self.key[..16], epoch = f.epoch(), "{role}: refused a frame: {why}");
+                    self.conn.close(REFUSED.into(), b"not a planned sender");
+                }
+            },
+            Err(Refused { error, failures }) => {
+                // The sender's writes fail at once, and the answers in the frame hear why
+                // from the failures handed on.
+                let _ = stream.stop(REFUSED.into());
+                let told = failures.as_ref().map_or(0, |f| match f {
+                    Frame::Forward { failures, .. } | Frame::Tokens { failures, .. } => {
+                        failures.len()
+                    }
+                    Frame::Free { .. } => 0,
+                });
+                warn!(cause = %error, sequences_failed = told, "refused a frame");
+                // What it says of its sequences counts only from a sender that may speak
+                // of them.
+                if let Some(f) = failures.filter(|f| (self.gate)(&self.key, f).is_ok()) {
+                    let _ = self.frames.send(f).await;
+                }
+            }
+        }
+    }
 }
 
 /// What a probe of one link measured.

@@ -236,6 +236,20 @@ async fn admitted(
     }
 }
 
+/// Who may send this stage frames (wiring updates it), and the data plane's gate that
+/// asks it.
+fn data_gate(coordinator_key: String) -> (Arc<Mutex<Senders>>, transport::Gate) {
+    let senders = Arc::new(Mutex::new(Senders::new(coordinator_key)));
+    let asked = senders.clone();
+    let gate: transport::Gate = Arc::new(move |from, frame| {
+        asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allows(from, frame.epoch())
+    });
+    (senders, gate)
+}
+
 /// Serves one session until the coordinator goes silent (true: rejoin) or `shutdown`
 /// (false).
 async fn session(
@@ -256,16 +270,7 @@ async fn session(
                 reason: "its certificate does not parse".into(),
             }
         })?;
-    let senders = Arc::new(Mutex::new(Senders::new(coordinator_key.clone())));
-    let gate: transport::Gate = {
-        let senders = senders.clone();
-        Arc::new(move |from, frame| {
-            senders
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .allows(from, frame.epoch())
-        })
-    };
+    let (senders, gate) = data_gate(coordinator_key.clone());
     transport::spawn_acceptor(endpoint.clone(), frames_tx, cancel.clone(), "worker", gate);
     let to_stage = m.stage.clone();
     tokio::spawn(async move {
