@@ -51,7 +51,7 @@ pub fn admit(
         .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
     let asked = sanitize_id(req.worker.as_ref().map_or("", |w| w.id.as_str()));
     let admitted =
-        vet(shared, &req, conn, &asked).and_then(|()| register(shared, req, conn, &asked));
+        vet(shared, &req, conn, &asked).and_then(|key| register(shared, req, conn, &asked, key));
     admitted.map_err(|refused| {
         let reason = refused.status.message().to_string();
         warn!(from = %from, id = %asked, "refused a worker: {reason}");
@@ -65,13 +65,14 @@ pub fn admit(
 }
 
 /// Whether a join may be admitted: over TLS, the same protocol, a fresh challenge of ours
-/// answered with the token (and used up here, so a replay is refused), not removed.
+/// answered with the token (and used up here, so a replay is refused), not removed;
+/// the fingerprint of the key its signing request proves.
 fn vet(
     shared: &Shared,
     req: &JoinRequest,
     conn: Option<ApiConnectInfo>,
     asked: &str,
-) -> Result<(), Refused> {
+) -> Result<String, Refused> {
     use tonic::Code;
     if !conn.is_some_and(|c| c.tls) {
         return Err(Refused::new(
@@ -128,7 +129,7 @@ fn vet(
             format!("worker `{asked}` was removed with `strata cluster remove`; restart the coordinator or join with another --id"),
         ));
     }
-    Ok(())
+    Ok(key)
 }
 
 /// Certifies a vetted worker and puts it in the registry (a rejoin replaces its entry).
@@ -137,6 +138,7 @@ fn register(
     req: JoinRequest,
     conn: Option<ApiConnectInfo>,
     asked: &str,
+    fingerprint: String,
 ) -> Result<JoinResponse, Refused> {
     use tonic::Code;
     let bad_request = |e: strata_net::Error| {
@@ -153,8 +155,8 @@ fn register(
         ));
     };
     let info = req.worker.unwrap_or_default();
-    // Who the worker is across joins: the key it proved it holds, not what it says.
-    let fingerprint = ClusterCa::request_key_fingerprint(&req.csr_der).map_err(bad_request)?;
+    // Who the worker is across joins: the key it proved it holds (`fingerprint`), not
+    // what it says.
     let mut registry = shared.registry();
     let id = registry.free_id(asked, &fingerprint);
     let cert = shared

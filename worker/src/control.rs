@@ -131,7 +131,8 @@ impl ControlService {
             certs
                 .first()
                 .and_then(|c| identity::key_fingerprint_of_cert(c))
-                == Some(self.coordinator_key.clone())
+                .as_deref()
+                == Some(self.coordinator_key.as_str())
         });
         if !ok {
             warn!("refused a control call: the caller is not the coordinator that admitted this worker");
