@@ -89,6 +89,9 @@ fn quantized_gguf_stays_close_to_its_dequantized_weights() {
     let cases = [
         ("q8_0", 0.15),
         ("q4_0", 0.15),
+        ("q4_1", 0.15),
+        ("q5_0", 0.15),
+        ("q5_1", 0.15),
         ("q4_k", 0.15),
         ("q5_k", 0.15),
         ("q6_k", 0.15),

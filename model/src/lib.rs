@@ -15,9 +15,10 @@
 //!   the file before anything is sized from it.
 //! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
 //! - [`kv`]: the KV cache, per sequence, per layer.
-//! - [`kernels`]: our packed Q4_0/Q8_0/Q4_K and F16 matmuls (AVX2) and portable dense F32,
-//!   where candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both
-//!   are batch-invariant, so a replayed history rebuilds its caches bit for bit.
+//! - [`kernels`]: our packed matmuls for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+//!   (AVX-512 VNNI or AVX2, chosen at run time) and F16, and portable dense F32, where
+//!   candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both are
+//!   batch-invariant, so a replayed history rebuilds its caches bit for bit.
 //! - [`sampler`]: logits to tokens.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`pipeline`]: K stages in one process, and the generation loop.

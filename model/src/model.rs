@@ -197,23 +197,30 @@ impl Linear {
     }
 }
 
-/// A weight as a matmul operand: quantized weights stay packed (Q4_0, Q8_0 and Q4_K in our
-/// tiles where the CPU supports them), F16 stays F16.
+/// Our tile format for a ggml block type, where we have one.
+fn tile_format(dtype: GgmlDType) -> Option<TileFormat> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => TileFormat::Q4_0,
+        GgmlDType::Q4_1 => TileFormat::Q4_1,
+        GgmlDType::Q5_0 => TileFormat::Q5_0,
+        GgmlDType::Q5_1 => TileFormat::Q5_1,
+        GgmlDType::Q8_0 => TileFormat::Q8_0,
+        GgmlDType::Q4K => TileFormat::Q4K,
+        GgmlDType::Q5K => TileFormat::Q5K,
+        GgmlDType::Q6K => TileFormat::Q6K,
+        _ => return None,
+    })
+}
+
+/// A weight as a matmul operand: quantized weights stay packed (in our tiles where the
+/// CPU and the block type allow), F16 stays F16.
 fn matrix(weight: Weight, device: &Device) -> Result<Matrix> {
     Ok(match weight {
-        Weight::Quantized(q)
-            if matches!(
-                q.dtype(),
-                GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q4K
-            ) && q.device().is_cpu() =>
-        {
+        Weight::Quantized(q) if q.device().is_cpu() && tile_format(q.dtype()).is_some() => {
             let (n, k) = q.shape().dims2()?;
-            let format = match q.dtype() {
-                GgmlDType::Q4_0 => TileFormat::Q4_0,
-                GgmlDType::Q8_0 => TileFormat::Q8_0,
-                _ => TileFormat::Q4K,
-            };
-            match QuantTiles::from_ggml(format, &q.data()?, n, k) {
+            let tiles = tile_format(q.dtype())
+                .and_then(|format| QuantTiles::from_ggml(format, &q.data().ok()?, n, k));
+            match tiles {
                 Some(tiles) => Matrix::Quant(Arc::new(tiles)),
                 None => Matrix::Candle(QMatMul::QTensor(Arc::new(q))),
             }
@@ -457,6 +464,23 @@ impl Stage {
         input: StageInput,
         cache: &mut KvCache,
     ) -> Result<StageOutput> {
+        // The whole forward runs on a worker of the compute pool. Called from outside it,
+        // each of a layer's parallel matmuls would wake a worker and park this thread
+        // until it finished: two context switches per matmul, a tenth of a decode step.
+        match compute_pool() {
+            Some(pool) if rayon::current_thread_index().is_none() => {
+                pool.install(|| self.forward_on_pool(chunks, input, cache))
+            }
+            _ => self.forward_on_pool(chunks, input, cache),
+        }
+    }
+
+    fn forward_on_pool(
+        &self,
+        chunks: &[Chunk],
+        input: StageInput,
+        cache: &mut KvCache,
+    ) -> Result<StageOutput> {
         let rows: usize = chunks.iter().map(|c| c.len).sum();
         if chunks.is_empty() || rows == 0 {
             return Err(Error::InvalidBatch(
@@ -690,6 +714,23 @@ impl Stage {
             .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
         Ok((x + mlp)?)
     }
+}
+
+/// The threads every forward computes on: one per core (or `RAYON_NUM_THREADS`), as
+/// rayon's global pool, which a forward cannot be moved onto from outside. `None` when
+/// the threads could not be started (a process limit): the forward then runs here, and
+/// its parallel loops on the global pool.
+fn compute_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("strata-compute-{i}"))
+            .build()
+            .inspect_err(|e| tracing::warn!(error = %e, "no compute pool: forwards run on the caller's thread"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Runs `f` over the F32 storage of a sequence's key and value views (narrowed from

@@ -148,6 +148,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             "layers": config.num_layers,
             "stages": a.stages,
             "threads": cpu_threads(),
+            "kernels": kernels_name(),
             "weight_bytes": weight_bytes,
             "weight_bytes_per_token": bytes_per_token,
             "load_s": load_s,
@@ -176,6 +177,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         human_bytes(bytes_per_token)
     );
     println!("threads               {}", cpu_threads());
+    println!("kernels               {}", kernels_name());
     println!("load                  {load_s:.2} s");
     println!(
         "prefill               {prefill_tps:.1} tokens/s ({} tokens)",
@@ -194,6 +196,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("fraction of roofline  {:.2}", s / roofline_tps);
     }
     Ok(())
+}
+
+/// Which of our CPU kernels run quantized matmuls here (`candle` when none do).
+fn kernels_name() -> &'static str {
+    strata_model::kernels::isa().map_or("candle", |isa| isa.name())
 }
 
 fn cpu_threads() -> usize {

@@ -1,0 +1,903 @@
+//! Matrix multiplication kernels for x86-64 CPUs: packed GGUF blocks (Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and F16 weights against F32 activations, and portable
+//! dense F32. The quantized kernels come in two instruction sets, chosen once per process
+//! ([`isa`]): AVX-512 with VNNI (`x86_512`: four rows per register, `vpdpbusd`) and AVX2
+//! (`x86`); `blocks` unpacks each file format into the three tile layouts they read.
+//!
+//! Every kernel here computes each output from its own activation row alone, in a fixed
+//! order: a row's result never depends on how many rows share the batch. Replaying a
+//! sequence in one prefill therefore rebuilds exactly the cache its decode steps built.
+//!
+//! Why our own kernel: candle's CPU path computes one dot product per (activation row,
+//! weight row) pair and so unpacks every 4-bit weight block again for each activation
+//! row, and reads the weights once per row tile. Here the weights are repacked at load
+//! into tiles of four rows, block-interleaved, so one pass over a tile unpacks each block
+//! once and multiplies it against several activation rows while it sits in registers.
+//! That is what makes batched decode and prefill cheaper than one row at a time. The
+//! packed form keeps Q4_0's 18 bytes per 32 weights: nothing is expanded.
+//!
+//! Activations are quantized per block of 32 to 8 bits (as llama.cpp and candle do). The
+//! 4-bit weights are used as unsigned nibbles `q` (value `q - 8`), so a single
+//! `maddubs` (or `vpdpbusd`) multiplies them; the `- 8 * sum(a)` offset is folded in per
+//! block, as a block's minimum is.
+//!
+//! Every format's weights stay packed, one copy: Q4_K and Q5_K blocks of 32 carry their
+//! own f16 scale and minimum (5 and 6 bits per weight against the file's 4.5 and 5.5), and
+//! Q6_K keeps its 6 bits with a signed scale per 16 (7 bits against 6.56).
+//!
+//! This module's `unsafe` is SIMD intrinsics behind a runtime CPU check (`attention` has
+//! the only other: its portable code compiled for AVX2, behind the same kind of check).
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+
+mod blocks;
+use blocks::QK;
+
+/// Weight rows per tile.
+const TILE: usize = 4;
+
+/// Set to `candle` to use candle's kernels everywhere (to measure ours against them), or
+/// to `avx2` to keep our kernels to AVX2 on a CPU that has AVX-512.
+pub const KERNELS_ENV: &str = "STRATA_KERNELS";
+
+/// The instruction sets our quantized kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2 with FMA and F16C (Haswell, Zen 1 and later).
+    Avx2,
+    /// AVX-512 F, BW, VL and VNNI (Ice Lake, Zen 4 and later), with FMA and F16C.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The name `strata bench` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+}
+
+/// The best instruction set this CPU runs our quantized kernels with, as `STRATA_KERNELS`
+/// allows; `None` means candle's kernels. Read once per process.
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let choice = std::env::var(KERNELS_ENV).unwrap_or_default();
+        if choice == "candle" {
+            return None;
+        }
+        [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .filter(|isa| choice != "avx2" || *isa == Isa::Avx2)
+            .find(|isa| isa.supported())
+    })
+}
+
+/// Whether this CPU can run the kernels (and `STRATA_KERNELS=candle` does not opt out).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// The GGUF block formats our tiles hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileFormat {
+    /// 4-bit: an f16 scale and 16 bytes of nibbles per 32 values (`d * (q - 8)`).
+    Q4_0,
+    /// 4-bit with a minimum: f16 scale and minimum, 16 bytes of nibbles (`d * q + m`).
+    Q4_1,
+    /// 5-bit: an f16 scale, 32 fifth bits and nibbles (`d * (q - 16)`).
+    Q5_0,
+    /// 5-bit with a minimum (`d * q + m`).
+    Q5_1,
+    /// 8-bit: an f16 scale and 32 signed bytes per 32 values.
+    Q8_0,
+    /// llama.cpp's Q4_K, unpacked at load into Q4_0-shaped blocks of 32 that carry their
+    /// own scale and minimum (`value = scale * q - min`): 5 bits per weight instead of 4.5,
+    /// and the Q4_0 kernel with one more term.
+    Q4K,
+    /// Q5_K, as Q4_K with a fifth bit, in the six-bit tiles.
+    Q5K,
+    /// Q6_K: super-blocks of 256 with a signed scale per 16 values, in the six-bit tiles
+    /// (7 bits per weight against the file's 6.56). It is the output head of every Q4_K_M
+    /// file and half of its `ffn_down` and `attn_v`.
+    Q6K,
+}
+
+/// How a tile stores its blocks, which decides the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// 16 bytes of nibbles per row and block.
+    Nibbles,
+    /// 32 signed bytes per row and block.
+    Bytes,
+    /// Nibbles plus two high bits per value in a shared 32-byte plane per tile block,
+    /// and two signed sub-scales per row and block.
+    Six,
+}
+
+impl TileFormat {
+    fn layout(self) -> Layout {
+        match self {
+            TileFormat::Q4_0 | TileFormat::Q4_1 | TileFormat::Q4K => Layout::Nibbles,
+            TileFormat::Q8_0 => Layout::Bytes,
+            TileFormat::Q5_0 | TileFormat::Q5_1 | TileFormat::Q5K | TileFormat::Q6K => Layout::Six,
+        }
+    }
+
+    /// What the six-bit formats subtract from each unsigned value.
+    fn bias(self) -> u8 {
+        match self {
+            TileFormat::Q6K => 32,
+            TileFormat::Q5_0 => 16,
+            _ => 0,
+        }
+    }
+
+    /// The file's blocks of an `[n, k]` matrix, row-major.
+    fn unpack(self, bytes: &[u8], n: usize, k: usize) -> Option<blocks::RowBlocks> {
+        match self {
+            TileFormat::Q4_0 => blocks::plain(bytes, n, k, 16),
+            TileFormat::Q8_0 => blocks::plain(bytes, n, k, 32),
+            TileFormat::Q4_1 => blocks::q4_1(bytes, n, k),
+            TileFormat::Q5_0 => blocks::q5(bytes, n, k, false),
+            TileFormat::Q5_1 => blocks::q5(bytes, n, k, true),
+            TileFormat::Q4K => blocks::q4k(bytes, n, k),
+            TileFormat::Q5K => blocks::q5k(bytes, n, k),
+            TileFormat::Q6K => blocks::q6k(bytes, n, k),
+        }
+    }
+}
+
+impl Layout {
+    /// Bytes per row and block in `quants`.
+    fn quant_bytes(self) -> usize {
+        match self {
+            Layout::Nibbles | Layout::Six => 16,
+            Layout::Bytes => 32,
+        }
+    }
+}
+
+/// A quantized matrix `[n, k]` repacked into tiles of four rows.
+#[derive(Debug)]
+pub struct QuantTiles {
+    format: TileFormat,
+    /// The kernels these tiles run with.
+    isa: Isa,
+    /// Rows per tile: 4, or [`WIDE`] for AVX-512's nibble and byte tiles.
+    height: usize,
+    n: usize,
+    k: usize,
+    /// `[n / height][k / 32][height]` f16 scales.
+    scales: Vec<u16>,
+    /// `[n / height][k / 32]` blocks of weights: nibbles in Q4_0's order, or bytes; four
+    /// rows' `[row][quant_bytes]`, or sixteen rows' `[quant_bytes / 4][row][4]` (four
+    /// bytes of each row side by side, as one 32-bit lane each).
+    quants: Vec<u8>,
+    /// `[n / height][k / 32][height]` f16 minimums (formats with one; empty otherwise).
+    mins: Vec<u16>,
+    /// `[n / 4][k / 32][32]` high bit pairs (six-bit tiles; empty otherwise): byte `L`
+    /// holds, for row `L / 16` and `i = L % 16`, the pairs of value `i`, value `16 + i`,
+    /// then the same two of row `2 + L / 16`, so one 32-byte load serves the whole block.
+    high: Vec<u8>,
+    /// `[n / 4][k / 32][4][2]` signed scales per 16 values (six-bit tiles only).
+    subscales: Vec<i8>,
+}
+
+/// Activation rows quantized to 8 bits per block of 32.
+struct Q8Rows {
+    q: Vec<i8>,
+    /// Scale per block.
+    d: Vec<f32>,
+    /// `d * sum(q)` per block: what a weight block's constant term multiplies.
+    offset: Vec<f32>,
+}
+
+impl QuantTiles {
+    /// Repacks a GGUF matrix `[n, k]` in `format`; `None` when this CPU or shape is not
+    /// supported (the caller then uses candle's kernels).
+    pub fn from_ggml(format: TileFormat, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        Self::for_isa(isa()?, format, bytes, n, k)
+    }
+
+    /// As `from_ggml`, laid out for `isa`'s kernels (which the caller knows this CPU runs).
+    fn for_isa(isa: Isa, format: TileFormat, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !n.is_multiple_of(TILE) || !k.is_multiple_of(QK) {
+            return None;
+        }
+        let rows = format.unpack(bytes, n, k)?;
+        let layout = format.layout();
+        let qb = layout.quant_bytes();
+        let kb = k / QK;
+        let wide = isa == Isa::Avx512Vnni && layout != Layout::Six && n.is_multiple_of(WIDE);
+        let height = if wide { WIDE } else { TILE };
+        let mut tiles = QuantTiles {
+            format,
+            isa,
+            height,
+            n,
+            k,
+            scales: vec![0u16; n * kb],
+            quants: vec![0u8; n * kb * qb],
+            mins: vec![0u16; rows.mins.len()],
+            high: Vec::new(),
+            subscales: vec![0i8; rows.subscales.len()],
+        };
+        if layout == Layout::Six {
+            tiles.high = vec![0u8; n * kb * 8];
+        }
+        for t in 0..n / height {
+            for b in 0..kb {
+                for r in 0..height {
+                    let src = (t * height + r) * kb + b;
+                    let dst = (t * kb + b) * height + r;
+                    tiles.scales[dst] = rows.scales[src];
+                    if !rows.mins.is_empty() {
+                        tiles.mins[dst] = rows.mins[src];
+                    }
+                    if layout == Layout::Six {
+                        let values = &rows.quants[src * QK..(src + 1) * QK];
+                        tiles.place_six(t * kb + b, r, values);
+                        tiles.subscales[dst * 2..dst * 2 + 2]
+                            .copy_from_slice(&rows.subscales[src * 2..src * 2 + 2]);
+                    } else {
+                        for (j, &byte) in rows.quants[src * qb..(src + 1) * qb].iter().enumerate() {
+                            let at = tiles.byte_at(t * kb + b, r, j);
+                            tiles.quants[at] = byte;
+                        }
+                    }
+                }
+            }
+        }
+        Some(tiles)
+    }
+
+    /// Writes row `r`'s 32 six-bit `values` into tile block `tb`: low nibbles in Q4_0's
+    /// order, high pairs into the block's shared plane.
+    fn place_six(&mut self, tb: usize, r: usize, values: &[u8]) {
+        let nibbles = &mut self.quants[(tb * TILE + r) * 16..(tb * TILE + r + 1) * 16];
+        for i in 0..16 {
+            nibbles[i] = (values[i] & 0x0F) | ((values[i + 16] & 0x0F) << 4);
+        }
+        let plane = &mut self.high[tb * QK..(tb + 1) * QK];
+        let shift = if r >= 2 { 4 } else { 0 };
+        for i in 0..16 {
+            let pairs = (values[i] >> 4) | ((values[i + 16] >> 4) << 2);
+            plane[(r % 2) * 16 + i] |= pairs << shift;
+        }
+    }
+
+    /// Where byte `j` of row `r`'s weights in tile block `tb` lives in `quants`.
+    fn byte_at(&self, tb: usize, r: usize, j: usize) -> usize {
+        let qb = self.format.layout().quant_bytes();
+        if self.height == WIDE {
+            tb * WIDE * qb + (j / 4) * WIDE * 4 + r * 4 + j % 4
+        } else {
+            (tb * TILE + r) * qb + j
+        }
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Value `j` (of 32) of block `i` (tile order, row `r` of its tile) as an integer
+    /// before the scale, with the sub-scale that multiplies it.
+    fn raw(&self, tb: usize, r: usize, j: usize) -> (f32, f32) {
+        let i = tb * self.height + r;
+        match self.format.layout() {
+            Layout::Bytes => (f32::from(self.quants[self.byte_at(tb, r, j)] as i8), 1.0),
+            Layout::Nibbles => {
+                let byte = self.quants[self.byte_at(tb, r, j % 16)];
+                let q = if j < 16 { byte & 0x0F } else { byte >> 4 };
+                let bias = if self.format == TileFormat::Q4_0 {
+                    8.0
+                } else {
+                    0.0
+                };
+                (f32::from(q) - bias, 1.0)
+            }
+            Layout::Six => {
+                let byte = self.quants[i * 16 + j % 16];
+                let low = if j < 16 { byte & 0x0F } else { byte >> 4 };
+                let pairs = self.high[tb * QK + (r % 2) * 16 + j % 16] >> (4 * (r / 2));
+                let high = if j < 16 { pairs & 3 } else { (pairs >> 2) & 3 };
+                let q = low | (high << 4);
+                let sub = self.subscales[i * 2 + j / 16];
+                (f32::from(q) - f32::from(self.format.bias()), f32::from(sub))
+            }
+        }
+    }
+
+    /// Dequantizes row `row` into `out` (`k` values): an embedding lookup.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let kb = self.k / QK;
+        let (t, r) = (row / self.height, row % self.height);
+        for b in 0..kb {
+            let tb = t * kb + b;
+            let i = tb * self.height + r;
+            let d = half::f16::from_bits(self.scales[i]).to_f32();
+            let min = self
+                .mins
+                .get(i)
+                .map_or(0.0, |&m| half::f16::from_bits(m).to_f32());
+            for (j, v) in out[b * QK..(b + 1) * QK].iter_mut().enumerate() {
+                let (q, sub) = self.raw(tb, r, j);
+                *v = d * sub * q - min;
+            }
+        }
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
+        let acts = quantize_rows(x, m, self.k);
+        let kb = self.k / QK;
+        for_each_tile(self.n, m, self.height, out, |t, tile_out| {
+            self.tile(t, kb, &acts, m, tile_out)
+        });
+    }
+
+    /// One tile against every activation row, up to four rows at a time, into
+    /// `out[m][height]`.
+    fn tile(&self, t: usize, kb: usize, acts: &Q8Rows, m: usize, out: &mut [f32]) {
+        let row = |a: usize| ActRow {
+            q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
+            d: &acts.d[a * kb..(a + 1) * kb],
+            offset: &acts.offset[a * kb..(a + 1) * kb],
+        };
+        let h = self.height;
+        let mut a = 0;
+        while a < m {
+            let n = (m - a).min(4);
+            let out = &mut out[a * h..(a + n) * h];
+            match n {
+                4 => self.dot(t, kb, [row(a), row(a + 1), row(a + 2), row(a + 3)], out),
+                3 => self.dot(t, kb, [row(a), row(a + 1), row(a + 2)], out),
+                2 => self.dot(t, kb, [row(a), row(a + 1)], out),
+                _ => self.dot(t, kb, [row(a)], out),
+            }
+            a += n;
+        }
+    }
+
+    /// Tile `t`'s rows against `A` activation rows, into `out[A][height]`.
+    fn dot<const A: usize>(&self, t: usize, kb: usize, acts: [ActRow; A], out: &mut [f32]) {
+        let h = self.height;
+        let blocks = t * kb * h..(t + 1) * kb * h;
+        let qb = self.format.layout().quant_bytes();
+        let scales = &self.scales[blocks.clone()];
+        let quants = &self.quants[blocks.start * qb..blocks.end * qb];
+        let mins = self.mins.get(blocks.clone()).unwrap_or(&[]);
+        let high = self.high.get(t * kb * QK..(t + 1) * kb * QK).unwrap_or(&[]);
+        let subscales = self
+            .subscales
+            .get(blocks.start * 2..blocks.end * 2)
+            .unwrap_or(&[]);
+        let bias = self.format.bias();
+        fn put<const R: usize>(out: &mut [f32], rows: &[[f32; R]]) {
+            for (dst, row) in out.chunks_exact_mut(R).zip(rows) {
+                dst.copy_from_slice(row);
+            }
+        }
+        // SAFETY: `self.isa` was found supported when the tiles were built, and every
+        // slice holds `kb` blocks of this tile, in the layout of its height, by
+        // construction.
+        unsafe {
+            match (self.isa, self.format.layout(), h) {
+                (Isa::Avx512Vnni, Layout::Nibbles, WIDE) => {
+                    put(out, &x86_512::wide_tile_dot(kb, scales, mins, quants, acts))
+                }
+                (Isa::Avx512Vnni, Layout::Bytes, WIDE) => {
+                    put(out, &x86_512::wide_q8_tile_dot(kb, scales, quants, acts))
+                }
+                (Isa::Avx512Vnni, Layout::Nibbles, _) => {
+                    put(out, &x86_512::tile_dot(kb, scales, mins, quants, acts))
+                }
+                (Isa::Avx512Vnni, Layout::Bytes, _) => {
+                    put(out, &x86_512::q8_tile_dot(kb, scales, quants, acts))
+                }
+                (Isa::Avx512Vnni, Layout::Six, _) => put(
+                    out,
+                    &x86_512::six_tile_dot(kb, scales, mins, quants, high, subscales, bias, acts),
+                ),
+                (Isa::Avx2, Layout::Nibbles, _) => {
+                    put(out, &x86::tile_dot(kb, scales, mins, quants, acts))
+                }
+                (Isa::Avx2, Layout::Bytes, _) => {
+                    put(out, &x86::q8_tile_dot(kb, scales, quants, acts))
+                }
+                (Isa::Avx2, Layout::Six, _) => put(
+                    out,
+                    &x86::six_tile_dot(kb, scales, mins, quants, high, subscales, bias, acts),
+                ),
+            }
+        }
+    }
+}
+
+/// Runs `tile(t, out)` for every tile of `height` weight rows, in parallel, each writing
+/// its `[m][height]` results, then lays them out as `out[m, n]`.
+fn for_each_tile(
+    n: usize,
+    m: usize,
+    height: usize,
+    out: &mut [f32],
+    tile: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let tiles = n / height;
+    // Results land tile-major ([tile][row][height]) so each task owns a contiguous slice.
+    let mut tiled = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    let tiles_per_task = tiles.div_ceil(threads * 8).max(1);
+    tiled
+        .par_chunks_mut(tiles_per_task * height * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * tiles_per_task;
+            for (i, tile_out) in chunk.chunks_mut(height * m).enumerate() {
+                tile(first + i, tile_out);
+            }
+        });
+    if m == 1 {
+        out.copy_from_slice(&tiled);
+        return;
+    }
+    for t in 0..tiles {
+        for a in 0..m {
+            let src = &tiled[(t * m + a) * height..(t * m + a + 1) * height];
+            out[a * n + t * height..a * n + (t + 1) * height].copy_from_slice(src);
+        }
+    }
+}
+
+/// An F16 matrix `[n, k]` multiplied with F32 activations: the weights are widened to F32
+/// in registers, so activations keep their full range (candle's F16 path rounds them to
+/// F16, and its small-batch GEMM repacks the whole matrix on every call).
+#[derive(Debug)]
+pub struct F16Matrix {
+    n: usize,
+    k: usize,
+    data: Vec<half::f16>,
+}
+
+impl F16Matrix {
+    /// Wraps row-major F16 weights; gives them back when this CPU or shape is not
+    /// supported.
+    pub fn new(data: Vec<half::f16>, n: usize, k: usize) -> Result<Self, Vec<half::f16>> {
+        if !available() || !n.is_multiple_of(TILE) || !k.is_multiple_of(8) || data.len() != n * k {
+            return Err(data);
+        }
+        Ok(F16Matrix { n, k, data })
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `row`, widened: an embedding lookup.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        for (o, w) in out
+            .iter_mut()
+            .zip(&self.data[row * self.k..(row + 1) * self.k])
+        {
+            *o = w.to_f32();
+        }
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
+        let k = self.k;
+        for_each_tile(self.n, m, TILE, out, |t, tile_out| {
+            let w = &self.data[t * TILE * k..(t + 1) * TILE * k];
+            let mut a = 0;
+            while a < m {
+                let n = (m - a).min(2);
+                let rows = &x[a * k..(a + n) * k];
+                // SAFETY: `available()` was checked in `new`; `w` holds four rows of `k`
+                // values and `rows` `n` rows of `k`, `k` a multiple of 8.
+                let r = unsafe {
+                    match n {
+                        2 => x86::f16_tile_dot::<2>(k, w, rows).to_vec(),
+                        _ => x86::f16_tile_dot::<1>(k, w, rows).to_vec(),
+                    }
+                };
+                for (i, r) in r.iter().enumerate() {
+                    tile_out[(a + i) * TILE..(a + i + 1) * TILE].copy_from_slice(r);
+                }
+                a += n;
+            }
+        });
+    }
+}
+
+/// Whether our portable kernels are used (`STRATA_KERNELS=candle` opts out everywhere).
+pub fn portable_enabled() -> bool {
+    !std::env::var(KERNELS_ENV).is_ok_and(|v| v == "candle")
+}
+
+/// Dense F32 weights `[n, k]` against F32 activations, in portable code.
+///
+/// Why our own: candle's GEMM picks its blocking by the number of activation rows, so a
+/// row's result depends on which other rows share its batch. Here every output is one
+/// dot product in a fixed order, whatever the batch: a sequence replayed in one prefill
+/// gets bit for bit the keys and values that decoding it step by step produced.
+#[derive(Debug)]
+pub struct DenseMatrix {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl DenseMatrix {
+    /// Wraps row-major weights; gives them back when the shape is not supported.
+    pub fn new(data: Vec<f32>, n: usize, k: usize) -> Result<Self, Vec<f32>> {
+        if !portable_enabled() || !n.is_multiple_of(TILE) || data.len() != n * k {
+            return Err(data);
+        }
+        Ok(DenseMatrix { n, k, data })
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `row`: an embedding lookup.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.data[row * self.k..(row + 1) * self.k]);
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
+        let k = self.k;
+        for_each_tile(self.n, m, TILE, out, |t, tile_out| {
+            for a in 0..m {
+                let row = &x[a * k..(a + 1) * k];
+                for r in 0..TILE {
+                    let w = &self.data[(t * TILE + r) * k..(t * TILE + r + 1) * k];
+                    tile_out[a * TILE + r] = dot(row, w);
+                }
+            }
+        });
+    }
+}
+
+/// Lanes of the portable dot product: independent partial sums the compiler vectorizes.
+const LANES: usize = 8;
+
+/// `Σ a[i] · b[i]` in one fixed order (eight interleaved partial sums, then a fixed tree),
+/// so the same inputs give the same bits wherever they are computed.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+}
+
+/// One quantized activation row.
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    offset: &'a [f32],
+}
+
+fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
+    let kb = k / QK;
+    let mut q = vec![0i8; m * k];
+    let mut d = vec![0f32; m * kb];
+    let mut offset = vec![0f32; m * kb];
+    for (i, block) in x.chunks_exact(QK).enumerate() {
+        let amax = block.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (dst, v) in q[i * QK..(i + 1) * QK].iter_mut().zip(block) {
+            let v = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *dst = v;
+            sum += i32::from(v);
+        }
+        d[i] = scale;
+        offset[i] = scale * sum as f32;
+    }
+    Q8Rows { q, d, offset }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "x86_stub.rs"]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_512;
+#[cfg(target_arch = "x86_64")]
+use x86_512::WIDE;
+/// Rows per wide tile (AVX-512 only).
+#[cfg(not(target_arch = "x86_64"))]
+const WIDE: usize = 16;
+#[cfg(not(target_arch = "x86_64"))]
+use x86 as x86_512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_candle_and_the_dequantized_weights() {
+        if !available() {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
+            return;
+        }
+        for (ggml, format) in [
+            (GgmlDType::Q4_0, TileFormat::Q4_0),
+            (GgmlDType::Q4_1, TileFormat::Q4_1),
+            (GgmlDType::Q5_0, TileFormat::Q5_0),
+            (GgmlDType::Q5_1, TileFormat::Q5_1),
+            (GgmlDType::Q8_0, TileFormat::Q8_0),
+            (GgmlDType::Q4K, TileFormat::Q4K),
+            (GgmlDType::Q5K, TileFormat::Q5K),
+            (GgmlDType::Q6K, TileFormat::Q6K),
+        ] {
+            // 12 rows: tiles of four; 48: AVX-512's tiles of sixteen where it runs.
+            check_format(ggml, format, 12);
+            check_format(ggml, format, 48);
+        }
+    }
+
+    fn check_format(ggml: GgmlDType, format: TileFormat, n: usize) {
+        let k = 256;
+        let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, ggml).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let tiles = QuantTiles::from_ggml(format, &bytes, n, k).unwrap();
+        let dequantized = q.dequantize(&Device::Cpu).unwrap();
+        let mut row = vec![0f32; k];
+        let last = n - 3;
+        tiles.dequantize_row(last, &mut row);
+        let want = dequantized.get(last).unwrap().to_vec1::<f32>().unwrap();
+        // The K-quants' scale times sub-scale (and minimum) is rounded to f16 once
+        // unpacked: within 0.1% of the weights' range (here [-1, 1]).
+        for (a, b) in row.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-3 * (b.abs() + 1.0),
+                "{format:?}: {a} vs {b}"
+            );
+        }
+        let candle = QMatMul::from_qtensor(q).unwrap();
+        for m in [1, 2, 3, 4, 7, 9] {
+            let x = random(m * k, 7 + m as u32);
+            // Every instruction set this CPU has gives the same sums, up to the order of
+            // float additions.
+            let mut ours = vec![0f32; m * n];
+            let mut checked = Vec::new();
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if !isa.supported() {
+                    eprintln!("{format:?}: this CPU lacks {}, not checked", isa.name());
+                    continue;
+                }
+                let tiles = QuantTiles::for_isa(isa, format, &bytes, n, k).unwrap();
+                let mut out = vec![0f32; m * n];
+                tiles.matmul(&x, m, &mut out);
+                if !checked.is_empty() {
+                    for (a, b) in out.iter().zip(&ours) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{format:?} m={m}: {} gives {a}, {:?} gave {b}",
+                            isa.name(),
+                            checked
+                        );
+                    }
+                }
+                ours = out;
+                checked.push(isa.name());
+            }
+            let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+            let theirs: Vec<f32> = candle
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let exact: Vec<f32> = xt
+                .matmul(&dequantized.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // Both quantize the activations to 8 bits (candle per format: Q8_0, Q8_1 or
+            // Q8_K), so neither is exact; ours must be as close to exact as candle's.
+            let rms = |v: &[f32]| {
+                (v.iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    / v.len() as f32)
+                    .sqrt()
+            };
+            let (our_error, their_error) = (rms(&ours), rms(&theirs));
+            assert!(
+                our_error <= 1.5 * their_error + 1e-3,
+                "{format:?} m={m}: rms error {our_error} against candle's {their_error}"
+            );
+            for i in 0..m * n {
+                assert!(
+                    (ours[i] - exact[i]).abs() < 0.1 + 0.02 * exact[i].abs(),
+                    "{format:?} m={m} [{i}]: {} vs candle {} (exact {})",
+                    ours[i],
+                    theirs[i],
+                    exact[i]
+                );
+            }
+        }
+    }
+
+    /// Kernel speed per format and instruction set, single-threaded: decode (one row,
+    /// GB/s of weights) and prefill (64 rows, G multiply-adds/s). A measurement, not a
+    /// check (`cargo test --release -p strata-model --lib kernel_speed -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let (n, k) = (2048, 2048);
+        let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for (ggml, format) in [
+            (GgmlDType::Q4_0, TileFormat::Q4_0),
+            (GgmlDType::Q8_0, TileFormat::Q8_0),
+            (GgmlDType::Q4K, TileFormat::Q4K),
+            (GgmlDType::Q6K, TileFormat::Q6K),
+        ] {
+            let q = QTensor::quantize(&w, ggml).unwrap();
+            let bytes = q.data().unwrap().len();
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if !isa.supported() {
+                    continue;
+                }
+                let tiles = QuantTiles::for_isa(isa, format, &q.data().unwrap(), n, k).unwrap();
+                let mut line = format!("{format:?} {}:", isa.name());
+                for m in [1usize, 64] {
+                    let x = random(m * k, 3);
+                    let mut out = vec![0f32; m * n];
+                    let reps = if m == 1 { 200 } else { 10 };
+                    let t = std::time::Instant::now();
+                    pool.install(|| {
+                        for _ in 0..reps {
+                            tiles.matmul(&x, m, &mut out);
+                        }
+                    });
+                    let per = t.elapsed().as_secs_f64() / reps as f64;
+                    if m == 1 {
+                        line += &format!(" decode {:.1} GB/s", bytes as f64 / per / 1e9);
+                    } else {
+                        line += &format!(", prefill {:.1} GMAC/s", (m * n * k) as f64 / per / 1e9);
+                    }
+                }
+                println!("{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_matrix_matches_an_f32_matmul_of_the_same_weights() {
+        if !available() {
+            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
+            return;
+        }
+        let (n, k) = (8, 64);
+        let w: Vec<half::f16> = random(n * k, 3)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let matrix = F16Matrix::new(w, n, k).unwrap();
+        for m in [1, 2, 3] {
+            let x = random(m * k, 11 + m as u32);
+            let mut ours = vec![0f32; m * n];
+            matrix.matmul(&x, m, &mut ours);
+            for a in 0..m {
+                for r in 0..n {
+                    let exact: f32 = (0..k).map(|j| x[a * k + j] * wide[r * k + j]).sum();
+                    assert!((ours[a * n + r] - exact).abs() < 1e-4, "m={m} a={a} r={r}");
+                }
+            }
+        }
+        let mut row = vec![0f32; k];
+        matrix.row(3, &mut row);
+        assert_eq!(row, wide[3 * k..4 * k]);
+    }
+
+    #[test]
+    fn unsupported_shapes_fall_back() {
+        assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 18 * 3], 3, 32).is_none());
+        assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 17], 4, 32).is_none());
+        assert!(QuantTiles::from_ggml(TileFormat::Q8_0, &[0u8; 18 * 4], 4, 32).is_none());
+    }
+}
