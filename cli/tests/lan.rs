@@ -769,7 +769,15 @@ fn hostile_peers_are_refused_while_the_cluster_serves() {
         out.lines().find(|l| l.contains(&forged_addr)).unwrap()
     );
     ip(&["-n", &lan.hosts[3], "route", "del", "blackhole", &real]);
-    cluster.wait_serving(3);
+    // It joins the real coordinator. Whether the plan then takes it is the planner's call
+    // on measured speeds (with fast kernels two stages can beat three for this model).
+    cluster.wait_status("w3 joined", Duration::from_secs(60), |s| {
+        s["serving"] == true
+            && s["workers"].as_array().is_some_and(|ws| {
+                ws.iter()
+                    .any(|w| w["id"] == "w3" && (w["state"] == "idle" || w["state"] == "ready"))
+            })
+    });
     serving_same(&cluster, "a forged coordinator record");
     drop(cluster);
 }

@@ -51,29 +51,53 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
         .pipeline()
         .map(|p| p.plan.stages.iter().map(|s| s.worker.clone()).collect())
         .unwrap_or_default();
-    shared
-        .registry()
-        .workers
-        .values()
-        .filter(|w| w.eligible())
-        .map(|w| {
-            let measured = match (&w.held, w.measured_ms) {
-                (Some(h), Some(ms)) if ms > 0.0 => {
-                    Some(profile.streamed_bytes(&h.layers, h.head) as f64 / (ms / 1e3))
-                }
-                _ => None,
-            };
-            Candidate {
-                id: w.profile.id.clone(),
-                budget: w.profile.memory_budget,
-                speed: measured.unwrap_or(w.profile.speed),
-                held: w
-                    .held
-                    .as_ref()
-                    .filter(|_| !in_force.contains(&w.profile.id))
-                    .map(|h| h.layers.clone()),
+    let registry = shared.registry();
+    let eligible: Vec<_> = registry.workers.values().filter(|w| w.eligible()).collect();
+    let measured: Vec<Option<f64>> = eligible
+        .iter()
+        .map(|w| match (&w.held, w.measured_ms) {
+            (Some(h), Some(ms)) if ms > 0.0 => {
+                Some(profile.streamed_bytes(&h.layers, h.head) as f64 / (ms / 1e3))
             }
+            _ => None,
         })
+        .collect();
+    let paper: Vec<f64> = eligible.iter().map(|w| w.profile.speed).collect();
+    let speeds = speeds_on_one_scale(&paper, &measured);
+    eligible
+        .iter()
+        .zip(speeds)
+        .map(|(w, speed)| Candidate {
+            id: w.profile.id.clone(),
+            budget: w.profile.memory_budget,
+            speed,
+            held: w
+                .held
+                .as_ref()
+                .filter(|_| !in_force.contains(&w.profile.id))
+                .map(|h| h.layers.clone()),
+        })
+        .collect()
+}
+
+/// Each worker's speed for the planner: measured where it has been, else its speed on
+/// paper (its start-up measurement of one layer, or `--speed`) times the median ratio of
+/// measured to paper among the measured workers. A decode step costs more than its layers'
+/// arithmetic, and a worker that just joined (or came back) would otherwise look that
+/// much faster or slower than identical peers that have been measured, and be planned in
+/// or left out for it.
+fn speeds_on_one_scale(paper: &[f64], measured: &[Option<f64>]) -> Vec<f64> {
+    let mut ratios: Vec<f64> = paper
+        .iter()
+        .zip(measured)
+        .filter_map(|(&p, m)| m.filter(|_| p > 0.0).map(|m| m / p))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let scale = ratios.get(ratios.len() / 2).copied().unwrap_or(1.0);
+    paper
+        .iter()
+        .zip(measured)
+        .map(|(&p, m)| m.unwrap_or(p * scale))
         .collect()
 }
 
@@ -340,6 +364,22 @@ async fn unload_strays(shared: &Shared, plan: &Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_not_yet_measured_is_put_on_its_measured_peers_scale() {
+        // Two peers measured at 4x and 5x what they claimed on paper: the newcomer that
+        // claimed the same as them counts as fast as the median of them.
+        let speeds = speeds_on_one_scale(&[1e9, 1e9, 1e9], &[Some(4e9), Some(5e9), None]);
+        assert_eq!(speeds, vec![4e9, 5e9, 5e9]);
+        // Half as fast on paper: half as fast on the same scale.
+        let speeds = speeds_on_one_scale(&[2e9, 1e9], &[Some(6e9), None]);
+        assert_eq!(speeds, vec![6e9, 3e9]);
+        // Nobody measured yet: paper it is.
+        assert_eq!(
+            speeds_on_one_scale(&[1e9, 2e9], &[None, None]),
+            vec![1e9, 2e9]
+        );
+    }
 
     #[test]
     fn only_a_clearly_faster_plan_is_worth_a_move() {
