@@ -20,7 +20,8 @@
 //!   candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both are
 //!   batch-invariant, so a replayed history rebuilds its caches bit for bit.
 //! - [`sampler`]: logits to tokens.
-//! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
+//! - [`tokenizer`], [`chat`]: text to ids and back; chat templates; `pretokenizers`:
+//!   llama.cpp's named byte-level pre-tokenizers (generated).
 //! - [`pipeline`]: K stages in one process, and the generation loop.
 //! - [`synth`]: seeded synthetic models in the real formats.
 //! - [`wire`]: the element type activations take between stages, and its bytes.
@@ -42,6 +43,7 @@ pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod pipeline;
+mod pretokenizers;
 pub mod sampler;
 pub mod synth;
 pub mod tokenizer;

@@ -595,7 +595,8 @@ pub fn synth_tokenizer_json(vocab: usize) -> Result<serde_json::Value> {
         &tokens,
         &merges,
         &specials,
-        ByteLevelStyle::Llama3,
+        ByteLevelStyle::named("llama3")
+            .ok_or_else(|| Error::Tokenizer("no llama3 pre-tokenizer".into()))?,
         Some("<s>"),
     ))
 }

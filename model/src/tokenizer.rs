@@ -14,11 +14,7 @@ use serde_json::{json, Value as Json};
 
 use crate::error::{Error, Result};
 use crate::format::{Format, ModelFile};
-
-/// Llama 3's pre-tokenizer split (also used by our synthetic models).
-pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-/// Qwen2's pre-tokenizer split (digits one at a time).
-pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+use crate::pretokenizers::{PreTokenizer, PRE_TOKENIZERS};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -177,18 +173,13 @@ impl Tokenizer {
                     .and_then(|v| v.to_string().ok())
                     .map(String::as_str)
                     .unwrap_or("default");
-                let style = match pre {
-                    "qwen2" | "deepseek-r1-qwen" => ByteLevelStyle::Qwen2,
-                    "gpt-2" | "gpt2" | "default" => ByteLevelStyle::Gpt2,
-                    "llama-bpe" | "llama3" | "smaug-bpe" => ByteLevelStyle::Llama3,
-                    other => {
-                        tracing::warn!(
-                            pre = other,
-                            "unknown GGUF pre-tokenizer; using Llama 3's split"
-                        );
-                        ByteLevelStyle::Llama3
-                    }
-                };
+                let style = ByteLevelStyle::named(pre).ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "GGUF pre-tokenizer `{pre}` is not one Strata knows (it knows llama.cpp's \
+                         byte-level ones: llama3, qwen2, smollm, gpt-4o, deepseek-llm, …); \
+                         convert the model with a llama.cpp of the same era, or report it"
+                    ))
+                })?;
                 byte_level_bpe_json(&tokens, &merges, &specials, style, bos_text.as_deref())
             }
             "llama" => {
@@ -358,49 +349,54 @@ fn bos_post_processor(bos: Option<&str>, bos_id: Option<u32>) -> Json {
     }
 }
 
-/// The byte-level BPE families, which differ in how text is split before merging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteLevelStyle {
-    /// GPT-2's own split.
-    Gpt2,
-    /// Llama 3: its split regex; whole words in the vocabulary skip the merges.
-    Llama3,
-    /// Qwen2: single digits, NFC-normalised text.
-    Qwen2,
+/// How a byte-level BPE vocabulary splits text before merging: one of llama.cpp's named
+/// pre-tokenizers, and whether text is NFC-normalised first (transformers does for Qwen2).
+#[derive(Clone, Copy)]
+pub(crate) struct ByteLevelStyle {
+    pre: &'static PreTokenizer,
+    nfc: bool,
+}
+
+impl ByteLevelStyle {
+    /// The pre-tokenizer llama.cpp calls `name` (`tokenizer.ggml.pre`).
+    pub(crate) fn named(name: &str) -> Option<Self> {
+        let pre = PRE_TOKENIZERS.iter().find(|p| p.names.contains(&name))?;
+        Some(ByteLevelStyle {
+            pre,
+            nfc: pre.names.contains(&"qwen2"),
+        })
+    }
 }
 
 /// A `tokenizer.json` document for byte-level BPE, as transformers writes one for each
 /// family. `bos` names a token added in front of every encoded prompt.
-pub fn byte_level_bpe_json(
+pub(crate) fn byte_level_bpe_json(
     tokens: &[String],
     merges: &[String],
     specials: &[(u32, String, bool)],
     style: ByteLevelStyle,
     bos: Option<&str>,
 ) -> Json {
-    let pattern = match style {
-        ByteLevelStyle::Gpt2 => None,
-        ByteLevelStyle::Llama3 => Some(LLAMA3_PATTERN),
-        ByteLevelStyle::Qwen2 => Some(QWEN2_PATTERN),
-    };
-    let normalizer = match style {
-        ByteLevelStyle::Qwen2 => json!({"type": "NFC"}),
-        _ => Json::Null,
+    let normalizer = if style.nfc {
+        json!({"type": "NFC"})
+    } else {
+        Json::Null
     };
     let vocab: serde_json::Map<String, Json> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    let pre_tokenizer = match pattern {
-        Some(p) => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
-        ]}),
-        None => {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
-        }
-    };
+    // Each split cuts every piece the one before left, keeping matches and what lies
+    // between them, as llama.cpp applies its list; then bytes become GPT-2's characters.
+    let mut steps: Vec<Json> = style
+        .pre
+        .splits
+        .iter()
+        .map(|p| json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false}))
+        .collect();
+    steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+    let pre_tokenizer = json!({"type": "Sequence", "pretokenizers": steps});
     let bos_id = bos
         .and_then(|b| tokens.iter().position(|t| t == b))
         .map(|i| i as u32);
@@ -415,7 +411,7 @@ pub fn byte_level_bpe_json(
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": style == ByteLevelStyle::Llama3, "vocab": vocab, "merges": merges}
+                  "ignore_merges": style.pre.ignore_merges, "vocab": vocab, "merges": merges}
     })
 }
 
@@ -558,8 +554,8 @@ mod tests {
                 chat_template: None,
             }
         };
-        let qwen = build(ByteLevelStyle::Qwen2);
-        let llama = build(ByteLevelStyle::Llama3);
+        let qwen = build(ByteLevelStyle::named("qwen2").unwrap());
+        let llama = build(ByteLevelStyle::named("llama3").unwrap());
         // "é" composed and decomposed are one text after NFC.
         assert_eq!(
             qwen.encode("caf\u{e9}", false).unwrap(),
@@ -573,6 +569,22 @@ mod tests {
         let digits = qwen.encode("2024", false).unwrap();
         assert_eq!(digits.len(), 4);
         assert_eq!(qwen.decode(&digits, true).unwrap(), "2024");
+    }
+
+    #[test]
+    fn every_named_pre_tokenizer_builds_and_round_trips() {
+        let (tokens, merges) = crate::synth::synth_vocab(2000).unwrap();
+        let text = "Hello  world 2024!\r\n\tcode(x) 你好 👍🏽 don't";
+        for pre in PRE_TOKENIZERS {
+            let name = pre.names[0];
+            let style = ByteLevelStyle::named(name).unwrap();
+            let doc = byte_level_bpe_json(&tokens, &merges, &[], style, None);
+            let inner = tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let ids = inner.encode(text, false).unwrap();
+            assert_eq!(inner.decode(ids.get_ids(), false).unwrap(), text, "{name}");
+        }
+        assert!(ByteLevelStyle::named("no-such-pre").is_none());
     }
 
     #[test]
