@@ -38,6 +38,8 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// Measure prefill and decode speed, memory and the bandwidth roofline.
     Bench(cmd::bench::BenchArgs),
+    /// Perplexity over a text file, and KL divergence from a base model's saved logits.
+    Perplexity(cmd::perplexity::PerplexityArgs),
     /// Show what Strata does on this machine, with nothing to download.
     Demo(cmd::demo::DemoArgs),
     /// Run the coordinator: find workers, plan the split, serve the gRPC API.
@@ -112,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Demo(args) => cmd::demo::run(args),
         Command::Serve(args) => cmd::cluster::serve(args),
         Command::Worker(args) => cmd::cluster::worker(args),

@@ -19,7 +19,7 @@
 //!   (AVX-512 VNNI or AVX2, chosen at run time) and F16, and portable dense F32, where
 //!   candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both are
 //!   batch-invariant, so a replayed history rebuilds its caches bit for bit.
-//! - [`sampler`]: logits to tokens.
+//! - [`sampler`]: logits to tokens; [`scoring`]: perplexity and KL divergence of a text.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates; `pretokenizers`:
 //!   llama.cpp's named byte-level pre-tokenizers (generated).
 //! - [`pipeline`]: K stages in one process, and the generation loop.
@@ -45,6 +45,7 @@ pub mod model;
 pub mod pipeline;
 mod pretokenizers;
 pub mod sampler;
+pub mod scoring;
 pub mod synth;
 pub mod tokenizer;
 pub mod wire;
@@ -54,7 +55,7 @@ pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};
-pub use model::{Chunk, Slice, Stage, StageInput, StageOutput};
+pub use model::{Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
 
 pub use pipeline::{FinishReason, GenerateRequest, Generation, LocalPipeline};
 pub use sampler::{Sampled, Sampler, SamplingParams};

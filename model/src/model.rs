@@ -98,6 +98,15 @@ pub enum StageInput {
     Hidden(Tensor),
 }
 
+/// Which rows the last stage computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// The last position of each chunk: what sampling needs.
+    LastOfEachChunk,
+    /// Every position, in row order: what scoring a text needs.
+    Every,
+}
+
 /// What comes out of a stage.
 #[derive(Debug, Clone)]
 pub enum StageOutput {
@@ -464,14 +473,26 @@ impl Stage {
         input: StageInput,
         cache: &mut KvCache,
     ) -> Result<StageOutput> {
+        self.forward_scoring(chunks, input, cache, LogitRows::LastOfEachChunk)
+    }
+
+    /// As [`Stage::forward`], with the last stage's logits for the rows `rows` names:
+    /// every position scores a text (perplexity), the last of each chunk samples.
+    pub fn forward_scoring(
+        &self,
+        chunks: &[Chunk],
+        input: StageInput,
+        cache: &mut KvCache,
+        rows: LogitRows,
+    ) -> Result<StageOutput> {
         // The whole forward runs on a worker of the compute pool. Called from outside it,
         // each of a layer's parallel matmuls would wake a worker and park this thread
         // until it finished: two context switches per matmul, a tenth of a decode step.
         match compute_pool() {
             Some(pool) if rayon::current_thread_index().is_none() => {
-                pool.install(|| self.forward_on_pool(chunks, input, cache))
+                pool.install(|| self.forward_on_pool(chunks, input, cache, rows))
             }
-            _ => self.forward_on_pool(chunks, input, cache),
+            _ => self.forward_on_pool(chunks, input, cache, rows),
         }
     }
 
@@ -480,6 +501,7 @@ impl Stage {
         chunks: &[Chunk],
         input: StageInput,
         cache: &mut KvCache,
+        rows_out: LogitRows,
     ) -> Result<StageOutput> {
         let rows: usize = chunks.iter().map(|c| c.len).sum();
         if chunks.is_empty() || rows == 0 {
@@ -570,15 +592,20 @@ impl Stage {
         }
         match (&self.final_norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
-                let last_rows: Vec<u32> = ctx
-                    .offsets
-                    .iter()
-                    .zip(chunks)
-                    .map(|(&o, c)| (o + c.len - 1) as u32)
-                    .collect();
-                let idx = Tensor::new(last_rows.as_slice(), &self.device)?;
-                let last = x.index_select(&idx, 0)?;
-                let logits = head.forward(&norm.forward(&last)?)?;
+                let scored = match rows_out {
+                    LogitRows::Every => x,
+                    LogitRows::LastOfEachChunk => {
+                        let last_rows: Vec<u32> = ctx
+                            .offsets
+                            .iter()
+                            .zip(chunks)
+                            .map(|(&o, c)| (o + c.len - 1) as u32)
+                            .collect();
+                        let idx = Tensor::new(last_rows.as_slice(), &self.device)?;
+                        x.index_select(&idx, 0)?
+                    }
+                };
+                let logits = head.forward(&norm.forward(&scored)?)?;
                 Ok(StageOutput::Logits(logits.to_dtype(DType::F32)?))
             }
             _ => Ok(StageOutput::Hidden(x)),

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
-use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
+use crate::model::{Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::wire::WireType;
 
@@ -168,10 +168,30 @@ impl LocalPipeline {
     /// Runs one batch through every stage and returns the last stage's logits, one row per
     /// chunk. If a stage fails, the stages before it forget the batch's positions.
     pub fn forward(&mut self, chunks: &[Chunk], tokens: Vec<u32>) -> Result<Tensor> {
+        self.forward_scoring(chunks, tokens, LogitRows::LastOfEachChunk)
+    }
+
+    /// Runs `tokens` as the next chunk of `seq` and returns the logits after each of them
+    /// (`[tokens, vocab]`): how a text is scored.
+    pub fn score(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> Result<Tensor> {
+        let chunk = Chunk {
+            seq,
+            start,
+            len: tokens.len(),
+        };
+        self.forward_scoring(&[chunk], tokens.to_vec(), LogitRows::Every)
+    }
+
+    fn forward_scoring(
+        &mut self,
+        chunks: &[Chunk],
+        tokens: Vec<u32>,
+        rows: LogitRows,
+    ) -> Result<Tensor> {
         let mut input = StageInput::Tokens(tokens);
         for i in 0..self.stages.len() {
             let (stage, cache) = &mut self.stages[i];
-            match stage.forward(chunks, input, cache) {
+            match stage.forward_scoring(chunks, input, cache, rows) {
                 Ok(StageOutput::Hidden(h)) => input = StageInput::Hidden(self.wire.round_trip(&h)?),
                 Ok(StageOutput::Logits(l)) => return Ok(l),
                 Err(e) => {

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod demo;
 pub mod generate;
 pub mod model;
+pub mod perplexity;
 
 /// Human-readable bytes (binary units).
 pub fn human_bytes(bytes: u64) -> String {
