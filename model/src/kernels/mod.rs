@@ -48,6 +48,8 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F, BW, VL and VNNI (Ice Lake, Zen 4 and later), with FMA and F16C.
     Avx512Vnni,
+    /// NEON, on every aarch64 CPU (Apple Silicon, Graviton, Raspberry Pi 4 and 5).
+    Neon,
 }
 
 impl Isa {
@@ -56,11 +58,16 @@ impl Isa {
         match self {
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Neon => "neon",
         }
     }
 
     /// Whether this CPU runs it.
     fn supported(self) -> bool {
+        #[cfg(target_arch = "aarch64")]
+        {
+            self == Isa::Neon
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2")
@@ -74,9 +81,10 @@ impl Isa {
                         && is_x86_feature_detected!("avx512vl")
                         && is_x86_feature_detected!("avx512vnni")
                 }
+                Isa::Neon => false,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             let _ = self;
             false
@@ -93,7 +101,7 @@ pub fn isa() -> Option<Isa> {
         if choice == "candle" {
             return None;
         }
-        [Isa::Avx512Vnni, Isa::Avx2]
+        [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon]
             .into_iter()
             .filter(|isa| choice != "avx2" || *isa == Isa::Avx2)
             .find(|isa| isa.supported())
@@ -448,6 +456,16 @@ impl QuantTiles {
                     out,
                     &x86::six_tile_dot(kb, scales, mins, quants, high, subscales, bias, acts),
                 ),
+                (Isa::Neon, Layout::Nibbles, _) => {
+                    put(out, &neon::tile_dot(kb, scales, mins, quants, acts))
+                }
+                (Isa::Neon, Layout::Bytes, _) => {
+                    put(out, &neon::q8_tile_dot(kb, scales, quants, acts))
+                }
+                (Isa::Neon, Layout::Six, _) => put(
+                    out,
+                    &neon::six_tile_dot(kb, scales, mins, quants, high, subscales, bias, acts),
+                ),
             }
         }
     }
@@ -567,13 +585,29 @@ impl F16Matrix {
             return;
         }
         let k = self.k;
+        if !matches!(isa(), Some(Isa::Avx2 | Isa::Avx512Vnni)) {
+            // Elsewhere (NEON): each tile's rows widened, then the portable dot product,
+            // row by row as everywhere (batch-invariant).
+            for_each_tile(self.n, m, TILE, out, |t, tile_out| {
+                let wide: Vec<f32> = self.data[t * TILE * k..(t + 1) * TILE * k]
+                    .iter()
+                    .map(|w| w.to_f32())
+                    .collect();
+                for (a, row) in x.chunks_exact(k).enumerate() {
+                    for (r, w) in wide.chunks_exact(k).enumerate() {
+                        tile_out[a * TILE + r] = dot(row, w);
+                    }
+                }
+            });
+            return;
+        }
         for_each_tile(self.n, m, TILE, out, |t, tile_out| {
             let w = &self.data[t * TILE * k..(t + 1) * TILE * k];
             let mut a = 0;
             while a < m {
                 let n = (m - a).min(2);
                 let rows = &x[a * k..(a + n) * k];
-                // SAFETY: `available()` was checked in `new`; `w` holds four rows of `k`
+                // SAFETY: an x86 ISA was found in `new`; `w` holds four rows of `k`
                 // values and `rows` `n` rows of `k`, `k` a multiple of 8.
                 let r = unsafe {
                     match n {
@@ -747,6 +781,11 @@ use x86_512::WIDE;
 const WIDE: usize = 16;
 #[cfg(not(target_arch = "x86_64"))]
 use x86 as x86_512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(not(target_arch = "aarch64"))]
+#[path = "neon_stub.rs"]
+mod neon;
 
 #[cfg(test)]
 mod tests {
@@ -814,7 +853,7 @@ mod tests {
             // float additions.
             let mut ours = vec![0f32; m * n];
             let mut checked = Vec::new();
-            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+            for isa in [Isa::Avx2, Isa::Avx512Vnni, Isa::Neon] {
                 if !isa.supported() {
                     eprintln!("{format:?}: this CPU lacks {}, not checked", isa.name());
                     continue;
@@ -898,7 +937,7 @@ mod tests {
         ] {
             let q = QTensor::quantize(&w, ggml).unwrap();
             let bytes = q.data().unwrap().len();
-            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+            for isa in [Isa::Avx2, Isa::Avx512Vnni, Isa::Neon] {
                 if !isa.supported() {
                     continue;
                 }
@@ -929,7 +968,7 @@ mod tests {
     #[test]
     fn f16_matrix_matches_an_f32_matmul_of_the_same_weights() {
         if !available() {
-            eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
+            eprintln!("skipping: no kernels of ours for this CPU");
             return;
         }
         let (n, k) = (8, 64);
