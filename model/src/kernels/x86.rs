@@ -3,6 +3,22 @@
 use super::{ActRow, QK, TILE};
 use std::arch::x86_64::*;
 
+/// A row's result from accumulator lanes `[r0 r0 r2 r2 | r1 r1 r3 r3]` (two partial sums
+/// per row) less each row's constant term.
+#[inline(always)]
+unsafe fn finish_pairs(acc: __m256, offset: __m128) -> [f32; TILE] {
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut off = [0f32; TILE];
+    _mm_storeu_ps(off.as_mut_ptr(), offset);
+    [
+        lanes[0] + lanes[1] - off[0],
+        lanes[4] + lanes[5] - off[1],
+        lanes[2] + lanes[3] - off[2],
+        lanes[6] + lanes[7] - off[3],
+    ]
+}
+
 /// Dot products of a tile's four weight rows with `A` activation rows.
 ///
 /// # Safety
@@ -77,20 +93,33 @@ pub(super) unsafe fn tile_dot<const A: usize>(
             );
         }
     }
-    let mut out = [[0f32; TILE]; A];
-    for a in 0..A {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a]);
-        let mut off = [0f32; TILE];
-        _mm_storeu_ps(off.as_mut_ptr(), offset[a]);
-        out[a] = [
-            lanes[0] + lanes[1] - off[0],
-            lanes[4] + lanes[5] - off[1],
-            lanes[2] + lanes[3] - off[2],
-            lanes[6] + lanes[7] - off[3],
-        ];
-    }
-    out
+    std::array::from_fn(|a| finish_pairs(acc[a], offset[a]))
+}
+
+/// A six-bit tile block's values for `maddubs`: rows 0-1 values 0..16, rows 0-1 values
+/// 16..32, then the same for rows 2-3, each byte the low nibble with its two high bits.
+///
+/// # Safety
+/// AVX2; `quants` points at the block's 64 nibble bytes, `high` at its 32-byte plane.
+#[inline(always)]
+unsafe fn six_bit_values(quants: *const u8, high: *const u8) -> [__m256i; 4] {
+    let low = _mm256_set1_epi8(0x0F);
+    let pair = _mm256_set1_epi8(0x30);
+    let q01 = _mm256_loadu_si256(quants as *const __m256i);
+    let q23 = _mm256_loadu_si256(quants.add(32) as *const __m256i);
+    let h = _mm256_loadu_si256(high as *const __m256i);
+    let with = |nibbles: __m256i, pairs: __m256i| {
+        _mm256_or_si256(
+            _mm256_and_si256(nibbles, low),
+            _mm256_and_si256(pairs, pair),
+        )
+    };
+    [
+        with(q01, _mm256_slli_epi16(h, 4)),
+        with(_mm256_srli_epi16(q01, 4), _mm256_slli_epi16(h, 2)),
+        with(q23, h),
+        with(_mm256_srli_epi16(q23, 4), _mm256_srli_epi16(h, 2)),
+    ]
 }
 
 /// Dot products of a six-bit tile's four weight rows with `A` activation rows:
@@ -117,47 +146,16 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
     debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
     debug_assert!(high.len() >= kb * QK && subscales.len() >= kb * TILE * 2);
     let with_mins = !mins.is_empty();
-    let low = _mm256_set1_epi8(0x0F);
-    let pair = _mm256_set1_epi8(0x30);
     let bias_bytes = _mm256_set1_epi8(bias as i8);
     // Which 16-bit sub-scale each half of a product register takes (see `subscales`:
     // [r0 lo, r0 hi, r1 lo, r1 hi, r2 lo, …]).
     let pick = |first: i8, second: i8| {
-        let (a, b) = (2 * first, 2 * second);
-        _mm256_setr_epi8(
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-        )
+        let mut control = [0i8; 32];
+        for (i, byte) in control.iter_mut().enumerate() {
+            let lane = if i < 16 { first } else { second };
+            *byte = 2 * lane + (i % 2) as i8;
+        }
+        _mm256_loadu_si256(control.as_ptr() as *const __m256i)
     };
     let (pick_lo01, pick_hi01, pick_lo23, pick_hi23) =
         (pick(0, 2), pick(1, 3), pick(4, 6), pick(5, 7));
@@ -169,21 +167,9 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
             scales.as_ptr().add(b * TILE) as *const __m128i
         ));
         let dw_lanes = _mm256_permutevar8x32_ps(_mm256_set_m128(dw, dw), order);
-        let q01 = _mm256_loadu_si256(quants.as_ptr().add(b * TILE * 16) as *const __m256i);
-        let q23 = _mm256_loadu_si256(quants.as_ptr().add((b * TILE + 2) * 16) as *const __m256i);
-        let h = _mm256_loadu_si256(high.as_ptr().add(b * QK) as *const __m256i);
-        let lo01 = _mm256_or_si256(
-            _mm256_and_si256(q01, low),
-            _mm256_and_si256(_mm256_slli_epi16(h, 4), pair),
-        );
-        let hi01 = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(q01, 4), low),
-            _mm256_and_si256(_mm256_slli_epi16(h, 2), pair),
-        );
-        let lo23 = _mm256_or_si256(_mm256_and_si256(q23, low), _mm256_and_si256(h, pair));
-        let hi23 = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(q23, 4), low),
-            _mm256_and_si256(_mm256_srli_epi16(h, 2), pair),
+        let [lo01, hi01, lo23, hi23] = six_bit_values(
+            quants.as_ptr().add(b * TILE * 16),
+            high.as_ptr().add(b * QK),
         );
         let subs = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(
             subscales.as_ptr().add(b * TILE * 2) as *const __m128i,
@@ -230,20 +216,7 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
             }
         }
     }
-    let mut out = [[0f32; TILE]; A];
-    for a in 0..A {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a]);
-        let mut off = [0f32; TILE];
-        _mm_storeu_ps(off.as_mut_ptr(), offset[a]);
-        out[a] = [
-            lanes[0] + lanes[1] - off[0],
-            lanes[4] + lanes[5] - off[1],
-            lanes[2] + lanes[3] - off[2],
-            lanes[6] + lanes[7] - off[3],
-        ];
-    }
-    out
+    std::array::from_fn(|a| finish_pairs(acc[a], offset[a]))
 }
 
 /// Dot products of a Q8_0 tile's four weight rows with `A` activation rows. Signed
