@@ -199,7 +199,7 @@ pub struct QuantTiles {
     format: TileFormat,
     /// The kernels these tiles run with.
     isa: Isa,
-    /// Rows per tile: 4, or [`WIDE`] for AVX-512's nibble and byte tiles.
+    /// Rows per tile: 4, or [`WIDE`] for AVX-512's kernels.
     height: usize,
     n: usize,
     k: usize,
@@ -211,11 +211,14 @@ pub struct QuantTiles {
     quants: Vec<u8>,
     /// `[n / height][k / 32][height]` f16 minimums (formats with one; empty otherwise).
     mins: Vec<u16>,
-    /// `[n / 4][k / 32][32]` high bit pairs (six-bit tiles; empty otherwise): byte `L`
-    /// holds, for row `L / 16` and `i = L % 16`, the pairs of value `i`, value `16 + i`,
-    /// then the same two of row `2 + L / 16`, so one 32-byte load serves the whole block.
+    /// `[n / height][k / 32][8 * height]` high bit pairs (six-bit tiles; empty
+    /// otherwise). Four-row tiles: byte `L` holds, for row `L / 16` and `i = L % 16`, the
+    /// pairs of value `i`, value `16 + i`, then the same two of row `2 + L / 16`, so one
+    /// 32-byte load serves the whole block. Sixteen-row tiles: see
+    /// `x86_512::wide_six_tile_dot`.
     high: Vec<u8>,
-    /// `[n / 4][k / 32][4][2]` signed scales per 16 values (six-bit tiles only).
+    /// Signed scales per 16 values (six-bit tiles only): `[n / 4][k / 32][4][2]`, or
+    /// `[n / 16][k / 32][2][16]` in sixteen-row tiles.
     subscales: Vec<i8>,
 }
 
@@ -226,6 +229,9 @@ struct Q8Rows {
     d: Vec<f32>,
     /// `d * sum(q)` per block: what a weight block's constant term multiplies.
     offset: Vec<f32>,
+    /// `sum(q)` of each block's values 0..16 and 16..32 (the wide six-bit kernel takes
+    /// its bias off per half, as each half has its own sub-scale).
+    halves: Vec<i16>,
 }
 
 impl QuantTiles {
@@ -244,7 +250,7 @@ impl QuantTiles {
         let layout = format.layout();
         let qb = layout.quant_bytes();
         let kb = k / QK;
-        let wide = isa == Isa::Avx512Vnni && layout != Layout::Six && n.is_multiple_of(WIDE);
+        let wide = isa == Isa::Avx512Vnni && n.is_multiple_of(WIDE);
         let height = if wide { WIDE } else { TILE };
         let mut tiles = QuantTiles {
             format,
@@ -273,8 +279,10 @@ impl QuantTiles {
                     if layout == Layout::Six {
                         let values = &rows.quants[src * QK..(src + 1) * QK];
                         tiles.place_six(t * kb + b, r, values);
-                        tiles.subscales[dst * 2..dst * 2 + 2]
-                            .copy_from_slice(&rows.subscales[src * 2..src * 2 + 2]);
+                        for half in 0..2 {
+                            let at = tiles.subscale_at(t * kb + b, r, half);
+                            tiles.subscales[at] = rows.subscales[src * 2 + half];
+                        }
                     } else {
                         for (j, &byte) in rows.quants[src * qb..(src + 1) * qb].iter().enumerate() {
                             let at = tiles.byte_at(t * kb + b, r, j);
@@ -290,15 +298,33 @@ impl QuantTiles {
     /// Writes row `r`'s 32 six-bit `values` into tile block `tb`: low nibbles in Q4_0's
     /// order, high pairs into the block's shared plane.
     fn place_six(&mut self, tb: usize, r: usize, values: &[u8]) {
-        let nibbles = &mut self.quants[(tb * TILE + r) * 16..(tb * TILE + r + 1) * 16];
         for i in 0..16 {
-            nibbles[i] = (values[i] & 0x0F) | ((values[i + 16] & 0x0F) << 4);
-        }
-        let plane = &mut self.high[tb * QK..(tb + 1) * QK];
-        let shift = if r >= 2 { 4 } else { 0 };
-        for i in 0..16 {
+            let at = self.byte_at(tb, r, i);
+            self.quants[at] = (values[i] & 0x0F) | ((values[i + 16] & 0x0F) << 4);
             let pairs = (values[i] >> 4) | ((values[i + 16] >> 4) << 2);
-            plane[(r % 2) * 16 + i] |= pairs << shift;
+            let (at, shift) = self.high_at(tb, r, i);
+            self.high[at] |= pairs << shift;
+        }
+    }
+
+    /// Where the high bit pairs of row `r`'s values `i` and `16 + i` (in that order, two
+    /// bits each) live in tile block `tb`'s plane: the byte and the shift.
+    fn high_at(&self, tb: usize, r: usize, i: usize) -> (usize, u32) {
+        if self.height == WIDE {
+            let group = i / 4;
+            let at = tb * WIDE * 8 + (group / 2) * 64 + r * 4 + i % 4;
+            (at, 4 * (group % 2) as u32)
+        } else {
+            (tb * QK + (r % 2) * 16 + i, 4 * (r / 2) as u32)
+        }
+    }
+
+    /// Where row `r`'s sub-scale of values `16 * half..` lives in tile block `tb`.
+    fn subscale_at(&self, tb: usize, r: usize, half: usize) -> usize {
+        if self.height == WIDE {
+            (tb * 2 + half) * WIDE + r
+        } else {
+            (tb * TILE + r) * 2 + half
         }
     }
 
@@ -322,10 +348,9 @@ impl QuantTiles {
         self.k
     }
 
-    /// Value `j` (of 32) of block `i` (tile order, row `r` of its tile) as an integer
+    /// Value `j` (of 32) of row `r` in tile block `tb` as an integer
     /// before the scale, with the sub-scale that multiplies it.
     fn raw(&self, tb: usize, r: usize, j: usize) -> (f32, f32) {
-        let i = tb * self.height + r;
         match self.format.layout() {
             Layout::Bytes => (f32::from(self.quants[self.byte_at(tb, r, j)] as i8), 1.0),
             Layout::Nibbles => {
@@ -339,12 +364,13 @@ impl QuantTiles {
                 (f32::from(q) - bias, 1.0)
             }
             Layout::Six => {
-                let byte = self.quants[i * 16 + j % 16];
+                let byte = self.quants[self.byte_at(tb, r, j % 16)];
                 let low = if j < 16 { byte & 0x0F } else { byte >> 4 };
-                let pairs = self.high[tb * QK + (r % 2) * 16 + j % 16] >> (4 * (r / 2));
+                let (at, shift) = self.high_at(tb, r, j % 16);
+                let pairs = self.high[at] >> shift;
                 let high = if j < 16 { pairs & 3 } else { (pairs >> 2) & 3 };
                 let q = low | (high << 4);
-                let sub = self.subscales[i * 2 + j / 16];
+                let sub = self.subscales[self.subscale_at(tb, r, j / 16)];
                 (f32::from(q) - f32::from(self.format.bias()), f32::from(sub))
             }
         }
@@ -390,6 +416,7 @@ impl QuantTiles {
             q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
             d: &acts.d[a * kb..(a + 1) * kb],
             offset: &acts.offset[a * kb..(a + 1) * kb],
+            halves: &acts.halves[a * 2 * kb..(a + 1) * 2 * kb],
         };
         let h = self.height;
         let mut a = 0;
@@ -414,7 +441,12 @@ impl QuantTiles {
         let scales = &self.scales[blocks.clone()];
         let quants = &self.quants[blocks.start * qb..blocks.end * qb];
         let mins = self.mins.get(blocks.clone()).unwrap_or(&[]);
-        let high = self.high.get(t * kb * QK..(t + 1) * kb * QK).unwrap_or(&[]);
+        // Eight bytes of high bit pairs per row and block (six-bit tiles).
+        let plane = h * 8;
+        let high = self
+            .high
+            .get(t * kb * plane..(t + 1) * kb * plane)
+            .unwrap_or(&[]);
         let subscales = self
             .subscales
             .get(blocks.start * 2..blocks.end * 2)
@@ -436,6 +468,12 @@ impl QuantTiles {
                 (Isa::Avx512Vnni, Layout::Bytes, WIDE) => {
                     put(out, &x86_512::wide_q8_tile_dot(kb, scales, quants, acts))
                 }
+                (Isa::Avx512Vnni, Layout::Six, WIDE) => put(
+                    out,
+                    &x86_512::wide_six_tile_dot(
+                        kb, scales, mins, quants, high, subscales, bias, acts,
+                    ),
+                ),
                 (Isa::Avx512Vnni, Layout::Nibbles, _) => {
                     put(out, &x86_512::tile_dot(kb, scales, mins, quants, acts))
                 }
@@ -714,6 +752,9 @@ struct ActRow<'a> {
     q: &'a [i8],
     d: &'a [f32],
     offset: &'a [f32],
+    /// Sums of each block's two halves (read by the wide six-bit kernel, x86-64 only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    halves: &'a [i16],
 }
 
 fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
@@ -722,6 +763,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
         q: vec![0i8; m * k],
         d: vec![0f32; m * kb],
         offset: vec![0f32; m * kb],
+        halves: vec![0i16; m * kb * 2],
     };
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("sse4.1") {
@@ -751,19 +793,21 @@ fn quantize_blocks(x: &[f32], rows: &mut Q8Rows) {
     let blocks = x
         .chunks_exact(QK)
         .zip(rows.q.chunks_exact_mut(QK))
-        .zip(rows.d.iter_mut().zip(rows.offset.iter_mut()));
-    for ((block, q), (d, offset)) in blocks {
+        .zip(rows.d.iter_mut().zip(rows.offset.iter_mut()))
+        .zip(rows.halves.chunks_exact_mut(2));
+    for (((block, q), (d, offset)), halves) in blocks {
         let amax = block.iter().fold(0f32, |acc, v| acc.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let mut sum = 0i32;
-        for (dst, v) in q.iter_mut().zip(block) {
+        let mut sums = [0i16; 2];
+        for (i, (dst, v)) in q.iter_mut().zip(block).enumerate() {
             let v = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
             *dst = v;
-            sum += i32::from(v);
+            sums[i / 16] += i16::from(v);
         }
+        halves.copy_from_slice(&sums);
         *d = scale;
-        *offset = scale * sum as f32;
+        *offset = scale * f32::from(sums[0] + sums[1]);
     }
 }
 
@@ -934,6 +978,7 @@ mod tests {
             (GgmlDType::Q8_0, TileFormat::Q8_0),
             (GgmlDType::Q4K, TileFormat::Q4K),
             (GgmlDType::Q6K, TileFormat::Q6K),
+            (GgmlDType::Q5_0, TileFormat::Q5_0),
         ] {
             let q = QTensor::quantize(&w, ggml).unwrap();
             let bytes = q.data().unwrap().len();

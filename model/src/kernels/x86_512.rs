@@ -251,6 +251,16 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
 /// Rows per wide tile: one 512-bit register holds four bytes of each.
 pub(super) const WIDE: usize = 16;
 
+/// Each activation row's sixteen outputs: its sums less its constant terms.
+#[inline(always)]
+unsafe fn wide_finish<const A: usize>(acc: [__m512; A], offset: [__m512; A]) -> [[f32; WIDE]; A] {
+    let mut out = [[0f32; WIDE]; A];
+    for a in 0..A {
+        _mm512_storeu_ps(out[a].as_mut_ptr(), _mm512_sub_ps(acc[a], offset[a]));
+    }
+    out
+}
+
 /// Four activation bytes at `at`, in every 32-bit lane.
 #[inline(always)]
 unsafe fn four_bytes(at: *const i8) -> __m512i {
@@ -319,11 +329,7 @@ pub(super) unsafe fn wide_tile_dot<const A: usize>(
             );
         }
     }
-    let mut out = [[0f32; WIDE]; A];
-    for a in 0..A {
-        _mm512_storeu_ps(out[a].as_mut_ptr(), _mm512_sub_ps(acc[a], offset[a]));
-    }
-    out
+    wide_finish(acc, offset)
 }
 
 /// Wide Q8_0 tiles: as `wide_tile_dot`, with `[group g of 4 bytes][row][4 bytes]` of
@@ -372,9 +378,104 @@ pub(super) unsafe fn wide_q8_tile_dot<const A: usize>(
             );
         }
     }
-    let mut out = [[0f32; WIDE]; A];
-    for a in 0..A {
-        _mm512_storeu_ps(out[a].as_mut_ptr(), _mm512_sub_ps(acc[a], offset[a]));
+    wide_finish(acc, offset)
+}
+
+/// Wide six-bit tiles (Q5_0, Q5_1, Q5_K, Q6_K): sixteen rows, one 32-bit lane each, as
+/// `wide_tile_dot`. The nibbles are laid out as there; per block, two 64-byte planes hold
+/// the high bit pairs in the same `[row][4 bytes]` order: in plane `g / 2`, bits
+/// `4 * (g % 2)..+2` of a byte are the top of group `g`'s value `i` (of the first 16) and
+/// the next two bits that of value `16 + i`. The sub-scales, `[2][16]` signed bytes per
+/// block (values 0..16, then 16..32), scale each half's sums in float; the bias is taken
+/// off each half's sums in integers, from the activations' half sums.
+///
+/// # Safety
+/// As `wide_tile_dot`, with `quants` holding `kb * 256` bytes, `high` `kb * 128` and
+/// `subscales` `kb * 32`, and each activation row's `halves` `2 * kb` sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn wide_six_tile_dot<const A: usize>(
+    kb: usize,
+    scales: &[u16],
+    mins: &[u16],
+    quants: &[u8],
+    high: &[u8],
+    subscales: &[i8],
+    bias: u8,
+    acts: [ActRow; A],
+) -> [[f32; WIDE]; A] {
+    debug_assert!(scales.len() >= kb * WIDE && quants.len() >= kb * WIDE * 16);
+    debug_assert!(high.len() >= kb * WIDE * 8 && subscales.len() >= kb * WIDE * 2);
+    let with_mins = !mins.is_empty();
+    let low = _mm512_set1_epi8(0x0F);
+    let pair = _mm512_set1_epi8(0x30);
+    let bias = i32::from(bias);
+    let mut acc = [_mm512_setzero_ps(); A];
+    let mut offset = [_mm512_setzero_ps(); A];
+    for b in 0..kb {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+            scales.as_ptr().add(b * WIDE) as *const __m256i
+        ));
+        let sub = |half: usize| {
+            let bytes = _mm_loadu_si128(subscales.as_ptr().add((2 * b + half) * WIDE) as *const _);
+            _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+        };
+        let (d_lo, d_hi) = (sub(0), sub(1));
+        let constant = if with_mins {
+            _mm512_cvtph_ps(_mm256_loadu_si256(
+                mins.as_ptr().add(b * WIDE) as *const __m256i
+            ))
+        } else {
+            _mm512_setzero_ps()
+        };
+        let base = quants.as_ptr().add(b * WIDE * 16);
+        let planes = high.as_ptr().add(b * WIDE * 8);
+        let mut lo = [_mm512_setzero_si512(); 4];
+        let mut hi = [_mm512_setzero_si512(); 4];
+        for g in 0..4 {
+            let q = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
+            let h = _mm512_loadu_si512(planes.add((g / 2) * 64) as *const __m512i);
+            // Move this group's two pairs into bits 4-5 (16-bit shifts: what crosses
+            // between the bytes is masked off).
+            let (lo_top, hi_top) = if g % 2 == 0 {
+                (_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2))
+            } else {
+                (h, _mm512_srli_epi16(h, 2))
+            };
+            lo[g] = _mm512_or_si512(_mm512_and_si512(q, low), _mm512_and_si512(lo_top, pair));
+            hi[g] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(q, 4), low),
+                _mm512_and_si512(hi_top, pair),
+            );
+        }
+        for a in 0..A {
+            let act = acts[a];
+            let p = act.q.as_ptr().add(b * QK);
+            let mut s_lo = _mm512_setzero_si512();
+            let mut s_hi = _mm512_setzero_si512();
+            for g in 0..4 {
+                s_lo = _mm512_dpbusd_epi32(s_lo, lo[g], four_bytes(p.add(4 * g)));
+                s_hi = _mm512_dpbusd_epi32(s_hi, hi[g], four_bytes(p.add(16 + 4 * g)));
+            }
+            if bias != 0 {
+                let halves = act.halves.as_ptr().add(2 * b);
+                s_lo = _mm512_sub_epi32(s_lo, _mm512_set1_epi32(bias * i32::from(*halves)));
+                s_hi = _mm512_sub_epi32(s_hi, _mm512_set1_epi32(bias * i32::from(*halves.add(1))));
+            }
+            let sums = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(s_lo),
+                d_lo,
+                _mm512_mul_ps(_mm512_cvtepi32_ps(s_hi), d_hi),
+            );
+            acc[a] = _mm512_fmadd_ps(sums, _mm512_set1_ps(*act.d.get_unchecked(b)), acc[a]);
+            if with_mins {
+                offset[a] = _mm512_fmadd_ps(
+                    constant,
+                    _mm512_set1_ps(*act.offset.get_unchecked(b)),
+                    offset[a],
+                );
+            }
+        }
     }
-    out
+    wide_finish(acc, offset)
 }

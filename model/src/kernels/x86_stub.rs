@@ -67,3 +67,18 @@ pub(super) unsafe fn wide_q8_tile_dot<const A: usize>(
 ) -> [[f32; WIDE]; A] {
     unreachable!("the wide kernels only run on x86-64")
 }
+
+/// Never called: `available()` is false off x86-64.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn wide_six_tile_dot<const A: usize>(
+    _: usize,
+    _: &[u16],
+    _: &[u16],
+    _: &[u8],
+    _: &[u8],
+    _: &[i8],
+    _: u8,
+    _: [ActRow; A],
+) -> [[f32; WIDE]; A] {
+    unreachable!("the wide kernels only run on x86-64")
+}
