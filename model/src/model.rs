@@ -129,16 +129,35 @@ enum Matrix {
 impl Matrix {
     /// `x [rows, k]` times the transposed matrix: `[rows, n]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Matrix::Candle(m) => Ok(m.forward(x)?),
-            Matrix::Quant(t) => {
-                own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out))
-            }
-            Matrix::F16(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out)),
-            Matrix::Dense(t) => {
-                own_kernel(x, t.rows(), t.cols(), |xs, m, out| t.matmul(xs, m, out))
-            }
+        match (self, self.shape()) {
+            (Matrix::Candle(m), _) => Ok(m.forward(x)?),
+            (_, Some((n, k))) => own_kernel(x, n, k, |xs, m, out| {
+                self.matmul_into(xs, m, out);
+            }),
+            (_, None) => unreachable!("only candle's matrices have no shape of ours"),
         }
+    }
+
+    /// `(n, k)` where one of our kernels runs the matrix (`None` on candle's).
+    fn shape(&self) -> Option<(usize, usize)> {
+        match self {
+            Matrix::Candle(_) => None,
+            Matrix::Quant(t) => Some((t.rows(), t.cols())),
+            Matrix::F16(t) => Some((t.rows(), t.cols())),
+            Matrix::Dense(t) => Some((t.rows(), t.cols())),
+        }
+    }
+
+    /// `out [m, n] = x [m, k]` times the transposed matrix, on our kernels; false (and
+    /// nothing written) where the matrix runs on candle's.
+    fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> bool {
+        match self {
+            Matrix::Candle(_) => return false,
+            Matrix::Quant(t) => t.matmul(x, m, out),
+            Matrix::F16(t) => t.matmul(x, m, out),
+            Matrix::Dense(t) => t.matmul(x, m, out),
+        }
+        true
     }
 
     /// Rows `ids` of the matrix, dequantized: an embedding lookup.
@@ -169,10 +188,34 @@ fn own_kernel(
             "activations of width {width} for a matrix of {k} columns"
         )));
     }
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; m * n];
-    kernel(&xs, m, &mut out);
+    with_rows(x, |xs| kernel(xs, m, &mut out))?;
     Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// Runs `f` on `x`'s values as one row-major F32 slice: in place where `x` is a
+/// contiguous F32 tensor on the CPU (a prefill's activations are megabytes), copied
+/// otherwise.
+fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if x.dtype() == DType::F32 {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&cpu.as_slice::<f32>()?[start..end]));
+        }
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&xs))
+}
+
+/// The largest feed-forward scratch (in values) a compute thread keeps between forwards;
+/// a larger batch's is freed after it.
+const MLP_SCRATCH_KEPT: usize = 2 << 20;
+
+thread_local! {
+    /// A compute thread's feed-forward products, reused across layers and forwards.
+    static MLP_SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Rows `ids` of a `[_, k]` matrix, each written by `row(id, out)`.
@@ -736,11 +779,63 @@ impl Stage {
         let attn = Tensor::cat(&outputs, 0)?;
         let x = (x + b.o.forward(&attn)?)?;
         let h = b.ffn_norm.forward(&x)?;
-        let mlp = b
-            .down
-            .forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
-        Ok((x + mlp)?)
+        Ok((x + b.mlp(&h)?)?)
     }
+}
+
+impl Block {
+    /// The feed-forward network: `down(silu(gate(h)) * up(h))`.
+    fn mlp(&self, h: &Tensor) -> Result<Tensor> {
+        let (gate, up, down) = (&self.gate, &self.up, &self.down);
+        let biased = gate.bias.is_some() || up.bias.is_some() || down.bias.is_some();
+        let shapes = (gate.weight.shape(), up.weight.shape(), down.weight.shape());
+        let (Some((inter, k)), Some(up_shape), Some((n, down_k)), false) =
+            (shapes.0, shapes.1, shapes.2, biased)
+        else {
+            let products = (candle_nn::ops::silu(&gate.forward(h)?)? * up.forward(h)?)?;
+            return down.forward(&products);
+        };
+        let m = h.dim(0)?;
+        if up_shape != (inter, k) || down_k != inter || h.dim(1)? != k {
+            return Err(Error::InvalidBatch(format!(
+                "feed-forward of mismatched shapes: gate {inter}x{k}, up {up_shape:?}, down {n}x{down_k}, input {:?}",
+                h.dims()
+            )));
+        }
+        // Our kernels on all three: the two [m, inter] products (megabytes in a prefill)
+        // go into this thread's scratch, not into fresh tensors that the allocator maps
+        // and faults in page by page, four of them per layer.
+        // Taken out, not borrowed: while it waits on its parallel loops this thread may
+        // run another forward's work, which then finds the slot empty.
+        let mut scratch = MLP_SCRATCH.take();
+        scratch.resize(2 * m * inter, 0.0);
+        let (gated, ups) = scratch.split_at_mut(m * inter);
+        with_rows(h, |xs| {
+            gate.weight.matmul_into(xs, m, gated);
+            up.weight.matmul_into(xs, m, ups);
+        })?;
+        silu_times(gated, ups);
+        let mut out = vec![0f32; m * n];
+        down.weight.matmul_into(gated, m, &mut out);
+        if scratch.len() <= MLP_SCRATCH_KEPT {
+            MLP_SCRATCH.set(scratch);
+        }
+        Ok(Tensor::from_vec(out, (m, n), h.device())?)
+    }
+}
+
+/// `gated[i] = silu(gated[i]) * up[i]`, in parallel.
+fn silu_times(gated: &mut [f32], up: &[f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    gated
+        .par_chunks_mut(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(g, u)| {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
 }
 
 /// The threads every forward computes on: one per core (or `RAYON_NUM_THREADS`), as
