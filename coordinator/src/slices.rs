@@ -3,6 +3,7 @@
 //! the coordinator's copy of the model), loading, and wiring the stages back to front.
 //! Every call has a deadline.
 
+use std::io::{Read, Seek};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +23,11 @@ use crate::planner::{Plan, StagePlan};
 use crate::registry::{Held, WorkerState};
 use crate::Shared;
 
-/// Bytes per load message.
-const LOAD_CHUNK: usize = 1 << 20;
+/// Bytes per load message: under glibc's 1 MiB mapping threshold (set in the binary), so
+/// each message's buffer comes from the heap, reused, rather than mapped and faulted in.
+const LOAD_CHUNK: usize = 1 << 19;
 /// Load messages read ahead of the network.
-const LOAD_QUEUE: usize = 4;
+const LOAD_QUEUE: usize = 8;
 /// How long wiring one stage, or asking what a cache lacks, may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// A load may take this long, plus the time its bytes need at [`SLOWEST_LINK`].
@@ -194,18 +196,26 @@ async fn stream(
             return Ok(());
         }
         for (i, (e, need)) in extents.iter().zip(&missing).enumerate() {
-            let file = std::fs::File::open(&e.path)?;
+            let mut file = std::fs::File::open(&e.path)?;
             for r in &need.ranges {
                 let (offset, length) = (r.offset, r.length);
                 let mut at = offset;
+                file.seek(std::io::SeekFrom::Start(offset))?;
                 while at < offset + length {
                     let n = ((offset + length - at) as usize).min(LOAD_CHUNK);
-                    let mut buf = vec![0u8; n];
-                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at)?;
+                    // Read into spare capacity: a zeroed buffer would be written twice.
+                    let mut buf = Vec::with_capacity(n);
+                    (&mut file).take(n as u64).read_to_end(&mut buf)?;
+                    if buf.len() != n {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("{} ends inside the slice", e.path.display()),
+                        ));
+                    }
                     let data = FileData {
                         file: i as u32,
                         offset: at,
-                        data: buf,
+                        data: buf.into(),
                     };
                     let msg = LoadChunk {
                         chunk: Some(Chunk::Data(data)),
