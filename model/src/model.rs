@@ -18,7 +18,7 @@ use crate::attention::{self, Heads, KvBuffer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
-use crate::kernels::{DenseMatrix, F16Matrix, QuantTiles, TileFormat};
+use crate::kernels::{DenseMatrix, F16Matrix, QuantTiles, QuantizedRows, TileFormat};
 use crate::kv::{KvCache, SeqId};
 
 /// Which part of the model a stage holds.
@@ -241,11 +241,50 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        self.add_bias(self.weight.forward(x)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Several projections of the same `x` (q, k and v): where all run on our tiles, the
+    /// activations are quantized once for all of them.
+    fn forward_shared<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let tiles: Vec<&Arc<QuantTiles>> = linears
+            .iter()
+            .filter_map(|l| match &l.weight {
+                Matrix::Quant(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        let (m, k) = x.dims2()?;
+        if tiles.len() != N || tiles.iter().any(|t| t.cols() != k) {
+            let mut out = Vec::with_capacity(N);
+            for l in linears {
+                out.push(l.forward(x)?);
+            }
+            return Ok(out.try_into().unwrap_or_else(|_| unreachable!("N outputs")));
+        }
+        let outputs = with_rows(x, |xs| {
+            let acts = QuantizedRows::new(xs, m, k);
+            tiles
+                .iter()
+                .map(|t| {
+                    let mut out = vec![0f32; m * t.rows()];
+                    t.matmul_quantized(&acts, &mut out);
+                    (out, t.rows())
+                })
+                .collect::<Vec<_>>()
+        })?;
+        let mut out = Vec::with_capacity(N);
+        for (l, (values, n)) in linears.iter().zip(outputs) {
+            out.push(l.add_bias(Tensor::from_vec(values, (m, n), x.device())?)?);
+        }
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
     }
 }
 
@@ -707,9 +746,10 @@ impl Stage {
         let rows = x.dim(0)?;
         let (heads, kv_heads, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let h = b.attn_norm.forward(x)?;
-        let q = b.q.forward(&h)?.reshape((rows, heads, hd))?;
-        let k = b.k.forward(&h)?.reshape((rows, kv_heads, hd))?;
-        let v = b.v.forward(&h)?.reshape((rows, kv_heads, hd))?;
+        let [q, k, v] = Linear::forward_shared([&b.q, &b.k, &b.v], &h)?;
+        let q = q.reshape((rows, heads, hd))?;
+        let k = k.reshape((rows, kv_heads, hd))?;
+        let v = v.reshape((rows, kv_heads, hd))?;
         let (q, k) = match (&b.q_norm, &b.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -810,9 +850,17 @@ impl Block {
         let mut scratch = MLP_SCRATCH.take();
         scratch.resize(2 * m * inter, 0.0);
         let (gated, ups) = scratch.split_at_mut(m * inter);
-        with_rows(h, |xs| {
-            gate.weight.matmul_into(xs, m, gated);
-            up.weight.matmul_into(xs, m, ups);
+        with_rows(h, |xs| match (&gate.weight, &up.weight) {
+            // One input: quantized once for both.
+            (Matrix::Quant(g), Matrix::Quant(u)) => {
+                let acts = QuantizedRows::new(xs, m, k);
+                g.matmul_quantized(&acts, gated);
+                u.matmul_quantized(&acts, ups);
+            }
+            _ => {
+                gate.weight.matmul_into(xs, m, gated);
+                up.weight.matmul_into(xs, m, ups);
+            }
         })?;
         silu_times(gated, ups);
         let mut out = vec![0f32; m * n];

@@ -402,10 +402,20 @@ impl QuantTiles {
         if m == 0 {
             return;
         }
-        let acts = quantize_rows(x, m, self.k);
-        let kb = self.k / QK;
+        self.matmul_quantized(&QuantizedRows::new(x, m, self.k), out);
+    }
+
+    /// As [`QuantTiles::matmul`], with activations quantized once for several matrices
+    /// that take the same input.
+    pub fn matmul_quantized(&self, acts: &QuantizedRows, out: &mut [f32]) {
+        let (m, kb) = (acts.m, self.k / QK);
+        assert_eq!(acts.k, self.k, "activations are not [m, k]");
+        assert_eq!(out.len(), m * self.n, "output is not [m, n]");
+        if m == 0 {
+            return;
+        }
         for_each_tile(self.n, m, self.height, out, |t, tile_out| {
-            self.tile(t, kb, &acts, m, tile_out)
+            self.tile(t, kb, &acts.rows, m, tile_out)
         });
     }
 
@@ -757,22 +767,81 @@ struct ActRow<'a> {
     halves: &'a [i16],
 }
 
-fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
-    let kb = k / QK;
-    let mut rows = Q8Rows {
-        q: vec![0i8; m * k],
-        d: vec![0f32; m * kb],
-        offset: vec![0f32; m * kb],
-        halves: vec![0i16; m * kb * 2],
-    };
+/// Activation rows `[m, k]` quantized for [`QuantTiles::matmul_quantized`].
+pub struct QuantizedRows {
+    rows: Q8Rows,
+    m: usize,
+    k: usize,
+}
+
+impl QuantizedRows {
+    /// Quantizes `x [m, k]` (`k` a multiple of 32), rows in parallel when there are
+    /// several: a prefill's are megabytes, and single-threaded they were a tenth of it.
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "activations are not [m, k]");
+        let kb = k / QK;
+        let mut rows = Q8Rows {
+            q: vec![0i8; m * k],
+            d: vec![0f32; m * kb],
+            offset: vec![0f32; m * kb],
+            halves: vec![0i16; m * kb * 2],
+        };
+        if m == 1 {
+            quantize_row(x, rows.as_mut(0, k));
+        } else if kb > 0 {
+            let rows_out = rows
+                .q
+                .par_chunks_mut(k)
+                .zip(rows.d.par_chunks_mut(kb))
+                .zip(rows.offset.par_chunks_mut(kb))
+                .zip(rows.halves.par_chunks_mut(2 * kb));
+            x.par_chunks(k)
+                .zip(rows_out)
+                .for_each(|(x, (((q, d), offset), halves))| {
+                    quantize_row(
+                        x,
+                        Q8Row {
+                            q,
+                            d,
+                            offset,
+                            halves,
+                        },
+                    )
+                });
+        }
+        QuantizedRows { rows, m, k }
+    }
+}
+
+/// One row of [`Q8Rows`], to be written.
+struct Q8Row<'a> {
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    offset: &'a mut [f32],
+    halves: &'a mut [i16],
+}
+
+impl Q8Rows {
+    /// Row `a` of rows `k` wide.
+    fn as_mut(&mut self, a: usize, k: usize) -> Q8Row<'_> {
+        let kb = k / QK;
+        Q8Row {
+            q: &mut self.q[a * k..(a + 1) * k],
+            d: &mut self.d[a * kb..(a + 1) * kb],
+            offset: &mut self.offset[a * kb..(a + 1) * kb],
+            halves: &mut self.halves[a * 2 * kb..(a + 1) * 2 * kb],
+        }
+    }
+}
+
+fn quantize_row(x: &[f32], row: Q8Row) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("sse4.1") {
         // SAFETY: the CPU was just found to support what the function is compiled for.
-        unsafe { quantize_blocks_avx2(x, &mut rows) };
-        return rows;
+        unsafe { quantize_blocks_avx2(x, row) };
+        return;
     }
-    quantize_blocks(x, &mut rows);
-    rows
+    quantize_blocks(x, row);
 }
 
 /// [`quantize_blocks`] compiled for AVX2: rounding is one instruction there (a library
@@ -782,19 +851,19 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
 /// The CPU must support AVX2 and SSE4.1.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,sse4.1")]
-unsafe fn quantize_blocks_avx2(x: &[f32], rows: &mut Q8Rows) {
-    quantize_blocks(x, rows)
+unsafe fn quantize_blocks_avx2(x: &[f32], row: Q8Row) {
+    quantize_blocks(x, row)
 }
 
 /// Each block of 32 values as 8-bit integers (rounded to nearest, ties to even, as
 /// llama.cpp's SIMD quantizers do) with its scale and `scale * sum(q)`.
 #[inline(always)]
-fn quantize_blocks(x: &[f32], rows: &mut Q8Rows) {
+fn quantize_blocks(x: &[f32], row: Q8Row) {
     let blocks = x
         .chunks_exact(QK)
-        .zip(rows.q.chunks_exact_mut(QK))
-        .zip(rows.d.iter_mut().zip(rows.offset.iter_mut()))
-        .zip(rows.halves.chunks_exact_mut(2));
+        .zip(row.q.chunks_exact_mut(QK))
+        .zip(row.d.iter_mut().zip(row.offset.iter_mut()))
+        .zip(row.halves.chunks_exact_mut(2));
     for (((block, q), (d, offset)), halves) in blocks {
         let amax = block.iter().fold(0f32, |acc, v| acc.max(v.abs()));
         let scale = amax / 127.0;
