@@ -138,6 +138,18 @@ impl Matrix {
         }
     }
 
+    /// As [`Matrix::forward`], with each activation row quantized in two terms on our
+    /// quantized kernels ([`QuantizedRows::two_term`]): for the LM head, whose input's
+    /// rounding goes straight into the logits. Float kernels take the input as it is.
+    fn forward_two_term(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Matrix::Quant(t) => own_kernel(x, t.rows(), t.cols(), |xs, m, out| {
+                t.matmul_two_term(xs, m, out)
+            }),
+            _ => self.forward(x),
+        }
+    }
+
     /// `(n, k)` where one of our kernels runs the matrix (`None` on candle's).
     fn shape(&self) -> Option<(usize, usize)> {
         match self {
@@ -687,7 +699,7 @@ impl Stage {
                         x.index_select(&idx, 0)?
                     }
                 };
-                let logits = head.forward(&norm.forward(&scored)?)?;
+                let logits = head.forward_two_term(&norm.forward(&scored)?)?;
                 Ok(StageOutput::Logits(logits.to_dtype(DType::F32)?))
             }
             _ => Ok(StageOutput::Hidden(x)),
