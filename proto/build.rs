@@ -20,9 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
-        // A slice's bytes arrive in megabyte messages: as `Bytes` they are a view of the
-        // received buffer, not a copy of it.
-        .bytes(".strata.v1.FileData.data")
         .compile_fds(fds)?;
     Ok(())
 }

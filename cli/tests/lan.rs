@@ -523,18 +523,32 @@ fn a_slow_link_is_measured_and_kept_off_the_path() {
 /// name its certificate is for.
 fn stage_data_address(status: &serde_json::Value, i: usize) -> (std::net::SocketAddr, String) {
     let id = status["plan"]["stages"][i]["worker"].as_str().unwrap();
-    let row = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == id)
-        .unwrap();
-    let control: std::net::SocketAddr = row["address"].as_str().unwrap().parse().unwrap();
-    let port = row["data_port"].as_u64().unwrap() as u16;
+    let control = stage_control_address(status, i);
+    let port = worker_row(status, id)["data_port"].as_u64().unwrap() as u16;
     (
         std::net::SocketAddr::new(control.ip(), port),
         strata_net::identity::worker_name(id),
     )
+}
+
+/// Worker `id`'s row of a status.
+fn worker_row<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == id)
+        .unwrap()
+}
+
+/// Stage `stage`'s control address, from a status.
+fn stage_control_address(status: &serde_json::Value, stage: usize) -> std::net::SocketAddr {
+    let id = status["plan"]["stages"][stage]["worker"].as_str().unwrap();
+    worker_row(status, id)["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The hostile-peer suite: a stranger on the LAN, and a peer that holds the join token or
@@ -700,6 +714,34 @@ fn hostile_peers_are_refused_while_the_cluster_serves() {
         );
     }
     serving_same(&cluster, "frames from a non-predecessor");
+
+    // 3b. The same member opens a slice load to stage 1 (it has a cluster certificate, so
+    // the TLS handshake passes): refused, as the coordinator's calls only are taken.
+    let (stage1_data, _) = stage_data_address(&status, 1);
+    let stage1_control = stage_control_address(&status, 1);
+    assert_eq!(stage1_data.ip(), stage1_control.ip());
+    let outcome = rt.block_on(attacker::slice_load(
+        &phantom,
+        here,
+        stage1_control,
+        &stage1_name,
+        "00ff",
+    ));
+    match &outcome {
+        strata_proto::v1::load_outcome::Outcome::Refused(r) => {
+            assert_eq!(r.code, tonic::Code::PermissionDenied as i32, "{r:?}");
+            eprintln!("a member's slice load: {}", r.message);
+        }
+        other => panic!("a member's slice load was taken: {other:?}"),
+    }
+    let said = stage1_proc.wait_for("refused a control call", Duration::from_secs(5));
+    eprintln!(
+        "stage 1: {}",
+        said.lines()
+            .find(|l| l.contains("refused a control call"))
+            .unwrap()
+    );
+    serving_same(&cluster, "a member's slice load");
 
     // 4. The same peer, removed by the operator (the coordinator's state directory):
     // its frames are refused, and so is a join with its key under another id.

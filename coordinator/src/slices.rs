@@ -4,16 +4,19 @@
 //! Every call has a deadline.
 
 use std::io::{Read, Seek};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_model::Slice;
 use strata_net::identity::{worker_name, COORDINATOR_NAME};
-use strata_proto::v1::load_chunk::Chunk;
+use strata_net::slice_stream::{read_message, write_message, PieceHead};
+use strata_proto::v1::load_outcome::Outcome;
 use strata_proto::v1::worker_control_client::WorkerControlClient;
-use strata_proto::v1::{ByteRange, FileData, LoadChunk, LoadHeader, SliceFile, WireRequest};
+use strata_proto::v1::{ByteRange, LoadHeader, LoadOutcome, LoadResponse, SliceFile, WireRequest};
 use strata_proto::PROTOCOL_VERSION;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tracing::info;
@@ -23,10 +26,10 @@ use crate::planner::{Plan, StagePlan};
 use crate::registry::{Held, WorkerState};
 use crate::Shared;
 
-/// Bytes per load message: under glibc's 1 MiB mapping threshold (set in the binary), so
-/// each message's buffer comes from the heap, reused, rather than mapped and faulted in.
+/// Bytes per piece of a load: under glibc's 1 MiB mapping threshold (set in the binary),
+/// so each piece's buffer comes from the heap, reused, rather than mapped and faulted in.
 const LOAD_CHUNK: usize = 1 << 19;
-/// Load messages read ahead of the network.
+/// Pieces read ahead of the network.
 const LOAD_QUEUE: usize = 8;
 /// How long wiring one stage, or asking what a cache lacks, may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -83,17 +86,17 @@ fn header(shared: &Shared, held: &Held, reserved: u64, epoch: u64, prefetch: boo
     }
 }
 
-/// The worker's control client, and its load progress counter.
+/// The worker's control client, its control address, and its load progress counter.
 fn client_of(
     shared: &Shared,
     worker: &str,
-) -> Result<(WorkerControlClient<Channel>, Arc<AtomicU64>)> {
+) -> Result<(WorkerControlClient<Channel>, SocketAddr, Arc<AtomicU64>)> {
     let registry = shared.registry();
     let w = registry
         .workers
         .get(worker)
         .ok_or_else(|| Error::Unavailable(format!("worker {worker} left")))?;
-    Ok((w.client.clone(), w.load_done.clone()))
+    Ok((w.client.clone(), w.control_addr, w.load_done.clone()))
 }
 
 /// Sends `worker` what its cache lacks of slice `held`: only into the cache when
@@ -107,7 +110,7 @@ pub async fn send(
     prefetch: bool,
 ) -> Result<u64> {
     let header = header(shared, held, reserved, epoch, prefetch);
-    let (mut client, progress) = client_of(shared, worker)?;
+    let (mut client, control_addr, progress) = client_of(shared, worker)?;
     let missing = tokio::time::timeout(CALL_TIMEOUT, client.missing(header.clone()))
         .await
         .map_err(|_| Error::Unavailable(format!("asking {worker} for its cache timed out")))?
@@ -134,7 +137,11 @@ pub async fn send(
     );
     let started = Instant::now();
     let deadline = LOAD_BASE + Duration::from_secs_f64(to_send as f64 / SLOWEST_LINK);
-    let streamed = stream(shared, header, missing, &mut client, progress, &what);
+    let to = Destination {
+        worker,
+        address: control_addr,
+    };
+    let streamed = stream(shared, header, missing, to, progress, &what);
     let reply = tokio::time::timeout(deadline, streamed)
         .await
         .map_err(|_| Error::Unavailable(format!("{what} took longer than {deadline:?}")))
@@ -168,88 +175,128 @@ pub async fn send(
     Ok(reply.bytes_received)
 }
 
-/// Streams the header and the `missing` ranges; returns the worker's answer.
+/// Where a slice load goes: a worker, at its control address.
+struct Destination<'a> {
+    worker: &'a str,
+    address: SocketAddr,
+}
+
+/// Streams the header and the `missing` ranges on a slice-load connection (raw bytes on
+/// mutual TLS, as `strata_net::slice_stream` frames them); returns the worker's answer.
 async fn stream(
     shared: &Arc<Shared>,
     header: LoadHeader,
     missing: Vec<SliceFile>,
-    client: &mut WorkerControlClient<Channel>,
+    to: Destination<'_>,
     progress: Arc<AtomicU64>,
     what: &str,
-) -> Result<strata_proto::v1::LoadResponse> {
+) -> Result<LoadResponse> {
     let (_, extents) = shared.model().file.slice_extents(&Slice {
         layers: header.layer_start as usize..header.layer_end as usize,
         embed: header.embed,
         head: header.head,
     });
+    let failed = |e: &dyn std::fmt::Display| Error::Unavailable(format!("{what}: {e}"));
+    let tls = shared
+        .identity()
+        .slice_client_config()
+        .map_err(|e| failed(&e))?;
+    let name =
+        rustls_pki_types::ServerName::try_from(worker_name(to.worker)).map_err(|e| failed(&e))?;
+    let socket = tokio::time::timeout(CALL_TIMEOUT, tokio::net::TcpStream::connect(to.address))
+        .await
+        .map_err(|_| failed(&"connecting timed out"))?
+        .map_err(|e| failed(&e))?;
+    socket.set_nodelay(true).map_err(|e| failed(&e))?;
+    let mut connection = tokio::time::timeout(
+        CALL_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(name, socket),
+    )
+    .await
+    .map_err(|_| failed(&"the TLS handshake timed out"))?
+    .map_err(|e| failed(&e))?;
+    write_message(&mut connection, &header)
+        .await
+        .map_err(|e| failed(&e))?;
+
     let total: u64 = missing
         .iter()
         .flat_map(|f| f.ranges.iter().map(|r| r.length))
         .sum();
-    let (tx, rx) = mpsc::channel::<LoadChunk>(LOAD_QUEUE);
-    let mut bar = strata_net::progress::Progress::bytes(what.to_string(), total);
-    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let head = LoadChunk {
-            chunk: Some(Chunk::Header(header)),
-        };
-        if tx.blocking_send(head).is_err() {
-            return Ok(());
-        }
-        for (i, (e, need)) in extents.iter().zip(&missing).enumerate() {
-            let mut file = std::fs::File::open(&e.path)?;
-            for r in &need.ranges {
-                let (offset, length) = (r.offset, r.length);
-                let mut at = offset;
-                file.seek(std::io::SeekFrom::Start(offset))?;
-                while at < offset + length {
-                    let n = ((offset + length - at) as usize).min(LOAD_CHUNK);
-                    // Read into spare capacity: a zeroed buffer would be written twice.
-                    let mut buf = Vec::with_capacity(n);
-                    (&mut file).take(n as u64).read_to_end(&mut buf)?;
-                    if buf.len() != n {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!("{} ends inside the slice", e.path.display()),
-                        ));
-                    }
-                    let data = FileData {
-                        file: i as u32,
-                        offset: at,
-                        data: buf.into(),
-                    };
-                    let msg = LoadChunk {
-                        chunk: Some(Chunk::Data(data)),
-                    };
-                    if tx.blocking_send(msg).is_err() {
-                        return Ok(());
-                    }
-                    progress.fetch_add(n as u64, Ordering::Relaxed);
-                    bar.advance(n as u64);
-                    at += n as u64;
-                }
-            }
-        }
-        bar.finish("sent");
-        Ok(())
-    });
-    let reply = client
-        .load(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| Error::Unavailable(format!("{what}: {}", s.message())));
+    let (tx, mut rx) = mpsc::channel::<(PieceHead, Vec<u8>)>(LOAD_QUEUE);
+    let bar = strata_net::progress::Progress::bytes(what.to_string(), total);
+    let reader = tokio::task::spawn_blocking(move || read_pieces(&extents, &missing, &tx, bar));
+    while let Some((head, piece)) = rx.recv().await {
+        connection
+            .write_all(&head.encode())
+            .await
+            .map_err(|e| failed(&e))?;
+        connection.write_all(&piece).await.map_err(|e| failed(&e))?;
+        progress.fetch_add(piece.len() as u64, Ordering::Relaxed);
+    }
     match reader.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return Err(Error::Unavailable(format!(
-                "reading the model for {what}: {e}"
-            )))
+        Ok(Err(e)) => return Err(failed(&format!("reading the model: {e}"))),
+        Err(e) => return Err(failed(&format!("reading the model: {e}"))),
+    }
+    connection
+        .write_all(&PieceHead::end())
+        .await
+        .map_err(|e| failed(&e))?;
+    connection.flush().await.map_err(|e| failed(&e))?;
+    // The worker answers once the slice is loaded (the caller's deadline bounds it).
+    let outcome: LoadOutcome = read_message(&mut connection)
+        .await
+        .map_err(|e| failed(&format!("no answer from the worker: {e}")))?;
+    match outcome.outcome {
+        Some(Outcome::Loaded(loaded)) => Ok(loaded),
+        Some(Outcome::Refused(refused)) => {
+            Err(Error::Unavailable(format!("{what}: {}", refused.message)))
         }
-        Err(e) => {
-            return Err(Error::Unavailable(format!(
-                "reading the model for {what}: {e}"
-            )))
+        None => Err(failed(&"the worker answered nothing")),
+    }
+}
+
+/// Reads the `missing` ranges of the slice's files (`extents`) in pieces, in order, into
+/// `pieces`; stops early, and quietly, when the sender has given up.
+fn read_pieces(
+    extents: &[strata_model::FileExtent],
+    missing: &[SliceFile],
+    pieces: &mpsc::Sender<(PieceHead, Vec<u8>)>,
+    mut bar: strata_net::progress::Progress,
+) -> std::io::Result<()> {
+    for (i, (e, need)) in extents.iter().zip(missing).enumerate() {
+        let mut file = std::fs::File::open(&e.path)?;
+        for r in &need.ranges {
+            let (offset, length) = (r.offset, r.length);
+            let mut at = offset;
+            file.seek(std::io::SeekFrom::Start(offset))?;
+            while at < offset + length {
+                let n = ((offset + length - at) as usize).min(LOAD_CHUNK);
+                // Read into spare capacity: a zeroed buffer would be written twice.
+                let mut piece = Vec::with_capacity(n);
+                (&mut file).take(n as u64).read_to_end(&mut piece)?;
+                if piece.len() != n {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} ends inside the slice", e.path.display()),
+                    ));
+                }
+                let head = PieceHead {
+                    file: i as u32,
+                    offset: at,
+                    length: n as u32,
+                };
+                if pieces.blocking_send((head, piece)).is_err() {
+                    return Ok(());
+                }
+                bar.advance(n as u64);
+                at += n as u64;
+            }
         }
     }
-    Ok(reply?.into_inner())
+    bar.finish("sent");
+    Ok(())
 }
 
 /// Wires the plan's stages back to front (so each next hop listens when its sender

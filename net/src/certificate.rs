@@ -134,12 +134,12 @@ impl Identity {
     }
 
     /// TLS 1.3 server side with client certificates required, verified against the CA.
-    fn mutual_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig> {
+    fn mutual_server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig> {
         let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(self.client_verifier()?)
             .with_cert_resolver(self.presented(false));
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(tls)
     }
 
@@ -156,7 +156,7 @@ impl Identity {
     /// QUIC server side: TLS 1.3, ALPN `strata/1`, client certificates required and
     /// verified against the cluster CA.
     pub fn quic_server_config(&self) -> Result<quinn::ServerConfig> {
-        let tls = self.mutual_server(strata_proto::DATA_ALPN)?;
+        let tls = self.mutual_server(&[strata_proto::DATA_ALPN])?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| Error::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -177,10 +177,18 @@ impl Identity {
         Ok(config)
     }
 
-    /// gRPC server side (a worker's control service): HTTP/2, client certificates
-    /// required.
-    pub fn grpc_server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
-        Ok(Arc::new(self.mutual_server(b"h2")?))
+    /// A worker's control port: gRPC (HTTP/2) and slice loads
+    /// ([`SLICE_ALPN`](strata_proto::SLICE_ALPN)), client certificates required.
+    pub fn control_server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        Ok(Arc::new(
+            self.mutual_server(&[b"h2", strata_proto::SLICE_ALPN])?,
+        ))
+    }
+
+    /// A slice load's client side (the coordinator sending one to a worker), presenting
+    /// this identity.
+    pub fn slice_client_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        Ok(Arc::new(self.mutual_client(strata_proto::SLICE_ALPN)?))
     }
 
     /// gRPC client side (the coordinator's calls to a worker): HTTP/2, presenting this

@@ -9,6 +9,8 @@
 //!   configurations that present it;
 //! - [`frame`]: the data-plane frame (a prost header and raw tensor bytes), pure encode,
 //!   decode and validation;
+//! - [`slice_stream`]: the framing of a slice load on a worker's control port (raw bytes
+//!   on TLS, ALPN `strata-slices/1`);
 //! - [`transport`]: the QUIC data plane (quinn, ALPN `strata/1`) that carries frames;
 //! - [`discovery`]: mDNS announce and browse (`_strata._udp.local.`);
 //! - [`operator`]: the operator credential that signs cluster changes (drain, remove);
@@ -38,6 +40,7 @@ pub mod listen;
 pub mod memory;
 pub mod operator;
 pub mod progress;
+pub mod slice_stream;
 pub mod transport;
 
 pub use error::{Error, Result};

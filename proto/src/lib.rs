@@ -20,11 +20,21 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// Version of the control and data-plane messages. A peer with another version is refused
 /// with a message naming both. 2: samplers resume at a random-stream position (replay).
 /// 3: prompts travel in pieces (`FrameChunk.partial`) and runs reserve KV positions.
-/// 4: joins are challenged, over TLS.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: joins are challenged, over TLS. 5: slices travel on a TLS stream of their own
+/// ([`SLICE_ALPN`]), not in gRPC messages.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN of the data plane: names the frame format version.
 pub const DATA_ALPN: &[u8] = b"strata/1";
+
+/// ALPN of a slice load on a worker's control port (see `LoadOutcome` in control.proto).
+pub const SLICE_ALPN: &[u8] = b"strata-slices/1";
+
+/// Largest load header or load outcome accepted, in bytes.
+pub const MAX_LOAD_MESSAGE_BYTES: u32 = 16 << 20;
+
+/// Largest piece of a slice load accepted, in bytes.
+pub const MAX_SLICE_PIECE_BYTES: u32 = 4 << 20;
 
 /// Largest frame header accepted, in bytes.
 pub const MAX_FRAME_HEADER_BYTES: usize = 1 << 20;

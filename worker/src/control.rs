@@ -1,5 +1,5 @@
-//! The worker's control service (`WorkerControl`, gRPC over mutual TLS): receives its
-//! slice's bytes and loads them, wires its output to the next hop, answers heartbeats,
+//! The worker's control service (`WorkerControl`, gRPC over mutual TLS): says what its
+//! cache lacks of a slice (the bytes themselves arrive as `slice_load` says), wires its output to the next hop, answers heartbeats,
 //! and unloads. Only the coordinator that admitted this worker may call it: every call's
 //! client certificate must be exactly the one the join answer named.
 
@@ -9,29 +9,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use strata_model::{ModelFile, Slice, Stage};
-use strata_proto::v1::load_chunk::Chunk;
 use strata_proto::v1::worker_control_server::WorkerControl;
 use strata_proto::v1::{
-    HealthRequest, HealthResponse, HeldSlice, LinkMeasurement, LoadChunk, LoadHeader, LoadResponse,
-    MissingResponse, ProbeRequest, ProbeResponse, ProbeTarget, RenewRequest, RenewResponse,
-    UnloadRequest, UnloadResponse, WireRequest, WireResponse, WorkerInfo,
+    HealthRequest, HealthResponse, HeldSlice, LinkMeasurement, LoadHeader, MissingResponse,
+    ProbeRequest, ProbeResponse, ProbeTarget, RenewRequest, RenewResponse, UnloadRequest,
+    UnloadResponse, WireRequest, WireResponse, WorkerInfo,
 };
-use strata_proto::PROTOCOL_VERSION;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn, Instrument};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
 
 use strata_model::WireType;
 use strata_net::frame::Frame;
 use strata_net::identity::{self, Identity};
-use strata_net::progress::Progress;
 use strata_net::{memory, transport};
 
-use crate::cache::{CacheError, SliceCache};
+use crate::cache::SliceCache;
 use crate::senders::Senders;
-use crate::stage::{Command, StageHandle, StageState, StageStats, Wiring};
+use crate::stage::{Command, StageHandle, StageStats, Wiring};
 
 /// A wiring request as the stage takes it: the next hop's address, and the stage's
 /// epoch, wire type and KV budget. Pure, so the fuzz target runs it on anything.
@@ -127,13 +123,18 @@ pub struct ControlService {
 
 impl ControlService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let ok = req.peer_certs().is_some_and(|certs| {
-            certs
-                .first()
-                .and_then(|c| identity::key_fingerprint_of_cert(c))
-                .as_deref()
-                == Some(self.coordinator_key.as_str())
-        });
+        let certs = req.peer_certs();
+        self.authorize_certificate(certs.as_ref().and_then(|c| c.first()))
+    }
+
+    /// As [`ControlService::authorize`], for the client certificate `presented`.
+    pub(crate) fn authorize_certificate(
+        &self,
+        presented: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Result<(), Status> {
+        let ok = presented
+            .and_then(|c| identity::key_fingerprint_of_cert(c))
+            .is_some_and(|key| key == self.coordinator_key);
         if !ok {
             warn!("refused a control call: the caller is not the coordinator that admitted this worker");
             return Err(Status::permission_denied(
@@ -145,7 +146,7 @@ impl ControlService {
     }
 }
 
-fn status(e: impl std::fmt::Display) -> Status {
+pub(crate) fn status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -188,173 +189,15 @@ pub fn held_slice(stats: &StageStats) -> Option<HeldSlice> {
     })
 }
 
-fn cache_status(e: CacheError) -> Status {
-    match e {
-        CacheError::Invalid(m) => Status::invalid_argument(m),
-        io => Status::internal(io.to_string()),
-    }
-}
-
-impl ControlService {
-    /// Checks a load's header against this worker: version, budget.
-    fn admit_load(&self, header: &LoadHeader) -> Result<(), Status> {
-        if header.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "coordinator speaks protocol {}, this worker {PROTOCOL_VERSION}: run the same strata version on both",
-                header.protocol_version
-            )));
-        }
-        if header.reserved_bytes > self.memory_budget {
-            return Err(Status::resource_exhausted(format!(
-                "this slice needs {} bytes but worker {} accepts {} (--memory)",
-                header.reserved_bytes, self.info.id, self.memory_budget
-            )));
-        }
-        Ok(())
-    }
-
-    /// Receives what the cache lacks of the slice; returns the bytes received.
-    async fn receive(
-        &self,
-        header: &LoadHeader,
-        stream: &mut Streaming<LoadChunk>,
-    ) -> Result<u64, Status> {
-        let mut receiving = self.cache.receive(header).map_err(cache_status)?;
-        let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
-        let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
-        let mut received = 0u64;
-        while let Some(msg) = stream.message().await? {
-            match msg.chunk {
-                Some(Chunk::Data(d)) => {
-                    receiving
-                        .write(d.file, d.offset, &d.data)
-                        .map_err(cache_status)?;
-                    received += d.data.len() as u64;
-                    self.stage
-                        .stats
-                        .bytes_received
-                        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-                    progress.advance(d.data.len() as u64);
-                }
-                _ => return Err(Status::invalid_argument("a second header in a load stream")),
-            }
-        }
-        let durable = receiving.finish().map_err(|e| match e {
-            CacheError::Invalid(m) => Status::data_loss(m),
-            io => Status::internal(io.to_string()),
-        })?;
-        // Syncing hundreds of megabytes to disk is for the next start, not this load.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = durable.persist() {
-                warn!(cause = %e, "could not record a received slice in the cache; a later load sends it again");
-            }
-        });
-        progress.finish("received");
-        Ok(received)
-    }
-
-    /// Loads the slice the header names from the cache and installs it.
-    async fn install(&self, header: &LoadHeader) -> Result<u64, Status> {
-        let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
-        let loading = Progress::spinner(format!("loading {layers} into memory"));
-        let root = self.cache.model_root(header).map_err(cache_status)?;
-        let slice = Slice {
-            layers: header.layer_start as usize..header.layer_end as usize,
-            embed: header.embed,
-            head: header.head,
-        };
-        let device = self.device.clone();
-        let stage = tokio::task::spawn_blocking(move || -> strata_model::Result<Stage> {
-            let file = ModelFile::open(&root)?;
-            Stage::load(&file, slice, &device)
-        })
-        .await
-        .map_err(status)?
-        .map_err(|e| {
-            self.stage.stats.set_state(StageState::Idle);
-            Status::invalid_argument(format!("loading the slice: {e}"))
-        })?;
-        loading.finish("loaded");
-        let weight_bytes = stage.weight_bytes();
-        let digest = header.model_digest.clone();
-        self.stage
-            .call(|r| Command::Install(Box::new(stage), digest, r))
-            .await;
-        Ok(weight_bytes)
-    }
-}
-
 #[tonic::async_trait]
 impl WorkerControl for ControlService {
     async fn missing(&self, req: Request<LoadHeader>) -> Result<Response<MissingResponse>, Status> {
         self.authorize(&req)?;
-        let files = self.cache.missing(req.get_ref()).map_err(cache_status)?;
+        let files = self
+            .cache
+            .missing(req.get_ref())
+            .map_err(crate::slice_load::cache_status)?;
         Ok(Response::new(MissingResponse { files }))
-    }
-
-    async fn load(
-        &self,
-        req: Request<Streaming<LoadChunk>>,
-    ) -> Result<Response<LoadResponse>, Status> {
-        self.authorize(&req)?;
-        let started = Instant::now();
-        let mut stream = req.into_inner();
-        let header = match stream.message().await?.and_then(|m| m.chunk) {
-            Some(Chunk::Header(h)) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a load stream starts with its header",
-                ))
-            }
-        };
-        self.admit_load(&header)?;
-        let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end), prefetch = header.prefetch);
-        async {
-            let total: u64 = header
-                .files
-                .iter()
-                .flat_map(|f| f.ranges.iter().map(|r| r.length))
-                .sum();
-            if !header.prefetch {
-                // Free the old slice first: the budget must hold one slice, never two.
-                self.stage.call(Command::Unload).await;
-                self.stage.stats.set_state(StageState::Loading);
-            }
-            let receiving = Instant::now();
-            let received = self.receive(&header, &mut stream).await.inspect_err(|_| {
-                if !header.prefetch {
-                    self.stage.stats.set_state(StageState::Idle);
-                }
-            })?;
-            let receive_ms = receiving.elapsed().as_millis() as u64;
-            let weight_bytes = if header.prefetch {
-                0
-            } else {
-                self.install(&header).await?
-            };
-            info!(
-                weight_bytes,
-                received_bytes = received,
-                cached_bytes = total.saturating_sub(received),
-                receive_ms,
-                ms = started.elapsed().as_millis() as u64,
-                "{}",
-                if header.prefetch {
-                    "slice prefetched"
-                } else {
-                    "slice loaded"
-                }
-            );
-            Ok(Response::new(LoadResponse {
-                weight_bytes,
-                resident_bytes: memory::resident_bytes(),
-                load_ms: started.elapsed().as_millis() as u64,
-                bytes_received: received,
-                bytes_cached: total.saturating_sub(received),
-            }))
-        }
-        .instrument(span)
-        .await
     }
 
     async fn wire(&self, req: Request<WireRequest>) -> Result<Response<WireResponse>, Status> {

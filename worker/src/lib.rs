@@ -3,6 +3,8 @@
 //! - [`stage`]: the stage core (sans-IO: frames in, a batched forward, frames out) and the
 //!   compute thread around it;
 //! - [`control`]: the `WorkerControl` gRPC service the coordinator drives;
+//! - `slice_load`: a slice's bytes from the coordinator, raw on TLS on the control port,
+//!   into the cache and memory;
 //! - [`cache`]: received slices on disk by model digest, so nothing is sent twice;
 //! - [`senders`]: who may send this stage frames (the coordinator, the planned
 //!   predecessor in its epoch);
@@ -32,6 +34,7 @@ pub mod error;
 mod join;
 pub mod senders;
 mod session;
+mod slice_load;
 pub mod speed;
 pub mod stage;
 

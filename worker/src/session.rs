@@ -303,21 +303,23 @@ async fn session(
     // Only the coordinator passes the mutual TLS; others' connections are bounded all the
     // same, as are the calls on one.
     // (The TLS is ours, not tonic's, so a renewed certificate reaches new connections.)
-    let tls = joined.identity.grpc_server_config()?;
+    let tls = joined.identity.control_server_config()?;
+    let service = Arc::new(service);
+    let connections = split_slice_loads(
+        strata_net::api_tls::tls_only(
+            strata_net::listen::Bounded::new(listener, CONTROL_CONNECTIONS),
+            tls,
+        ),
+        service.clone(),
+    );
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(CONTROL_STREAMS))
         // HTTP/2's default 64 KiB windows hold a slice's push to a few hundred MB/s even
         // on loopback: the window is what the coordinator may send before we ack.
         .initial_stream_window_size(Some(LOAD_WINDOW))
         .initial_connection_window_size(Some(2 * LOAD_WINDOW))
-        .add_service(WorkerControlServer::new(service))
-        .serve_with_incoming_shutdown(
-            strata_net::api_tls::tls_only(
-                strata_net::listen::Bounded::new(listener, CONTROL_CONNECTIONS),
-                tls,
-            ),
-            async move { server_cancel.cancelled().await },
-        );
+        .add_service(WorkerControlServer::from_arc(service))
+        .serve_with_incoming_shutdown(connections, async move { server_cancel.cancelled().await });
     let server = tokio::spawn(server);
     info!(
         id = %joined.id,
@@ -342,4 +344,30 @@ async fn session(
     endpoint.close(0u32.into(), b"worker leaving");
     endpoint.wait_idle().await;
     Ok(rejoin)
+}
+
+/// The control port's connections for gRPC; those that negotiated a slice load
+/// ([`strata_proto::SLICE_ALPN`]) are served here instead, each on a task of its own.
+fn split_slice_loads(
+    connections: impl futures::Stream<Item = std::io::Result<crate::slice_load::SliceConnection>>,
+    service: Arc<ControlService>,
+) -> impl futures::Stream<Item = std::io::Result<crate::slice_load::SliceConnection>> {
+    use futures::StreamExt;
+    connections.filter_map(move |connection| {
+        let service = service.clone();
+        async move {
+            match connection {
+                Ok(c) if c.get_ref().1.alpn_protocol() == Some(strata_proto::SLICE_ALPN) => {
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = service.cancel.cancelled() => {}
+                            _ = service.serve_slice_load(c) => {}
+                        }
+                    });
+                    None
+                }
+                other => Some(other),
+            }
+        }
+    })
 }

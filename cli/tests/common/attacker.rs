@@ -138,3 +138,48 @@ pub async fn send_frame(
     endpoint.close(0u32.into(), b"done");
     Ok(delivery)
 }
+
+/// Opens a slice load to the worker at `control` (whose certificate is for `server_name`)
+/// from `bind`, as `identity`, and sends a header for a slice of `model_digest` and one
+/// piece; returns what the worker answered.
+pub async fn slice_load(
+    identity: &Identity,
+    bind: std::net::IpAddr,
+    control: SocketAddr,
+    server_name: &str,
+    model_digest: &str,
+) -> strata_proto::v1::load_outcome::Outcome {
+    use strata_net::slice_stream::{read_message, write_message, PieceHead};
+    use strata_proto::v1::{LoadHeader, LoadOutcome};
+    use tokio::io::AsyncWriteExt;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(bind, 0)).unwrap();
+    let socket = socket.connect(control).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(identity.slice_client_config().unwrap())
+        .connect(name, socket)
+        .await
+        .unwrap();
+    let header = LoadHeader {
+        protocol_version: PROTOCOL_VERSION,
+        model_digest: model_digest.into(),
+        prefetch: true,
+        ..Default::default()
+    };
+    write_message(&mut tls, &header).await.unwrap();
+    let piece = PieceHead {
+        file: 0,
+        offset: 0,
+        length: 4,
+    };
+    // The worker may have answered and closed already: what it answered is the result.
+    let _ = tls.write_all(&piece.encode()).await;
+    let _ = tls.write_all(b"evil").await;
+    let outcome: LoadOutcome =
+        tokio::time::timeout(Duration::from_secs(10), read_message(&mut tls))
+            .await
+            .unwrap()
+            .unwrap();
+    outcome.outcome.unwrap()
+}
