@@ -437,12 +437,7 @@ impl QuantTiles {
     /// are row `a` and its residual): each term through the same kernel, then added, in
     /// that order, so a row's result does not depend on its neighbours.
     fn two_term_tile(&self, t: usize, kb: usize, acts: &Q8Rows, m: usize, out: &mut [f32]) {
-        let row = |a: usize| ActRow {
-            q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
-            d: &acts.d[a * kb..(a + 1) * kb],
-            offset: &acts.offset[a * kb..(a + 1) * kb],
-            halves: &acts.halves[a * 2 * kb..(a + 1) * 2 * kb],
-        };
+        let row = |a: usize| acts.row(a, kb);
         let h = self.height;
         let mut terms = [0f32; 4 * WIDE];
         let mut a = 0;
@@ -475,12 +470,7 @@ impl QuantTiles {
     /// One tile against every activation row, up to four rows at a time, into
     /// `out[m][height]`.
     fn tile(&self, t: usize, kb: usize, acts: &Q8Rows, m: usize, out: &mut [f32]) {
-        let row = |a: usize| ActRow {
-            q: &acts.q[a * kb * QK..(a + 1) * kb * QK],
-            d: &acts.d[a * kb..(a + 1) * kb],
-            offset: &acts.offset[a * kb..(a + 1) * kb],
-            halves: &acts.halves[a * 2 * kb..(a + 1) * 2 * kb],
-        };
+        let row = |a: usize| acts.row(a, kb);
         let h = self.height;
         let mut a = 0;
         while a < m {
@@ -930,6 +920,16 @@ struct Q8Row<'a> {
 }
 
 impl Q8Rows {
+    /// Stored row `a`, of `kb` blocks, to read.
+    fn row(&self, a: usize, kb: usize) -> ActRow<'_> {
+        ActRow {
+            q: &self.q[a * kb * QK..(a + 1) * kb * QK],
+            d: &self.d[a * kb..(a + 1) * kb],
+            offset: &self.offset[a * kb..(a + 1) * kb],
+            halves: &self.halves[a * 2 * kb..(a + 1) * 2 * kb],
+        }
+    }
+
     /// Row `a` of rows `k` wide.
     fn as_mut(&mut self, a: usize, k: usize) -> Q8Row<'_> {
         let kb = k / QK;
