@@ -35,6 +35,8 @@ const LOAD_QUEUE: usize = 8;
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// A load may take this long, plus the time its bytes need at [`SLOWEST_LINK`].
 const LOAD_BASE: Duration = Duration::from_secs(60);
+/// How long a worker's answer may take once sending to it failed (it refused, and closed).
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
 /// The slowest link (bytes/s) a load's deadline allows for: 10 MB/s.
 const SLOWEST_LINK: f64 = 10e6;
 
@@ -223,31 +225,33 @@ async fn stream(
         .iter()
         .flat_map(|f| f.ranges.iter().map(|r| r.length))
         .sum();
-    let (tx, mut rx) = mpsc::channel::<(PieceHead, Vec<u8>)>(LOAD_QUEUE);
+    let (tx, rx) = mpsc::channel::<(PieceHead, Vec<u8>)>(LOAD_QUEUE);
     let bar = strata_net::progress::Progress::bytes(what.to_string(), total);
     let reader = tokio::task::spawn_blocking(move || read_pieces(&extents, &missing, &tx, bar));
-    while let Some((head, piece)) = rx.recv().await {
-        connection
-            .write_all(&head.encode())
-            .await
-            .map_err(|e| failed(&e))?;
-        connection.write_all(&piece).await.map_err(|e| failed(&e))?;
-        progress.fetch_add(piece.len() as u64, Ordering::Relaxed);
-    }
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(failed(&format!("reading the model: {e}"))),
-        Err(e) => return Err(failed(&format!("reading the model: {e}"))),
-    }
-    connection
-        .write_all(&PieceHead::end())
-        .await
-        .map_err(|e| failed(&e))?;
-    connection.flush().await.map_err(|e| failed(&e))?;
-    // The worker answers once the slice is loaded (the caller's deadline bounds it).
-    let outcome: LoadOutcome = read_message(&mut connection)
-        .await
-        .map_err(|e| failed(&format!("no answer from the worker: {e}")))?;
+    let (mut from_worker, mut to_worker) = tokio::io::split(connection);
+    // The worker answers once the slice is loaded (the caller's deadline bounds that), or
+    // as soon as it refuses (a slice over its budget): then the rest is not sent.
+    let answer = read_message::<LoadOutcome, _>(&mut from_worker);
+    tokio::pin!(answer);
+    let outcome = tokio::select! {
+        early = &mut answer => early,
+        sent = send_pieces(&mut to_worker, rx, &progress) => match sent {
+            Ok(()) => {
+                match reader.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(failed(&format!("reading the model: {e}"))),
+                    Err(e) => return Err(failed(&format!("reading the model: {e}"))),
+                }
+                answer.await
+            }
+            // A worker that refused and closed: its reason is the better error.
+            Err(e) => match tokio::time::timeout(REFUSAL_WAIT, answer).await {
+                Ok(Ok(outcome)) => Ok(outcome),
+                _ => return Err(failed(&e)),
+            },
+        },
+    };
+    let outcome = outcome.map_err(|e| failed(&format!("no answer from the worker: {e}")))?;
     match outcome.outcome {
         Some(Outcome::Loaded(loaded)) => Ok(loaded),
         Some(Outcome::Refused(refused)) => {
@@ -255,6 +259,21 @@ async fn stream(
         }
         None => Err(failed(&"the worker answered nothing")),
     }
+}
+
+/// Writes each piece after its head, then the end, counting the bytes into `progress`.
+async fn send_pieces(
+    to_worker: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut pieces: mpsc::Receiver<(PieceHead, Vec<u8>)>,
+    progress: &AtomicU64,
+) -> std::io::Result<()> {
+    while let Some((head, piece)) = pieces.recv().await {
+        to_worker.write_all(&head.encode()).await?;
+        to_worker.write_all(&piece).await?;
+        progress.fetch_add(piece.len() as u64, Ordering::Relaxed);
+    }
+    to_worker.write_all(&PieceHead::end()).await?;
+    to_worker.flush().await
 }
 
 /// Reads the `missing` ranges of the slice's files (`extents`) in pieces, in order, into

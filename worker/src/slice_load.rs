@@ -77,7 +77,12 @@ impl ControlService {
                 outcome: Some(outcome),
             };
             write_message(&mut connection, &outcome).await?;
-            connection.shutdown().await
+            connection.shutdown().await?;
+            // Until the coordinator closes: closing with its pieces unread (a refusal comes
+            // before them) would reset the connection, and the answer with it.
+            // (It may close without a TLS close_notify: that ends the wait as well.)
+            let _ = tokio::io::copy(&mut connection, &mut tokio::io::sink()).await;
+            Ok::<(), std::io::Error>(())
         };
         match tokio::time::timeout(STALL, reply).await {
             Ok(Ok(())) => {}

@@ -140,8 +140,8 @@ pub async fn send_frame(
 }
 
 /// Opens a slice load to the worker at `control` (whose certificate is for `server_name`)
-/// from `bind`, as `identity`, and sends a header for a slice of `model_digest` and one
-/// piece; returns what the worker answered.
+/// from `bind`, as `identity`, and sends a header for a slice of `model_digest` and 8 MiB
+/// of pieces; returns what the worker answered.
 pub async fn slice_load(
     identity: &Identity,
     bind: std::net::IpAddr,
@@ -168,14 +168,18 @@ pub async fn slice_load(
         ..Default::default()
     };
     write_message(&mut tls, &header).await.unwrap();
-    let piece = PieceHead {
-        file: 0,
-        offset: 0,
-        length: 4,
-    };
-    // The worker may have answered and closed already: what it answered is the result.
-    let _ = tls.write_all(&piece.encode()).await;
-    let _ = tls.write_all(b"evil").await;
+    // 8 MiB of pieces, more than the sockets buffer: the worker refuses first, and must
+    // take (and drop) the rest rather than reset the connection and its answer with it.
+    let evil = vec![0xEEu8; 1 << 19];
+    for i in 0..16u64 {
+        let piece = PieceHead {
+            file: 0,
+            offset: i << 19,
+            length: 1 << 19,
+        };
+        tls.write_all(&piece.encode()).await.unwrap();
+        tls.write_all(&evil).await.unwrap();
+    }
     let outcome: LoadOutcome =
         tokio::time::timeout(Duration::from_secs(10), read_message(&mut tls))
             .await
