@@ -120,6 +120,51 @@ fn three_loopback_workers_match_one_process_for_f16_safetensors() {
 }
 
 #[test]
+fn drafted_steps_through_three_workers_give_the_tokens_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    let options = ClusterOptions {
+        serve_args: vec!["--draft".into(), "ngram".into()],
+        ..equal_speeds()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    three_distinct_stages(&cluster.wait_serving(3));
+    // A prompt in which its last token (7) is followed by every token of the vocabulary
+    // somewhere: whatever the first token sampled, prompt lookup finds the pair and
+    // drafts what followed it. Each step's drafts are kept or dropped on every stage, and
+    // the tokens must be one process's all the same.
+    let every_pair: Vec<String> = (0..512)
+        .flat_map(|t| [7, t])
+        .chain([7])
+        .map(|t| t.to_string())
+        .collect();
+    let every_pair = every_pair.join(",");
+    let mut drafted = 0;
+    for args in [
+        vec![
+            "--prompt-ids",
+            &every_pair,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+        ],
+        vec!["--prompt", PROMPTS[1], "--max-tokens", "32", "--ignore-eos"],
+    ] {
+        let local = local_generate(&model, &args);
+        let remote = cluster.generate(&args);
+        assert_eq!(tokens(&remote), tokens(&local), "{args:?}");
+        let t = &remote["timings"];
+        drafted += t["draft_tokens"].as_u64().unwrap();
+        assert!(t["passes"].as_u64().unwrap() <= 32, "{t}");
+    }
+    assert!(drafted > 0, "prompt lookup drafted nothing");
+}
+
+#[test]
 fn a_worker_measures_its_own_speed_with_a_real_layer_forward() {
     let (_dir, model) = small_gguf("q8_0");
     let options = ClusterOptions {

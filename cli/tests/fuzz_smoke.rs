@@ -156,6 +156,7 @@ fn frame() {
             attempt: 0,
             reserve: 40,
             partial: true,
+            draft: 0,
         }],
         activations: Some(strata_net::frame::Activations {
             wire: strata_model::WireType::F32,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::registry::state_name;
-use crate::sequence::{Delta, FinishReason, SequenceRequest, TokenLogprob, Usage};
+use crate::sequence::{Delta, FinishReason, SequenceRequest, TokenLogprob};
 use crate::{session, Shared};
 
 /// An OpenAI-shaped error.
@@ -296,12 +296,7 @@ fn finish_name(d: &Delta) -> Option<&'static str> {
 }
 
 fn usage_json(d: &Delta) -> Value {
-    let u = d.finish.map(|(_, u)| u).unwrap_or(Usage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        time_to_first_token_ms: 0.0,
-        decode_tokens_per_second: 0.0,
-    });
+    let u = d.finish.map(|(_, u)| u).unwrap_or_default();
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
            "total_tokens": u.prompt_tokens + u.completion_tokens})
 }

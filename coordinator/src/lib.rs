@@ -68,7 +68,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_model::{ChatTemplate, ModelFile, Tokenizer, WireType};
+use strata_model::{
+    ChatTemplate, Drafter, ModelDrafter, ModelFile, NgramDrafter, Tokenizer, WireType,
+};
 use strata_net::identity::{ClusterCa, COORDINATOR_NAME};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,6 +80,7 @@ pub use error::{Error, Result};
 #[doc(hidden)]
 pub use http::check_request_body;
 use planner::{ModelProfile, PlanOptions};
+pub use sequence::DraftPolicy;
 use shared::{Parts, Shared};
 
 /// How the coordinator runs. Built by the CLI.
@@ -123,6 +126,68 @@ pub struct CoordinatorConfig {
     /// How long the certificates the CA issues (the workers', the coordinator's own) are
     /// valid; members' are renewed at half of it (default 24 h).
     pub cert_lifetime: Duration,
+    /// Speculative decoding: where drafts come from (default none).
+    pub draft: Draft,
+    /// How many drafts a step carries.
+    pub draft_policy: DraftPolicy,
+}
+
+/// Where speculative decoding's drafts come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Draft {
+    /// No drafts: one token per pass.
+    None,
+    /// Prompt lookup: what followed the history's last tokens earlier in it.
+    Ngram,
+    /// A small model with the main model's tokenizer, run on the coordinator.
+    Model(PathBuf),
+}
+
+/// A served model's drafts, ready to hand each answer a drafter of its own.
+#[derive(Debug)]
+pub enum DraftSource {
+    /// Prompt lookup.
+    Ngram,
+    /// A loaded draft model (shared, read-only; each drafter keeps its own cache).
+    Model {
+        /// Its file name.
+        name: String,
+        /// The whole model, as one stage.
+        stage: Arc<strata_model::Stage>,
+    },
+}
+
+impl DraftSource {
+    /// Loads what `draft` names, checking a draft model's tokenizer against `tokenizer`.
+    pub fn open(draft: &Draft, tokenizer: &Tokenizer) -> Result<Option<Self>> {
+        Ok(match draft {
+            Draft::None => None,
+            Draft::Ngram => Some(DraftSource::Ngram),
+            Draft::Model(path) => {
+                let stage = strata_model::draft::load_draft_model(path, tokenizer)?;
+                let name = path
+                    .file_name()
+                    .map_or_else(|| "draft".into(), |n| n.to_string_lossy().into_owned());
+                Some(DraftSource::Model { name, stage })
+            }
+        })
+    }
+
+    /// A drafter for one answer.
+    pub fn drafter(&self) -> Box<dyn Drafter> {
+        match self {
+            DraftSource::Ngram => Box::new(NgramDrafter::new()),
+            DraftSource::Model { stage, .. } => Box::new(ModelDrafter::new(stage.clone())),
+        }
+    }
+
+    /// What it is, for logs and the dashboard.
+    pub fn describe(&self) -> String {
+        match self {
+            DraftSource::Ngram => "ngram (prompt lookup)".into(),
+            DraftSource::Model { name, .. } => format!("draft model {name}"),
+        }
+    }
 }
 
 impl CoordinatorConfig {
@@ -146,6 +211,8 @@ impl CoordinatorConfig {
             max_queue: 64,
             client_timeout: Duration::from_secs(30),
             cert_lifetime: strata_net::identity::CERT_LIFETIME,
+            draft: Draft::None,
+            draft_policy: DraftPolicy::default(),
         }
     }
 }
@@ -164,6 +231,8 @@ pub struct ServedModel {
     pub chat: Option<ChatTemplate>,
     /// Sizes for the planner.
     pub profile: ModelProfile,
+    /// Drafts for speculative decoding, when configured.
+    pub draft: Option<DraftSource>,
 }
 
 impl ServedModel {
@@ -189,6 +258,7 @@ impl ServedModel {
             tokenizer,
             chat,
             profile,
+            draft: None,
         })
     }
 }
@@ -234,7 +304,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
-    let model = ServedModel::open(&config.model, &config.state_dir)?;
+    let mut model = ServedModel::open(&config.model, &config.state_dir)?;
+    model.draft = DraftSource::open(&config.draft, &model.tokenizer)?;
+    if let Some(draft) = &model.draft {
+        info!(drafts = %draft.describe(), "speculative decoding");
+    }
     if created {
         // The token is never logged: `strata token create` prints it to a terminal.
         info!(

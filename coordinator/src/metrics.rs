@@ -36,6 +36,12 @@ pub struct RequestRecord {
     pub tokens_per_second: f64,
     /// `stop`, `length`, `cancelled` or `failed`.
     pub outcome: String,
+    /// Draft tokens sent to be verified (0 without speculative decoding).
+    pub draft_tokens: usize,
+    /// Of those, the accepted ones.
+    pub accepted_draft_tokens: usize,
+    /// Passes through the pipeline that gave tokens.
+    pub passes: usize,
 }
 
 /// The coordinator's metrics.
@@ -47,6 +53,12 @@ pub struct Metrics {
     pub prompt_tokens: IntCounter,
     /// Tokens generated.
     pub generated_tokens: IntCounter,
+    /// Draft tokens sent to be verified.
+    pub draft_tokens: IntCounter,
+    /// Draft tokens the model accepted.
+    pub accepted_draft_tokens: IntCounter,
+    /// Passes through the pipeline that gave tokens.
+    pub passes: IntCounter,
     /// Time to first token.
     pub time_to_first_token: Histogram,
     /// Seconds each worker's stage spent computing.
@@ -226,6 +238,29 @@ impl Metrics {
                 "Bytes of weights sent to workers: what their slice caches lacked",
             ),
         );
+        let draft_tokens = add(
+            &registry,
+            IntCounter::new(
+                "strata_draft_tokens_total",
+                "Draft tokens sent to be verified (speculative decoding)",
+            ),
+        );
+        let accepted_draft_tokens = add(
+            &registry,
+            IntCounter::new(
+                "strata_draft_tokens_accepted_total",
+                "Draft tokens the model accepted: over strata_draft_tokens_total, the \
+                 acceptance rate",
+            ),
+        );
+        let passes = add(
+            &registry,
+            IntCounter::new(
+                "strata_decode_passes_total",
+                "Passes through the pipeline that gave tokens: strata_generated_tokens_total \
+                 over this is the tokens per pass",
+            ),
+        );
         let replays = add(
             &registry,
             IntCounter::new(
@@ -290,6 +325,9 @@ impl Metrics {
             requests,
             prompt_tokens,
             generated_tokens,
+            draft_tokens,
+            accepted_draft_tokens,
+            passes,
             time_to_first_token,
             stage_compute,
             stage_network,
@@ -307,6 +345,10 @@ impl Metrics {
     /// Records a finished request.
     pub fn finished(&self, record: RequestRecord) {
         self.requests.with_label_values(&[&record.outcome]).inc();
+        self.draft_tokens.inc_by(record.draft_tokens as u64);
+        self.accepted_draft_tokens
+            .inc_by(record.accepted_draft_tokens as u64);
+        self.passes.inc_by(record.passes as u64);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
@@ -360,12 +402,18 @@ mod tests {
             time_to_first_token_ms: 200.0,
             tokens_per_second: 10.0,
             outcome: "stop".into(),
+            draft_tokens: 4,
+            accepted_draft_tokens: 1,
+            passes: 2,
         });
         let text = m.render();
         for line in [
             "strata_prompt_tokens_total 7",
             "strata_generated_tokens_total 3",
             "strata_requests_total{outcome=\"stop\"} 1",
+            "strata_draft_tokens_total 4",
+            "strata_draft_tokens_accepted_total 1",
+            "strata_decode_passes_total 2",
             "strata_stage_compute_seconds_total{worker=\"w1\"} 1.5",
             "strata_workers{state=\"ready\"} 3",
             "strata_time_to_first_token_seconds_count 1",

@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use strata_model::{SamplingParams, SeqId, StreamDecoder, Tokenizer};
+use strata_model::{Drafter, SamplingParams, SeqId, StreamDecoder, Tokenizer};
 use strata_net::frame::{Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Why an answer ended.
@@ -78,7 +78,7 @@ pub struct ModelLimits {
 }
 
 /// Timings and counts of an answer.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: usize,
@@ -88,6 +88,32 @@ pub struct Usage {
     pub time_to_first_token_ms: f64,
     /// Tokens per second after the first.
     pub decode_tokens_per_second: f64,
+    /// Draft tokens sent to be verified (speculative decoding; 0 without a drafter).
+    pub draft_tokens: usize,
+    /// Of those, the ones the model accepted.
+    pub accepted_draft_tokens: usize,
+    /// Passes through the pipeline that gave tokens (the prompt's last, then each step).
+    pub passes: usize,
+}
+
+impl Usage {
+    /// Accepted drafts per draft sent (0 when none was sent).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.draft_tokens == 0 {
+            0.0
+        } else {
+            self.accepted_draft_tokens as f64 / self.draft_tokens as f64
+        }
+    }
+
+    /// Tokens generated per pass through the pipeline (1 without drafts).
+    pub fn tokens_per_pass(&self) -> f64 {
+        if self.passes == 0 {
+            0.0
+        } else {
+            self.completion_tokens as f64 / self.passes as f64
+        }
+    }
 }
 
 /// One token of the answer, as the client gets it.
@@ -273,11 +299,13 @@ enum Phase {
         since: Instant,
         lost: Option<String>,
     },
-    /// A step is in flight on the pipeline of plan `epoch`; it ends at position `upto`.
+    /// A step is in flight on the pipeline of plan `epoch`; it ends at position `upto`,
+    /// and `drafts` follow to be verified (each one accepted moves `upto` on by one).
     Running {
         epoch: u64,
         sent_at: Instant,
         upto: usize,
+        drafts: Vec<u32>,
     },
     /// The client left while a step was in flight: free once it lands.
     Cancelling { epoch: u64, since: Instant },
@@ -313,6 +341,41 @@ pub struct SequenceCore {
     started: Instant,
     first_token_at: Option<Instant>,
     replays: u32,
+    drafting: Option<Drafting>,
+    passes: usize,
+}
+
+/// How many drafts a step carries at most: it adapts to how many the model accepts, as
+/// transformers' assisted generation does (two more after a step that accepted all its
+/// drafts, one fewer after one that did not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftPolicy {
+    /// Drafts on the first decode step.
+    pub initial: usize,
+    /// Never more than this.
+    pub most: usize,
+}
+
+impl Default for DraftPolicy {
+    fn default() -> Self {
+        DraftPolicy {
+            initial: 4,
+            most: 16,
+        }
+    }
+}
+
+/// A sequence's drafter and what its drafts came to.
+#[derive(Debug)]
+struct Drafting {
+    drafter: Box<dyn Drafter>,
+    policy: DraftPolicy,
+    /// Drafts the next step may carry.
+    length: usize,
+    /// Drafts the step in flight carries.
+    in_flight: usize,
+    drafted: usize,
+    accepted: usize,
 }
 
 impl SequenceCore {
@@ -340,7 +403,23 @@ impl SequenceCore {
             started: now,
             first_token_at: None,
             replays: 0,
+            drafting: None,
+            passes: 0,
         }
+    }
+
+    /// Speculative decoding: each decode step carries what `drafter` proposes, up to the
+    /// length `policy` adapts, for the last stage to verify in the same pass.
+    pub fn with_drafter(mut self, drafter: Box<dyn Drafter>, policy: DraftPolicy) -> Self {
+        self.drafting = Some(Drafting {
+            drafter,
+            length: policy.initial.min(policy.most),
+            in_flight: 0,
+            policy,
+            drafted: 0,
+            accepted: 0,
+        });
+        self
     }
 
     /// Its id.
@@ -429,6 +508,9 @@ impl SequenceCore {
             } else {
                 0.0
             },
+            draft_tokens: self.drafting.as_ref().map_or(0, |d| d.drafted),
+            accepted_draft_tokens: self.drafting.as_ref().map_or(0, |d| d.accepted),
+            passes: self.passes,
         }
     }
 
@@ -486,17 +568,22 @@ impl SequenceCore {
     /// Sends the piece of the history from `start` (the first carries the sampler).
     fn send_piece(&mut self, epoch: u64, start: usize, now: Instant) -> Vec<Action> {
         let end = (start + self.limits.prefill_chunk.max(1)).min(self.history.len());
+        let drafts = self.drafts(start, end);
+        let mut tokens = self.history[start..end].to_vec();
+        tokens.extend(&drafts);
+        let draft = drafts.len() as u32;
         self.phase = Phase::Running {
             epoch,
             sent_at: now,
             upto: end,
+            drafts,
         };
         vec![Action::Send {
             epoch,
             step: Step {
                 seq: self.id,
                 start: start as u32,
-                tokens: self.history[start..end].to_vec(),
+                tokens,
                 sampler: (start == 0).then(|| SamplerStart {
                     params: self.request.sampling.clone(),
                     rng_position: self.rng_position,
@@ -504,8 +591,46 @@ impl SequenceCore {
                 attempt: self.attempt,
                 reserve: self.reserve(),
                 partial: end < self.history.len(),
+                draft,
             },
         }]
+    }
+
+    /// Drafts for a decode step (one token, after the first): as many as the drafter
+    /// proposes within the adapted length, the tokens still to generate less one (the
+    /// pass gives one more than it accepts) and the context. None for other steps.
+    fn drafts(&mut self, start: usize, end: usize) -> Vec<u32> {
+        let decode = self.generated() > 0 && start + 1 == end && end == self.history.len();
+        let left = self.request.max_tokens.saturating_sub(self.generated());
+        let room = self.limits.context.saturating_sub(end);
+        match &mut self.drafting {
+            Some(d) if decode => {
+                let most = d.length.min(left.saturating_sub(1)).min(room);
+                let mut drafts = d.drafter.propose(&self.history, most);
+                drafts.truncate(most);
+                d.drafted += drafts.len();
+                d.in_flight = drafts.len();
+                drafts
+            }
+            Some(d) => {
+                d.in_flight = 0;
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// A pass ended, `accepted` of its `drafted` drafts kept: the next length.
+    fn adapt(&mut self, drafted: usize, accepted: usize) {
+        if let Some(d) = &mut self.drafting {
+            if drafted > 0 {
+                d.length = if accepted == drafted {
+                    (d.length + 2).min(d.policy.most)
+                } else {
+                    d.length.saturating_sub(1).max(1)
+                };
+            }
+        }
     }
 
     /// The last stage cached a piece: send the next.
@@ -555,6 +680,26 @@ impl SequenceCore {
         }
         self.history.push(sampled.token);
         self.rng_position = sampled.rng_position;
+        // A draft the last stage kept: the pass goes on to the next token.
+        let kept = match &mut self.phase {
+            Phase::Running { upto, drafts, .. } if drafts.first() == Some(&sampled.token) => {
+                drafts.remove(0);
+                *upto += 1;
+                if let Some(d) = &mut self.drafting {
+                    d.accepted += 1;
+                }
+                true
+            }
+            _ => false,
+        };
+        if !kept {
+            self.passes += 1;
+            if let Phase::Running { drafts, .. } = &self.phase {
+                let rejected = drafts.len();
+                let sent = self.drafting.as_ref().map_or(0, |d| d.in_flight);
+                self.adapt(sent, sent.saturating_sub(rejected));
+            }
+        }
         match self.delta(sampled, now, tokenizer) {
             Ok(delta) => {
                 let finish = delta.finish.map(|(reason, _)| reason);
@@ -563,6 +708,7 @@ impl SequenceCore {
                     Some(reason) => {
                         actions.extend(self.end(Outcome::Finished(reason), Some(epoch)))
                     }
+                    None if kept => {}
                     None => {
                         let start = self.history.len() - 1;
                         actions.extend(self.send_piece(epoch, start, now));

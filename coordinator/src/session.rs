@@ -513,7 +513,10 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         .prompt_tokens
         .inc_by(request.prompt.len() as u64);
     let span = tracing::info_span!("request", id = %id, seq, prompt_tokens = request.prompt.len());
-    let core = SequenceCore::new(seq, request, limits, deadlines, Instant::now());
+    let mut core = SequenceCore::new(seq, request, limits, deadlines, Instant::now());
+    if let Some(draft) = &shared.model().draft {
+        core = core.with_drafter(draft.drafter(), shared.config().draft_policy);
+    }
     let (out, deltas) = mpsc::channel(STREAM_QUEUE);
     let session = Session {
         shared: shared.clone(),
@@ -1039,6 +1042,9 @@ impl Session {
             time_to_first_token_ms: usage.time_to_first_token_ms,
             tokens_per_second: usage.decode_tokens_per_second,
             outcome: outcome.into(),
+            draft_tokens: usage.draft_tokens,
+            accepted_draft_tokens: usage.accepted_draft_tokens,
+            passes: usage.passes,
         });
     }
 }

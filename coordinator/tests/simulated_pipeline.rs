@@ -13,18 +13,20 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_coordinator::sequence::{
-    Action, Deadlines, Event, FinishReason, ModelLimits, Outcome, SequenceCore, SequenceRequest,
+    Action, Deadlines, DraftPolicy, Event, FinishReason, ModelLimits, Outcome, SequenceCore,
+    SequenceRequest,
 };
 use strata_model::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
 use strata_model::{
-    Arch, GenerateRequest, LocalPipeline, ModelFile, SamplingParams, Slice, Stage, Tokenizer,
-    WireType,
+    Arch, Drafter, GenerateRequest, LocalPipeline, ModelFile, SamplingParams, Slice, Stage,
+    Tokenizer, WireType,
 };
 use strata_net::frame::{Frame, Step};
 use strata_worker::stage::{StageCore, Wiring};
@@ -63,6 +65,33 @@ struct Faults {
     kill_all: Option<(u64, Option<u64>)>,
     /// The client of sequence `.0` hangs up at tick `.1`.
     client_leaves: Option<(usize, u64)>,
+    /// Speculative decoding: each answer drafts from this (prompt and undisturbed answer
+    /// of each sequence), mostly right and now and then wrong.
+    drafts: Option<Arc<Vec<Vec<u32>>>>,
+}
+
+/// Drafts from a known answer, with a wrong token in every other proposal, so that steps
+/// keep some drafts and drop others.
+#[derive(Debug)]
+struct KnownAnswer {
+    truth: Vec<u32>,
+    proposals: usize,
+}
+
+impl Drafter for KnownAnswer {
+    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
+        self.proposals += 1;
+        if !self.truth.starts_with(history) {
+            return Vec::new();
+        }
+        let end = (history.len() + max).min(self.truth.len());
+        let mut drafts = self.truth[history.len()..end].to_vec();
+        if self.proposals.is_multiple_of(2) && !drafts.is_empty() {
+            let wrong = self.proposals / 2 % drafts.len();
+            drafts[wrong] = (drafts[wrong] + 1) % 500;
+        }
+        drafts
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -179,7 +208,25 @@ impl Sim {
             .into_iter()
             .enumerate()
             .map(|(i, r)| Client {
-                core: SequenceCore::new(i as u64 + 1, r, limits.clone(), Deadlines::default(), t0),
+                core: {
+                    let core = SequenceCore::new(
+                        i as u64 + 1,
+                        r,
+                        limits.clone(),
+                        Deadlines::default(),
+                        t0,
+                    );
+                    match &faults.drafts {
+                        Some(truth) => core.with_drafter(
+                            Box::new(KnownAnswer {
+                                truth: truth[i].clone(),
+                                proposals: 0,
+                            }),
+                            DraftPolicy::default(),
+                        ),
+                        None => core,
+                    }
+                },
                 answer: Answer::default(),
                 starts_at: 3 * i as u64,
                 started: false,
@@ -736,4 +783,82 @@ fn a_client_that_leaves_mid_answer_frees_its_caches_on_every_stage() {
         }
     }
     assert_eq!(sim.leftover_caches(), 0);
+}
+
+/// Each answer's prompt and undisturbed tokens: what the drafts are taken from.
+fn truths(twins: &[Answer]) -> Arc<Vec<Vec<u32>>> {
+    Arc::new(
+        requests()
+            .into_iter()
+            .zip(twins)
+            .map(|(r, t)| [r.prompt, t.tokens.clone()].concat())
+            .collect(),
+    )
+}
+
+#[test]
+fn drafts_verified_in_one_pass_give_the_same_answers_in_fewer_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path());
+    let twins = undisturbed(&file);
+    let faults = Faults {
+        drafts: Some(truths(&twins)),
+        ..Default::default()
+    };
+    let sim = check_against_twins("drafts", faults, 1, &twins, &file);
+    for (i, c) in sim.clients.iter().enumerate() {
+        let u = c.core.usage(sim.now());
+        assert!(u.draft_tokens > 0, "sequence {i} drafted nothing");
+        assert!(
+            u.accepted_draft_tokens > 0 && u.accepted_draft_tokens < u.draft_tokens,
+            "sequence {i}: {} of {} drafts accepted; some must be kept and some dropped",
+            u.accepted_draft_tokens,
+            u.draft_tokens
+        );
+        assert!(
+            u.passes < u.completion_tokens,
+            "sequence {i}: {} passes for {} tokens",
+            u.passes,
+            u.completion_tokens
+        );
+    }
+}
+
+#[test]
+fn drafted_answers_survive_kills_drops_delays_and_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path());
+    let twins = undisturbed(&file);
+    let truth = truths(&twins);
+    let cases = [
+        Faults {
+            kill: Some((1, 40)),
+            ..Default::default()
+        },
+        Faults {
+            drop: 0.03,
+            ..Default::default()
+        },
+        Faults {
+            duplicate: 0.3,
+            delay: 4,
+            reorder: true,
+            ..Default::default()
+        },
+    ];
+    for faults in cases {
+        for seed in 1..=2 {
+            let faults = Faults {
+                drafts: Some(truth.clone()),
+                ..faults.clone()
+            };
+            check_against_twins(
+                &format!("drafts with {faults:?}"),
+                faults,
+                seed,
+                &twins,
+                &file,
+            );
+        }
+    }
 }

@@ -158,6 +158,10 @@ pub enum Error {
     /// Invalid sampling parameters.
     #[error("invalid sampling parameters: {0}")]
     Sampling(String),
+
+    /// A draft model that cannot draft for this model.
+    #[error("draft model: {0}")]
+    Draft(String),
     /// A tensor operation failed inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -19,7 +19,8 @@
 //!   (AVX-512 VNNI or AVX2, chosen at run time) and F16, and portable dense F32, where
 //!   candle's CPU kernels fall short; `attention`: causal attention on the CPU. Both are
 //!   batch-invariant, so a replayed history rebuilds its caches bit for bit.
-//! - [`sampler`]: logits to tokens; [`scoring`]: perplexity and KL divergence of a text.
+//! - [`draft`]: drafts for speculative decoding (prompt lookup, or a small model).
+//! - [`sampler`]: logits to tokens, and verifying drafts; [`scoring`]: perplexity and KL divergence of a text.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates; `pretokenizers`:
 //!   llama.cpp's named byte-level pre-tokenizers (generated).
 //! - [`pipeline`]: K stages in one process, and the generation loop.
@@ -36,6 +37,7 @@
 mod attention;
 pub mod chat;
 pub mod config;
+pub mod draft;
 pub mod error;
 pub mod format;
 mod gguf_check;
@@ -52,6 +54,7 @@ pub mod wire;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig, RopeScaling};
+pub use draft::{check_vocabularies, Drafter, ModelDrafter, NgramDrafter};
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};

@@ -99,12 +99,15 @@ pub enum StageInput {
 }
 
 /// Which rows the last stage computes logits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitRows {
     /// The last position of each chunk: what sampling needs.
     LastOfEachChunk,
     /// Every position, in row order: what scoring a text needs.
     Every,
+    /// The last `n` positions of each chunk, `n` given per chunk (each at least 1 and at
+    /// most the chunk's length), in row order: what verifying drafts needs.
+    LastOf(Vec<usize>),
 }
 
 /// What comes out of a stage.
@@ -112,7 +115,7 @@ pub enum LogitRows {
 pub enum StageOutput {
     /// Activations `[rows, hidden]` for the next stage.
     Hidden(Tensor),
-    /// Logits `[chunks, vocab]` of the last position of each chunk (last stage).
+    /// Logits `[rows, vocab]` of the rows [`LogitRows`] asked for (last stage).
     Logits(Tensor),
 }
 
@@ -675,6 +678,14 @@ impl Stage {
             }
         };
         let ctx = self.batch_context(chunks)?;
+        // Checked before any layer runs, so a bad request leaves the caches as they were.
+        let logit_rows = match rows_out {
+            LogitRows::Every => None,
+            LogitRows::LastOfEachChunk => {
+                Some(tail_rows(&ctx.offsets, chunks, &vec![1; chunks.len()])?)
+            }
+            LogitRows::LastOf(tails) => Some(tail_rows(&ctx.offsets, chunks, &tails)?),
+        };
         for block in &self.blocks {
             x = self.block_forward(block, &x, &ctx, cache)?;
             if let Some(p) = &self.progress {
@@ -686,16 +697,10 @@ impl Stage {
         }
         match (&self.final_norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
-                let scored = match rows_out {
-                    LogitRows::Every => x,
-                    LogitRows::LastOfEachChunk => {
-                        let last_rows: Vec<u32> = ctx
-                            .offsets
-                            .iter()
-                            .zip(chunks)
-                            .map(|(&o, c)| (o + c.len - 1) as u32)
-                            .collect();
-                        let idx = Tensor::new(last_rows.as_slice(), &self.device)?;
+                let scored = match logit_rows {
+                    None => x,
+                    Some(rows) => {
+                        let idx = Tensor::new(rows.as_slice(), &self.device)?;
                         x.index_select(&idx, 0)?
                     }
                 };
@@ -885,6 +890,28 @@ impl Block {
 }
 
 /// `gated[i] = silu(gated[i]) * up[i]`, in parallel.
+/// The rows of a batch whose logits are wanted: the last `tails[i]` of chunk `i`, in order.
+fn tail_rows(offsets: &[usize], chunks: &[Chunk], tails: &[usize]) -> Result<Vec<u32>> {
+    if tails.len() != chunks.len() {
+        return Err(Error::InvalidBatch(format!(
+            "logits asked for {} chunks of a batch of {}",
+            tails.len(),
+            chunks.len()
+        )));
+    }
+    let mut rows = Vec::with_capacity(tails.iter().sum());
+    for ((&offset, c), &tail) in offsets.iter().zip(chunks).zip(tails) {
+        if tail == 0 || tail > c.len {
+            return Err(Error::InvalidBatch(format!(
+                "logits of the last {tail} positions of a chunk of {}",
+                c.len
+            )));
+        }
+        rows.extend((offset + c.len - tail..offset + c.len).map(|r| r as u32));
+    }
+    Ok(rows)
+}
+
 fn silu_times(gated: &mut [f32], up: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;

@@ -191,7 +191,7 @@ impl LocalPipeline {
         let mut input = StageInput::Tokens(tokens);
         for i in 0..self.stages.len() {
             let (stage, cache) = &mut self.stages[i];
-            match stage.forward_scoring(chunks, input, cache, rows) {
+            match stage.forward_scoring(chunks, input, cache, rows.clone()) {
                 Ok(StageOutput::Hidden(h)) => input = StageInput::Hidden(self.wire.round_trip(&h)?),
                 Ok(StageOutput::Logits(l)) => return Ok(l),
                 Err(e) => {

@@ -169,6 +169,44 @@ impl Sampler {
         })
     }
 
+    /// Verifies drafts: `rows[i]` are the logits after the history's `i`-th draft position
+    /// (`rows[0]` after the token before the drafts, which `history` ends with). Samples
+    /// at each row in turn and goes on while the token sampled is the draft there: each
+    /// such draft is accepted (pushed onto `history`), and the first token that differs,
+    /// or the one after the last draft, ends the list. So the tokens, random draws
+    /// included, are the ones sampling one position at a time gives. For a draft proposed
+    /// greedily (a point mass) this is speculative sampling's rejection rule: a draft `x`
+    /// stays with probability p(x), and otherwise the token is drawn from p without `x`,
+    /// so the output distribution is p's. Each token comes with the random stream's
+    /// position after it ([`Sampler::rng_position`]).
+    pub fn sample_drafts(
+        &mut self,
+        rows: &[&[f32]],
+        drafts: &[u32],
+        history: &mut Vec<u32>,
+    ) -> Result<Vec<(Sampled, u64)>> {
+        if rows.len() != drafts.len() + 1 {
+            return Err(Error::Sampling(format!(
+                "{} rows of logits for {} drafts",
+                rows.len(),
+                drafts.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let sampled = self.sample(row, history)?;
+            let accepted = drafts.get(i) == Some(&sampled.token);
+            if accepted {
+                history.push(sampled.token);
+            }
+            out.push((sampled, self.rng_position()));
+            if !accepted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let t = p.temperature;
@@ -449,6 +487,80 @@ mod tests {
             out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(),
             vec![1, 2]
         );
+    }
+
+    #[test]
+    fn drafts_keep_the_output_distribution_and_the_random_stream() {
+        // Three positions over a vocabulary of 6; drafts that are sometimes right.
+        let rows: Vec<Vec<f32>> = vec![
+            vec![1.0, 2.0, 0.5, -1.0, 0.0, 1.5],
+            vec![0.2, 0.1, 2.5, 2.0, -0.5, 0.0],
+            vec![1.0, 1.0, 1.0, 3.0, 0.0, 0.5],
+        ];
+        let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 5,
+            ..Default::default()
+        };
+        // Seeded: the same tokens and the same stream position as one at a time.
+        for seed in 0..50 {
+            let p = SamplingParams {
+                seed,
+                ..params.clone()
+            };
+            let mut alone = Sampler::new(p.clone()).unwrap();
+            let mut history = vec![9];
+            let (mut expected, mut positions) = (Vec::new(), Vec::new());
+            for row in &refs {
+                let t = alone.sample(row, &history).unwrap().token;
+                expected.push(t);
+                positions.push(alone.rng_position());
+                history.push(t);
+            }
+            let mut drafted = Sampler::new(p).unwrap();
+            let mut history = vec![9];
+            let drafts = [expected[0], 1];
+            let got = drafted.sample_drafts(&refs, &drafts, &mut history).unwrap();
+            let tokens: Vec<u32> = got.iter().map(|(s, _)| s.token).collect();
+            let stream: Vec<u64> = got.iter().map(|(_, at)| *at).collect();
+            let upto = if expected[1] == 1 { 3 } else { 2 };
+            assert_eq!(tokens, expected[..upto], "seed {seed}");
+            assert_eq!(stream, positions[..upto], "seed {seed}");
+            assert_eq!(history, [&[9][..], &expected[..upto - 1]].concat());
+        }
+        // Over many seeds, the token at a drafted position (the draft kept, or another in
+        // its place) is distributed as the model's p there: chi-square against p, 5
+        // degrees of freedom, p = 0.001 at 20.5.
+        let n = 20_000;
+        let mut counts = [0usize; 6];
+        for seed in 0..n {
+            let mut with_draft = Sampler::new(SamplingParams {
+                seed: seed as u64,
+                temperature: 1.0,
+                ..Default::default()
+            })
+            .unwrap();
+            // Draft 1 (the most likely token) at the first position: whatever it gives
+            // first is the position's token.
+            let drafted = with_draft
+                .sample_drafts(&refs[..2], &[1], &mut vec![9])
+                .unwrap();
+            counts[drafted[0].0.token as usize] += 1;
+        }
+        let logits = &rows[0];
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let chi2: f64 = counts
+            .iter()
+            .zip(&weights)
+            .map(|(&c, &w)| {
+                let e = n as f64 * w / total;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(chi2 < 20.5, "chi-square {chi2:.1} for counts {counts:?}");
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct Step {
     /// A piece of a longer prompt: the last stage caches it and reports it done
     /// ([`Prefilled`]) instead of sampling.
     pub partial: bool,
+    /// How many of `tokens`, at the end, are a draft to verify (speculative decoding): the
+    /// last stage returns the drafts it would have sampled itself, in order, and the token
+    /// after the last of them. Never the whole step, and never on a partial one.
+    pub draft: u32,
 }
 
 /// A piece of a prompt the last stage has cached ([`Step::partial`]).
@@ -459,6 +463,19 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
                 c.length
             ));
         }
+        if c.draft >= c.length || (c.draft > 0 && c.partial) {
+            return Err(format!(
+                "sequence {}: a draft of {} in a step of {} positions{}",
+                c.sequence,
+                c.draft,
+                c.length,
+                if c.partial {
+                    " that is a prompt piece"
+                } else {
+                    ""
+                }
+            ));
+        }
         rows += u64::from(c.length);
     }
     if rows > MAX_ROWS {
@@ -513,6 +530,7 @@ fn chunk(s: &Step) -> FrameChunk {
         attempt: s.attempt,
         reserve: s.reserve,
         partial: s.partial,
+        draft: s.draft,
     }
 }
 
@@ -528,6 +546,7 @@ fn step(c: FrameChunk) -> Step {
         attempt: c.attempt,
         reserve: c.reserve,
         partial: c.partial,
+        draft: c.draft,
     }
 }
 
@@ -643,6 +662,7 @@ mod tests {
                 attempt: 1,
                 reserve: 300,
                 partial: true,
+                draft: 0,
             }],
             activations: Some(Activations {
                 wire,

@@ -160,6 +160,8 @@ pub struct ServeArgs {
     /// Use this speed (bytes/s) for the local worker instead of measuring it.
     #[arg(long, hide = true)]
     local_speed: Option<f64>,
+    #[command(flatten)]
+    draft: super::generate::DraftArgs,
 }
 
 /// The planner's knobs from `serve`'s flags.
@@ -217,6 +219,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.max_queue = a.max_queue;
     config.prefill_chunk = a.prefill_chunk as usize;
     config.client_timeout = a.client_timeout;
+    config.draft = a.draft.source();
+    config.draft_policy = a.draft.policy();
     if a.cert_lifetime < std::time::Duration::from_secs(2)
         || a.cert_lifetime > std::time::Duration::from_secs(3650 * 24 * 3600)
     {

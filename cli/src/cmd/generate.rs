@@ -93,6 +93,45 @@ pub struct SamplingArgs {
     pub top_logprobs: usize,
 }
 
+/// Speculative decoding flags (`serve`, `demo`).
+#[derive(Debug, Args, Clone)]
+pub struct DraftArgs {
+    /// Speculative decoding with a small draft model that shares the model's tokenizer
+    /// (a .gguf file or safetensors directory), run on the coordinator: each step carries
+    /// its drafts, and the last stage keeps those the model would have chosen itself, so
+    /// the answer is the same, sooner.
+    #[arg(long, conflicts_with = "draft")]
+    pub draft_model: Option<PathBuf>,
+    /// Speculative decoding without a draft model: `ngram` drafts what followed the
+    /// answer's last few tokens earlier in the prompt or answer (prompt lookup), which
+    /// pays off where answers quote, repeat or edit their prompt.
+    #[arg(long, value_parser = ["ngram"])]
+    pub draft: Option<String>,
+    /// Most drafts one step carries; below it the number adapts to how many are accepted.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub draft_max: u32,
+}
+
+impl DraftArgs {
+    /// Where drafts come from.
+    pub fn source(&self) -> strata_coordinator::Draft {
+        match (&self.draft_model, self.draft.as_deref()) {
+            (Some(path), _) => strata_coordinator::Draft::Model(path.clone()),
+            (None, Some(_)) => strata_coordinator::Draft::Ngram,
+            (None, None) => strata_coordinator::Draft::None,
+        }
+    }
+
+    /// How many drafts a step carries.
+    pub fn policy(&self) -> strata_coordinator::DraftPolicy {
+        let most = self.draft_max as usize;
+        strata_coordinator::DraftPolicy {
+            initial: strata_coordinator::DraftPolicy::default().initial.min(most),
+            most,
+        }
+    }
+}
+
 impl SamplingArgs {
     pub fn params(&self) -> SamplingParams {
         SamplingParams {
@@ -320,13 +359,32 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
                     "generated_tokens": usage.completion_tokens,
                     "time_to_first_token_ms": usage.time_to_first_token_ms,
                     "decode_tokens_per_s": usage.decode_tokens_per_second,
+                    "draft_tokens": usage.draft_tokens,
+                    "accepted_draft_tokens": usage.accepted_draft_tokens,
+                    "acceptance_rate": if usage.draft_tokens > 0 {
+                        f64::from(usage.accepted_draft_tokens) / f64::from(usage.draft_tokens)
+                    } else { 0.0 },
+                    "passes": usage.passes,
+                    "tokens_per_pass": if usage.passes > 0 {
+                        f64::from(usage.completion_tokens) / f64::from(usage.passes)
+                    } else { 0.0 },
                 }
             });
             println!("{}", serde_json::to_string_pretty(&json)?);
         } else {
             println!();
+            let drafts = if usage.draft_tokens > 0 {
+                format!(
+                    ", {} of {} drafts accepted, {:.2} tokens per pass",
+                    usage.accepted_draft_tokens,
+                    usage.draft_tokens,
+                    f64::from(usage.completion_tokens) / f64::from(usage.passes.max(1))
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster, finish: {finish}]",
+                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster{drafts}, finish: {finish}]",
                 usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second
             );
         }

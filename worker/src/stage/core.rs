@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use strata_model::{
-    Chunk, KvCache, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
+    Chunk, KvCache, LogitRows, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
 };
 use strata_net::frame::{Activations, Frame, Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
@@ -54,6 +54,9 @@ struct Loaded {
     attempts: HashMap<SeqId, u32>,
     /// Positions each cached sequence may reach.
     reserved: HashMap<SeqId, Reserved>,
+    /// Where each sequence's verified positions end: after them come drafts (positions a
+    /// later step may drop), if its last step carried any.
+    verified: HashMap<SeqId, usize>,
 }
 
 /// A run's hold on the stage's KV budget.
@@ -70,6 +73,7 @@ impl Loaded {
         self.samplers.remove(&seq);
         self.attempts.remove(&seq);
         self.reserved.remove(&seq);
+        self.verified.remove(&seq);
     }
 
     fn clear(&mut self) {
@@ -77,13 +81,19 @@ impl Loaded {
         self.samplers.clear();
         self.attempts.clear();
         self.reserved.clear();
+        self.verified.clear();
     }
 
     /// A step of the run the sequence is on: it runs where its cache ends (within its
     /// reservation), and what it already ran is a duplicate.
+    ///
+    /// Positions past the sequence's last verified one hold drafts: a step may start among
+    /// them, which drops the positions from its start on (the drafts that were rejected).
+    /// One that starts before the verified positions end repeats a step already run.
     fn continuation(&mut self, step: &Step, cached: usize, budget: usize) -> Admission {
         let (start, end) = (step.start as usize, step.start as usize + step.len());
-        if start != cached {
+        let verified = self.verified.get(&step.seq).copied().unwrap_or(cached);
+        if start < verified.min(cached) {
             return if end <= cached {
                 Admission::Duplicate
             } else {
@@ -92,6 +102,17 @@ impl Loaded {
                     step.seq
                 ))
             };
+        }
+        if start > cached {
+            return Admission::Refuse(format!(
+                "sequence {} continues at {start} but its cache holds {cached} positions",
+                step.seq
+            ));
+        }
+        if start < cached {
+            if let Err(e) = self.cache.truncate(step.seq, start) {
+                return Admission::Refuse(format!("dropping rejected drafts: {e}"));
+            }
         }
         match self.reserved.get(&step.seq).copied() {
             Some(r) if r.fixed && end > r.positions => Admission::Refuse(format!(
@@ -103,6 +124,14 @@ impl Loaded {
                 Ok(()) => Admission::Run,
                 Err(e) => Admission::Refuse(e),
             },
+        }
+    }
+
+    /// Where a step that runs leaves its sequence's verified positions: before its drafts.
+    fn note_verified(&mut self, step: &Step, admission: &Admission) {
+        if let Admission::Run = admission {
+            let end = step.start as usize + step.len() - step.draft as usize;
+            self.verified.insert(step.seq, end);
         }
     }
 
@@ -224,6 +253,7 @@ impl StageCore {
             samplers: HashMap::new(),
             attempts: HashMap::new(),
             reserved: HashMap::new(),
+            verified: HashMap::new(),
         });
     }
 
@@ -453,7 +483,10 @@ impl StageCore {
         } else {
             StageInput::Hidden(Tensor::cat(&a.hidden, 0)?)
         };
-        l.stage.forward(&chunks, input, &mut l.cache)
+        // A step with drafts needs the logits after each of its drafts' positions too.
+        let tails = a.steps.iter().map(|s| 1 + s.draft as usize).collect();
+        l.stage
+            .forward_scoring(&chunks, input, &mut l.cache, LogitRows::LastOf(tails))
     }
 
     /// Checks each step against its sequence's cache, resets sequences that start over,
@@ -550,6 +583,17 @@ impl StageCore {
         };
         let context = l.stage.config().max_position_embeddings;
         let (start, len) = (step.start as usize, step.len());
+        if step.draft as usize >= len || (step.draft > 0 && step.partial) {
+            return Admission::Refuse(format!(
+                "a draft of {} in a step of {len} positions{}",
+                step.draft,
+                if step.partial {
+                    " that is a prompt piece"
+                } else {
+                    ""
+                }
+            ));
+        }
         if start + len > context {
             return Admission::Refuse(format!(
                 "positions {start}..{} exceed the context of {context} tokens",
@@ -565,7 +609,9 @@ impl StageCore {
                 ))
             }
             Some(current) if step.attempt == current => {
-                return l.continuation(step, cached.unwrap_or(0), budget);
+                let admission = l.continuation(step, cached.unwrap_or(0), budget);
+                l.note_verified(step, &admission);
+                return admission;
             }
             _ => {}
         }
@@ -575,7 +621,9 @@ impl StageCore {
                 step.attempt, step.seq
             ));
         }
-        l.start_run(step, budget)
+        let admission = l.start_run(step, budget);
+        l.note_verified(step, &admission);
+        admission
     }
 
     fn activations_frame(
@@ -629,7 +677,11 @@ impl StageCore {
         };
         let mut tokens = Vec::with_capacity(steps.len());
         let mut prefilled = Vec::new();
-        for (step, row) in steps.iter().zip(&rows) {
+        let mut rows = rows.iter();
+        for step in &steps {
+            // One row of logits per step, and one more per draft (`Stage::forward_scoring`
+            // was asked for them).
+            let step_rows: Vec<&Vec<f32>> = rows.by_ref().take(1 + step.draft as usize).collect();
             if step.partial {
                 match self.absorb(step) {
                     Ok(()) => prefilled.push(Prefilled {
@@ -641,8 +693,8 @@ impl StageCore {
                 }
                 continue;
             }
-            match self.sample(step, row) {
-                Ok(t) => tokens.push(t),
+            match self.sample(step, &step_rows) {
+                Ok(sampled) => tokens.extend(sampled),
                 Err(message) => failures.push(self.fail(step, message)),
             }
         }
@@ -667,26 +719,37 @@ impl StageCore {
         Ok(())
     }
 
-    fn sample(&mut self, step: &Step, logits: &[f32]) -> Result<Sampled, String> {
+    /// Samples after the step's first token and after each of its drafts (`logits` holds
+    /// one row for each): the drafts it would have sampled itself, then the token after
+    /// them ([`Sampler::sample_drafts`]). The history keeps only the accepted tokens.
+    fn sample(&mut self, step: &Step, logits: &[&Vec<f32>]) -> Result<Vec<Sampled>, String> {
         let l = self.loaded.as_mut().ok_or("holds no slice")?;
         let s = l
             .samplers
             .get_mut(&step.seq)
             .ok_or_else(|| format!("no sampler for sequence {}", step.seq))?;
-        s.history.extend(&step.tokens);
+        let first = step.len() - step.draft as usize;
+        // Drafts a previous step left beyond this one's start were rejected.
+        s.history.truncate(step.start as usize);
+        s.history.extend(&step.tokens[..first]);
+        let rows: Vec<&[f32]> = logits.iter().map(|r| r.as_slice()).collect();
         let sampled = s
             .sampler
-            .sample(logits, &s.history)
+            .sample_drafts(&rows, &step.tokens[first..], &mut s.history)
             .map_err(|e| format!("sampling: {e}"))?;
-        Ok(Sampled {
-            seq: step.seq,
-            position: step.start + step.len() as u32,
-            token: sampled.token,
-            logprob: sampled.logprob,
-            top: sampled.top_logprobs,
-            rng_position: s.sampler.rng_position(),
-            attempt: step.attempt,
-        })
+        Ok(sampled
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, rng_position))| Sampled {
+                seq: step.seq,
+                position: step.start + (first + i) as u32,
+                token: t.token,
+                logprob: t.logprob,
+                top: t.top_logprobs,
+                rng_position,
+                attempt: step.attempt,
+            })
+            .collect())
     }
 }
 
@@ -743,6 +806,7 @@ mod tests {
                 attempt,
                 reserve,
                 partial,
+                draft: 0,
             }],
             activations: None,
             failures: Vec::new(),

@@ -1,0 +1,251 @@
+//! Drafts for speculative decoding: tokens likely to follow a history, proposed cheaply so
+//! the model can verify several in one forward ([`Sampler::sample_drafts`]).
+//!
+//! Two drafters: [`NgramDrafter`] looks the history's last few tokens up earlier in the
+//! history and proposes what followed them there (prompt lookup: no model, and strong
+//! where an answer quotes, repeats or edits its prompt); [`ModelDrafter`] runs a small
+//! model that shares the main model's vocabulary ([`check_vocabularies`]) greedily.
+//!
+//! Drafts are proposed greedily, so a draft is a point mass, and the verification rule
+//! keeps the output distribution exactly the model's whatever the drafts are.
+//!
+//! [`Sampler::sample_drafts`]: crate::Sampler::sample_drafts
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+use crate::format::ModelFile;
+use crate::kv::{KvCache, SeqId};
+use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
+use crate::sampler::argmax;
+use crate::tokenizer::Tokenizer;
+
+/// Proposes tokens to verify.
+pub trait Drafter: Send + std::fmt::Debug {
+    /// Up to `max` tokens that may follow `history` (fewer, or none, when it has no good
+    /// guess).
+    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32>;
+}
+
+/// Prompt-lookup drafting: the continuation of the most recent earlier occurrence of the
+/// history's last `n` tokens, trying the longest `n` first.
+#[derive(Debug, Clone)]
+pub struct NgramDrafter {
+    longest: usize,
+    shortest: usize,
+}
+
+impl NgramDrafter {
+    /// Matches of 4 down to 2 tokens: one token matches too often by chance to be worth
+    /// a verification row.
+    pub fn new() -> Self {
+        NgramDrafter {
+            longest: 4,
+            shortest: 2,
+        }
+    }
+}
+
+impl Default for NgramDrafter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
+        if max == 0 {
+            return Vec::new();
+        }
+        for n in (self.shortest..=self.longest).rev() {
+            if history.len() <= n {
+                continue;
+            }
+            let tail = &history[history.len() - n..];
+            // The most recent earlier occurrence: what followed it is the freshest guess.
+            let found = (0..history.len() - n)
+                .rev()
+                .find(|&at| &history[at..at + n] == tail);
+            if let Some(at) = found {
+                let from = at + n;
+                let to = (from + max).min(history.len());
+                return history[from..to].to_vec();
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// A small model that shares the main model's vocabulary, run greedily on this machine,
+/// with a KV cache of its own per sequence that follows the history (drafts it proposed
+/// that were not accepted are dropped from it before the next proposal).
+#[derive(Debug)]
+pub struct ModelDrafter {
+    stage: Arc<Stage>,
+    cache: KvCache,
+    /// The tokens its cache holds, in order.
+    cached: Vec<u32>,
+    /// Most positions one forward takes when catching up with a long history.
+    chunk: usize,
+}
+
+/// The one sequence a drafter's cache holds.
+const DRAFT_SEQ: SeqId = 0;
+
+impl ModelDrafter {
+    /// A drafter over a whole small model: one stage from the embedding to the head
+    /// (a slice of one would give no logits, and so no drafts).
+    pub fn new(stage: Arc<Stage>) -> Self {
+        let mut cache = stage.new_cache();
+        cache.create(DRAFT_SEQ);
+        ModelDrafter {
+            stage,
+            cache,
+            cached: Vec::new(),
+            chunk: crate::pipeline::PREFILL_CHUNK,
+        }
+    }
+
+    /// Feeds `tokens` after what the cache holds; the logits after the last of them.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut last = None;
+        for piece in tokens.chunks(self.chunk) {
+            let chunk = Chunk {
+                seq: DRAFT_SEQ,
+                start: self.cached.len(),
+                len: piece.len(),
+            };
+            let out = self.stage.forward(
+                &[chunk],
+                StageInput::Tokens(piece.to_vec()),
+                &mut self.cache,
+            )?;
+            self.cached.extend(piece);
+            last = Some(out);
+        }
+        match last {
+            Some(StageOutput::Logits(l)) => Ok(l.squeeze(0)?.to_vec1::<f32>()?),
+            _ => Err(Error::Draft(
+                "it gave no logits: is it loaded whole?".into(),
+            )),
+        }
+    }
+
+    fn try_propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
+        let context = self.stage.config().max_position_embeddings;
+        let room = context.saturating_sub(history.len());
+        let max = max.min(room);
+        if max == 0 || history.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Keep what the cache shares with the history, less one position: the last shared
+        // token is fed again so there are logits to start from.
+        let shared = self
+            .cached
+            .iter()
+            .zip(history)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(history.len() - 1);
+        self.cache.truncate(DRAFT_SEQ, shared)?;
+        self.cached.truncate(shared);
+        let vocab = self.stage.config().vocab_size as u32;
+        let mut logits = self.feed(&history[shared..])?;
+        let mut drafts = Vec::with_capacity(max);
+        loop {
+            let token = argmax(&logits);
+            if token >= vocab {
+                break;
+            }
+            drafts.push(token);
+            if drafts.len() == max {
+                break;
+            }
+            logits = self.feed(&[token])?;
+        }
+        Ok(drafts)
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
+        match self.try_propose(history, max) {
+            Ok(drafts) => drafts,
+            Err(e) => {
+                // A draft is only a guess: without one the step verifies nothing, and the
+                // answer goes on at plain speed. Start the cache over next time.
+                tracing::warn!("the draft model failed, drafting nothing this step: {e}");
+                self.cache.free(DRAFT_SEQ);
+                self.cache.create(DRAFT_SEQ);
+                self.cached.clear();
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Loads a whole draft model on the CPU, after checking that its tokenizer is the main
+/// model's (`tokenizer`).
+pub fn load_draft_model(path: &Path, tokenizer: &Tokenizer) -> Result<Arc<Stage>> {
+    let file = ModelFile::open(path)?;
+    check_vocabularies(tokenizer, &Tokenizer::for_model(&file)?)?;
+    let slice = Slice::full(file.config().num_layers);
+    Ok(Arc::new(Stage::load(&file, slice, &Device::Cpu)?))
+}
+
+/// Checks that a draft model's tokenizer speaks the main model's vocabulary: the same
+/// text for every token id below the smaller vocabulary's size, and the same
+/// end-of-sequence tokens. (llama.cpp allows a size difference for padding tokens at the
+/// end, as this does.)
+pub fn check_vocabularies(main: &Tokenizer, draft: &Tokenizer) -> Result<()> {
+    let shared = main.vocab_size().min(draft.vocab_size());
+    let larger = main.vocab_size().max(draft.vocab_size());
+    if larger - shared > 128 {
+        return Err(Error::Draft(format!(
+            "its vocabulary has {} tokens and the main model's {}: a draft \
+             model must share the main model's tokenizer",
+            draft.vocab_size(),
+            main.vocab_size()
+        )));
+    }
+    if let Some(id) = (0..shared as u32).find(|&id| main.id_to_token(id) != draft.id_to_token(id)) {
+        return Err(Error::Draft(format!(
+            "token {id} is {:?} to the main model and {:?} to the draft model: a draft model \
+             must share the main model's tokenizer",
+            main.id_to_token(id).unwrap_or_default(),
+            draft.id_to_token(id).unwrap_or_default()
+        )));
+    }
+    if main.eos() != draft.eos() {
+        return Err(Error::Draft(format!(
+            "it ends sequences with {:?} and the main model with {:?}",
+            draft.eos(),
+            main.eos()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_proposes_what_followed_the_latest_earlier_match_longest_first() {
+        let mut d = NgramDrafter::new();
+        // "1 2 3" appeared twice before; the later one was followed by 7 8.
+        let history = [1, 2, 3, 4, 5, 1, 2, 3, 7, 8, 9, 2, 3];
+        assert_eq!(d.propose(&history, 2), vec![7, 8]);
+        assert_eq!(d.propose(&history, 10), vec![7, 8, 9, 2, 3]);
+        // A single token never matches alone, and no budget gives nothing.
+        assert_eq!(d.propose(&[5, 6, 7, 5], 4), Vec::<u32>::new());
+        assert_eq!(d.propose(&history, 0), Vec::<u32>::new());
+        // The longest match wins over a more recent shorter one: the tail 9 1 2 3 matches
+        // at the start, 2 3 also after 8.
+        let history = [9, 1, 2, 3, 4, 8, 2, 3, 5, 9, 1, 2, 3];
+        assert_eq!(d.propose(&history, 1), vec![4]);
+    }
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Speculative decoding through a real cluster: the same requests with and without drafts,
+on the same model and workers' machine, in one run. Figures go in the closing notes of
+issues, never in CI (CI checks the tokens in coordinator/tests/simulated_pipeline.rs and
+cli/tests/cluster.rs).
+
+For each draft setting it starts `strata serve` (with the setting's flags) and three
+`strata worker`s on loopback, waits for a three-stage plan, sends each prompt through
+`strata generate --coordinator --json` (greedy), and reports per setting: the decode rate
+(tokens/s after the first token, best of --trials), the acceptance rate, the tokens per
+pass, and whether the tokens equal those of the run without drafts. The settings
+alternate trial by trial, so a noisy neighbour slows both alike.
+
+    cargo build --release -p strata
+    python3 tests/campaigns/speculative.py --model SmolLM2-135M-Instruct.Q4_1.gguf --draft ngram
+    python3 tests/campaigns/speculative.py --draft-model tests/demo_model/draft.gguf
+
+The default prompt asks a chat model to repeat a paragraph (prompt lookup's best case);
+--prompt gives another. Standard library only; shares heal.py's cluster harness.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import heal  # noqa: E402  (the cluster harness)
+
+PARAGRAPH = (
+    "The river rises in the hills above the town, runs past the old mill and the school, "
+    "and reaches the sea at a harbour where the fishing boats come in each evening. In "
+    "spring the water is high and brown; by late summer it is clear and slow, and children "
+    "wade across it below the bridge."
+)
+REPEAT = f"Repeat this paragraph exactly, word for word:\n\n{PARAGRAPH}"
+
+
+def generate(cluster, prompt, max_tokens, chat):
+    cmd = [heal.STRATA, "generate", "--coordinator", cluster.api, "--prompt", prompt,
+           "--max-tokens", str(max_tokens), "--json"]
+    if chat:
+        cmd.append("--chat")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"generate failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tests/demo_model/model.gguf")
+    p.add_argument("--draft", help="ngram")
+    p.add_argument("--draft-model")
+    p.add_argument("--prompt", default=REPEAT)
+    p.add_argument("--no-chat", action="store_true", help="send the prompt as it is")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--strata", default=heal.STRATA)
+    a = p.parse_args()
+    heal.STRATA = a.strata
+    flags = ["--draft", a.draft] if a.draft else ["--draft-model", a.draft_model]
+    settings = [("plain", []), ("drafted", flags)]
+    clusters = {}
+    try:
+        for name, extra in settings:
+            c = heal.Cluster(a.model, a.workers, serve_args=["--kv-tokens", "2048", *extra])
+            c.wait_serving(stages=a.workers)
+            clusters[name] = c
+        best = {name: None for name, _ in settings}
+        for trial in range(a.trials):
+            for name, _ in settings:
+                r = generate(clusters[name], a.prompt, a.max_tokens, not a.no_chat)
+                t = r["timings"]
+                heal.log(f"trial {trial + 1} {name}: {t['generated_tokens']} tokens at "
+                         f"{t['decode_tokens_per_s']:.1f}/s, drafts {t['accepted_draft_tokens']}"
+                         f"/{t['draft_tokens']}, {t['tokens_per_pass']:.2f} per pass")
+                if best[name] is None or t["decode_tokens_per_s"] > best[name]["timings"]["decode_tokens_per_s"]:
+                    best[name] = r
+        plain, drafted = best["plain"], best["drafted"]
+        same = plain["tokens"] == drafted["tokens"]
+        ratio = drafted["timings"]["decode_tokens_per_s"] / plain["timings"]["decode_tokens_per_s"]
+        t = drafted["timings"]
+        heal.log(json.dumps({
+            "model": os.path.basename(a.model), "drafts": " ".join(flags), "workers": a.workers,
+            "tokens": len(plain["tokens"]), "same_tokens": same,
+            "plain_decode_tokens_per_s": round(plain["timings"]["decode_tokens_per_s"], 2),
+            "drafted_decode_tokens_per_s": round(t["decode_tokens_per_s"], 2),
+            "speedup": round(ratio, 3), "acceptance_rate": round(t["acceptance_rate"], 3),
+            "tokens_per_pass": round(t["tokens_per_pass"], 3),
+        }))
+        if not same:
+            heal.log("plain:  ", plain["text"])
+            heal.log("drafted:", drafted["text"])
+            sys.exit(1)
+    finally:
+        for c in clusters.values():
+            c.close()
+
+
+if __name__ == "__main__":
+    main()
