@@ -157,6 +157,13 @@ fn drafted_steps_through_three_workers_give_the_tokens_of_one_process() {
         let local = local_generate(&model, &args);
         let remote = cluster.generate(&args);
         assert_eq!(tokens(&remote), tokens(&local), "{args:?}");
+        // One process drafts the same way.
+        let drafted_here = local_generate(&model, &[&args[..], &["--draft", "ngram"]].concat());
+        assert_eq!(
+            tokens(&drafted_here),
+            tokens(&local),
+            "{args:?}, drafted locally"
+        );
         let t = &remote["timings"];
         drafted += t["draft_tokens"].as_u64().unwrap();
         assert!(t["passes"].as_u64().unwrap() <= 32, "{t}");

@@ -72,4 +72,7 @@ fn the_demo_answers_in_english_through_three_workers() {
         stdout.contains("tokens/s through 3 workers over QUIC"),
         "{stdout}"
     );
+    // The bundled draft model drafted, and the answer says how many were kept.
+    assert!(stdout.contains("Draft: strata-demo-draft"), "{stdout}");
+    assert!(stdout.contains("% of drafts accepted"), "{stdout}");
 }

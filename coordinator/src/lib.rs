@@ -173,11 +173,14 @@ impl DraftSource {
         })
     }
 
-    /// A drafter for one answer.
-    pub fn drafter(&self) -> Box<dyn Drafter> {
+    /// A drafter for one answer, which samples with `sampling`.
+    pub fn drafter(&self, sampling: &strata_model::SamplingParams) -> Box<dyn Drafter> {
         match self {
             DraftSource::Ngram => Box::new(NgramDrafter::new()),
-            DraftSource::Model { stage, .. } => Box::new(ModelDrafter::new(stage.clone())),
+            DraftSource::Model { stage, .. } => Box::new(
+                ModelDrafter::new(stage.clone())
+                    .with_repeat_penalty(sampling.repeat_penalty, sampling.repeat_window),
+            ),
         }
     }
 

@@ -513,9 +513,14 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         .prompt_tokens
         .inc_by(request.prompt.len() as u64);
     let span = tracing::info_span!("request", id = %id, seq, prompt_tokens = request.prompt.len());
+    let drafter = shared
+        .model()
+        .draft
+        .as_ref()
+        .map(|d| d.drafter(&request.sampling));
     let mut core = SequenceCore::new(seq, request, limits, deadlines, Instant::now());
-    if let Some(draft) = &shared.model().draft {
-        core = core.with_drafter(draft.drafter(), shared.config().draft_policy);
+    if let Some(drafter) = drafter {
+        core = core.with_drafter(drafter, shared.config().draft_policy);
     }
     let (out, deltas) = mpsc::channel(STREAM_QUEUE);
     let session = Session {

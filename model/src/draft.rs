@@ -90,6 +90,9 @@ pub struct ModelDrafter {
     cached: Vec<u32>,
     /// Most positions one forward takes when catching up with a long history.
     chunk: usize,
+    /// The answer's repeat penalty and its window: drafts that the penalty would demote
+    /// are drafts the model would not keep.
+    penalty: (f32, usize),
 }
 
 /// The one sequence a drafter's cache holds.
@@ -106,7 +109,31 @@ impl ModelDrafter {
             cache,
             cached: Vec::new(),
             chunk: crate::pipeline::PREFILL_CHUNK,
+            penalty: (1.0, 0),
         }
+    }
+
+    /// Drafts with the answer's repeat penalty (`repeat_penalty` over the last `window`
+    /// tokens, as [`crate::SamplingParams`] says), so they are the tokens the penalised
+    /// model is likelier to pick.
+    pub fn with_repeat_penalty(mut self, repeat_penalty: f32, window: usize) -> Self {
+        self.penalty = (repeat_penalty, window);
+        self
+    }
+
+    /// The most likely token after `seen`, with the repeat penalty.
+    fn pick(&self, logits: &mut [f32], seen: &[u32]) -> u32 {
+        let (penalty, window) = self.penalty;
+        if penalty != 1.0 {
+            let recent = &seen[seen.len().saturating_sub(window)..];
+            let mut done = std::collections::HashSet::new();
+            for &t in recent {
+                if let Some(l) = logits.get_mut(t as usize).filter(|_| done.insert(t)) {
+                    *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+                }
+            }
+        }
+        argmax(logits)
     }
 
     /// Feeds `tokens` after what the cache holds; the logits after the last of them.
@@ -155,8 +182,10 @@ impl ModelDrafter {
         let vocab = self.stage.config().vocab_size as u32;
         let mut logits = self.feed(&history[shared..])?;
         let mut drafts = Vec::with_capacity(max);
+        let mut seen = history.to_vec();
         loop {
-            let token = argmax(&logits);
+            let token = self.pick(&mut logits, &seen);
+            seen.push(token);
             if token >= vocab {
                 break;
             }

@@ -60,7 +60,7 @@ pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};
 pub use model::{Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
 
-pub use pipeline::{FinishReason, GenerateRequest, Generation, LocalPipeline};
+pub use pipeline::{DraftCounts, FinishReason, GenerateRequest, Generation, LocalPipeline};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 pub use wire::WireType;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
+use crate::draft::Drafter;
 use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
@@ -68,6 +69,17 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time spent generating after the first token.
     pub decode: Duration,
+}
+
+/// What speculative decoding's drafts came to in one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DraftCounts {
+    /// Drafts verified.
+    pub drafted: usize,
+    /// Of those, the ones kept.
+    pub accepted: usize,
+    /// Forwards that gave tokens (the prompt's last, then each step).
+    pub passes: usize,
 }
 
 /// Stages of one model, each with its KV cache, run in order.
@@ -349,6 +361,119 @@ impl LocalPipeline {
         }
         outcome?;
         Ok(live.into_iter().map(|l| l.result).collect())
+    }
+
+    /// Generates for one request with speculative decoding: each forward runs the last
+    /// token and what `drafter` proposes after it (at most `most`, adapting as the
+    /// cluster's sequences do), and keeps the drafts the sampler would have chosen
+    /// itself ([`Sampler::sample_drafts`]), so the tokens are [`LocalPipeline::generate`]'s.
+    pub fn generate_drafted(
+        &mut self,
+        request: &GenerateRequest,
+        drafter: &mut dyn Drafter,
+        most: usize,
+        mut on_token: impl FnMut(&Sampled),
+    ) -> Result<(Generation, DraftCounts)> {
+        let context = self.context_length();
+        if request.prompt_ids.is_empty() {
+            return Err(Error::InvalidBatch("the prompt has no tokens".into()));
+        }
+        if request.prompt_ids.len() >= context {
+            return Err(Error::ContextOverflow {
+                requested: request.prompt_ids.len() + 1,
+                context,
+            });
+        }
+        let mut sampler = Sampler::new(request.sampling.clone())?;
+        let mut result = Generation {
+            tokens: Vec::new(),
+            sampled: Vec::new(),
+            prompt_logits: Vec::new(),
+            finish: FinishReason::Length,
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+        };
+        let mut counts = DraftCounts::default();
+        let seq = self.create_sequence();
+        let mut on_token = |_: usize, s: &Sampled| on_token(s);
+        let outcome = (|| -> Result<()> {
+            let t0 = Instant::now();
+            result.prompt_logits = self.prefill(seq, &request.prompt_ids)?;
+            result.prefill = t0.elapsed();
+            let mut history = request.prompt_ids.clone();
+            let mut done = request.max_tokens == 0;
+            if !done {
+                let s = sampler.sample(&result.prompt_logits, &history)?;
+                counts.passes += 1;
+                self.accept(
+                    &mut history,
+                    &mut result,
+                    &mut done,
+                    s,
+                    request,
+                    0,
+                    &mut on_token,
+                );
+            }
+            let decode_start = Instant::now();
+            let mut length = most.clamp(1, 4);
+            while !done {
+                let left = request.max_tokens - result.tokens.len();
+                let most_now = length.min(left - 1).min(context - history.len());
+                let mut drafts = drafter.propose(&history, most_now);
+                drafts.truncate(most_now);
+                let start = history.len() - 1;
+                let mut tokens = vec![history[start]];
+                tokens.extend(&drafts);
+                let chunk = Chunk {
+                    seq,
+                    start,
+                    len: tokens.len(),
+                };
+                let rows = LogitRows::LastOf(vec![tokens.len()]);
+                let logits = self
+                    .forward_scoring(&[chunk], tokens, rows)?
+                    .to_vec2::<f32>()?;
+                let rows: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
+                let mut seen = history.clone();
+                let sampled = sampler.sample_drafts(&rows, &drafts, &mut seen)?;
+                let accepted = sampled.len() - 1;
+                counts.passes += 1;
+                counts.drafted += drafts.len();
+                counts.accepted += accepted;
+                if !drafts.is_empty() {
+                    length = if accepted == drafts.len() {
+                        (length + 2).min(most.max(1))
+                    } else {
+                        length.saturating_sub(1).max(1)
+                    };
+                }
+                for (s, _) in sampled {
+                    self.accept(
+                        &mut history,
+                        &mut result,
+                        &mut done,
+                        s,
+                        request,
+                        0,
+                        &mut on_token,
+                    );
+                    if done {
+                        break;
+                    }
+                }
+                // The caches hold the drafts the sampler did not keep: drop them (the
+                // last accepted token goes in with the next forward).
+                for (_, cache) in &mut self.stages {
+                    cache.truncate(seq, history.len() - 1)?;
+                }
+            }
+            result.decode = decode_start.elapsed();
+            Ok(())
+        })();
+        self.free_sequence(seq);
+        outcome?;
+        Ok((result, counts))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -15,6 +15,10 @@ alternate trial by trial, so a noisy neighbour slows both alike.
     python3 tests/campaigns/speculative.py --model SmolLM2-135M-Instruct.Q4_1.gguf --draft ngram
     python3 tests/campaigns/speculative.py --draft-model tests/demo_model/draft.gguf
 
+With --clients N (N > 1) it sends N requests at once per trial instead, and compares the
+total throughput (all generated tokens over the wall time from the first request to the
+last answer); the tokens must still match request by request.
+
 The default prompt asks a chat model to repeat a paragraph (prompt lookup's best case);
 --prompt gives another. Standard library only; shares heal.py's cluster harness.
 """
@@ -24,6 +28,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import heal  # noqa: E402  (the cluster harness)
@@ -37,9 +43,14 @@ PARAGRAPH = (
 REPEAT = f"Repeat this paragraph exactly, word for word:\n\n{PARAGRAPH}"
 
 
+IGNORE_EOS = False
+
+
 def generate(cluster, prompt, max_tokens, chat):
     cmd = [heal.STRATA, "generate", "--coordinator", cluster.api, "--prompt", prompt,
            "--max-tokens", str(max_tokens), "--json"]
+    if IGNORE_EOS:
+        cmd.append("--ignore-eos")
     if chat:
         cmd.append("--chat")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -58,9 +69,13 @@ def main():
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     p.add_argument("--strata", default=heal.STRATA)
     a = p.parse_args()
     heal.STRATA = a.strata
+    global IGNORE_EOS
+    IGNORE_EOS = a.ignore_eos
     flags = ["--draft", a.draft] if a.draft else ["--draft-model", a.draft_model]
     settings = [("plain", []), ("drafted", flags)]
     clusters = {}
@@ -69,6 +84,8 @@ def main():
             c = heal.Cluster(a.model, a.workers, serve_args=["--kv-tokens", "2048", *extra])
             c.wait_serving(stages=a.workers)
             clusters[name] = c
+        if a.clients > 1:
+            return concurrent(a, clusters, settings)
         best = {name: None for name, _ in settings}
         for trial in range(a.trials):
             for name, _ in settings:
@@ -98,6 +115,36 @@ def main():
     finally:
         for c in clusters.values():
             c.close()
+
+
+def concurrent(a, clusters, settings):
+    # Each client a slightly different prompt, so that no two answers are one.
+    prompts = [f"{a.prompt} ({i + 1})" for i in range(a.clients)]
+    best, answers = {}, {}
+    for trial in range(a.trials):
+        for name, _ in settings:
+            start = time.time()
+            with ThreadPoolExecutor(a.clients) as pool:
+                results = list(pool.map(
+                    lambda q: generate(clusters[name], q, a.max_tokens, not a.no_chat), prompts))
+            wall = time.time() - start
+            tokens = sum(len(r["tokens"]) for r in results)
+            rate = tokens / wall
+            drafted = sum(r["timings"]["draft_tokens"] for r in results)
+            accepted = sum(r["timings"]["accepted_draft_tokens"] for r in results)
+            heal.log(f"trial {trial + 1} {name}: {a.clients} clients, {tokens} tokens in {wall:.2f} s "
+                     f"= {rate:.1f}/s, drafts {accepted}/{drafted}")
+            best[name] = max(best.get(name, 0.0), rate)
+            answers[name] = [r["tokens"] for r in results]
+    same = answers["plain"] == answers["drafted"]
+    heal.log(json.dumps({
+        "model": os.path.basename(a.model), "clients": a.clients, "same_tokens": same,
+        "plain_tokens_per_s": round(best["plain"], 2),
+        "drafted_tokens_per_s": round(best["drafted"], 2),
+        "ratio": round(best["drafted"] / best["plain"], 3),
+    }))
+    if not same:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

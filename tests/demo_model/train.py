@@ -51,6 +51,19 @@ How to rerun
       --convert /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 Options: --steps N (default 900), --out DIR (default models/demo), --minutes M (stop early
 after M minutes; the cosine schedule still follows --steps).
+
+The draft model
+---------------
+With --draft, the same script trains the demo's draft model for speculative decoding on
+the same documents, with the demo's own tokenizer (read from --out, not trained again):
+2 layers, hidden 128, 4 heads of 32, 2 KV heads, MLP 384, tied embeddings, about 0.9 M
+parameters. It learns from the demo model itself (model.safetensors in --out): its loss is
+the KL divergence from the demo model's next-token distribution (distillation), not the
+text's next token, because a draft is worth what the model it drafts for agrees with.
+It writes strata-demo-draft-q8_0.gguf and draft-train-log.json into --out
+(the safetensors stay in a temporary directory). About 15 minutes on the 2-core VM:
+  /root/golden-venv/bin/python tests/demo_model/train.py --draft --steps 600 \
+      --convert /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 """
 
 from __future__ import annotations
@@ -165,6 +178,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "models" / "demo"))
     ap.add_argument("--convert", help="llama.cpp's convert_hf_to_gguf.py (for the GGUF)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft", action="store_true",
+                    help="train the draft model (with the demo's tokenizer, from --out)")
     args = ap.parse_args()
 
     import torch
@@ -177,7 +192,14 @@ def main() -> None:
     out = Path(args.out)
 
     docs = documents(read_kjv(), rng)
-    tok = train_tokenizer(docs)
+    if args.draft:
+        import tempfile
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        final = out
+        out = Path(tempfile.mkdtemp(prefix="strata-demo-draft-"))
+    else:
+        tok = train_tokenizer(docs)
     write_hf_files(out, tok)
     ids: list[int] = []
     for enc in tok.encode_batch(docs, add_special_tokens=False):
@@ -187,14 +209,20 @@ def main() -> None:
     log(f"{len(docs)} documents, {len(ids)} tokens, {windows} windows of {SEQ}")
 
     end_id = tok.token_to_id("<|end|>")
+    size = (dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2) if args.draft else
+            dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=4))
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+        vocab_size=VOCAB, **size, head_dim=32,
         max_position_embeddings=CONTEXT, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=end_id,
         pad_token_id=tok.token_to_id("<|pad|>"), attention_bias=False, mlp_bias=False,
     )
     model = LlamaForCausalLM(config)
+    teacher = None
+    if args.draft:
+        teacher = LlamaForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {params / 1e6:.2f} M parameters")
 
@@ -219,7 +247,14 @@ def main() -> None:
         cursor += BATCH
         batch = torch.stack([data[s:s + SEQ + 1] for s in starts.tolist()])
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        if teacher is None:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        else:
+            with torch.no_grad():
+                target = torch.log_softmax(teacher(input_ids=batch[:, :-1]).logits, dim=-1)
+            loss = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1).reshape(-1, VOCAB),
+                                              target.reshape(-1, VOCAB), log_target=True,
+                                              reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -247,14 +282,15 @@ def main() -> None:
 
     model = model.to(torch.float16)
     model.save_pretrained(str(out), safe_serialization=True)
-    (out / "train-log.json").write_text(json.dumps({
+    log_name = "draft-train-log.json" if args.draft else "train-log.json"
+    ((final if args.draft else out) / log_name).write_text(json.dumps({
         "parameters": params, "tokens": len(ids), "batch": BATCH, "seq": SEQ,
         "steps_planned": args.steps, "curve": curve, "samples": samples,
         "torch": torch.__version__, "transformers": transformers.__version__,
     }, indent=1) + "\n")
     if args.convert:
         from make_golden import CONVERT_WRAPPER
-        gguf = out / "strata-demo-q8_0.gguf"
+        gguf = final / "strata-demo-draft-q8_0.gguf" if args.draft else out / "strata-demo-q8_0.gguf"
         cmd = [sys.executable, "-c", CONVERT_WRAPPER, args.convert, "llama-bpe", str(out),
                "--outtype", "q8_0", "--outfile", str(gguf)]
         res = subprocess.run(cmd, capture_output=True, text=True)

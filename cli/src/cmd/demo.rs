@@ -31,6 +31,13 @@ const DEMO_MODEL: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../models/demo/strata-demo-q8_0.gguf"
 ));
+/// The demo model's draft for speculative decoding: a 2-layer model with the same
+/// tokenizer, trained on the same text by the same script (`tests/demo_model/train.py
+/// --draft`), compiled in as well.
+const DEMO_DRAFT: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../models/demo/strata-demo-draft-q8_0.gguf"
+));
 /// How long workers look for the coordinator over mDNS before the demo joins them by address.
 const MDNS_WAIT: Duration = Duration::from_secs(10);
 
@@ -69,6 +76,11 @@ pub struct DemoArgs {
     /// Exit after the answer instead of serving until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Serve the bundled model without its draft model (one token per pass).
+    #[arg(long)]
+    no_draft: bool,
+    #[command(flatten)]
+    draft: super::generate::DraftArgs,
 }
 
 /// Binds `want`, or any free port on its address when it is taken.
@@ -117,6 +129,18 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         println!("Model: {} ({} layers).", path.display(), c.num_layers);
     }
     drop(file);
+    // Drafts: what the flags name; else, for the bundled model, its bundled draft.
+    let mut draft = a.draft.source();
+    if draft == strata_coordinator::Draft::None && a.model.is_none() && !a.no_draft {
+        let p = dir.path().join("strata-demo-draft.gguf");
+        std::fs::write(&p, DEMO_DRAFT).context("writing the demo's draft model")?;
+        println!(
+            "Draft: strata-demo-draft, a 2-layer model with the same tokenizer ({}, built in): \
+             each step verifies its guesses (--no-draft to compare).",
+            human_bytes(DEMO_DRAFT.len() as u64)
+        );
+        draft = strata_coordinator::Draft::Model(p);
+    }
     let state = dir.path().join("state");
     let (ca, _) = ClusterCa::load_or_create(&state)?;
     let token = ca.token().clone();
@@ -132,6 +156,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         config.bind = api.ip();
         config.min_workers = a.workers;
         config.plan.kv_tokens = 512;
+        config.draft = draft;
+        config.draft_policy = a.draft.policy();
         // The demo shows a pipeline: every worker takes a share. (For one stream the
         // default objective would rightly keep this small model on one worker.)
         config.plan.objective = strata_coordinator::planner::Objective::Throughput;
@@ -269,8 +295,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             }
         }
         let usage = usage.unwrap_or_default();
+        let drafts = if usage.draft_tokens > 0 {
+            format!(
+                "; {:.0}% of drafts accepted, {:.1} tokens per pass",
+                100.0 * f64::from(usage.accepted_draft_tokens) / f64::from(usage.draft_tokens),
+                f64::from(usage.completion_tokens) / f64::from(usage.passes.max(1))
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "\n\n[{} prompt tokens; first token after {:.0} ms, then {:.1} tokens/s through {} workers over QUIC]",
+            "\n\n[{} prompt tokens; first token after {:.0} ms, then {:.1} tokens/s through {} workers over QUIC{drafts}]",
             usage.prompt_tokens,
             usage.time_to_first_token_ms,
             usage.decode_tokens_per_second,

@@ -59,6 +59,8 @@ pub struct GenerateArgs {
     /// Print token ids, text and timings as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub draft: DraftArgs,
 }
 
 /// Sampling flags shared by the commands that generate.
@@ -93,7 +95,7 @@ pub struct SamplingArgs {
     pub top_logprobs: usize,
 }
 
-/// Speculative decoding flags (`serve`, `demo`).
+/// Speculative decoding flags (`serve`, `demo`, and `generate --model`).
 #[derive(Debug, Args, Clone)]
 pub struct DraftArgs {
     /// Speculative decoding with a small draft model that shares the model's tokenizer
@@ -179,6 +181,9 @@ pub fn prompt_ids(
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(addr) = a.coordinator.clone() {
+        if a.draft.source() != strata_coordinator::Draft::None {
+            bail!("with --coordinator the cluster drafts: give --draft or --draft-model to `strata serve`");
+        }
         return run_remote(&a, &addr);
     }
     let t0 = Instant::now();
@@ -222,7 +227,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut decoder = StreamDecoder::new();
     let stream = !a.json;
     let mut stdout = std::io::stdout();
-    let generation = pipeline.generate(&request, |s| {
+    let mut drafter = drafter(&a.draft, tokenizer.as_ref(), &request.sampling)?;
+    let on_token = |s: &strata_model::Sampled| {
         if stream {
             match &tokenizer {
                 Some(t) => {
@@ -236,7 +242,16 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let (generation, drafts) = match &mut drafter {
+        Some(d) => {
+            pipeline.generate_drafted(&request, d.as_mut(), a.draft.policy().most, on_token)?
+        }
+        None => (
+            pipeline.generate(&request, on_token)?,
+            strata_model::DraftCounts::default(),
+        ),
+    };
     if stream {
         if let Some(t) = &tokenizer {
             print!("{}", decoder.finish(t)?);
@@ -277,6 +292,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 "generated_tokens": n,
                 "prefill_tokens_per_s": ids.len() as f64 / prefill_s.max(1e-9),
                 "decode_tokens_per_s": decode_tps,
+                "draft_tokens": drafts.drafted,
+                "accepted_draft_tokens": drafts.accepted,
+                "acceptance_rate": if drafts.drafted > 0 { drafts.accepted as f64 / drafts.drafted as f64 } else { 0.0 },
+                "passes": drafts.passes,
+                "tokens_per_pass": if drafts.passes > 0 { n as f64 / drafts.passes as f64 } else { 0.0 },
             }
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -291,6 +311,28 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The drafter the flags ask for, for a model in this process.
+fn drafter(
+    a: &DraftArgs,
+    tokenizer: Option<&Tokenizer>,
+    sampling: &SamplingParams,
+) -> anyhow::Result<Option<Box<dyn strata_model::Drafter>>> {
+    Ok(match a.source() {
+        strata_coordinator::Draft::None => None,
+        strata_coordinator::Draft::Ngram => Some(Box::new(strata_model::NgramDrafter::new())),
+        strata_coordinator::Draft::Model(path) => {
+            let tokenizer = tokenizer
+                .context("--draft-model needs the model's tokenizer, to check the draft's")?;
+            let stage = strata_model::draft::load_draft_model(&path, tokenizer)
+                .with_context(|| format!("loading the draft model {}", path.display()))?;
+            Some(Box::new(
+                strata_model::ModelDrafter::new(stage)
+                    .with_repeat_penalty(sampling.repeat_penalty, sampling.repeat_window),
+            ))
+        }
+    })
 }
 
 /// `strata generate --coordinator`: the same request through the cluster's gRPC API.
