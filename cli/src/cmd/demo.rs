@@ -186,8 +186,18 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 )
             }
         };
+        // The workers share this machine: one measurement of its speed stands for all
+        // three (measured one by one, they would differ only by the noise between runs,
+        // which could leave one without a share of the plan).
+        let speed = tokio::task::spawn_blocking(|| {
+            strata_worker::speed::measure(&candle_core::Device::Cpu)
+        })
+        .await
+        .context("measuring this machine's speed")?
+        .context("measuring this machine's speed")?;
         let start_worker = |i: usize, by_mdns: bool, cancel: CancellationToken| {
             let mut w = WorkerConfig::new(token.clone());
+            w.speed = Some(speed);
             w.id = Some(format!("worker-{}", i + 1));
             w.mdns = by_mdns;
             if !by_mdns {
@@ -218,7 +228,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 workers.push(handle);
             }
         }
-        // One at a time: each measures its speed with the machine to itself.
+        // One at a time, so each has joined before the next starts.
         for i in workers.len()..a.workers {
             workers.push(start_worker(i, by_mdns, shutdown.clone()));
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -237,7 +247,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         println!(
-            "{} workers {}, joined with the cluster's token, got certificates from its CA and measured their speed ({:.1}s).\n",
+            "{} workers {}, joined with the cluster's token and got certificates from its CA ({:.1}s).\n",
             a.workers,
             if by_mdns { "found the coordinator over mDNS on loopback" } else { "were given the coordinator's address" },
             started.elapsed().as_secs_f64()
