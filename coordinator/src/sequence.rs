@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use strata_model::{Drafter, SamplingParams, SeqId, StreamDecoder, Tokenizer};
+use strata_model::{DraftLength, Drafter, SamplingParams, SeqId, StreamDecoder, Tokenizer};
 use strata_net::frame::{Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Why an answer ended.
@@ -369,9 +369,8 @@ impl Default for DraftPolicy {
 #[derive(Debug)]
 struct Drafting {
     drafter: Box<dyn Drafter>,
-    policy: DraftPolicy,
     /// Drafts the next step may carry.
-    length: usize,
+    length: DraftLength,
     /// Drafts the step in flight carries.
     in_flight: usize,
     drafted: usize,
@@ -413,9 +412,8 @@ impl SequenceCore {
     pub fn with_drafter(mut self, drafter: Box<dyn Drafter>, policy: DraftPolicy) -> Self {
         self.drafting = Some(Drafting {
             drafter,
-            length: policy.initial.min(policy.most),
+            length: DraftLength::new(policy.initial, policy.most),
             in_flight: 0,
-            policy,
             drafted: 0,
             accepted: 0,
         });
@@ -605,7 +603,7 @@ impl SequenceCore {
         let room = self.limits.context.saturating_sub(end);
         match &mut self.drafting {
             Some(d) if decode => {
-                let most = d.length.min(left.saturating_sub(1)).min(room);
+                let most = d.length.get().min(left.saturating_sub(1)).min(room);
                 let mut drafts = d.drafter.propose(&self.history, most);
                 drafts.truncate(most);
                 d.drafted += drafts.len();
@@ -623,13 +621,7 @@ impl SequenceCore {
     /// A pass ended, `accepted` of its `drafted` drafts kept: the next length.
     fn adapt(&mut self, drafted: usize, accepted: usize) {
         if let Some(d) = &mut self.drafting {
-            if drafted > 0 {
-                d.length = if accepted == drafted {
-                    (d.length + 2).min(d.policy.most)
-                } else {
-                    d.length.saturating_sub(1).max(1)
-                };
-            }
+            d.length.after(drafted, accepted);
         }
     }
 

@@ -54,7 +54,7 @@ pub mod wire;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig, RopeScaling};
-pub use draft::{check_vocabularies, Drafter, ModelDrafter, NgramDrafter};
+pub use draft::{check_vocabularies, DraftLength, Drafter, ModelDrafter, NgramDrafter};
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::draft::Drafter;
+use crate::draft::{DraftLength, Drafter};
 use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
@@ -416,38 +416,18 @@ impl LocalPipeline {
                 );
             }
             let decode_start = Instant::now();
-            let mut length = most.clamp(1, 4);
+            let mut length = DraftLength::new(4, most);
             while !done {
                 let left = request.max_tokens - result.tokens.len();
-                let most_now = length.min(left - 1).min(context - history.len());
+                let most_now = length.get().min(left - 1).min(context - history.len());
                 let mut drafts = drafter.propose(&history, most_now);
                 drafts.truncate(most_now);
-                let start = history.len() - 1;
-                let mut tokens = vec![history[start]];
-                tokens.extend(&drafts);
-                let chunk = Chunk {
-                    seq,
-                    start,
-                    len: tokens.len(),
-                };
-                let rows = LogitRows::LastOf(vec![tokens.len()]);
-                let logits = self
-                    .forward_scoring(&[chunk], tokens, rows)?
-                    .to_vec2::<f32>()?;
-                let rows: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-                let mut seen = history.clone();
-                let sampled = sampler.sample_drafts(&rows, &drafts, &mut seen)?;
+                let sampled = self.verify(seq, &history, &drafts, &mut sampler)?;
                 let accepted = sampled.len() - 1;
                 counts.passes += 1;
                 counts.drafted += drafts.len();
                 counts.accepted += accepted;
-                if !drafts.is_empty() {
-                    length = if accepted == drafts.len() {
-                        (length + 2).min(most.max(1))
-                    } else {
-                        length.saturating_sub(1).max(1)
-                    };
-                }
+                length.after(drafts.len(), accepted);
                 for (s, _) in sampled {
                     self.accept(
                         &mut history,
@@ -474,6 +454,31 @@ impl LocalPipeline {
         self.free_sequence(seq);
         outcome?;
         Ok((result, counts))
+    }
+
+    /// One pass of drafted decoding: the history's last token and `drafts` through every
+    /// stage, then the tokens the sampler keeps ([`Sampler::sample_drafts`]).
+    fn verify(
+        &mut self,
+        seq: SeqId,
+        history: &[u32],
+        drafts: &[u32],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<(Sampled, u64)>> {
+        let start = history.len() - 1;
+        let mut tokens = vec![history[start]];
+        tokens.extend(drafts);
+        let chunk = Chunk {
+            seq,
+            start,
+            len: tokens.len(),
+        };
+        let rows = LogitRows::LastOf(vec![tokens.len()]);
+        let logits = self
+            .forward_scoring(&[chunk], tokens, rows)?
+            .to_vec2::<f32>()?;
+        let rows: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
+        sampler.sample_drafts(&rows, drafts, &mut history.to_vec())
     }
 
     #[allow(clippy::too_many_arguments)]
