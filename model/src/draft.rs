@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
-use crate::sampler::argmax;
+use crate::sampler::{apply_repeat_penalty, argmax};
 use crate::tokenizer::Tokenizer;
 
 /// Proposes tokens to verify.
@@ -160,15 +160,7 @@ impl ModelDrafter {
     /// The most likely token after `seen`, with the repeat penalty.
     fn pick(&self, logits: &mut [f32], seen: &[u32]) -> u32 {
         let (penalty, window) = self.penalty;
-        if penalty != 1.0 {
-            let recent = &seen[seen.len().saturating_sub(window)..];
-            let mut done = std::collections::HashSet::new();
-            for &t in recent {
-                if let Some(l) = logits.get_mut(t as usize).filter(|_| done.insert(t)) {
-                    *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
-                }
-            }
-        }
+        apply_repeat_penalty(logits, seen, penalty, window);
         argmax(logits)
     }
 

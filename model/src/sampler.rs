@@ -135,21 +135,7 @@ impl Sampler {
         }
         let p = &self.params;
         let mut adjusted = logits.to_vec();
-        if p.repeat_penalty != 1.0 {
-            let window = &history[history.len().saturating_sub(p.repeat_window)..];
-            let mut seen = window.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(l) = adjusted.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repeat_penalty
-                    } else {
-                        *l * p.repeat_penalty
-                    };
-                }
-            }
-        }
+        apply_repeat_penalty(&mut adjusted, history, p.repeat_penalty, p.repeat_window);
         let top = p.top_logprobs;
         let token = if p.temperature == 0.0 {
             argmax(&adjusted)
@@ -289,6 +275,27 @@ impl Sampler {
 
 /// Candidates sorted before checking whether top-p / min-p need more.
 const SORTED_HEAD: usize = 256;
+
+/// Divides the positive logits (multiplies the negative ones) of the tokens among the last
+/// `window` of `history` by `penalty`, once per token; `1` changes nothing.
+pub(crate) fn apply_repeat_penalty(
+    logits: &mut [f32],
+    history: &[u32],
+    penalty: f32,
+    window: usize,
+) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = history[history.len().saturating_sub(window)..].to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for &t in &seen {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
 
 /// Index of the largest value (the first of equals).
 pub fn argmax(values: &[f32]) -> u32 {

@@ -126,10 +126,9 @@ impl DraftArgs {
 
     /// How many drafts a step carries.
     pub fn policy(&self) -> strata_coordinator::DraftPolicy {
-        let most = self.draft_max as usize;
         strata_coordinator::DraftPolicy {
-            initial: strata_coordinator::DraftPolicy::default().initial.min(most),
-            most,
+            most: self.draft_max as usize,
+            ..Default::default()
         }
     }
 }

@@ -93,17 +93,11 @@ impl Loaded {
     fn continuation(&mut self, step: &Step, cached: usize, budget: usize) -> Admission {
         let (start, end) = (step.start as usize, step.start as usize + step.len());
         let verified = self.verified.get(&step.seq).copied().unwrap_or(cached);
-        if start < verified.min(cached) {
-            return if end <= cached {
-                Admission::Duplicate
-            } else {
-                Admission::Refuse(format!(
-                    "sequence {} continues at {start} but its cache holds {cached} positions",
-                    step.seq
-                ))
-            };
+        let repeat = start < verified.min(cached);
+        if repeat && end <= cached {
+            return Admission::Duplicate;
         }
-        if start > cached {
+        if repeat || start > cached {
             return Admission::Refuse(format!(
                 "sequence {} continues at {start} but its cache holds {cached} positions",
                 step.seq
