@@ -385,6 +385,7 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
         },
     );
     let received = cluster.bytes_received();
+    let received_plan = cluster.status()["plan"].clone();
     let last = status["plan"]["stages"][2]["worker"]
         .as_str()
         .unwrap()
@@ -439,13 +440,36 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
             })
         },
     );
+    // (That count may predate a load: the slice it is planned with is the better witness.)
+    let layers_of = |plan: &serde_json::Value| {
+        plan["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["worker"] == last.as_str())
+            .map(|s| s["layers"].clone())
+    };
+    assert_eq!(
+        layers_of(&status["plan"]),
+        layers_of(&received_plan),
+        "planned back with other layers: before the cable was pulled {:#}, after it came back {:#}",
+        received_plan,
+        status["plan"]
+    );
     let reported = status["workers"]
         .as_array()
         .unwrap()
         .iter()
         .find(|w| w["id"] == last.as_str())
         .and_then(|w| w["bytes_received"].as_u64());
-    assert_eq!(reported, Some(before), "weights were sent again");
+    assert_eq!(
+        reported,
+        Some(before),
+        "weights were sent again: the plan before the cable was pulled {:#}, after it came back {:#}; the coordinator said:\n{}",
+        received_plan,
+        status["plan"],
+        cluster.coordinator.output()
+    );
     assert_eq!(tokens(&cluster.generate(&prompt)), local);
     drop(cluster);
 }
@@ -482,7 +506,10 @@ fn a_slow_link_is_measured_and_kept_off_the_path() {
                 mbit(l)
             );
         } else {
-            assert!(mbit(l) > 300.0, "{pair:?} measured {:.0} Mbit/s", mbit(l));
+            // Well above the cap. (Not the bridge's speed: QUIC here is bound by these
+            // cores, shared with three workers and the coordinator, and has measured
+            // 175 Mbit/s to 1.5 Gbit/s.)
+            assert!(mbit(l) > 150.0, "{pair:?} measured {:.0} Mbit/s", mbit(l));
         }
     }
     let order: Vec<&str> = status["plan"]["stages"]

@@ -25,8 +25,7 @@
 //! million steps). With one link model for every pair, a plan's time does not depend on
 //! the order of its middle stages, only on which worker holds the head (its time) and
 //! which holds the embedding (memory): the programme runs over a few orders (fastest
-//! first, fastest last, the largest budgets at the ends, and the order of the slices the
-//! workers hold now) and keeps the best. What it can miss is a plan that needs the
+//! first, fastest last, and the largest budgets at the ends) and keeps the best. What it can miss is a plan that needs the
 //! embedding or head on a middle-speed worker to fit at all. An integer programme would
 //! be exact for per-pair links too; the programme is simpler, fast and explainable.
 //!
@@ -39,14 +38,20 @@
 //! an exhaustive search over every subset, order and split of 120 small clusters with
 //! random links, and the worst plan was 2.9% slower than the optimum.
 //!
+//! Workers that hold a slice the planner should keep (one that came back): the programme
+//! runs again with each of them allowed only its slice, over every order of up to
+//! [`EXHAUSTIVE_ORDER_STAGES`] workers (else two orders, each holder placed where its
+//! layers start), and that plan is taken unless the fastest one is more than
+//! [`HELD_PREFERENCE`] faster.
+//!
 //! Every eligible worker the plan leaves out is named, with why.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-/// When choosing, a stage that its worker already holds is priced this much cheaper (the
-/// estimates are not): moving a slice costs loading it, and the measured speeds of
-/// identical machines differ by about this much from one measurement to the next, which
+/// Workers that hold slices ([`Candidate::held`]) keep them unless a plan that moves them
+/// is more than this much faster: moving a slice costs loading it, and the measured speeds
+/// of identical machines differ by about this much from one measurement to the next, which
 /// alone should not move slices when a worker comes back.
 pub const HELD_PREFERENCE: f64 = 0.15;
 
@@ -99,8 +104,8 @@ pub struct Candidate {
     pub budget: u64,
     /// Weight bytes per second it streams.
     pub speed: f64,
-    /// The layers it holds now, if any: kept where another split is not clearly faster
-    /// (see [`HELD_PREFERENCE`]).
+    /// The layers it holds now, if any: kept unless another plan is clearly faster (see
+    /// [`HELD_PREFERENCE`]).
     pub held: Option<Range<usize>>,
 }
 
@@ -463,8 +468,17 @@ type Assignment = Vec<(usize, Range<usize>)>;
 /// Stages as (worker, layers), in pipeline order.
 type Stages<'a> = Vec<(&'a Candidate, Range<usize>)>;
 
+/// Whether a programme may give a worker that holds a slice other layers than those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Any run of layers, as for every worker.
+    Movable,
+    /// Only the layers it holds.
+    Kept,
+}
+
 /// One programme, over `order`: the best assignment and its cost.
-fn programme(sizes: &Sizes, order: &[&Candidate]) -> Option<(Cost, Assignment)> {
+fn programme(sizes: &Sizes, order: &[&Candidate], held: Held) -> Option<(Cost, Assignment)> {
     let total = sizes.layers();
     let w = order.len();
     // best[i][l]: cover layers 0..l with a subset of order[..i]; from: how it got there;
@@ -476,8 +490,9 @@ fn programme(sizes: &Sizes, order: &[&Candidate]) -> Option<(Cost, Assignment)> 
     for i in 0..w {
         for l in 0..=total {
             let Some(cost) = best[i][l] else { continue };
-            // Leave worker i out.
-            if best[i + 1][l].is_none_or(|b| cost.better(&b)) {
+            let kept = order[i].held.as_ref().filter(|_| held == Held::Kept);
+            // Leave worker i out (unless it keeps what it holds).
+            if kept.is_none() && best[i + 1][l].is_none_or(|b| cost.better(&b)) {
                 best[i + 1][l] = Some(cost);
                 from[i + 1][l] = Some((l, false));
                 last[i + 1][l] = last[i][l];
@@ -490,18 +505,21 @@ fn programme(sizes: &Sizes, order: &[&Candidate]) -> Option<(Cost, Assignment)> 
                 None => (0.0, 0.0),
             };
             // Or give it the next run of layers, as long as they fit.
+            if kept.is_some_and(|h| h.start != l) {
+                continue;
+            }
             for end in l + 1..=total {
                 let layers = l..end;
+                if kept.is_some_and(|h| h.end != end) {
+                    continue;
+                }
                 let (embed, head) = (l == 0, end == total);
                 let (_, need) = sizes.memory(&layers, embed, head);
                 if need > order[i].budget {
                     // A longer run (or the head with the last layer) needs more still.
                     break;
                 }
-                let mut ms = sizes.stage_ms(order[i], &layers, head);
-                if order[i].held.as_ref() == Some(&layers) {
-                    ms *= 1.0 - HELD_PREFERENCE;
-                }
+                let ms = sizes.stage_ms(order[i], &layers, head);
                 let next = cost.then(sizes.o.objective, ms, hop, hop_busy);
                 if best[i + 1][end].is_none_or(|b| next.better(&b)) {
                     best[i + 1][end] = Some(next);
@@ -553,15 +571,7 @@ fn price(sizes: &Sizes, stages: &[(&Candidate, Range<usize>)]) -> Option<Cost> {
 /// programme: every order up to [`EXHAUSTIVE_ORDER_STAGES`] workers, else swaps of two
 /// while one helps.
 fn order_for_links<'a>(sizes: &Sizes, chosen: Vec<&'a Candidate>) -> Option<(Cost, Stages<'a>)> {
-    let split = |order: &[&'a Candidate]| {
-        programme(sizes, order).map(|(cost, assignment)| {
-            let stages: Vec<(&Candidate, Range<usize>)> = assignment
-                .into_iter()
-                .map(|(i, layers)| (order[i], layers))
-                .collect();
-            (cost, stages)
-        })
-    };
+    let split = |order: &[&'a Candidate]| split(sizes, order, Held::Movable);
     let mut order = chosen;
     let mut best = split(&order);
     let better =
@@ -617,10 +627,7 @@ fn order_by_swaps<'a>(
             } else {
                 hop[order[n - 1] * k + w]
             };
-            let mut ms = sizes.stage_ms(workers[w], &layers, head);
-            if workers[w].held.as_ref() == Some(&layers) {
-                ms *= 1.0 - HELD_PREFERENCE;
-            }
+            let ms = sizes.stage_ms(workers[w], &layers, head);
             cost = cost.then(sizes.o.objective, ms, h, busy);
         }
         Some(cost)
@@ -674,15 +681,20 @@ fn permutations<T>(items: &mut [T], k: usize, visit: &mut dyn FnMut(&[T])) {
     }
 }
 
-/// Plans `profile` over `workers`.
-pub fn plan(
-    profile: &ModelProfile,
-    workers: &[Candidate],
-    options: &PlanOptions,
-) -> Result<Plan, Shortfall> {
-    let sizes = Sizes::new(profile, options);
-    let mut fastest_first: Vec<&Candidate> = workers.iter().collect();
-    fastest_first.sort_by(|a, b| b.speed.total_cmp(&a.speed).then(a.id.cmp(&b.id)));
+/// The workers sorted fastest first (the lesser id first among equals).
+fn fastest_first(workers: &[Candidate]) -> Vec<&Candidate> {
+    let mut order: Vec<&Candidate> = workers.iter().collect();
+    order.sort_by(|a, b| b.speed.total_cmp(&a.speed).then(a.id.cmp(&b.id)));
+    order
+}
+
+/// The fastest plan, whatever the workers hold: the programme over a few orders, then the
+/// order the links favour.
+fn fastest_split<'a>(
+    sizes: &Sizes,
+    workers: &'a [Candidate],
+) -> Result<(Cost, Stages<'a>), Shortfall> {
+    let fastest_first = fastest_first(workers);
     let fastest_last: Vec<&Candidate> = fastest_first.iter().rev().copied().collect();
     // The largest budgets at the ends, where the embedding and the head go: the orders
     // that fit when only that fits.
@@ -692,31 +704,88 @@ pub fn plan(
         let second = roomiest_ends.remove(1);
         roomiest_ends.push(second);
     }
-    // The order of what they hold now, so that the split in force can be kept.
-    let mut as_held = fastest_first.clone();
-    as_held.sort_by_key(|w| w.held.as_ref().map_or(usize::MAX, |h| h.start));
-    let best = [&fastest_first, &fastest_last, &roomiest_ends, &as_held]
+    let best = [&fastest_first, &fastest_last, &roomiest_ends]
         .into_iter()
-        .filter_map(|order| {
-            let (cost, assignment) = programme(&sizes, order)?;
-            let stages: Vec<(&Candidate, Range<usize>)> = assignment
-                .into_iter()
-                .map(|(i, layers)| (order[i], layers))
-                .collect();
-            Some((cost, stages))
-        })
+        .filter_map(|order| split(sizes, order, Held::Movable))
         .reduce(|a, b| if b.0.better(&a.0) { b } else { a });
     let Some((in_speed_order, speed_ordered)) = best else {
-        return Err(shortfall(&sizes, &fastest_first));
+        return Err(shortfall(sizes, &fastest_first));
     };
-    let ordered = if options.pair_links.is_empty() {
-        speed_ordered.clone()
-    } else {
-        let chosen = speed_ordered.iter().map(|(w, _)| *w).collect();
-        match order_for_links(&sizes, chosen) {
-            Some((cost, stages)) if cost.better(&in_speed_order) => stages,
-            _ => speed_ordered.clone(),
+    if sizes.o.pair_links.is_empty() {
+        return Ok((in_speed_order, speed_ordered));
+    }
+    let chosen = speed_ordered.iter().map(|(w, _)| *w).collect();
+    Ok(match order_for_links(sizes, chosen) {
+        Some((cost, stages)) if cost.better(&in_speed_order) => (cost, stages),
+        _ => (in_speed_order, speed_ordered),
+    })
+}
+
+/// The programme over `order`, as stages.
+fn split<'a>(sizes: &Sizes, order: &[&'a Candidate], held: Held) -> Option<(Cost, Stages<'a>)> {
+    let (cost, assignment) = programme(sizes, order, held)?;
+    let stages = assignment
+        .into_iter()
+        .map(|(i, layers)| (order[i], layers))
+        .collect();
+    Some((cost, stages))
+}
+
+/// The fastest plan in which every worker that holds a slice keeps exactly it; `None` when
+/// none holds one, or no such plan fits (two hold the same layers, say). Up to
+/// [`EXHAUSTIVE_ORDER_STAGES`] workers every order is tried; beyond, two: the others
+/// fastest first and fastest last, each holder among them where its layers start (in
+/// proportion).
+fn keeping_held<'a>(sizes: &Sizes, workers: &'a [Candidate]) -> Option<(Cost, Stages<'a>)> {
+    if workers.iter().all(|w| w.held.is_none()) {
+        return None;
+    }
+    let better =
+        |c: &Cost, best: &Option<(Cost, _)>| best.as_ref().is_none_or(|(b, _)| c.better(b));
+    if workers.len() <= EXHAUSTIVE_ORDER_STAGES {
+        let mut all: Vec<&Candidate> = workers.iter().collect();
+        let mut best = None;
+        permutations(&mut all, 0, &mut |candidate| {
+            if let Some((c, stages)) = split(sizes, candidate, Held::Kept) {
+                if better(&c, &best) {
+                    best = Some((c, stages));
+                }
+            }
+        });
+        return best;
+    }
+    let (mut holders, others): (Vec<&Candidate>, Vec<&Candidate>) = fastest_first(workers)
+        .into_iter()
+        .partition(|w| w.held.is_some());
+    holders.sort_by_key(|w| w.held.as_ref().map_or(0, |h| h.start));
+    let (count, total) = (workers.len(), sizes.layers().max(1));
+    let with_holders = |mut order: Vec<&'a Candidate>| {
+        for holder in &holders {
+            let start = holder.held.as_ref().map_or(0, |h| h.start);
+            order.insert((start * count / total).min(order.len()), holder);
         }
+        order
+    };
+    let fastest_last = others.iter().rev().copied().collect();
+    [with_holders(others), with_holders(fastest_last)]
+        .iter()
+        .filter_map(|order| split(sizes, order, Held::Kept))
+        .reduce(|a, b| if b.0.better(&a.0) { b } else { a })
+}
+
+/// Plans `profile` over `workers`.
+pub fn plan(
+    profile: &ModelProfile,
+    workers: &[Candidate],
+    options: &PlanOptions,
+) -> Result<Plan, Shortfall> {
+    let sizes = Sizes::new(profile, options);
+    let (fastest, moving) = fastest_split(&sizes, workers)?;
+    let ordered = match keeping_held(&sizes, workers) {
+        Some((kept, keeping)) if kept.primary <= fastest.primary * (1.0 + HELD_PREFERENCE) => {
+            keeping
+        }
+        _ => moving,
     };
     let total = sizes.layers();
     let stages: Vec<StagePlan> = ordered
@@ -1527,5 +1596,41 @@ mod tests {
         fast[0].speed = 2.2e9;
         let moved = plan(&m, &fast, &o).unwrap();
         assert_ne!(shares(&moved), shares(&kept));
+    }
+
+    #[test]
+    fn a_worker_that_comes_back_keeps_its_slice_wherever_it_lies() {
+        // The workers of the plan in force hold nothing the planner keeps; the one that
+        // came back holds the last layers. Whatever order their noisy speeds sort them
+        // in, it is planned back where its layers are. Three workers (every order tried)
+        // and nine (one order, the holder placed by where its layers start).
+        let m = profile(18);
+        for (count, held) in [(3, 12..18), (3, 6..12), (9, 14..16), (9, 0..2)] {
+            for returning_speed in [0.9e9, 1.0e9, 1.1e9] {
+                let mut workers: Vec<Candidate> = (0..count)
+                    .map(|i| w(&format!("w{i}"), 2000, 1e9 + 0.05e9 * i as f64))
+                    .collect();
+                let returning = workers.last_mut().unwrap();
+                returning.speed = returning_speed;
+                returning.held = Some(held.clone());
+                let p = plan(&m, &workers, &throughput()).unwrap();
+                check_contiguous(&p, 18);
+                let back = p
+                    .stages
+                    .iter()
+                    .find(|s| s.worker == format!("w{}", count - 1));
+                assert_eq!(back.map(|s| s.layers.clone()), Some(held.clone()), "{p:?}");
+            }
+        }
+        // Twice as fast elsewhere, it is worth the move.
+        let mut workers = vec![w("a", 2000, 2.2e9), w("b", 2000, 1e9), w("c", 2000, 1e9)];
+        workers[2].held = Some(12..18);
+        let p = plan(&m, &workers, &throughput()).unwrap();
+        assert!(
+            p.stages
+                .iter()
+                .all(|s| s.worker != "c" || s.layers != (12..18)),
+            "{p:?}"
+        );
     }
 }
