@@ -49,11 +49,16 @@ fn synth_gguf(arch: &str, extra: &[&'static str], quant: &str, out: &std::path::
 
 #[test]
 fn gguf_and_safetensors_of_one_seed_agree_for_every_architecture() {
-    let cases: [(&str, &[&'static str]); 4] = [
+    let cases: [(&str, &[&'static str]); 6] = [
         ("llama", &["--rope-scaling", "llama3", "--context", "16384"]),
         ("mistral", &[]),
         ("qwen2", &[]),
         ("qwen3", &["--tie-embeddings", "--head-dim", "32"]),
+        ("mixtral", &["--experts", "4", "--experts-used", "2"]),
+        (
+            "qwen3_moe",
+            &["--head-dim", "32", "--experts", "8", "--experts-used", "3"],
+        ),
     ];
     for (arch, extra) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -77,6 +82,8 @@ fn gguf_and_safetensors_of_one_seed_agree_for_every_architecture() {
                 "{arch} {dtype}: gguf vs safetensors logits differ by {diff}"
             );
             assert_eq!(t1, t2, "{arch} {dtype}: greedy tokens");
+            let (split, _) = greedy(&gg, 3, &PROMPT, 10);
+            assert_eq!(split, t2, "{arch} {dtype}: gguf in 3 stages vs 1");
         }
     }
 }

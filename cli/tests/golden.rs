@@ -15,6 +15,9 @@ use strata_model::{ModelFile, Tokenizer};
 struct Golden {
     name: String,
     synth: Vec<String>,
+    /// A model transformers made itself (its own class, initialised at random and saved),
+    /// committed under tests/golden; otherwise `synth` makes the model.
+    model: Option<std::path::PathBuf>,
     cases: Vec<Case>,
 }
 
@@ -64,6 +67,7 @@ fn goldens() -> Vec<Golden> {
                 .iter()
                 .map(|s| s.as_str().expect("string").to_string())
                 .collect(),
+            model: g["model"].as_str().map(|m| golden_dir().join(m)),
             cases: g["cases"]
                 .as_array()
                 .expect("cases")
@@ -91,13 +95,23 @@ fn synth_args(g: &Golden, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// The golden's model as transformers saw it: the committed one transformers made, or
+/// the synthetic one written (in F32 safetensors) into `dir`.
+fn model_of(g: &Golden, dir: &std::path::Path) -> std::path::PathBuf {
+    if let Some(model) = &g.model {
+        return model.clone();
+    }
+    let model = dir.join(&g.name);
+    let args = synth_args(g, &["--format", "safetensors", "--dtype", "f32"]);
+    synth(&args.iter().map(String::as_str).collect::<Vec<_>>(), &model);
+    model
+}
+
 #[test]
 fn safetensors_matches_transformers_for_every_architecture_and_stage_count() {
     for g in goldens() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let model = dir.path().join(&g.name);
-        let args = synth_args(&g, &["--format", "safetensors", "--dtype", "f32"]);
-        synth(&args.iter().map(String::as_str).collect::<Vec<_>>(), &model);
+        let model = model_of(&g, dir.path());
         let file = ModelFile::open(&model).expect("open");
         let tokenizer = Tokenizer::for_model(&file).expect("tokenizer");
         for case in &g.cases {
@@ -158,6 +172,8 @@ fn gguf_written_by_llama_cpp_loads_and_matches_transformers() {
                 "{}: llama.cpp f16 GGUF max |logit - transformers| = {diff:.2e}",
                 g.name
             );
+            let (split, _) = greedy(&file, 3, &case.prompt_ids, n);
+            assert_eq!(split, tokens, "{}: f16 GGUF in 3 stages vs 1", g.name);
             assert!(
                 diff < 5e-2,
                 "{}: f16 GGUF logits differ from transformers by {diff}",
@@ -209,9 +225,7 @@ fn golden_prompts_through_a_three_worker_cluster_on_the_f16_wire() {
     let (mut same, mut total) = (0usize, 0usize);
     for g in goldens() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let model = dir.path().join(&g.name);
-        let args = synth_args(&g, &["--format", "safetensors", "--dtype", "f32"]);
-        synth(&args.iter().map(String::as_str).collect::<Vec<_>>(), &model);
+        let model = model_of(&g, dir.path());
         let options = ClusterOptions {
             worker_args: vec!["--speed".into(), "1e9".into()],
             serve_args: vec!["--wire-dtype".into(), "f16".into()],

@@ -65,6 +65,9 @@ pub struct ModelProfile {
     pub name: String,
     /// Weight bytes of each transformer layer, as stored (quantized).
     pub layer_bytes: Vec<u64>,
+    /// The bytes of each layer that one token reads: all of them, but of a mixture of
+    /// experts only the share of the experts a token runs through.
+    pub active_layer_bytes: Vec<u64>,
     /// Bytes of the token embedding.
     pub embed_bytes: u64,
     /// Bytes of the final norm and LM head (the embedding's size again when tied).
@@ -88,7 +91,7 @@ impl ModelProfile {
 
     /// Bytes a stage of `layers` streams per token (and the head's, when it holds it).
     pub fn streamed_bytes(&self, layers: &Range<usize>, head: bool) -> u64 {
-        self.layer_bytes
+        self.active_layer_bytes
             .get(layers.clone())
             .map_or(0, |l| l.iter().sum::<u64>())
             + if head { self.head_bytes } else { 0 }
@@ -342,15 +345,35 @@ struct Sizes<'a> {
     o: &'a PlanOptions,
     /// `prefix[i]`: bytes of layers `0..i`.
     prefix: Vec<u64>,
+    /// `active[i]`: bytes of layers `0..i` that a token reads.
+    active: Vec<u64>,
+}
+
+/// Prefix sums of `bytes`, from 0.
+fn prefix_sums(bytes: &[u64]) -> Vec<u64> {
+    std::iter::once(0)
+        .chain(bytes.iter().scan(0u64, |sum, b| {
+            *sum += b;
+            Some(*sum)
+        }))
+        .collect()
 }
 
 impl<'a> Sizes<'a> {
     fn new(p: &'a ModelProfile, o: &'a PlanOptions) -> Self {
-        let mut prefix = vec![0u64];
-        for b in &p.layer_bytes {
-            prefix.push(prefix.last().copied().unwrap_or(0) + b);
+        let prefix = prefix_sums(&p.layer_bytes);
+        // A profile without active sizes (or of another length) reads every byte.
+        let active = if p.active_layer_bytes.len() == p.layer_bytes.len() {
+            prefix_sums(&p.active_layer_bytes)
+        } else {
+            prefix.clone()
+        };
+        Sizes {
+            p,
+            o,
+            prefix,
+            active,
         }
-        Sizes { p, o, prefix }
     }
 
     fn layers(&self) -> usize {
@@ -390,7 +413,7 @@ impl<'a> Sizes<'a> {
     /// Bytes a stage streams per token: its layers, and the head (an embedding lookup
     /// reads one row).
     fn streamed(&self, layers: &Range<usize>, head: bool) -> u64 {
-        self.prefix[layers.end] - self.prefix[layers.start]
+        self.active[layers.end] - self.active[layers.start]
             + if head { self.p.head_bytes } else { 0 }
     }
 
@@ -1061,6 +1084,7 @@ mod tests {
         ModelProfile {
             name: "m".into(),
             layer_bytes: vec![100 * MIB; layers],
+            active_layer_bytes: vec![100 * MIB; layers],
             embed_bytes: 50 * MIB,
             head_bytes: 50 * MIB,
             kv_bytes_per_token: 1024,
@@ -1243,6 +1267,7 @@ mod tests {
         ModelProfile {
             name: "llama-3.1-70b (q4_k_m)".into(),
             layer_bytes: vec![520_000_000; 80],
+            active_layer_bytes: vec![520_000_000; 80],
             embed_bytes: 636_000_000,
             head_bytes: 636_000_000,
             kv_bytes_per_token: 8192,
@@ -1328,6 +1353,7 @@ mod tests {
         let m = ModelProfile {
             name: "llama-3.1-405b (q4_k_m)".into(),
             layer_bytes: vec![1_900_000_000; 126],
+            active_layer_bytes: vec![1_900_000_000; 126],
             embed_bytes: 1_270_000_000,
             head_bytes: 1_270_000_000,
             kv_bytes_per_token: 8192,

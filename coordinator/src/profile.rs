@@ -33,6 +33,9 @@ pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
     ModelProfile {
         name: name.to_string(),
         layer_bytes: (0..c.num_layers).map(|l| file.layer_bytes(l)).collect(),
+        active_layer_bytes: (0..c.num_layers)
+            .map(|l| file.active_layer_bytes(l))
+            .collect(),
         embed_bytes: embed,
         head_bytes: head,
         kv_bytes_per_token: kv_bytes_per_token(c),
@@ -80,18 +83,36 @@ pub fn of_spec(spec: &str) -> Result<ModelProfile> {
     let bytes = |params: usize| (params as f64 * bits / 8.0).ceil() as u64;
     let (h, hd) = (c.hidden_size, c.head_dim);
     let attn = h * c.num_heads * hd * 2 + h * c.num_kv_heads * hd * 2;
-    let mlp = 3 * h * c.intermediate_size;
     let norms = 2 * h * 4;
-    let layer = bytes(attn + mlp) + norms as u64;
+    // A mixture of experts: the router (kept in F32, as llama.cpp does) and every
+    // expert, of which a token reads `used`.
+    let (mlp, active_mlp, router, largest) = match c.experts {
+        Some(e) => {
+            let expert = 3 * h * e.intermediate_size;
+            (
+                e.count * expert,
+                e.used * expert,
+                (e.count * h * 4) as u64,
+                bytes(e.count * h * e.intermediate_size),
+            )
+        }
+        None => {
+            let mlp = 3 * h * c.intermediate_size;
+            (mlp, mlp, 0, bytes(h * c.intermediate_size))
+        }
+    };
+    let layer = bytes(attn + mlp) + norms as u64 + router;
+    let active = bytes(attn + active_mlp) + norms as u64 + router;
     let embed = bytes(c.vocab_size * h);
     let head = (h * 4) as u64 + embed;
     Ok(ModelProfile {
         name: format!("{name} ({quant})"),
         layer_bytes: vec![layer; c.num_layers],
+        active_layer_bytes: vec![active; c.num_layers],
         embed_bytes: embed,
         head_bytes: head,
         kv_bytes_per_token: kv_bytes_per_token(&c),
-        largest_layer_tensor: bytes(h * c.intermediate_size),
+        largest_layer_tensor: largest,
         hidden: h,
         activation_bytes_per_row: activation_bytes_per_row(&c),
     })
@@ -109,6 +130,10 @@ mod tests {
             ("qwen2.5-72b:q4_k_m", 42.0, 52.0),
             ("qwen3-32b:q4_k_m", 17.0, 22.0),
             ("deepseek-r1-distill-llama-70b:q4_k_m", 38.0, 46.0),
+            // Mixtral 8x7B is 26.4 GB, Qwen3-30B-A3B 18.6 GB, Qwen3-235B-A22B 142 GB.
+            ("mixtral-8x7b:q4_k_m", 24.0, 29.0),
+            ("qwen3-30b-a3b:q4_k_m", 16.5, 20.5),
+            ("qwen3-235b-a22b:q4_k_m", 128.0, 152.0),
         ] {
             let gb = of_spec(spec).unwrap().weight_bytes() as f64 / 1e9;
             assert!((low..high).contains(&gb), "{spec}: {gb} GB");

@@ -9,9 +9,9 @@ use serde_json::Value as Json;
 use crate::error::{Error, Result};
 
 /// The transformer families Strata runs. All share the Llama block; they differ in
-/// biases, norms and rotary layout.
+/// biases, norms, rotary layout, and whether the feed-forward is a mixture of experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Arch {
     /// Llama 2 / 3.x.
     Llama,
@@ -21,6 +21,11 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: RMSNorm on each head of q and k, no biases.
     Qwen3,
+    /// Mixtral: Mistral's attention, a mixture of experts for the feed-forward (llama.cpp
+    /// stores it as `llama` with `llama.expert_count`).
+    Mixtral,
+    /// Qwen3-MoE: Qwen3's attention, a mixture of experts for the feed-forward.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -32,6 +37,8 @@ impl Arch {
             "mistral" => Ok(Arch::Mistral),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "mixtral" => Ok(Arch::Mixtral),
+            "qwen3_moe" | "qwen3moe" => Ok(Arch::Qwen3Moe),
             _ => Err(Error::UnsupportedArchitecture {
                 arch: name.to_string(),
             }),
@@ -45,6 +52,8 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -55,16 +64,30 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
-    /// The architecture name llama.cpp writes to GGUF (`mistral` is stored as `llama`).
+    /// The architecture name llama.cpp writes to GGUF (`mistral` and `mixtral` are stored
+    /// as `llama`).
     pub fn gguf_name(self) -> &'static str {
         match self {
-            Arch::Llama | Arch::Mistral => "llama",
+            Arch::Llama | Arch::Mistral | Arch::Mixtral => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
         }
+    }
+
+    /// Whether each layer's feed-forward is a mixture of experts.
+    pub fn has_experts(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen3Moe)
+    }
+
+    /// Whether q and k get an RMSNorm per head before the rotary.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
     }
 
     /// Whether the architecture has biases on the q, k and v projections by default.
@@ -75,7 +98,7 @@ impl Arch {
     /// Whether llama.cpp's converter permutes the q/k rows of this architecture so that its
     /// interleaved ("normal") rotary matches transformers' rotate-half layout.
     pub fn gguf_permutes_qk(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Mistral)
+        matches!(self, Arch::Llama | Arch::Mistral | Arch::Mixtral)
     }
 }
 
@@ -104,6 +127,67 @@ pub enum RopeScaling {
         /// One divisor per rotary frequency (head_dim / 2 of them).
         factors: Vec<f32>,
     },
+}
+
+/// A mixture of experts in place of each layer's feed-forward: a router scores every expert
+/// for each token, the `used` best run (each a SwiGLU feed-forward of width
+/// `intermediate_size`), and their outputs are summed, weighted by the router's softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Experts {
+    /// Experts per layer.
+    pub count: usize,
+    /// Experts each token runs through.
+    pub used: usize,
+    /// Width of one expert's inner layer.
+    pub intermediate_size: usize,
+    /// The chosen experts' weights are renormalised to sum to one (Mixtral always;
+    /// Qwen3-MoE's `norm_topk_prob`; llama.cpp always).
+    pub normalize: bool,
+}
+
+/// The mixture of experts of a `config.json` of `arch`: transformers' key names (Qwen3-MoE
+/// with `num_experts` or, as transformers 5 saves it, `num_local_experts`). Qwen3-MoE
+/// layers without experts (`decoder_sparse_step`, `mlp_only_layers`) are refused: every
+/// released model has experts in every layer, and so does llama.cpp's loader.
+fn hf_experts(json: &Json, arch: Arch) -> std::result::Result<Experts, String> {
+    let get = |key: &str| json.get(key).and_then(Json::as_u64).map(|v| v as usize);
+    let count = get("num_local_experts")
+        .or_else(|| get("num_experts"))
+        .ok_or("missing `num_local_experts` (or `num_experts`)")?;
+    let used = get("num_experts_per_tok").ok_or("missing `num_experts_per_tok`")?;
+    let (intermediate_size, normalize) = if arch == Arch::Qwen3Moe {
+        if get("decoder_sparse_step").is_some_and(|s| s != 1)
+            || json
+                .get("mlp_only_layers")
+                .and_then(Json::as_array)
+                .is_some_and(|l| !l.is_empty())
+        {
+            return Err(
+                "layers without experts (`decoder_sparse_step` other than 1, or \
+                 `mlp_only_layers`) are not supported"
+                    .into(),
+            );
+        }
+        let normalize = json
+            .get("norm_topk_prob")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        (
+            get("moe_intermediate_size").ok_or("missing `moe_intermediate_size`")?,
+            normalize,
+        )
+    } else {
+        (
+            get("intermediate_size").ok_or("missing `intermediate_size`")?,
+            true,
+        )
+    };
+    Ok(Experts {
+        count,
+        used,
+        intermediate_size,
+        normalize,
+    })
 }
 
 /// Everything the runtime needs to know about a model's shape.
@@ -143,6 +227,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (generation stops on any of them).
     pub eos_token_ids: Vec<u32>,
+    /// The mixture of experts that replaces each layer's feed-forward, if any.
+    #[serde(default)]
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
@@ -189,6 +276,33 @@ impl ModelConfig {
                      header is damaged or not a language model"
                 )));
             }
+        }
+        if let Some(e) = self.experts {
+            if e.count == 0 || e.count > 1024 || e.used == 0 || e.used > e.count {
+                return Err(invalid(format!(
+                    "{} experts, {} used per token: need 1 to 1024 experts and between 1 and \
+                     all of them used",
+                    e.count, e.used
+                )));
+            }
+            if e.intermediate_size == 0 || e.intermediate_size > 1 << 20 {
+                return Err(invalid(format!(
+                    "expert intermediate size {} must be between 1 and {}",
+                    e.intermediate_size,
+                    1 << 20
+                )));
+            }
+        }
+        if self.arch.has_experts() != self.experts.is_some() {
+            return Err(invalid(format!(
+                "{} {} experts, but no expert count was given",
+                self.arch.name(),
+                if self.arch.has_experts() {
+                    "needs"
+                } else {
+                    "has no"
+                }
+            )));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(format!(
@@ -290,6 +404,11 @@ impl ModelConfig {
         if json.get("mlp_bias").and_then(Json::as_bool) == Some(true) {
             return Err(invalid("`mlp_bias: true` is not supported".into()));
         }
+        let experts = if arch.has_experts() {
+            Some(hf_experts(&json, arch).map_err(invalid)?)
+        } else {
+            None
+        };
         let config = ModelConfig {
             arch,
             hidden_size,
@@ -311,12 +430,13 @@ impl ModelConfig {
                 .and_then(Json::as_bool)
                 .unwrap_or(false),
             qkv_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: arch.qk_norm(),
             bos_token_id: json
                 .get("bos_token_id")
                 .and_then(Json::as_u64)
                 .map(|v| v as u32),
             eos_token_ids,
+            experts,
         };
         config.validate(path)?;
         Ok(config)
@@ -369,6 +489,26 @@ impl ModelConfig {
             }
             Arch::Qwen2 => {
                 obj.insert("use_sliding_window".into(), false.into());
+            }
+            Arch::Mixtral => {
+                obj.insert("sliding_window".into(), Json::Null);
+                if let Some(e) = self.experts {
+                    obj.insert("num_local_experts".into(), e.count.into());
+                    obj.insert("num_experts_per_tok".into(), e.used.into());
+                    obj.insert("intermediate_size".into(), e.intermediate_size.into());
+                }
+            }
+            Arch::Qwen3Moe => {
+                obj.insert("attention_bias".into(), false.into());
+                obj.insert("use_sliding_window".into(), false.into());
+                obj.insert("decoder_sparse_step".into(), 1.into());
+                obj.insert("mlp_only_layers".into(), Json::Array(Vec::new()));
+                if let Some(e) = self.experts {
+                    obj.insert("num_experts".into(), e.count.into());
+                    obj.insert("num_experts_per_tok".into(), e.used.into());
+                    obj.insert("moe_intermediate_size".into(), e.intermediate_size.into());
+                    obj.insert("norm_topk_prob".into(), e.normalize.into());
+                }
             }
         }
         let scaling = match &self.rope_scaling {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::config::{Arch, Experts, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::model::Slice;
 
@@ -184,12 +184,32 @@ pub enum Role {
     Up(usize),
     /// MLP down projection.
     Down(usize),
+    /// Mixture of experts: the router, a score per expert `[experts, hidden]`.
+    Router(usize),
+    /// Expert `e`'s gate projection in layer `l`.
+    ExpertGate(usize, usize),
+    /// Expert `e`'s up projection.
+    ExpertUp(usize, usize),
+    /// Expert `e`'s down projection.
+    ExpertDown(usize, usize),
 }
 
 impl Role {
-    /// The name transformers gives this tensor.
-    pub fn hf_name(self) -> String {
+    /// The name transformers gives this tensor in a model of `arch` (as checkpoints store
+    /// it: one tensor per expert).
+    pub fn hf_name(self, arch: Arch) -> String {
         let layer = |l: usize, rest: &str| format!("model.layers.{l}.{rest}");
+        let mixtral = arch == Arch::Mixtral;
+        let expert = |l: usize, e: usize, qwen: &str, mixtral_name: &str| {
+            if mixtral {
+                layer(
+                    l,
+                    &format!("block_sparse_moe.experts.{e}.{mixtral_name}.weight"),
+                )
+            } else {
+                layer(l, &format!("mlp.experts.{e}.{qwen}.weight"))
+            }
+        };
         match self {
             Role::Embed => "model.embed_tokens.weight".into(),
             Role::FinalNorm => "model.norm.weight".into(),
@@ -208,6 +228,11 @@ impl Role {
             Role::Gate(l) => layer(l, "mlp.gate_proj.weight"),
             Role::Up(l) => layer(l, "mlp.up_proj.weight"),
             Role::Down(l) => layer(l, "mlp.down_proj.weight"),
+            Role::Router(l) if mixtral => layer(l, "block_sparse_moe.gate.weight"),
+            Role::Router(l) => layer(l, "mlp.gate.weight"),
+            Role::ExpertGate(l, e) => expert(l, e, "gate_proj", "w1"),
+            Role::ExpertUp(l, e) => expert(l, e, "up_proj", "w3"),
+            Role::ExpertDown(l, e) => expert(l, e, "down_proj", "w2"),
         }
     }
 
@@ -232,6 +257,20 @@ impl Role {
             Role::Gate(l) => blk(l, "ffn_gate.weight"),
             Role::Up(l) => blk(l, "ffn_up.weight"),
             Role::Down(l) => blk(l, "ffn_down.weight"),
+            Role::Router(l) => blk(l, "ffn_gate_inp.weight"),
+            // One tensor holds every expert's, experts outermost.
+            Role::ExpertGate(l, _) => blk(l, "ffn_gate_exps.weight"),
+            Role::ExpertUp(l, _) => blk(l, "ffn_up_exps.weight"),
+            Role::ExpertDown(l, _) => blk(l, "ffn_down_exps.weight"),
+        }
+    }
+
+    /// For an expert's tensor, the expert: in GGUF it is that slice of a tensor holding
+    /// every expert's.
+    fn expert(self) -> Option<usize> {
+        match self {
+            Role::ExpertGate(_, e) | Role::ExpertUp(_, e) | Role::ExpertDown(_, e) => Some(e),
+            _ => None,
         }
     }
 
@@ -250,6 +289,11 @@ impl Role {
             Role::QNorm(_) | Role::KNorm(_) => vec![c.head_dim],
             Role::Gate(_) | Role::Up(_) => vec![c.intermediate_size, c.hidden_size],
             Role::Down(_) => vec![c.hidden_size, c.intermediate_size],
+            Role::Router(_) => vec![experts(c).count, c.hidden_size],
+            Role::ExpertGate(..) | Role::ExpertUp(..) => {
+                vec![experts(c).intermediate_size, c.hidden_size]
+            }
+            Role::ExpertDown(..) => vec![c.hidden_size, experts(c).intermediate_size],
         }
     }
 
@@ -262,10 +306,20 @@ impl Role {
             Role::V(l),
             Role::O(l),
             Role::FfnNorm(l),
-            Role::Gate(l),
-            Role::Up(l),
-            Role::Down(l),
         ];
+        match c.experts {
+            Some(e) => {
+                roles.push(Role::Router(l));
+                for x in 0..e.count {
+                    roles.extend([
+                        Role::ExpertGate(l, x),
+                        Role::ExpertUp(l, x),
+                        Role::ExpertDown(l, x),
+                    ]);
+                }
+            }
+            None => roles.extend([Role::Gate(l), Role::Up(l), Role::Down(l)]),
+        }
         if c.qkv_bias {
             roles.extend([Role::QBias(l), Role::KBias(l), Role::VBias(l)]);
         }
@@ -274,6 +328,16 @@ impl Role {
         }
         roles
     }
+}
+
+/// The experts of a config whose roles include experts' (none: no expert is asked for).
+fn experts(c: &ModelConfig) -> Experts {
+    c.experts.unwrap_or(Experts {
+        count: 0,
+        used: 0,
+        intermediate_size: 0,
+        normalize: false,
+    })
 }
 
 /// An opened model: its config, its tensor directory, and (for GGUF) its metadata.
@@ -366,13 +430,34 @@ impl ModelFile {
     pub fn tensor_name(&self, role: Role) -> String {
         match self.format {
             Format::Gguf => role.gguf_name(),
-            Format::Safetensors => role.hf_name(),
+            Format::Safetensors => role.hf_name(self.config.arch),
         }
     }
 
-    /// Where a role's tensor lives, if the file has it.
-    pub fn entry(&self, role: Role) -> Option<&TensorEntry> {
-        self.tensors.get(&self.tensor_name(role))
+    /// Where a role's tensor lives, if the file has it. In GGUF an expert's tensor is its
+    /// slice of the layer's tensor of all experts (`[experts, rows, columns]`), present
+    /// only when that tensor has the config's shape.
+    pub fn entry(&self, role: Role) -> Option<TensorEntry> {
+        let entry = self.tensors.get(&self.tensor_name(role))?;
+        match (self.format, role.expert()) {
+            (Format::Gguf, Some(e)) => {
+                let count = experts(&self.config).count;
+                let mut expected = vec![count];
+                expected.extend(role.expected_shape(&self.config));
+                if entry.shape != expected || e >= count {
+                    return None;
+                }
+                let one = TensorEntry {
+                    shape: expected[1..].to_vec(),
+                    ..entry.clone()
+                };
+                Some(TensorEntry {
+                    offset: entry.offset + e as u64 * one.bytes(),
+                    ..one
+                })
+            }
+            _ => Some(entry.clone()),
+        }
     }
 
     /// Every tensor in the file, by its own name.
@@ -389,7 +474,7 @@ impl ModelFile {
     /// Reads one tensor, checking its shape against the config.
     pub fn load(&self, role: Role, device: &Device) -> Result<Weight> {
         let name = self.tensor_name(role);
-        let entry = self
+        let whole = self
             .tensors
             .get(&name)
             .ok_or_else(|| Error::MissingTensor {
@@ -397,16 +482,22 @@ impl ModelFile {
                 tensor: name.clone(),
                 arch: self.config.arch.name().into(),
             })?;
-        let expected = role.expected_shape(&self.config);
-        if entry.shape != expected {
-            return Err(Error::ShapeMismatch {
-                path: self.path.clone(),
-                tensor: name,
-                found: entry.shape.clone(),
-                expected,
-            });
-        }
-        self.read_entry(&name, entry, device)
+        let mut expected = role.expected_shape(&self.config);
+        let entry = match self.entry(role) {
+            Some(entry) if entry.shape == expected => entry,
+            _ => {
+                if self.format == Format::Gguf && role.expert().is_some() {
+                    expected.insert(0, experts(&self.config).count);
+                }
+                return Err(Error::ShapeMismatch {
+                    path: self.path.clone(),
+                    tensor: name,
+                    found: whole.shape.clone(),
+                    expected,
+                });
+            }
+        };
+        self.read_entry(&name, &entry, device)
     }
 
     fn read_entry(&self, name: &str, entry: &TensorEntry, device: &Device) -> Result<Weight> {
@@ -476,7 +567,23 @@ impl ModelFile {
 
     /// Bytes of a role's tensor, 0 if absent.
     pub fn role_bytes(&self, role: Role) -> u64 {
-        self.entry(role).map_or(0, TensorEntry::bytes)
+        self.entry(role).map_or(0, |e| e.bytes())
+    }
+
+    /// The bytes of layer `l` one token reads: all of them, but of a mixture of experts
+    /// only its share of the experts (`used` of `count`).
+    pub fn active_layer_bytes(&self, l: usize) -> u64 {
+        let (mut shared, mut experts) = (0u64, 0u64);
+        for role in Role::layer_roles(l, &self.config) {
+            match role.expert() {
+                Some(_) => experts += self.role_bytes(role),
+                None => shared += self.role_bytes(role),
+            }
+        }
+        match self.config.experts {
+            Some(e) => shared + experts * e.used as u64 / e.count.max(1) as u64,
+            None => shared,
+        }
     }
 
     /// Bytes of all tensors of layer `l`.
@@ -979,6 +1086,23 @@ fn config_from_gguf<S: ByteSource + ?Sized>(
         }
     }
     let u32_key = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    // llama.cpp tells a mixture of experts by its expert count (Mixtral is `llama`), and
+    // always renormalises the chosen experts' weights.
+    let experts = match get_usize("expert_count").filter(|&n| n > 0) {
+        Some(count) => {
+            if arch == Arch::Llama || arch == Arch::Mistral {
+                arch = Arch::Mixtral;
+            }
+            let feed_forward = need("feed_forward_length")?;
+            Some(Experts {
+                count,
+                used: need("expert_used_count")?,
+                intermediate_size: get_usize("expert_feed_forward_length").unwrap_or(feed_forward),
+                normalize: true,
+            })
+        }
+        None => None,
+    };
     let config = ModelConfig {
         arch,
         hidden_size,
@@ -997,6 +1121,7 @@ fn config_from_gguf<S: ByteSource + ?Sized>(
         qk_norm: tensors.contains_key("blk.0.attn_q_norm.weight"),
         bos_token_id: u32_key("tokenizer.ggml.bos_token_id"),
         eos_token_ids: u32_key("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        experts,
     };
     config.validate(path)?;
     // Every layer has tensors: a block count past the tensors is a damaged header.

@@ -13,7 +13,8 @@
 //! - [`format`]: the files, their tensor directories, reading one tensor by offset;
 //!   `gguf_check`: every count, length and the alignment of a GGUF header checked against
 //!   the file before anything is sized from it.
-//! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences.
+//! - [`model`]: [`Stage`] — a slice of layers, loaded and run over a batch of sequences;
+//!   `moe`: which experts a token runs through, for mixture-of-experts layers.
 //! - [`kv`]: the KV cache, per sequence, per layer.
 //! - [`kernels`]: our packed matmuls for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 //!   (AVX-512 VNNI or AVX2, chosen at run time) and F16, and portable dense F32, where
@@ -44,6 +45,7 @@ mod gguf_check;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+mod moe;
 pub mod pipeline;
 mod pretokenizers;
 pub mod sampler;
@@ -53,7 +55,7 @@ pub mod tokenizer;
 pub mod wire;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Arch, ModelConfig, RopeScaling};
+pub use config::{Arch, Experts, ModelConfig, RopeScaling};
 pub use draft::{check_vocabularies, DraftLength, Drafter, ModelDrafter, NgramDrafter};
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};

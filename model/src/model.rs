@@ -394,9 +394,70 @@ struct Block {
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    ffn: FeedForward,
+}
+
+/// A layer's feed-forward network.
+#[derive(Debug)]
+enum FeedForward {
+    /// `down(silu(gate(h)) * up(h))`.
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// A mixture of experts, each a dense feed-forward of its own.
+    Experts(MixtureOfExperts),
+}
+
+/// A router and its experts: each token runs through the `used` experts its router
+/// scores highest ([`crate::moe::route`]), and their outputs are summed, weighted.
+#[derive(Debug)]
+struct MixtureOfExperts {
+    router: Matrix,
+    experts: Vec<[Matrix; 3]>,
+    used: usize,
+    normalize: bool,
+}
+
+impl MixtureOfExperts {
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let (m, hidden) = h.dims2()?;
+        let count = self.experts.len();
+        let scores = self.router.forward(h)?.to_dtype(DType::F32)?;
+        let scores = scores.flatten_all()?.to_vec1::<f32>()?;
+        if scores.len() != m * count {
+            return Err(Error::InvalidBatch(format!(
+                "router scores of {} values for {m} rows of {count} experts",
+                scores.len()
+            )));
+        }
+        // Each expert's rows, with their weights.
+        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); count];
+        for (row, scores) in scores.chunks(count).enumerate() {
+            for (e, weight) in crate::moe::route(scores, self.used, self.normalize) {
+                rows[e].push((row as u32, weight));
+            }
+        }
+        let mut out = vec![0f32; m * hidden];
+        for ([gate, up, down], rows) in self.experts.iter().zip(&rows) {
+            if rows.is_empty() {
+                continue;
+            }
+            let ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
+            let xs = h.index_select(&Tensor::new(ids.as_slice(), h.device())?, 0)?;
+            let products = (candle_nn::ops::silu(&gate.forward(&xs)?)? * up.forward(&xs)?)?;
+            let ys = down.forward(&products)?.to_dtype(DType::F32)?;
+            let ys = ys.flatten_all()?.to_vec1::<f32>()?;
+            for (&(row, weight), y) in rows.iter().zip(ys.chunks(hidden)) {
+                let into = &mut out[row as usize * hidden..(row as usize + 1) * hidden];
+                for (o, y) in into.iter_mut().zip(y) {
+                    *o += weight * y;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (m, hidden), h.device())?)
+    }
 }
 
 /// Per-batch rotary tables and attention layout shared by every layer of one forward.
@@ -477,6 +538,27 @@ impl Stage {
                 Ok(Linear { weight, bias })
             };
             let bias = |role: Role| config.qkv_bias.then_some(role);
+            let ffn = match config.experts {
+                None => FeedForward::Dense {
+                    gate: linear(Role::Gate(l), None)?,
+                    up: linear(Role::Up(l), None)?,
+                    down: linear(Role::Down(l), None)?,
+                },
+                Some(e) => FeedForward::Experts(MixtureOfExperts {
+                    router: linear(Role::Router(l), None)?.weight,
+                    experts: (0..e.count)
+                        .map(|x| {
+                            Ok([
+                                linear(Role::ExpertGate(l, x), None)?.weight,
+                                linear(Role::ExpertUp(l, x), None)?.weight,
+                                linear(Role::ExpertDown(l, x), None)?.weight,
+                            ])
+                        })
+                        .collect::<Result<_>>()?,
+                    used: e.used,
+                    normalize: e.normalize,
+                }),
+            };
             blocks.push(Block {
                 layer: l,
                 attn_norm,
@@ -487,9 +569,7 @@ impl Stage {
                 q_norm,
                 k_norm,
                 ffn_norm,
-                gate: linear(Role::Gate(l), None)?,
-                up: linear(Role::Up(l), None)?,
-                down: linear(Role::Down(l), None)?,
+                ffn,
             });
         }
         let (final_norm, lm_head) = if slice.head {
@@ -841,52 +921,59 @@ impl Stage {
 }
 
 impl Block {
-    /// The feed-forward network: `down(silu(gate(h)) * up(h))`.
+    /// The feed-forward network.
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
-        let (gate, up, down) = (&self.gate, &self.up, &self.down);
-        let biased = gate.bias.is_some() || up.bias.is_some() || down.bias.is_some();
-        let shapes = (gate.weight.shape(), up.weight.shape(), down.weight.shape());
-        let (Some((inter, k)), Some(up_shape), Some((n, down_k)), false) =
-            (shapes.0, shapes.1, shapes.2, biased)
-        else {
-            let products = (candle_nn::ops::silu(&gate.forward(h)?)? * up.forward(h)?)?;
-            return down.forward(&products);
-        };
-        let m = h.dim(0)?;
-        if up_shape != (inter, k) || down_k != inter || h.dim(1)? != k {
-            return Err(Error::InvalidBatch(format!(
+        match &self.ffn {
+            FeedForward::Dense { gate, up, down } => dense_mlp(gate, up, down, h),
+            FeedForward::Experts(moe) => moe.forward(h),
+        }
+    }
+}
+
+/// `down(silu(gate(h)) * up(h))`.
+fn dense_mlp(gate: &Linear, up: &Linear, down: &Linear, h: &Tensor) -> Result<Tensor> {
+    let biased = gate.bias.is_some() || up.bias.is_some() || down.bias.is_some();
+    let shapes = (gate.weight.shape(), up.weight.shape(), down.weight.shape());
+    let (Some((inter, k)), Some(up_shape), Some((n, down_k)), false) =
+        (shapes.0, shapes.1, shapes.2, biased)
+    else {
+        let products = (candle_nn::ops::silu(&gate.forward(h)?)? * up.forward(h)?)?;
+        return down.forward(&products);
+    };
+    let m = h.dim(0)?;
+    if up_shape != (inter, k) || down_k != inter || h.dim(1)? != k {
+        return Err(Error::InvalidBatch(format!(
                 "feed-forward of mismatched shapes: gate {inter}x{k}, up {up_shape:?}, down {n}x{down_k}, input {:?}",
                 h.dims()
             )));
-        }
-        // Our kernels on all three: the two [m, inter] products (megabytes in a prefill)
-        // go into this thread's scratch, not into fresh tensors that the allocator maps
-        // and faults in page by page, four of them per layer.
-        // Taken out, not borrowed: while it waits on its parallel loops this thread may
-        // run another forward's work, which then finds the slot empty.
-        let mut scratch = MLP_SCRATCH.take();
-        scratch.resize(2 * m * inter, 0.0);
-        let (gated, ups) = scratch.split_at_mut(m * inter);
-        with_rows(h, |xs| match (&gate.weight, &up.weight) {
-            // One input: quantized once for both.
-            (Matrix::Quant(g), Matrix::Quant(u)) => {
-                let acts = QuantizedRows::new(xs, m, k);
-                g.matmul_quantized(&acts, gated);
-                u.matmul_quantized(&acts, ups);
-            }
-            _ => {
-                gate.weight.matmul_into(xs, m, gated);
-                up.weight.matmul_into(xs, m, ups);
-            }
-        })?;
-        silu_times(gated, ups);
-        let mut out = vec![0f32; m * n];
-        down.weight.matmul_into(gated, m, &mut out);
-        if scratch.len() <= MLP_SCRATCH_KEPT {
-            MLP_SCRATCH.set(scratch);
-        }
-        Ok(Tensor::from_vec(out, (m, n), h.device())?)
     }
+    // Our kernels on all three: the two [m, inter] products (megabytes in a prefill)
+    // go into this thread's scratch, not into fresh tensors that the allocator maps
+    // and faults in page by page, four of them per layer.
+    // Taken out, not borrowed: while it waits on its parallel loops this thread may
+    // run another forward's work, which then finds the slot empty.
+    let mut scratch = MLP_SCRATCH.take();
+    scratch.resize(2 * m * inter, 0.0);
+    let (gated, ups) = scratch.split_at_mut(m * inter);
+    with_rows(h, |xs| match (&gate.weight, &up.weight) {
+        // One input: quantized once for both.
+        (Matrix::Quant(g), Matrix::Quant(u)) => {
+            let acts = QuantizedRows::new(xs, m, k);
+            g.matmul_quantized(&acts, gated);
+            u.matmul_quantized(&acts, ups);
+        }
+        _ => {
+            gate.weight.matmul_into(xs, m, gated);
+            up.weight.matmul_into(xs, m, ups);
+        }
+    })?;
+    silu_times(gated, ups);
+    let mut out = vec![0f32; m * n];
+    down.weight.matmul_into(gated, m, &mut out);
+    if scratch.len() <= MLP_SCRATCH_KEPT {
+        MLP_SCRATCH.set(scratch);
+    }
+    Ok(Tensor::from_vec(out, (m, n), h.device())?)
 }
 
 /// `gated[i] = silu(gated[i]) * up[i]`, in parallel.

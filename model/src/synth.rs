@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::chat::CHATML_TEMPLATE;
-use crate::config::{llama3_freq_factors, Arch, ModelConfig, RopeScaling};
+use crate::config::{llama3_freq_factors, Arch, Experts, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::format::Role;
 use crate::tokenizer::{byte_level_bpe_json, ByteLevelStyle};
@@ -68,6 +68,21 @@ pub struct SynthSpec {
     pub tie_embeddings: bool,
     /// Seed of every weight.
     pub seed: u64,
+    /// The mixture of experts of every layer, for the architectures that have one
+    /// (`intermediate` is then the dense width transformers' config also records, which
+    /// Mixtral's experts share).
+    pub experts: Option<Experts>,
+}
+
+/// A mixture of `count` experts, `used` per token, each of width `intermediate_size`,
+/// renormalised.
+fn moe(count: usize, used: usize, intermediate_size: usize) -> Option<Experts> {
+    Some(Experts {
+        count,
+        used,
+        intermediate_size,
+        normalize: true,
+    })
 }
 
 impl SynthSpec {
@@ -87,6 +102,12 @@ impl SynthSpec {
             rope_llama3: false,
             tie_embeddings: false,
             seed: 0,
+            // Expert width a multiple of 32, so quantized files keep whole blocks.
+            experts: if arch.has_experts() {
+                moe(4, 2, 64)
+            } else {
+                None
+            },
         }
     }
 
@@ -106,6 +127,7 @@ impl SynthSpec {
             rope_llama3: false,
             tie_embeddings: false,
             seed: 0,
+            experts: None,
         };
         let spec = match name {
             "llama-3-8b" => base(Arch::Llama, 32, 4096, 32, 8, 14336, 128_256),
@@ -176,6 +198,26 @@ impl SynthSpec {
                 head_dim: Some(128),
                 ..base(Arch::Qwen3, 28, 1024, 16, 8, 3072, 151_936)
             },
+            "mixtral-8x7b" => SynthSpec {
+                rope_theta: 1_000_000.0,
+                context: 32_768,
+                experts: moe(8, 2, 14336),
+                ..base(Arch::Mixtral, 32, 4096, 32, 8, 14336, 32_000)
+            },
+            "qwen3-30b-a3b" => SynthSpec {
+                rope_theta: 1_000_000.0,
+                context: 40_960,
+                head_dim: Some(128),
+                experts: moe(128, 8, 768),
+                ..base(Arch::Qwen3Moe, 48, 2048, 32, 4, 6144, 151_936)
+            },
+            "qwen3-235b-a22b" => SynthSpec {
+                rope_theta: 1_000_000.0,
+                context: 40_960,
+                head_dim: Some(128),
+                experts: moe(128, 8, 1536),
+                ..base(Arch::Qwen3Moe, 94, 4096, 64, 4, 12288, 151_936)
+            },
             "tiny" => SynthSpec::tiny(Arch::Llama),
             other => {
                 return Err(Error::InvalidConfig {
@@ -194,7 +236,12 @@ impl SynthSpec {
         ModelConfig {
             arch: self.arch,
             hidden_size: self.hidden,
-            intermediate_size: self.intermediate,
+            // Mixtral's experts are its feed-forward: transformers and llama.cpp give them
+            // the one width.
+            intermediate_size: match self.experts {
+                Some(e) if self.arch == Arch::Mixtral => e.intermediate_size,
+                _ => self.intermediate,
+            },
             num_layers: self.layers,
             num_heads: self.heads,
             num_kv_heads: self.kv_heads,
@@ -211,15 +258,16 @@ impl SynthSpec {
             max_position_embeddings: self.context,
             tie_word_embeddings: self.tie_embeddings,
             qkv_bias: self.arch.default_qkv_bias(),
-            qk_norm: self.arch == Arch::Qwen3,
+            qk_norm: self.arch.qk_norm(),
             bos_token_id: Some(specials.bos),
             eos_token_ids: vec![specials.im_end, specials.eos],
+            experts: self.experts.filter(|_| self.arch.has_experts()),
         }
     }
 }
 
 /// Names accepted by [`SynthSpec::preset`].
-pub const PRESETS: [&str; 15] = [
+pub const PRESETS: [&str; 18] = [
     "llama-3-8b",
     "llama-3.1-8b",
     "llama-3.2-1b",
@@ -234,6 +282,9 @@ pub const PRESETS: [&str; 15] = [
     "qwen2.5-72b",
     "qwen3-0.6b",
     "qwen3-32b",
+    "mixtral-8x7b",
+    "qwen3-30b-a3b",
+    "qwen3-235b-a22b",
     "tiny",
 ];
 
@@ -341,6 +392,9 @@ struct TensorPlan {
     fill: Fill,
     /// Row permutation llama.cpp applies to q/k (number of heads), GGUF only.
     permute_heads: Option<usize>,
+    /// In GGUF, the tensors (by transformers name) stacked into this one, outermost: each
+    /// expert's, for the layer's tensor of all experts. Empty: the tensor is its own.
+    stacked: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -360,11 +414,12 @@ fn plan(spec: &SynthSpec, config: &ModelConfig) -> Vec<TensorPlan> {
     let mut plans = Vec::new();
     let mut add = |role: Role, fill: Fill, permute_heads: Option<usize>| {
         plans.push(TensorPlan {
-            hf_name: role.hf_name(),
+            hf_name: role.hf_name(config.arch),
             gguf_name: role.gguf_name(),
             shape: role.expected_shape(config),
             fill,
             permute_heads,
+            stacked: Vec::new(),
         });
     };
     // Logit standard deviation of about 4: confident, not degenerate.
@@ -410,9 +465,30 @@ fn plan(spec: &SynthSpec, config: &ModelConfig) -> Vec<TensorPlan> {
             add(Role::KNorm(l), Fill::AroundOne(0.1), None);
         }
         add(Role::FfnNorm(l), Fill::AroundOne(0.1), None);
-        add(Role::Gate(l), Fill::Noise(1.0 / h.sqrt()), None);
-        add(Role::Up(l), Fill::Noise(1.0 / h.sqrt()), None);
-        add(Role::Down(l), Fill::Noise(2.0 / inter.sqrt()), None);
+        let Some(experts) = config.experts else {
+            add(Role::Gate(l), Fill::Noise(1.0 / h.sqrt()), None);
+            add(Role::Up(l), Fill::Noise(1.0 / h.sqrt()), None);
+            add(Role::Down(l), Fill::Noise(2.0 / inter.sqrt()), None);
+            continue;
+        };
+        // Router scores that differ by about one between experts: routing depends on the
+        // token, with few near-ties.
+        add(Role::Router(l), Fill::Noise(2.0 / h.sqrt()), None);
+        // Each projection's experts one after another, as GGUF stacks them.
+        let width = experts.intermediate_size as f32;
+        for e in 0..experts.count {
+            add(Role::ExpertGate(l, e), Fill::Noise(1.0 / h.sqrt()), None);
+        }
+        for e in 0..experts.count {
+            add(Role::ExpertUp(l, e), Fill::Noise(1.0 / h.sqrt()), None);
+        }
+        for e in 0..experts.count {
+            add(
+                Role::ExpertDown(l, e),
+                Fill::Noise(2.0 / width.sqrt()),
+                None,
+            );
+        }
     }
     add(Role::FinalNorm, Fill::AroundOne(0.1), None);
     if !config.tie_word_embeddings {
@@ -843,6 +919,29 @@ fn gguf_tensor_type(shape: &[usize], dtype: SynthDType) -> GgmlDType {
     }
 }
 
+/// Consecutive tensors that GGUF names alike (each expert's of one projection) become one,
+/// stacked outermost.
+fn stack_experts(plans: Vec<TensorPlan>) -> Vec<TensorPlan> {
+    let mut out: Vec<TensorPlan> = Vec::with_capacity(plans.len());
+    for mut p in plans {
+        match out.last_mut() {
+            Some(last) if last.gguf_name == p.gguf_name => {
+                last.stacked.push(p.hf_name);
+                last.shape[0] += 1;
+            }
+            _ => {
+                // (Even a single expert's is a stack of one.)
+                if p.gguf_name.ends_with("_exps.weight") {
+                    p.stacked.push(p.hf_name.clone());
+                    p.shape.insert(0, 1);
+                }
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 fn write_gguf(
     spec: &SynthSpec,
     config: &ModelConfig,
@@ -914,7 +1013,17 @@ fn write_gguf(
     if spec.arch == Arch::Mistral {
         meta.push((k("vocab_size"), Meta::U32(spec.vocab as u32)));
     }
-    let mut plans = plan(spec, config);
+    if let Some(e) = config.experts {
+        meta.push((k("expert_count"), Meta::U32(e.count as u32)));
+        meta.push((k("expert_used_count"), Meta::U32(e.used as u32)));
+        if spec.arch != Arch::Mixtral {
+            meta.push((
+                k("expert_feed_forward_length"),
+                Meta::U32(e.intermediate_size as u32),
+            ));
+        }
+    }
+    let mut plans = stack_experts(plan(spec, config));
     let rope_factors = llama3_freq_factors(config);
     if rope_factors.is_some() {
         plans.push(TensorPlan {
@@ -923,6 +1032,7 @@ fn write_gguf(
             shape: vec![config.head_dim / 2],
             fill: Fill::Values,
             permute_heads: None,
+            stacked: Vec::new(),
         });
     }
     let types: Vec<GgmlDType> = plans
@@ -966,7 +1076,12 @@ fn write_gguf(
         let elements: usize = p.shape.iter().product();
         let mut values = match p.fill {
             Fill::Values => rope_factors.clone().unwrap_or_default(),
-            fill => generate(spec.seed, &p.hf_name, elements, fill),
+            fill if p.stacked.is_empty() => generate(spec.seed, &p.hf_name, elements, fill),
+            fill => p
+                .stacked
+                .iter()
+                .flat_map(|name| generate(spec.seed, name, elements / p.stacked.len(), fill))
+                .collect(),
         };
         if let Some(heads) = p.permute_heads {
             let cols = if p.shape.len() == 2 { p.shape[1] } else { 1 };

@@ -9,6 +9,11 @@ optional "llamacpp": ["f16", "q8_0"], optional "llamacpp_pre": "llama-bpe"}):
 1. runs `strata model synth <synth...> --format safetensors --dtype f32 --out <tmp>/<name>`,
    which writes a Hugging Face style model dir (config.json, model.safetensors,
    tokenizer.json, tokenizer_config.json);
+   entries with "transformers_init" ({"model_type", config keys}, optional "seed") are
+   instead made by transformers itself: its class, initialised at random under the seed,
+   saved with save_pretrained in F16 to tests/golden/hf/<name> beside the synthetic
+   tokenizer (committed; the golden JSON's "model" names it), so the tests read what
+   transformers writes (Mixtral's and Qwen3-MoE's per-expert tensors, its config keys);
 2. loads it with transformers (`AutoModelForCausalLM.from_pretrained(dir, dtype=float32,
    attn_implementation="eager")`, eval mode, no KV cache). Loading fails hard if any tensor
    is missing, unexpected or of the wrong shape (transformers would otherwise silently
@@ -127,6 +132,34 @@ def synth(strata: str, entry: dict, workdir: Path) -> Path:
     return out
 
 
+def transformers_init(entry: dict, synth_dir: Path, out: Path) -> Path:
+    """A model transformers makes itself: its class, initialised at random (seeded) from
+    entry["transformers_init"] (config keys; vocabulary, BOS and EOS from the synthetic
+    model's config so its tokenizer fits), saved by save_pretrained in F16 (small enough to
+    commit) beside that tokenizer. What transformers writes, Strata must read."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    synth_cfg = json.loads((synth_dir / "config.json").read_text())
+    keys = dict(entry["transformers_init"])
+    for k in ("vocab_size", "bos_token_id", "eos_token_id", "max_position_embeddings"):
+        keys.setdefault(k, synth_cfg[k])
+    model_type = keys.pop("model_type")
+    config = AutoConfig.for_model(model_type, **keys)
+    torch.manual_seed(entry.get("seed", 0))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if out.exists():
+        shutil.rmtree(out)
+    model.to(torch.float16).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(synth_dir / f, out / f)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir())} bytes)")
+    return out
+
+
 def load_model(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -209,6 +242,7 @@ def golden_for(entry: dict, model_dir: Path) -> dict:
     return {
         "name": entry["name"],
         "synth": entry["synth"],
+        "model": f"hf/{entry['name']}" if entry.get("transformers_init") else None,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "tokenizers_version": tokenizers.__version__,
@@ -302,6 +336,8 @@ def main() -> None:
         for entry in entries:
             log(f"== {entry['name']}")
             model_dir = synth(strata, entry, workdir)
+            if entry.get("transformers_init"):
+                model_dir = transformers_init(entry, model_dir, out / "hf" / entry["name"])
             write_golden(golden_for(entry, model_dir), out / f"{entry['name']}.json")
             if args.convert and entry.get("llamacpp"):
                 convert(entry, model_dir, args.convert, out / "llamacpp")

@@ -33,6 +33,7 @@ pub fn measure(device: &Device) -> Result<f64> {
         rope_llama3: false,
         tie_embeddings: true,
         seed: 7,
+        experts: None,
     };
     let opts = SynthOptions {
         format: SynthFormat::Gguf,

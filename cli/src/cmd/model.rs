@@ -25,12 +25,22 @@ pub enum ModelCommand {
 #[command(args_override_self = true)]
 pub struct SynthArgs {
     /// Start from the shape of a known model (llama-3-8b, llama-3.2-1b, llama-3.1-70b,
-    /// mistral-7b, qwen2.5-0.5b, qwen3-0.6b, ...); other flags override it.
+    /// mistral-7b, qwen2.5-0.5b, qwen3-0.6b, mixtral-8x7b, qwen3-30b-a3b, ...); other
+    /// flags override it.
     #[arg(long)]
     preset: Option<String>,
-    /// Architecture: llama, mistral, qwen2, qwen3.
+    /// Architecture: llama, mistral, qwen2, qwen3, mixtral, qwen3_moe.
     #[arg(long)]
     arch: Option<String>,
+    /// Experts per layer (mixtral, qwen3_moe).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts each token runs through.
+    #[arg(long)]
+    experts_used: Option<usize>,
+    /// Width of one expert's inner layer.
+    #[arg(long)]
+    expert_intermediate: Option<usize>,
     /// Transformer layers.
     #[arg(long)]
     layers: Option<usize>,
@@ -122,6 +132,24 @@ fn synth_cmd(a: SynthArgs) -> anyhow::Result<()> {
          intermediate <- intermediate, vocab <- vocab, context <- context, rope_theta <- rope_theta);
     if a.head_dim.is_some() {
         spec.head_dim = a.head_dim;
+    }
+    let asked_for_experts =
+        a.experts.is_some() || a.experts_used.is_some() || a.expert_intermediate.is_some();
+    if spec.arch.has_experts() {
+        let mut e = spec
+            .experts
+            .or(SynthSpec::tiny(spec.arch).experts)
+            .context("an architecture with experts has a default mixture")?;
+        e.count = a.experts.unwrap_or(e.count);
+        e.used = a.experts_used.unwrap_or(e.used);
+        e.intermediate_size = a.expert_intermediate.unwrap_or(e.intermediate_size);
+        spec.experts = Some(e);
+    } else if asked_for_experts {
+        bail!(
+            "--experts, --experts-used and --expert-intermediate are for architectures with \
+             experts (mixtral, qwen3_moe), not {}",
+            spec.arch.name()
+        );
     }
     if let Some(s) = &a.rope_scaling {
         spec.rope_llama3 = match s.as_str() {
