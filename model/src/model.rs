@@ -433,30 +433,50 @@ impl MixtureOfExperts {
             )));
         }
         // Each expert's rows, with their weights.
-        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); count];
+        let mut rows: Vec<Vec<(usize, f32)>> = vec![Vec::new(); count];
         for (row, scores) in scores.chunks(count).enumerate() {
             for (e, weight) in crate::moe::route(scores, self.used, self.normalize) {
-                rows[e].push((row as u32, weight));
+                rows[e].push((row, weight));
             }
         }
         let mut out = vec![0f32; m * hidden];
-        for ([gate, up, down], rows) in self.experts.iter().zip(&rows) {
-            if rows.is_empty() {
-                continue;
-            }
-            let ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
-            let xs = h.index_select(&Tensor::new(ids.as_slice(), h.device())?, 0)?;
-            let products = (candle_nn::ops::silu(&gate.forward(&xs)?)? * up.forward(&xs)?)?;
-            let ys = down.forward(&products)?.to_dtype(DType::F32)?;
-            let ys = ys.flatten_all()?.to_vec1::<f32>()?;
-            for (&(row, weight), y) in rows.iter().zip(ys.chunks(hidden)) {
-                let into = &mut out[row as usize * hidden..(row as usize + 1) * hidden];
-                for (o, y) in into.iter_mut().zip(y) {
-                    *o += weight * y;
+        with_rows(h, |xs| -> Result<()> {
+            let (mut picked, mut ys) = (Vec::new(), Vec::new());
+            for (expert, rows) in self.experts.iter().zip(&rows) {
+                if rows.is_empty() {
+                    continue;
+                }
+                picked.clear();
+                for &(row, _) in rows {
+                    picked.extend_from_slice(&xs[row * hidden..(row + 1) * hidden]);
+                }
+                if !swiglu_rows(expert.each_ref(), &picked, rows.len(), &mut ys)? {
+                    ys = self.on_candle(expert, &picked, rows.len(), h.device())?;
+                }
+                for (&(row, weight), y) in rows.iter().zip(ys.chunks(hidden)) {
+                    let into = &mut out[row * hidden..(row + 1) * hidden];
+                    for (o, y) in into.iter_mut().zip(y) {
+                        *o += weight * y;
+                    }
                 }
             }
-        }
+            Ok(())
+        })??;
         Ok(Tensor::from_vec(out, (m, hidden), h.device())?)
+    }
+
+    /// One expert's feed-forward of `m` rows `xs` where its matrices run on candle's.
+    fn on_candle(
+        &self,
+        [gate, up, down]: &[Matrix; 3],
+        xs: &[f32],
+        m: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>> {
+        let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), device)?;
+        let products = (candle_nn::ops::silu(&gate.forward(&x)?)? * up.forward(&x)?)?;
+        let ys = down.forward(&products)?.to_dtype(DType::F32)?;
+        Ok(ys.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -933,29 +953,48 @@ impl Block {
 /// `down(silu(gate(h)) * up(h))`.
 fn dense_mlp(gate: &Linear, up: &Linear, down: &Linear, h: &Tensor) -> Result<Tensor> {
     let biased = gate.bias.is_some() || up.bias.is_some() || down.bias.is_some();
-    let shapes = (gate.weight.shape(), up.weight.shape(), down.weight.shape());
-    let (Some((inter, k)), Some(up_shape), Some((n, down_k)), false) =
-        (shapes.0, shapes.1, shapes.2, biased)
-    else {
-        let products = (candle_nn::ops::silu(&gate.forward(h)?)? * up.forward(h)?)?;
-        return down.forward(&products);
-    };
     let m = h.dim(0)?;
-    if up_shape != (inter, k) || down_k != inter || h.dim(1)? != k {
-        return Err(Error::InvalidBatch(format!(
-                "feed-forward of mismatched shapes: gate {inter}x{k}, up {up_shape:?}, down {n}x{down_k}, input {:?}",
-                h.dims()
-            )));
+    if !biased {
+        let mut out = Vec::new();
+        if with_rows(h, |xs| {
+            swiglu_rows([&gate.weight, &up.weight, &down.weight], xs, m, &mut out)
+        })?? {
+            let n = out.len() / m.max(1);
+            return Ok(Tensor::from_vec(out, (m, n), h.device())?);
+        }
     }
-    // Our kernels on all three: the two [m, inter] products (megabytes in a prefill)
-    // go into this thread's scratch, not into fresh tensors that the allocator maps
-    // and faults in page by page, four of them per layer.
-    // Taken out, not borrowed: while it waits on its parallel loops this thread may
-    // run another forward's work, which then finds the slot empty.
+    let products = (candle_nn::ops::silu(&gate.forward(h)?)? * up.forward(h)?)?;
+    down.forward(&products)
+}
+
+/// `out [m, n] = down(silu(gate(xs)) * up(xs))` for `m` rows `xs`, on our kernels; false
+/// (and nothing written) where a matrix runs on candle's.
+fn swiglu_rows(
+    [gate, up, down]: [&Matrix; 3],
+    xs: &[f32],
+    m: usize,
+    out: &mut Vec<f32>,
+) -> Result<bool> {
+    let (Some((inter, k)), Some(up_shape), Some((n, down_k))) =
+        (gate.shape(), up.shape(), down.shape())
+    else {
+        return Ok(false);
+    };
+    if up_shape != (inter, k) || down_k != inter || xs.len() != m * k {
+        return Err(Error::InvalidBatch(format!(
+            "feed-forward of mismatched shapes: gate {inter}x{k}, up {up_shape:?}, down {n}x{down_k}, {m} input rows of {} values",
+            xs.len()
+        )));
+    }
+    // The two [m, inter] products (megabytes in a prefill) go into this thread's scratch,
+    // not into fresh tensors that the allocator maps and faults in page by page, four of
+    // them per layer.
+    // Taken out, not borrowed: while it waits on its parallel loops this thread may run
+    // another forward's work, which then finds the slot empty.
     let mut scratch = MLP_SCRATCH.take();
     scratch.resize(2 * m * inter, 0.0);
     let (gated, ups) = scratch.split_at_mut(m * inter);
-    with_rows(h, |xs| match (&gate.weight, &up.weight) {
+    match (gate, up) {
         // One input: quantized once for both.
         (Matrix::Quant(g), Matrix::Quant(u)) => {
             let acts = QuantizedRows::new(xs, m, k);
@@ -963,20 +1002,20 @@ fn dense_mlp(gate: &Linear, up: &Linear, down: &Linear, h: &Tensor) -> Result<Te
             u.matmul_quantized(&acts, ups);
         }
         _ => {
-            gate.weight.matmul_into(xs, m, gated);
-            up.weight.matmul_into(xs, m, ups);
+            gate.matmul_into(xs, m, gated);
+            up.matmul_into(xs, m, ups);
         }
-    })?;
+    }
     silu_times(gated, ups);
-    let mut out = vec![0f32; m * n];
-    down.weight.matmul_into(gated, m, &mut out);
+    out.clear();
+    out.resize(m * n, 0.0);
+    down.matmul_into(gated, m, out);
     if scratch.len() <= MLP_SCRATCH_KEPT {
         MLP_SCRATCH.set(scratch);
     }
-    Ok(Tensor::from_vec(out, (m, n), h.device())?)
+    Ok(true)
 }
 
-/// `gated[i] = silu(gated[i]) * up[i]`, in parallel.
 /// The rows of a batch whose logits are wanted: the last `tails[i]` of chunk `i`, in order.
 fn tail_rows(offsets: &[usize], chunks: &[Chunk], tails: &[usize]) -> Result<Vec<u32>> {
     if tails.len() != chunks.len() {
@@ -999,6 +1038,7 @@ fn tail_rows(offsets: &[usize], chunks: &[Chunk], tails: &[usize]) -> Result<Vec
     Ok(rows)
 }
 
+/// `gated[i] = silu(gated[i]) * up[i]`, in parallel.
 fn silu_times(gated: &mut [f32], up: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;

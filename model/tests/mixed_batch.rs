@@ -18,13 +18,15 @@ fn logits(out: StageOutput) -> Vec<Vec<f32>> {
 
 #[test]
 fn mixed_prefill_and_decode_batches_match_single_runs() {
-    for dtype in [
-        SynthDType::F32,
-        SynthDType::Quant(GgmlDType::Q8_0),
-        SynthDType::Quant(GgmlDType::Q4_0),
+    // A mixture of experts too: its rows are regrouped by expert, batch by batch.
+    for (dtype, arch) in [
+        (SynthDType::F32, Arch::Llama),
+        (SynthDType::Quant(GgmlDType::Q8_0), Arch::Llama),
+        (SynthDType::Quant(GgmlDType::Q4_0), Arch::Llama),
+        (SynthDType::Quant(GgmlDType::Q8_0), Arch::Qwen3Moe),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let mut spec = SynthSpec::tiny(Arch::Llama);
+        let mut spec = SynthSpec::tiny(arch);
         spec.hidden = 256;
         spec.heads = 8;
         spec.intermediate = 512;

@@ -81,14 +81,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     loading.finish("loaded");
     let load_s = t0.elapsed().as_secs_f64();
     let weight_bytes: u64 = pipeline.stages().map(|s| s.weight_bytes()).sum();
-    // Decode reads every layer, the final norm and the head once per step (the embedding
-    // only one row); a tied head is the embedding.
+    // Decode reads every layer (of a mixture of experts, the experts' share one token
+    // runs through), the final norm and the head once per step (the embedding only one
+    // row); a tied head is the embedding.
     let head_bytes = match file.role_bytes(Role::LmHead) {
         0 => file.role_bytes(Role::Embed),
         bytes => bytes,
     };
     let bytes_per_token = (0..config.num_layers)
-        .map(|l| file.layer_bytes(l))
+        .map(|l| file.active_layer_bytes(l))
         .sum::<u64>()
         + file.role_bytes(Role::FinalNorm)
         + head_bytes;
