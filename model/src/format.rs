@@ -1057,34 +1057,7 @@ fn config_from_gguf<S: ByteSource + ?Sized>(
         .and_then(|e| e.shape.first().copied())
         .or_else(|| get_usize("vocab_size"))
         .ok_or_else(|| invalid("no `token_embd.weight` tensor to size the vocabulary".into()))?;
-    let mut rope_scaling = None;
-    if let Some(entry) = tensors.get("rope_freqs.weight") {
-        if entry.storage != StorageType::F32 {
-            return Err(invalid("`rope_freqs.weight` must be f32".into()));
-        }
-        let n: usize = entry.shape.iter().product();
-        let mut factors = vec![0f32; n];
-        file.fill_at(bytemuck::cast_slice_mut(&mut factors), entry.offset)
-            .map_err(|e| Error::io(path, e))?;
-        rope_scaling = Some(RopeScaling::FreqFactors { factors });
-    } else if let Some(kind) = md
-        .get(&key("rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-    {
-        match kind.as_str() {
-            "none" => {}
-            "linear" => {
-                let factor = get_f64("rope.scaling.factor")
-                    .ok_or_else(|| invalid("linear rope scaling without a factor".into()))?;
-                rope_scaling = Some(RopeScaling::Linear { factor });
-            }
-            other => {
-                return Err(invalid(format!(
-                    "rope scaling type `{other}` is not supported (supported: none, linear, llama3 via rope_freqs)"
-                )))
-            }
-        }
-    }
+    let rope_scaling = gguf_rope_scaling(md, tensors, &arch_name, path, file)?;
     let u32_key = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
     // llama.cpp tells a mixture of experts by its expert count (Mixtral is `llama`), and
     // always renormalises the chosen experts' weights.
@@ -1134,4 +1107,53 @@ fn config_from_gguf<S: ByteSource + ?Sized>(
         )));
     }
     Ok(config)
+}
+
+/// The rotary scaling of a GGUF: per-frequency factors in `rope_freqs.weight` (Llama 3.1's,
+/// as llama.cpp's converter stores them), or `{arch}.rope.scaling.type` `linear`.
+fn gguf_rope_scaling<S: ByteSource + ?Sized>(
+    md: &HashMap<String, gguf_file::Value>,
+    tensors: &HashMap<String, TensorEntry>,
+    arch_name: &str,
+    path: &Path,
+    file: &S,
+) -> Result<Option<RopeScaling>> {
+    let invalid = |reason: String| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let key = |suffix: &str| format!("{arch_name}.{suffix}");
+    let get_f64 = |suffix: &str| -> Option<f64> {
+        md.get(&key(suffix))
+            .and_then(|v| v.to_f64().ok().or_else(|| v.to_f32().ok().map(f64::from)))
+    };
+    let mut rope_scaling = None;
+    if let Some(entry) = tensors.get("rope_freqs.weight") {
+        if entry.storage != StorageType::F32 {
+            return Err(invalid("`rope_freqs.weight` must be f32".into()));
+        }
+        let n: usize = entry.shape.iter().product();
+        let mut factors = vec![0f32; n];
+        file.fill_at(bytemuck::cast_slice_mut(&mut factors), entry.offset)
+            .map_err(|e| Error::io(path, e))?;
+        rope_scaling = Some(RopeScaling::FreqFactors { factors });
+    } else if let Some(kind) = md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
+        match kind.as_str() {
+            "none" => {}
+            "linear" => {
+                let factor = get_f64("rope.scaling.factor")
+                    .ok_or_else(|| invalid("linear rope scaling without a factor".into()))?;
+                rope_scaling = Some(RopeScaling::Linear { factor });
+            }
+            other => {
+                return Err(invalid(format!(
+                    "rope scaling type `{other}` is not supported (supported: none, linear, llama3 via rope_freqs)"
+                )))
+            }
+        }
+    }
+    Ok(rope_scaling)
 }

@@ -942,15 +942,8 @@ fn stack_experts(plans: Vec<TensorPlan>) -> Vec<TensorPlan> {
     out
 }
 
-fn write_gguf(
-    spec: &SynthSpec,
-    config: &ModelConfig,
-    opts: &SynthOptions,
-    path: &Path,
-) -> Result<SynthReport> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-    }
+/// The metadata of a synthetic GGUF: llama.cpp's keys for the config, and the tokenizer.
+fn gguf_metadata(spec: &SynthSpec, config: &ModelConfig) -> Result<Vec<(String, Meta)>> {
     let arch = spec.arch.gguf_name();
     let (tokens, merges) = synth_vocab(spec.vocab)?;
     let ids = special_ids(spec.vocab);
@@ -1023,6 +1016,19 @@ fn write_gguf(
             ));
         }
     }
+    Ok(meta)
+}
+
+fn write_gguf(
+    spec: &SynthSpec,
+    config: &ModelConfig,
+    opts: &SynthOptions,
+    path: &Path,
+) -> Result<SynthReport> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let meta = gguf_metadata(spec, config)?;
     let mut plans = stack_experts(plan(spec, config));
     let rope_factors = llama3_freq_factors(config);
     if rope_factors.is_some() {
