@@ -15,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::attention::{self, Heads, KvBuffer};
-use crate::config::ModelConfig;
+use crate::config::{Experts, ModelConfig};
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Role, Weight};
 use crate::kernels::{DenseMatrix, F16Matrix, QuantTiles, QuantizedRows, TileFormat};
@@ -420,6 +420,38 @@ struct MixtureOfExperts {
     normalize: bool,
 }
 
+impl FeedForward {
+    /// Layer `l`'s feed-forward, each matrix from `matrix`: dense, or `experts`.
+    fn load(
+        l: usize,
+        experts: Option<Experts>,
+        matrix: &mut dyn FnMut(Role) -> Result<Matrix>,
+    ) -> Result<FeedForward> {
+        let linear = |weight| Linear { weight, bias: None };
+        Ok(match experts {
+            None => FeedForward::Dense {
+                gate: linear(matrix(Role::Gate(l))?),
+                up: linear(matrix(Role::Up(l))?),
+                down: linear(matrix(Role::Down(l))?),
+            },
+            Some(e) => FeedForward::Experts(MixtureOfExperts {
+                router: matrix(Role::Router(l))?,
+                experts: (0..e.count)
+                    .map(|x| {
+                        Ok([
+                            matrix(Role::ExpertGate(l, x))?,
+                            matrix(Role::ExpertUp(l, x))?,
+                            matrix(Role::ExpertDown(l, x))?,
+                        ])
+                    })
+                    .collect::<Result<_>>()?,
+                used: e.used,
+                normalize: e.normalize,
+            }),
+        })
+    }
+}
+
 impl MixtureOfExperts {
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (m, hidden) = h.dims2()?;
@@ -451,7 +483,7 @@ impl MixtureOfExperts {
                     picked.extend_from_slice(&xs[row * hidden..(row + 1) * hidden]);
                 }
                 if !swiglu_rows(expert.each_ref(), &picked, rows.len(), &mut ys)? {
-                    ys = self.on_candle(expert, &picked, rows.len(), h.device())?;
+                    ys = swiglu_on_candle(expert, &picked, rows.len(), h.device())?;
                 }
                 for (&(row, weight), y) in rows.iter().zip(ys.chunks(hidden)) {
                     let into = &mut out[row * hidden..(row + 1) * hidden];
@@ -464,20 +496,19 @@ impl MixtureOfExperts {
         })??;
         Ok(Tensor::from_vec(out, (m, hidden), h.device())?)
     }
+}
 
-    /// One expert's feed-forward of `m` rows `xs` where its matrices run on candle's.
-    fn on_candle(
-        &self,
-        [gate, up, down]: &[Matrix; 3],
-        xs: &[f32],
-        m: usize,
-        device: &Device,
-    ) -> Result<Vec<f32>> {
-        let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), device)?;
-        let products = (candle_nn::ops::silu(&gate.forward(&x)?)? * up.forward(&x)?)?;
-        let ys = down.forward(&products)?.to_dtype(DType::F32)?;
-        Ok(ys.flatten_all()?.to_vec1::<f32>()?)
-    }
+/// [`swiglu_rows`] where the matrices run on candle's.
+fn swiglu_on_candle(
+    [gate, up, down]: &[Matrix; 3],
+    xs: &[f32],
+    m: usize,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), device)?;
+    let products = (candle_nn::ops::silu(&gate.forward(&x)?)? * up.forward(&x)?)?;
+    let ys = down.forward(&products)?.to_dtype(DType::F32)?;
+    Ok(ys.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// Per-batch rotary tables and attention layout shared by every layer of one forward.
@@ -558,27 +589,12 @@ impl Stage {
                 Ok(Linear { weight, bias })
             };
             let bias = |role: Role| config.qkv_bias.then_some(role);
-            let ffn = match config.experts {
-                None => FeedForward::Dense {
-                    gate: linear(Role::Gate(l), None)?,
-                    up: linear(Role::Up(l), None)?,
-                    down: linear(Role::Down(l), None)?,
-                },
-                Some(e) => FeedForward::Experts(MixtureOfExperts {
-                    router: linear(Role::Router(l), None)?.weight,
-                    experts: (0..e.count)
-                        .map(|x| {
-                            Ok([
-                                linear(Role::ExpertGate(l, x), None)?.weight,
-                                linear(Role::ExpertUp(l, x), None)?.weight,
-                                linear(Role::ExpertDown(l, x), None)?.weight,
-                            ])
-                        })
-                        .collect::<Result<_>>()?,
-                    used: e.used,
-                    normalize: e.normalize,
-                }),
-            };
+            let ffn =
+                FeedForward::load(
+                    l,
+                    config.experts,
+                    &mut |role| Ok(linear(role, None)?.weight),
+                )?;
             blocks.push(Block {
                 layer: l,
                 attn_norm,
