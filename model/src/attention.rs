@@ -11,13 +11,18 @@
 //! ...), with an online softmax (a running maximum, a running sum and a rescaled
 //! accumulator per row), so no score is kept beyond the tile being visited: attention
 //! memory is O(rows x tile), whatever the context. A task carries a block of
-//! [`ROW_BLOCK`] query rows of one head through the tiles, so each tile of keys and
-//! values is read once per block rather than once per row. A row's operations, in order,
-//! depend only on its own position and the fixed tile boundaries, never on the rows
-//! beside it: blocking changes how often memory is read, not the bits.
+//! [`ROW_BLOCK`] query rows of all the query heads that share one kv head through the
+//! tiles, so each tile of keys is transposed, and each tile of keys and values read, once
+//! per block rather than once per row and head: for one decoded token, transposing had
+//! cost more than the scores. A row's scores keep one running sum per eight keys, the
+//! dimensions outermost, so the sums are independent and the CPU overlaps them. A row's
+//! operations, in order, depend only on its own position and the fixed tile boundaries,
+//! never on the rows or heads beside it: blocking changes how often memory is read, not
+//! the bits.
 //!
 //! Where the CPU has AVX2, the same code is compiled for it (eight lanes, no fused
-//! multiply-adds, so the same bits), behind a runtime check: the one `unsafe` here.
+//! multiply-adds, so the same bits), behind a runtime check, and a tile's keys are
+//! transposed eight by eight in registers: the `unsafe` here.
 #![allow(unsafe_code)]
 
 use rayon::prelude::*;
@@ -183,8 +188,127 @@ fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// One task: a block of query rows of head `h` (on kv head `g`) through every tile of
-/// keys they see. Returns the rows' outputs, `[rows, head_dim]`.
+/// Eight-key vectors per tile: the tile's keys transposed are `[head_dim][CHUNKS]` of them.
+const CHUNKS: usize = KEY_TILE / LANES;
+
+/// One tile's keys, `[len, head_dim]` as the cache holds them, transposed into
+/// `keys_t[d * CHUNKS + c][l] = key (c * LANES + l), dimension d`: a row's scores are then
+/// sums over the head's dimensions of whole vectors of keys, with no sum across lanes.
+#[inline(always)]
+fn transpose_keys(tile: &[f32], hd: usize, keys_t: &mut [[f32; LANES]]) {
+    for (jj, key) in tile.chunks_exact(hd).enumerate() {
+        let (c, l) = (jj / LANES, jj % LANES);
+        for (d, &k) in key.iter().enumerate() {
+            keys_t[d * CHUNKS + c][l] = k;
+        }
+    }
+}
+
+/// [`transpose_keys`] with AVX2: eight keys by eight dimensions at a time through
+/// registers (a transpose moves values, so the bits are the portable version's).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_keys_avx2(tile: &[f32], hd: usize, keys_t: &mut [[f32; LANES]]) {
+    use std::arch::x86_64::*;
+    let len = tile.len() / hd;
+    if hd % LANES != 0 || keys_t.len() < hd * CHUNKS {
+        return transpose_keys(tile, hd, keys_t);
+    }
+    let whole = len / LANES;
+    for c in 0..whole {
+        for d0 in (0..hd).step_by(LANES) {
+            let at = |i: usize| (c * LANES + i) * hd + d0;
+            // Every load reads `tile[at(i)..at(i) + 8]`, inside `tile` as
+            // `(c * 8 + 7) * hd + d0 + 8 <= len * hd`; every store writes a whole entry of
+            // `keys_t`, whose length was checked above.
+            let r: [__m256; LANES] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(tile.as_ptr().add(at(i))) });
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let columns = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (j, column) in columns.into_iter().enumerate() {
+                let entry = &mut keys_t[(d0 + j) * CHUNKS + c];
+                unsafe { _mm256_storeu_ps(entry.as_mut_ptr(), column) };
+            }
+        }
+    }
+    // The tile's last keys, fewer than eight.
+    transpose_keys(&tile[whole * LANES * hd..], hd, &mut keys_t[whole..]);
+}
+
+/// A row's scores against the first `C` eight-key vectors of a transposed tile. The
+/// dimensions are the outer loop, so the `C` sums are independent chains the CPU runs
+/// side by side; each sum still adds its products in the dimensions' order, as a
+/// plain dot product would.
+#[inline(always)]
+fn tile_scores<const C: usize>(
+    query: &[f32],
+    keys_t: &[[f32; LANES]],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; LANES]; C];
+    for (d, &qd) in query.iter().enumerate() {
+        let Ok(keys) = <&[[f32; LANES]; C]>::try_from(&keys_t[d * CHUNKS..d * CHUNKS + C]) else {
+            return;
+        };
+        for c in 0..C {
+            for l in 0..LANES {
+                acc[c][l] += qd * keys[c][l];
+            }
+        }
+    }
+    for (o, a) in out.chunks_mut(LANES).zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = a * scale;
+        }
+    }
+}
+
+/// The scores of one row against the first `len` keys of a transposed tile.
+#[inline(always)]
+fn scores_of(query: &[f32], keys_t: &[[f32; LANES]], scale: f32, out: &mut [f32]) {
+    match out.len().div_ceil(LANES) {
+        1 => tile_scores::<1>(query, keys_t, scale, out),
+        2 => tile_scores::<2>(query, keys_t, scale, out),
+        3 => tile_scores::<3>(query, keys_t, scale, out),
+        4 => tile_scores::<4>(query, keys_t, scale, out),
+        5 => tile_scores::<5>(query, keys_t, scale, out),
+        6 => tile_scores::<6>(query, keys_t, scale, out),
+        7 => tile_scores::<7>(query, keys_t, scale, out),
+        _ => tile_scores::<CHUNKS>(query, keys_t, scale, out),
+    }
+}
+
+/// One task: a block of query rows of the query heads `heads`, which all read kv head
+/// `g`, through every tile of keys they see: each tile is transposed once for all of
+/// them. Returns the rows' outputs, `[heads, rows, head_dim]`.
 #[allow(clippy::too_many_arguments)] // the pieces of one attention call, passed down once
 #[inline(always)]
 fn block(
@@ -192,53 +316,49 @@ fn block(
     n: usize,
     start: usize,
     hd: usize,
-    (h, g): (usize, usize),
+    (heads, g): (std::ops::Range<usize>, usize),
     rows: std::ops::Range<usize>,
     (keys, values): (KvBuffer<'_>, KvBuffer<'_>),
     scale: f32,
+    transpose: impl Fn(&[f32], usize, &mut [[f32; LANES]]),
 ) -> Vec<f32> {
-    let mut states: Vec<RowState> = rows.clone().map(|_| RowState::new(hd)).collect();
+    let mut states: Vec<RowState> = (0..heads.len() * rows.len())
+        .map(|_| RowState::new(hd))
+        .collect();
     let mut scores = [0f32; KEY_TILE];
-    // The tile's keys transposed, `[head_dim, KEY_TILE]`: a row's scores are then sums over
-    // the head's dimensions of whole vectors of keys, with no sum across lanes.
-    let mut keys_t = vec![[0f32; LANES]; hd * KEY_TILE / LANES];
+    let mut keys_t = vec![[0f32; LANES]; hd * CHUNKS];
     // The last row of the block sees the most positions.
     let seen = start + rows.end;
+    let first_key = keys.offset + g * keys.head_stride;
     for tile in (0..seen).step_by(KEY_TILE) {
         let tile_end = (tile + KEY_TILE).min(seen);
-        for (jj, j) in (tile..tile_end).enumerate() {
-            for (d, &k) in keys.row(g, j, hd).iter().enumerate() {
-                keys_t[(d * KEY_TILE + jj) / LANES][jj % LANES] = k;
-            }
-        }
-        for (state, i) in states.iter_mut().zip(rows.clone()) {
-            let visible = start + i + 1;
-            if tile >= visible {
-                continue;
-            }
-            let len = (tile + KEY_TILE).min(visible) - tile;
-            let query = &q[(h * n + i) * hd..(h * n + i + 1) * hd];
-            // Eight keys at a time, their sums kept in one register across the dimensions.
-            for (c, out) in scores[..len].chunks_mut(LANES).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (d, &qd) in query.iter().enumerate() {
-                    let k = &keys_t[(d * KEY_TILE) / LANES + c];
-                    for l in 0..LANES {
-                        acc[l] += qd * k[l];
-                    }
+        transpose(
+            &keys.data[first_key + tile * hd..first_key + tile_end * hd],
+            hd,
+            &mut keys_t,
+        );
+        let mut states = states.iter_mut();
+        for h in heads.clone() {
+            for i in rows.clone() {
+                let Some(state) = states.next() else {
+                    break;
+                };
+                let visible = start + i + 1;
+                if tile >= visible {
+                    continue;
                 }
-                for (o, a) in out.iter_mut().zip(acc) {
-                    *o = a * scale;
-                }
+                let len = (tile + KEY_TILE).min(visible) - tile;
+                let query = &q[(h * n + i) * hd..(h * n + i + 1) * hd];
+                let tile_scores = &mut scores[..len];
+                scores_of(query, &keys_t, scale, tile_scores);
+                state.absorb(
+                    tile_scores,
+                    (tile..tile + len).map(|j| values.row(g, j, hd)),
+                );
             }
-            let tile_scores = &mut scores[..len];
-            state.absorb(
-                tile_scores,
-                (tile..tile + len).map(|j| values.row(g, j, hd)),
-            );
         }
     }
-    let mut out = vec![0f32; rows.len() * hd];
+    let mut out = vec![0f32; states.len() * hd];
     for (state, o) in states.iter().zip(out.chunks_exact_mut(hd)) {
         state.finish(o);
     }
@@ -258,12 +378,25 @@ unsafe fn block_avx2(
     n: usize,
     start: usize,
     hd: usize,
-    heads: (usize, usize),
+    heads: (std::ops::Range<usize>, usize),
     rows: std::ops::Range<usize>,
     kv: (KvBuffer<'_>, KvBuffer<'_>),
     scale: f32,
 ) -> Vec<f32> {
-    block(q, n, start, hd, heads, rows, kv, scale)
+    block(
+        q,
+        n,
+        start,
+        hd,
+        heads,
+        rows,
+        kv,
+        scale,
+        |tile, hd, keys_t| {
+            // Safety: this function runs only where AVX2 is.
+            unsafe { transpose_keys_avx2(tile, hd, keys_t) }
+        },
+    )
 }
 
 /// Attention of `n` new positions starting at `start`: `q` is `[heads, n, head_dim]`, the
@@ -286,26 +419,38 @@ pub(crate) fn causal(
     let blocks = n.div_ceil(ROW_BLOCK);
     #[cfg(target_arch = "x86_64")]
     let avx2 = is_x86_feature_detected!("avx2");
-    // Each task: one head's block of rows through every tile it needs.
-    let parts: Vec<Vec<f32>> = (0..heads * blocks)
+    // Each task: the query heads of one kv head, one block of their rows, through every
+    // tile they need.
+    let parts: Vec<Vec<f32>> = (0..kv_heads * blocks)
         .into_par_iter()
         .map(|task| {
-            let (h, b) = (task / blocks, task % blocks);
+            let (g, b) = (task / blocks, task % blocks);
             let rows = b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n);
-            let heads = (h, h / groups);
+            let heads = (g * groups..(g + 1) * groups, g);
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // Safety: the CPU was just found to have AVX2.
                 return unsafe { block_avx2(q, n, start, hd, heads, rows, (keys, values), scale) };
             }
-            block(q, n, start, hd, heads, rows, (keys, values), scale)
+            block(
+                q,
+                n,
+                start,
+                hd,
+                heads,
+                rows,
+                (keys, values),
+                scale,
+                transpose_keys,
+            )
         })
         .collect();
     let mut out = vec![0f32; n * heads * hd];
     for (task, part) in parts.iter().enumerate() {
-        let (h, b) = (task / blocks, task % blocks);
+        let (g, b) = (task / blocks, task % blocks);
+        let block_rows = ((b + 1) * ROW_BLOCK).min(n) - b * ROW_BLOCK;
         for (r, row) in part.chunks_exact(hd).enumerate() {
-            let i = b * ROW_BLOCK + r;
+            let (h, i) = (g * groups + r / block_rows, b * ROW_BLOCK + r % block_rows);
             out[(i * heads + h) * hd..(i * heads + h + 1) * hd].copy_from_slice(row);
         }
     }
@@ -401,6 +546,31 @@ mod tests {
             .collect();
         let alone = causal(&last, 1, 2 + n - 1, shape, kb, vb, 0.125);
         assert_eq!(alone[..], all[(n - 1) * shape.heads * 64..]);
+    }
+
+    #[test]
+    fn keys_transposed_with_avx2_are_the_portable_transpose() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            for hd in [8, 16, 24, 32, 64, 128, 20] {
+                for len in [1, 7, 8, 9, 33, 63, 64] {
+                    let tile = values(len * hd, hd as u32);
+                    let mut portable = vec![[0f32; LANES]; hd * CHUNKS];
+                    let mut avx2 = portable.clone();
+                    transpose_keys(&tile, hd, &mut portable);
+                    // Safety: the CPU has AVX2 (checked above).
+                    unsafe { transpose_keys_avx2(&tile, hd, &mut avx2) };
+                    assert_eq!(portable, avx2, "head_dim {hd}, {len} keys");
+                    assert_eq!(
+                        portable[(hd - 1) * CHUNKS + (len - 1) / LANES][(len - 1) % LANES],
+                        tile[len * hd - 1],
+                        "the last key's last dimension, where it belongs"
+                    );
+                }
+            }
+            return;
+        }
+        eprintln!("skipping: this CPU lacks AVX2");
     }
 
     #[test]
