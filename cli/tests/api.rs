@@ -274,3 +274,64 @@ fn chat_tokenize_and_list_models_over_grpc() {
         assert!(err.message().contains("context"), "{err:?}");
     });
 }
+
+/// A chat's reply ends at the model's end-of-turn token, unless the request says
+/// `ignore_eos` (benchmarks and speed campaigns need replies of a fixed length): then it
+/// goes on, the same tokens first, up to `max_tokens`.
+#[test]
+fn a_chat_with_ignore_eos_runs_past_the_end_of_the_reply() {
+    use strata_proto::v1::inference_client::InferenceClient;
+    use strata_proto::v1::{ChatMessage, ChatRequest, FinishReason};
+    // The demo model answers this verse in about 40 tokens and ends its turn.
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/demo/strata-demo-q8_0.gguf");
+    let cluster = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    );
+    cluster.wait_serving(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (ended, forced) = rt.block_on(async {
+        let client = InferenceClient::connect(format!("http://{}", cluster.api))
+            .await
+            .unwrap();
+        let reply = |ignore_eos: bool| {
+            let request = ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "The LORD is my shepherd; I shall not want.".into(),
+                }],
+                max_tokens: 120,
+                ignore_eos,
+                ..Default::default()
+            };
+            let mut client = client.clone();
+            async move {
+                let mut stream = client.chat(request).await.unwrap().into_inner();
+                let (mut ids, mut finish) = (Vec::new(), 0);
+                while let Some(m) = stream.message().await.unwrap() {
+                    ids.extend(m.token_ids);
+                    finish = finish.max(m.finish_reason);
+                }
+                (ids, finish)
+            }
+        };
+        (reply(false).await, reply(true).await)
+    });
+    assert_eq!(
+        ended.1,
+        FinishReason::Stop as i32,
+        "the reply ends its turn"
+    );
+    assert!(ended.0.len() < 120, "{} tokens", ended.0.len());
+    assert_eq!(forced.1, FinishReason::Length as i32);
+    assert_eq!(forced.0.len(), 120);
+    assert_eq!(
+        &forced.0[..ended.0.len()],
+        &ended.0[..],
+        "the same reply first"
+    );
+}

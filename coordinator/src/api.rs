@@ -412,7 +412,7 @@ impl Inference for Api {
             r.max_tokens,
             r.sampling,
             r.stop,
-            false,
+            r.ignore_eos,
         )?))
     }
 

@@ -349,7 +349,13 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
             }
             messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone().unwrap_or_default() });
             client
-                .chat(ChatRequest { messages, max_tokens: a.max_tokens as u32, sampling, ..Default::default() })
+                .chat(ChatRequest {
+                    messages,
+                    max_tokens: a.max_tokens as u32,
+                    sampling,
+                    ignore_eos: a.ignore_eos,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner()
         } else {
