@@ -354,6 +354,11 @@ pub struct DraftPolicy {
     pub initial: usize,
     /// Never more than this.
     pub most: usize,
+    /// More sequences than this generating at once, and steps carry no drafts (0: always
+    /// draft). A pass over a full batch already reads each stage's weights once for many
+    /// rows; drafts would add rows that are often thrown away, and the coordinator drafts
+    /// for one sequence after another. (vLLM turns speculation off by batch size too.)
+    pub crowd: usize,
 }
 
 impl Default for DraftPolicy {
@@ -361,6 +366,7 @@ impl Default for DraftPolicy {
         DraftPolicy {
             initial: 4,
             most: 16,
+            crowd: 4,
         }
     }
 }
@@ -375,6 +381,10 @@ struct Drafting {
     in_flight: usize,
     drafted: usize,
     accepted: usize,
+    /// [`DraftPolicy::crowd`].
+    crowd: usize,
+    /// Whether more sequences than `crowd` were generating when last told.
+    crowded: bool,
 }
 
 impl SequenceCore {
@@ -416,8 +426,18 @@ impl SequenceCore {
             in_flight: 0,
             drafted: 0,
             accepted: 0,
+            crowd: policy.crowd,
+            crowded: false,
         });
         self
+    }
+
+    /// How many sequences are generating now, this one included: above the draft
+    /// policy's crowd, its steps carry no drafts until fewer are.
+    pub fn crowd(&mut self, generating: usize) {
+        if let Some(d) = &mut self.drafting {
+            d.crowded = d.crowd > 0 && generating > d.crowd;
+        }
     }
 
     /// Its id.
@@ -602,9 +622,15 @@ impl SequenceCore {
         let left = self.request.max_tokens.saturating_sub(self.generated());
         let room = self.limits.context.saturating_sub(end);
         match &mut self.drafting {
-            Some(d) if decode => {
+            Some(d) if decode && !d.crowded => {
                 let most = d.length.get().min(left.saturating_sub(1)).min(room);
-                let mut drafts = d.drafter.propose(&self.history, most);
+                // The answer's sampler where it stands: a model drafter draws with it.
+                let sampler =
+                    strata_model::Sampler::resume(self.request.sampling.clone(), self.rng_position);
+                let mut drafts = match &sampler {
+                    Ok(sampler) => d.drafter.propose_for(&self.history, most, sampler),
+                    Err(_) => d.drafter.propose(&self.history, most),
+                };
                 drafts.truncate(most);
                 d.drafted += drafts.len();
                 d.in_flight = drafts.len();
@@ -1003,6 +1029,52 @@ mod tests {
         }
         assert_eq!(c.outcome(), Some(&Outcome::Finished(FinishReason::Length)));
         assert_eq!(c.history(), &[10, 11, 12, 40, 41, 42]);
+    }
+
+    /// Proposes the token after the last, twice over.
+    #[derive(Debug)]
+    struct Echo;
+
+    impl Drafter for Echo {
+        fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
+            let last = history.last().copied().unwrap_or(0);
+            vec![last + 1, last + 2][..max.min(2)].to_vec()
+        }
+    }
+
+    #[test]
+    fn steps_carry_no_drafts_while_more_sequences_than_the_crowd_generate() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let policy = DraftPolicy {
+            crowd: 3,
+            ..Default::default()
+        };
+        let mut c = core(20, &[], now).with_drafter(Box::new(Echo), policy);
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        // Each step's answer: its first token, never the draft (each is two past the last).
+        let mut step_after = |c: &mut SequenceCore, position: u32, generating: usize| {
+            c.crowd(generating);
+            let s = token(position, 300 + 2 * position, 0);
+            let event = Event::Token {
+                epoch: 1,
+                sampled: &s,
+            };
+            let a = c.handle(event, now, &t, "");
+            let (_, step) = sent(&a).unwrap();
+            (step.draft, step.tokens.clone())
+        };
+        assert_eq!(step_after(&mut c, 3, 1), (2, vec![306, 307, 308]));
+        assert_eq!(step_after(&mut c, 4, 4), (0, vec![308]), "four generate: crowded");
+        assert_eq!(step_after(&mut c, 5, 3), (2, vec![310, 311, 312]));
+        let mut alone = core(20, &[], now).with_drafter(
+            Box::new(Echo),
+            DraftPolicy {
+                crowd: 0,
+                ..Default::default()
+            },
+        );
+        alone.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        assert_eq!(step_after(&mut alone, 3, 50).0, 2, "crowd 0 always drafts");
     }
 
     #[test]

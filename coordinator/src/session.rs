@@ -712,6 +712,7 @@ impl Session {
         let now = Instant::now();
         match news {
             Some(News::Token { epoch, sampled }) => {
+                self.core.crowd(self.shared.sessions().active());
                 let event = Event::Token {
                     epoch,
                     sampled: &sampled,

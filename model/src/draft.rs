@@ -6,8 +6,13 @@
 //! where an answer quotes, repeats or edits its prompt); [`ModelDrafter`] runs a small
 //! model that shares the main model's vocabulary ([`check_vocabularies`]) greedily.
 //!
-//! Drafts are proposed greedily, so a draft is a point mass, and the verification rule
-//! keeps the output distribution exactly the model's whatever the drafts are.
+//! Whatever the drafts, the answer is the one plain decoding gives: the model samples each
+//! position with its own random numbers and keeps a draft only where it is the token
+//! sampled. So drafts change only the speed. For a sampled answer a model drafter draws
+//! its guesses with the answer's sampler, where it stands ([`Drafter::propose_for`]): the
+//! same settings and the same random numbers the model will use, so where the two models'
+//! distributions are close, the draft is the token the model draws (coupled draws), not
+//! only where it is the likeliest.
 //!
 //! [`Sampler::sample_drafts`]: crate::Sampler::sample_drafts
 
@@ -20,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
-use crate::sampler::{apply_repeat_penalty, argmax};
+use crate::sampler::{apply_repeat_penalty, argmax, Sampler};
 use crate::tokenizer::Tokenizer;
 
 /// Proposes tokens to verify.
@@ -28,6 +33,15 @@ pub trait Drafter: Send + std::fmt::Debug {
     /// Up to `max` tokens that may follow `history` (fewer, or none, when it has no good
     /// guess).
     fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32>;
+
+    /// As [`Drafter::propose`], for an answer that `sampler` (the model's sampler, where
+    /// it stands after `history`) samples. A drafter that scores tokens draws each guess
+    /// with a copy of it: the token the model will draw, wherever the two distributions
+    /// agree. One that does not (prompt lookup) proposes as for greedy answers.
+    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Vec<u32> {
+        let _ = sampler;
+        self.propose(history, max)
+    }
 }
 
 /// How many drafts the next step carries. It adapts to how many the model keeps, as
@@ -189,7 +203,14 @@ impl ModelDrafter {
         }
     }
 
-    fn try_propose(&mut self, history: &[u32], max: usize) -> Result<Vec<u32>> {
+    /// Up to `max` drafts after `history`: each the most likely token (with the repeat
+    /// penalty), or, given the answer's sampler, the token a copy of it draws.
+    fn try_propose(
+        &mut self,
+        history: &[u32],
+        max: usize,
+        mut sampler: Option<Sampler>,
+    ) -> Result<Vec<u32>> {
         let context = self.stage.config().max_position_embeddings;
         let room = context.saturating_sub(history.len());
         let max = max.min(room);
@@ -212,7 +233,10 @@ impl ModelDrafter {
         let mut drafts = Vec::with_capacity(max);
         let mut seen = history.to_vec();
         loop {
-            let token = self.pick(&mut logits, &seen);
+            let token = match &mut sampler {
+                Some(sampler) => sampler.sample(&logits, &seen)?.token,
+                None => self.pick(&mut logits, &seen),
+            };
             seen.push(token);
             if token >= vocab {
                 break;
@@ -227,9 +251,14 @@ impl ModelDrafter {
     }
 }
 
-impl Drafter for ModelDrafter {
-    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
-        match self.try_propose(history, max) {
+impl ModelDrafter {
+    fn propose_or_nothing(
+        &mut self,
+        history: &[u32],
+        max: usize,
+        sampler: Option<Sampler>,
+    ) -> Vec<u32> {
+        match self.try_propose(history, max, sampler) {
             Ok(drafts) => drafts,
             Err(e) => {
                 // A draft is only a guess: without one the step verifies nothing, and the
@@ -241,6 +270,16 @@ impl Drafter for ModelDrafter {
                 Vec::new()
             }
         }
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
+        self.propose_or_nothing(history, max, None)
+    }
+
+    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Vec<u32> {
+        self.propose_or_nothing(history, max, Some(sampler.clone()))
     }
 }
 

@@ -420,7 +420,7 @@ impl LocalPipeline {
             while !done {
                 let left = request.max_tokens - result.tokens.len();
                 let most_now = length.get().min(left - 1).min(context - history.len());
-                let mut drafts = drafter.propose(&history, most_now);
+                let mut drafts = drafter.propose_for(&history, most_now, &sampler);
                 drafts.truncate(most_now);
                 let sampled = self.verify(seq, &history, &drafts, &mut sampler)?;
                 let accepted = sampled.len() - 1;

@@ -112,6 +112,10 @@ pub struct DraftArgs {
     /// Most drafts one step carries; below it the number adapts to how many are accepted.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
+    /// With more answers than this being generated at once, steps carry no drafts (a
+    /// full batch gains little from them); 0 drafts whatever the load.
+    #[arg(long, default_value_t = 4)]
+    pub draft_crowd: usize,
 }
 
 impl DraftArgs {
@@ -128,6 +132,7 @@ impl DraftArgs {
     pub fn policy(&self) -> strata_coordinator::DraftPolicy {
         strata_coordinator::DraftPolicy {
             most: self.draft_max as usize,
+            crowd: self.draft_crowd,
             ..Default::default()
         }
     }
