@@ -1052,7 +1052,7 @@ mod tests {
         let mut c = core(20, &[], now).with_drafter(Box::new(Echo), policy);
         c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
         // Each step's answer: its first token, never the draft (each is two past the last).
-        let mut step_after = |c: &mut SequenceCore, position: u32, generating: usize| {
+        let step_after = |c: &mut SequenceCore, position: u32, generating: usize| {
             c.crowd(generating);
             let s = token(position, 300 + 2 * position, 0);
             let event = Event::Token {
@@ -1064,7 +1064,11 @@ mod tests {
             (step.draft, step.tokens.clone())
         };
         assert_eq!(step_after(&mut c, 3, 1), (2, vec![306, 307, 308]));
-        assert_eq!(step_after(&mut c, 4, 4), (0, vec![308]), "four generate: crowded");
+        assert_eq!(
+            step_after(&mut c, 4, 4),
+            (0, vec![308]),
+            "four generate: crowded"
+        );
         assert_eq!(step_after(&mut c, 5, 3), (2, vec![310, 311, 312]));
         let mut alone = core(20, &[], now).with_drafter(
             Box::new(Echo),

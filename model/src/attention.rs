@@ -214,7 +214,7 @@ fn transpose_keys(tile: &[f32], hd: usize, keys_t: &mut [[f32; LANES]]) {
 unsafe fn transpose_keys_avx2(tile: &[f32], hd: usize, keys_t: &mut [[f32; LANES]]) {
     use std::arch::x86_64::*;
     let len = tile.len() / hd;
-    if hd % LANES != 0 || keys_t.len() < hd * CHUNKS {
+    if !hd.is_multiple_of(LANES) || keys_t.len() < hd * CHUNKS {
         return transpose_keys(tile, hd, keys_t);
     }
     let whole = len / LANES;
