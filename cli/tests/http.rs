@@ -2,7 +2,7 @@
 //! it: models, chat and text completions whole and streamed (SSE ending in `[DONE]`),
 //! OpenAI-shaped errors with their status codes, `/health`, logprobs, `/metrics`, a client
 //! that hangs up mid-stream, the dashboard in headless Chromium, and the official `openai`
-//! Python client.
+//! Python client; and Ollama's API on the same port, with the official `ollama` client.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
@@ -645,13 +645,15 @@ fn logprobs_metrics_dashboard_and_a_client_that_leaves() {
     assert!(!answer.starts_with("</div>"), "an empty answer");
 }
 
-#[test]
-fn the_official_openai_python_client_works() {
+/// Runs `tests/<script>` with Python (which must import `packages`) against a 2-worker
+/// cluster started with `serve_args`, giving it the HTTP base URL and then `args`; the
+/// script prints "all checks passed" when every check held.
+fn python_client_checks(packages: &str, script: &str, serve_args: &[&str], args: &[&str]) {
     let Some(python) = required_tool(
         "STRATA_TEST_PYTHON",
         &["python3"],
-        &["-c", "import openai, prometheus_client"],
-        "Python with the `openai` and `prometheus_client` packages",
+        &["-c", &format!("import {packages}")],
+        &format!("Python with {packages}"),
     ) else {
         return;
     };
@@ -660,24 +662,192 @@ fn the_official_openai_python_client_works() {
     options.workers = 2;
     options
         .serve_args
-        .extend(["--api-key".into(), "s3cret".into()]);
+        .extend(serve_args.iter().map(|a| a.to_string()));
     let cluster = TestCluster::start(&model, &options);
     wait_healthy(&cluster.http);
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_client/check.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests")
+        .join(script);
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(format!("http://{}", cluster.http))
-        .args(["s3cret", "m.gguf"])
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "the openai client checks failed:\n{stdout}\n{}",
+        "the {packages} client checks failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    python_client_checks(
+        "openai, prometheus_client",
+        "openai_client/check.py",
+        &["--api-key", "s3cret"],
+        &["s3cret", "m.gguf"],
+    );
+}
+
+/// Ollama's API on the same port, as plain HTTP clients see it: the listing endpoints,
+/// chat and generate whole and streamed as NDJSON (greedy, so the pieces add up to the
+/// whole), Ollama's "load" reply, and `{"error"}` refusals with their status codes.
+#[test]
+fn ollama_endpoints_answer_like_ollama() {
+    let (_dir, model) = small_gguf("q8_0");
+    let mut options = exact_wire();
+    options.workers = 2;
+    let cluster = TestCluster::start(&model, &options);
+    wait_healthy(&cluster.http);
+    let addr = cluster.http.as_str();
+    let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+
+    let (status, body) = http(addr, "GET", "/api/version", None, None);
+    assert_eq!(status, 200);
+    assert!(json(&body)["version"].as_str().unwrap().starts_with("0."));
+    let tags = json(&http(addr, "GET", "/api/tags", None, None).1);
+    let listed = &tags["models"][0];
+    assert_eq!(listed["model"], "m.gguf");
+    assert_eq!(listed["details"]["format"], "gguf");
+    assert_eq!(listed["details"]["quantization_level"], "Q8_0");
+    assert!(listed["size"].as_u64().unwrap() > 0);
+    let ps = json(&http(addr, "GET", "/api/ps", None, None).1);
+    assert_eq!(ps["models"][0]["name"], "m.gguf");
+    let show = json(
+        &http(
+            addr,
+            "POST",
+            "/api/show",
+            Some(r#"{"model":"m.gguf:latest"}"#),
+            None,
+        )
+        .1,
+    );
+    assert_eq!(show["model_info"]["general.architecture"], "llama");
+    assert_eq!(show["model_info"]["llama.block_count"], 6);
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/show",
+        Some(r#"{"model":"other"}"#),
+        None,
+    );
+    assert_eq!(status, 404);
+    assert!(json(&body)["error"].as_str().unwrap().contains("not found"));
+
+    let chat = r#"{"model":"m.gguf","messages":[{"role":"user","content":"What is a stage?"}],"options":{"temperature":0,"num_predict":10}"#;
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/chat",
+        Some(&format!("{chat},\"stream\":false}}")),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let whole = json(&body);
+    assert_eq!(whole["done"], true);
+    assert_eq!(whole["done_reason"], "length");
+    assert_eq!(whole["eval_count"], 10);
+    assert_eq!(whole["message"]["role"], "assistant");
+    let (status, head, body) =
+        exchange(addr, "POST", "/api/chat", Some(&format!("{chat}}}")), None);
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: application/x-ndjson"),
+        "{head}"
+    );
+    let lines: Vec<serde_json::Value> = body.lines().map(json).collect();
+    let (last, pieces) = lines.split_last().unwrap();
+    assert!(pieces
+        .iter()
+        .all(|l| l["done"] == false && l["created_at"].is_string()));
+    let text: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        whole["message"]["content"].as_str().unwrap(),
+        "streamed = whole"
+    );
+    assert_eq!(
+        (last["done"].clone(), last["eval_count"].clone()),
+        (true.into(), 10.into())
+    );
+    assert!(last["total_duration"].as_u64().unwrap() > 0);
+
+    let generate = r#"{"model":"m.gguf","prompt":"Once upon a time","raw":true,"stream":false,"options":{"temperature":0,"num_predict":6}}"#;
+    let g = json(&http(addr, "POST", "/api/generate", Some(generate), None).1);
+    assert_eq!(g["eval_count"], 6);
+    let context = g["context"].as_array().unwrap();
+    assert_eq!(
+        context.len(),
+        g["prompt_eval_count"].as_u64().unwrap() as usize + 6
+    );
+    // Going on from `context` continues the same greedy answer.
+    let again = format!(
+        r#"{{"model":"m.gguf","prompt":" and","raw":true,"stream":false,"context":{},"options":{{"temperature":0,"num_predict":2}}}}"#,
+        serde_json::Value::Array(context.clone())
+    );
+    let g2 = json(&http(addr, "POST", "/api/generate", Some(&again), None).1);
+    assert_eq!(
+        &g2["context"].as_array().unwrap()[..context.len()],
+        &context[..]
+    );
+    let load = json(
+        &http(
+            addr,
+            "POST",
+            "/api/generate",
+            Some(r#"{"model":"m.gguf"}"#),
+            None,
+        )
+        .1,
+    );
+    assert_eq!(
+        (load["done"].clone(), load["done_reason"].clone()),
+        (true.into(), "load".into())
+    );
+
+    for (body, says) in [
+        (
+            r#"{"model":"m.gguf","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+            "tool",
+        ),
+        (
+            r#"{"model":"m.gguf","messages":[{"role":"user","content":"x"}],"format":"json"}"#,
+            "format",
+        ),
+        (
+            r#"{"model":"m.gguf","messages":[{"role":"user","content":"x"}],"options":{"num_predict":0}}"#,
+            "num_predict",
+        ),
+        (
+            r#"{"model":"m.gguf","messages":[{"role":"user","content":"x","images":["aGk="]}]}"#,
+            "text only",
+        ),
+        (
+            r#"{"model":"m.gguf","messages":[{"role":"user","content":"x"}],"think":true}"#,
+            "thinking",
+        ),
+        (r#"{"model":"m.gguf","messages":"#, "not"),
+    ] {
+        let (status, answer) = http(addr, "POST", "/api/chat", Some(body), None);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            json(&answer)["error"].as_str().unwrap().contains(says),
+            "{answer}"
+        );
+    }
+}
+
+#[test]
+fn the_official_ollama_python_client_works() {
+    python_client_checks("ollama", "ollama_client/check.py", &[], &["m.gguf"]);
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The OpenAI-compatible HTTP API (axum), beside the gRPC one: `GET /v1/models`,
+//! The OpenAI-compatible HTTP API (axum), beside the gRPC one (and Ollama's, in
+//! [`crate::ollama`], on the same port): `GET /v1/models`,
 //! `POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events
 //! ending in `data: [DONE]`, or whole), and `GET /health`. Errors use OpenAI's JSON shape
 //! (`{"error": {"message", "type", "param", "code"}}`) with 400, 401, 404, 413, 429 (the
@@ -29,18 +30,18 @@ use crate::{session, Shared};
 
 /// An OpenAI-shaped error.
 pub struct ApiError {
-    status: StatusCode,
+    pub(crate) status: StatusCode,
     kind: &'static str,
-    message: String,
+    pub(crate) message: String,
     /// Seconds for a `Retry-After` header (429 and 503).
-    retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 /// What a 503 tells a client to wait before retrying: the cluster re-plans in seconds.
 const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             kind,
@@ -270,7 +271,7 @@ impl Common {
     }
 }
 
-fn check_key(shared: &Shared, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+pub(crate) fn check_key(shared: &Shared, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
     if !shared.authorized(header) {
         return Err(ApiError::new(
@@ -582,7 +583,7 @@ const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// A body that could not be read as JSON: 413 when it is over the size limit, else 400
 /// saying what was wrong.
-fn rejected(e: axum::extract::rejection::JsonRejection, what: &str) -> ApiError {
+pub(crate) fn rejected(e: axum::extract::rejection::JsonRejection, what: &str) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -860,6 +861,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/health", get(health))
+        .merge(crate::ollama::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }

@@ -15,6 +15,8 @@
 //! - `digest`: the served model's content digest, which workers key their slice caches by;
 //! - [`api`]: the public gRPC services (`Inference`, `Cluster`, health, reflection);
 //! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
+//!   `ollama`: Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`, ...) on the same
+//!   port, for the tools written against Ollama;
 //! - `metrics`: the Prometheus metrics and the recent-requests list;
 //! - `operator`: the guard that lets only signed cluster changes (drain, remove) through.
 //!
@@ -24,7 +26,8 @@
 //! Dependencies, and why: `tonic` (+ `tonic-health`, `tonic-reflection`: the standard
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
 //! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see `metrics`), `sha2` (the
-//! model's content digest), `subtle` (comparing API keys in constant time).
+//! model's content digest), `subtle` (comparing API keys in constant time), `humantime`
+//! (the RFC 3339 dates of Ollama's replies).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -51,6 +54,7 @@ mod http;
 mod links;
 mod membership;
 mod metrics;
+mod ollama;
 mod operator;
 pub mod planner;
 pub mod profile;

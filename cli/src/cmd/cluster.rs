@@ -272,7 +272,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {} (or pass --no-http)", a.http))?;
             println!(
-                "http on {} (OpenAI-compatible: /v1/chat/completions, /v1/completions, /v1/models)",
+                "http on {} (OpenAI-compatible: /v1/chat/completions, /v1/completions, /v1/models; Ollama's: /api/chat, /api/generate, /api/tags)",
                 l.local_addr()?
             );
             Some(l)

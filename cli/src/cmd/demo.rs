@@ -270,6 +270,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         println!("\nServing:");
         println!("  gRPC       {api}   (strata chat --coordinator {api})");
         println!("  HTTP       http://{http_addr}/v1   (OpenAI-compatible)");
+        println!("  Ollama     http://{http_addr}/api   (Ollama's API: chat, generate, tags, show, ps)");
         println!("  dashboard  http://{http_addr}/");
         println!("  metrics    http://{http_addr}/metrics");
         println!("\nTry:");
