@@ -90,8 +90,8 @@ def main():
     try:
         for name, extra in settings:
             c = heal.Cluster(a.model, a.workers, serve_args=["--kv-tokens", "2048", *extra])
+            clusters[name] = c  # closed below even if it never serves
             c.wait_serving(stages=a.workers)
-            clusters[name] = c
         if a.clients > 1:
             return concurrent(a, clusters, settings)
         best = {name: None for name, _ in settings}
