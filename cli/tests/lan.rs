@@ -452,9 +452,10 @@ fn four_hosts_find_each_other_by_mdns_and_survive_a_pulled_cable() {
     assert_eq!(
         layers_of(&status["plan"]),
         layers_of(&received_plan),
-        "planned back with other layers: before the cable was pulled {:#}, after it came back {:#}",
+        "planned back with other layers: before the cable was pulled {:#}, after it came back {:#}; the coordinator said:\n{}",
         received_plan,
-        status["plan"]
+        status["plan"],
+        cluster.coordinator.output()
     );
     let reported = status["workers"]
         .as_array()
