@@ -178,7 +178,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 }
 
 /// A sampling number as the sampler takes it; one that no f32 holds is refused by name.
-fn real(name: &str, value: Option<f64>) -> std::result::Result<Option<f32>, ApiError> {
+pub(crate) fn real(name: &str, value: Option<f64>) -> std::result::Result<Option<f32>, ApiError> {
     match value {
         Some(v) if !v.is_finite() || v.abs() > f64::from(f32::MAX) => Err(bad(format!(
             // `{:e}` writes 1e308 as sent, where `{}` would spell out 309 digits.

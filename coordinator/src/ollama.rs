@@ -110,15 +110,10 @@ struct Options {
     _runner: Map<String, Value>,
 }
 
-/// A sampling number as the sampler takes it; one that no f32 holds is refused by name.
+/// A sampling option as the sampler takes it (checked as the OpenAI API checks it), or
+/// Ollama's default.
 fn real(name: &str, value: Option<f64>, default: f32) -> Answer<f32> {
-    match value {
-        Some(v) if !v.is_finite() || v.abs() > f64::from(f32::MAX) => Err(bad(format!(
-            "option `{name}` must be a finite number of ordinary size, got {v:e}"
-        ))),
-        Some(v) => Ok(v as f32),
-        None => Ok(default),
-    }
+    Ok(crate::http::real(name, value)?.unwrap_or(default))
 }
 
 impl Options {
@@ -565,9 +560,8 @@ async fn version() -> Response {
 fn details(shared: &Shared) -> Value {
     let model = shared.model();
     let family = model.file.config().arch.name().to_string();
-    let (mut parameters, mut by_type) = (0u64, std::collections::HashMap::<String, u64>::new());
+    let mut by_type = std::collections::HashMap::<String, u64>::new();
     for (_, entry) in model.file.entries() {
-        parameters += entry.shape.iter().map(|&d| d as u64).product::<u64>();
         *by_type.entry(entry.storage.name()).or_default() += entry.bytes();
     }
     let quantization = by_type
@@ -583,9 +577,19 @@ fn details(shared: &Shared) -> Value {
         },
         "family": family,
         "families": [family],
-        "parameter_size": parameter_size(parameters),
+        "parameter_size": parameter_size(parameter_count(shared)),
         "quantization_level": quantization,
     })
+}
+
+/// The model's parameters: the elements of all its tensors.
+fn parameter_count(shared: &Shared) -> u64 {
+    shared
+        .model()
+        .file
+        .entries()
+        .map(|(_, e)| e.shape.iter().map(|&d| d as u64).product::<u64>())
+        .sum()
 }
 
 /// `135.0M`, `8.0B`: a parameter count as Ollama shows it.
@@ -662,14 +666,12 @@ async fn show(
     let model = shared.model();
     let c = model.file.config();
     let arch = c.arch.name();
-    let parameters: u64 = model
-        .file
-        .entries()
-        .map(|(_, e)| e.shape.iter().map(|&d| d as u64).product::<u64>())
-        .sum();
     let mut info = Map::new();
     info.insert("general.architecture".into(), json!(arch));
-    info.insert("general.parameter_count".into(), json!(parameters));
+    info.insert(
+        "general.parameter_count".into(),
+        json!(parameter_count(&shared)),
+    );
     for (key, value) in [
         ("context_length", c.max_position_embeddings),
         ("embedding_length", c.hidden_size),
