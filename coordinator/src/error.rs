@@ -38,6 +38,9 @@ pub enum Error {
     /// A gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// The upstream API of the hybrid route cannot be used.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
 }
 
 impl From<Error> for tonic::Status {

@@ -8,10 +8,10 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,7 +24,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::metrics::RequestRecord;
 use crate::registry::state_name;
+use crate::routing::{self, Route, UpstreamModel};
 use crate::sequence::{Delta, FinishReason, SequenceRequest, TokenLogprob};
 use crate::{session, Shared};
 
@@ -50,7 +52,7 @@ impl ApiError {
         }
     }
 
-    fn unavailable(message: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         ApiError {
             retry_after: Some(UNAVAILABLE_RETRY_SECONDS),
             ..ApiError::new(
@@ -492,15 +494,20 @@ async fn respond(
         },
     };
     let seed_header = (SEED_HEADER, answer.seed.to_string());
+    let route_header = (ROUTE_HEADER, "local".to_string());
     if !common.stream {
         let whole = whole(reply, first, deltas).await?;
-        return Ok(([seed_header], whole).into_response());
+        return Ok(([seed_header, route_header], whole).into_response());
     }
     let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    Ok(([seed_header], streamed(reply, first, deltas, include_usage)).into_response())
+    Ok((
+        [seed_header, route_header],
+        streamed(reply, first, deltas, include_usage),
+    )
+        .into_response())
 }
 
 /// Collects the answer and answers once.
@@ -597,49 +604,207 @@ pub(crate) fn rejected(e: axum::extract::rejection::JsonRejection, what: &str) -
 async fn chat_completions(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: std::result::Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
+    body: std::result::Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
-    let Json(body) = body.map_err(|e| rejected(e, "a chat completion request"))?;
-    body.common.check(&shared)?;
-    let messages: Vec<Message> = body
-        .messages
-        .iter()
-        .map(|m| {
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join(""),
-            };
-            Message::new(m.role.clone(), content)
-        })
-        .collect();
-    let prompt = session::chat_prompt(&shared, &messages)?;
-    respond(shared, Kind::Chat, prompt, body.common).await
+    let Json(raw) = body.map_err(|e| rejected(e, "a chat completion request"))?;
+    routed(shared, &headers, Kind::Chat, raw).await
 }
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: std::result::Result<Json<CompletionBody>, axum::extract::rejection::JsonRejection>,
+    body: std::result::Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
-    let Json(body) = body.map_err(|e| rejected(e, "a completion request"))?;
-    body.common.check(&shared)?;
-    let vocab = shared.model().file.config().vocab_size as u64;
-    let prompt = match token_prompt(&body.prompt, vocab)? {
-        Some(ids) => ids,
-        None => shared
-            .model()
-            .tokenizer
-            .encode(body.prompt.as_str().unwrap_or_default(), true)
-            .map_err(|e| bad(e.to_string()))?,
+    let Json(raw) = body.map_err(|e| rejected(e, "a completion request"))?;
+    routed(shared, &headers, Kind::Text, raw).await
+}
+
+/// The response header that says who answered: `local` or `upstream`.
+const ROUTE_HEADER: &str = "x-strata-route";
+
+/// Answers a completion request where [`routing`] sends it: `upstream/<name>` to the
+/// upstream as it came; anything else is checked here first (a bad request is ours to
+/// refuse), then runs on the cluster, or overflows when the cluster would refuse it.
+async fn routed(
+    shared: Arc<Shared>,
+    headers: &HeaderMap,
+    kind: Kind,
+    raw: Value,
+) -> std::result::Result<Response, ApiError> {
+    let policy = shared.routing().clone();
+    let private = policy.is_private(
+        headers
+            .get(routing::PRIVATE_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let model = raw.get("model").and_then(Value::as_str);
+    if model.is_some_and(|m| m.starts_with(routing::UPSTREAM_PREFIX)) {
+        return match policy.route(model, private, true) {
+            Ok(Route::Upstream(model, reason)) => {
+                answer_upstream(&shared, kind, raw, model, reason).await
+            }
+            Ok(Route::Local(_)) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "an upstream model was routed to the cluster",
+            )),
+            Err(refusal) => Err(refused_route(refusal)),
+        };
+    }
+    let (prompt, common) = local_request(&shared, kind, &raw)?;
+    let route = policy
+        .route(model, private, shared.serving().is_serving())
+        .map_err(refused_route)?;
+    let reason = match route {
+        Route::Upstream(model, reason) => {
+            return answer_upstream(&shared, kind, raw, model, reason).await
+        }
+        Route::Local(reason) => reason,
     };
-    respond(shared, Kind::Text, prompt, body.common).await
+    match respond(shared.clone(), kind, prompt, common).await {
+        Err(e)
+            if matches!(
+                e.status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            ) =>
+        {
+            match policy.when_refused(private) {
+                Route::Upstream(model, reason) => {
+                    answer_upstream(&shared, kind, raw, model, reason).await
+                }
+                Route::Local(reason) => {
+                    shared.metrics().route("local", reason);
+                    Err(kept_private(e, reason))
+                }
+            }
+        }
+        answer => {
+            shared.metrics().route("local", reason);
+            answer
+        }
+    }
+}
+
+/// A refusal that a private request got where another would have overflowed says so.
+fn kept_private(mut e: ApiError, reason: routing::Reason) -> ApiError {
+    if reason == routing::Reason::Private {
+        e.message
+            .push_str(" (this request is private, so it was not sent to the upstream API)");
+    }
+    e
+}
+
+/// A request that no route takes: 404 without an upstream, 403 when it is private.
+fn refused_route(refusal: routing::Refusal) -> ApiError {
+    let status = match refusal {
+        routing::Refusal::NoUpstream(_) => StatusCode::NOT_FOUND,
+        routing::Refusal::Private(_) => StatusCode::FORBIDDEN,
+    };
+    ApiError::new(status, "invalid_request_error", refusal.to_string())
+}
+
+/// The request as the cluster runs it: its prompt's tokens and its settings, checked.
+fn local_request(
+    shared: &Arc<Shared>,
+    kind: Kind,
+    raw: &Value,
+) -> std::result::Result<(Vec<u32>, Common), ApiError> {
+    match kind {
+        Kind::Chat => {
+            let body: ChatBody = serde_json::from_value(raw.clone()).map_err(|e| {
+                bad(format!(
+                    "the request body is not a chat completion request: {e}"
+                ))
+            })?;
+            body.common.check(shared)?;
+            let messages: Vec<Message> = body
+                .messages
+                .iter()
+                .map(|m| {
+                    let content = match &m.content {
+                        None => String::new(),
+                        Some(Content::Text(t)) => t.clone(),
+                        Some(Content::Parts(parts)) => parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join(""),
+                    };
+                    Message::new(m.role.clone(), content)
+                })
+                .collect();
+            Ok((session::chat_prompt(shared, &messages)?, body.common))
+        }
+        Kind::Text => {
+            let body: CompletionBody = serde_json::from_value(raw.clone())
+                .map_err(|e| bad(format!("the request body is not a completion request: {e}")))?;
+            body.common.check(shared)?;
+            let vocab = shared.model().file.config().vocab_size as u64;
+            let prompt = match token_prompt(&body.prompt, vocab)? {
+                Some(ids) => ids,
+                None => shared
+                    .model()
+                    .tokenizer
+                    .encode(body.prompt.as_str().unwrap_or_default(), true)
+                    .map_err(|e| bad(e.to_string()))?,
+            };
+            Ok((prompt, body.common))
+        }
+    }
+}
+
+/// Has the upstream answer: counted, logged (never with the key) and listed on the
+/// dashboard.
+async fn answer_upstream(
+    shared: &Arc<Shared>,
+    kind: Kind,
+    raw: Value,
+    model: UpstreamModel,
+    reason: routing::Reason,
+) -> std::result::Result<Response, ApiError> {
+    let Some(upstream) = shared.upstream() else {
+        return Err(ApiError::unavailable("no upstream API is configured"));
+    };
+    let model = match model {
+        UpstreamModel::Named(name) => name,
+        UpstreamModel::Overflow => upstream.overflow_model(&shared.model().name).await?,
+    };
+    shared.metrics().route("upstream", reason);
+    let started = Instant::now();
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let id = session::request_id();
+    let path = match kind {
+        Kind::Chat => "chat/completions",
+        Kind::Text => "completions",
+    };
+    tracing::info!(id = %id, route = "upstream", reason = reason.label(), upstream = %upstream.host(), model = %model, "routed");
+    let answer = upstream.forward(path, raw, &model).await;
+    let outcome = match &answer {
+        Ok(r) => format!("upstream {}", r.status().as_u16()),
+        Err(e) => format!("upstream {}", e.status.as_u16()),
+    };
+    shared.metrics().answered_upstream(RequestRecord {
+        id,
+        started_unix_ms,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        time_to_first_token_ms: started.elapsed().as_secs_f64() * 1000.0,
+        tokens_per_second: 0.0,
+        outcome,
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
+        passes: 0,
+        route: "upstream",
+    });
+    let mut response = answer?;
+    response
+        .headers_mut()
+        .insert(ROUTE_HEADER, HeaderValue::from_static("upstream"));
+    Ok(response)
 }
 
 /// A completion's prompt given as token ids, each checked against the vocabulary; None
@@ -702,10 +867,21 @@ async fn models(
     headers: HeaderMap,
 ) -> std::result::Result<Response, ApiError> {
     check_key(&shared, &headers)?;
-    Ok(Json(json!({"object": "list", "data": [
-        {"id": shared.model().name, "object": "model", "created": 0, "owned_by": "strata"}
-    ]}))
-    .into_response())
+    let mut data = vec![
+        json!({"id": shared.model().name, "object": "model", "created": 0, "owned_by": "strata"}),
+    ];
+    // Under --private-only nothing goes upstream, so its models are not offered.
+    if let Some(upstream) = shared.upstream().filter(|_| !shared.routing().private_only) {
+        match upstream.models().await {
+            Ok(models) => data.extend(models.into_iter().map(|m| {
+                json!({"id": format!("{}{m}", routing::UPSTREAM_PREFIX), "object": "model",
+                       "created": 0, "owned_by": "upstream"})
+            })),
+            // The cluster's own model is still served: list it, and say why the rest is missing.
+            Err(e) => tracing::warn!(cause = %e, "listing the upstream's models"),
+        }
+    }
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
@@ -833,6 +1009,8 @@ async fn cluster(
         "workers": workers,
         "stages": stages,
         "generated_tokens_total": m.generated_tokens.get(),
+        "routed": {"local": m.routed_totals().0, "upstream": m.routed_totals().1},
+        "upstream": shared.upstream().map(|u| u.describe()),
         "prompt_tokens_total": m.prompt_tokens.get(),
         "recent_requests": m.recent(),
         "now_unix_ms": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

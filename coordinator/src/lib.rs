@@ -17,6 +17,9 @@
 //! - `http`: the OpenAI-compatible HTTP API, `/metrics` and the dashboard at `/`;
 //!   `ollama`: Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`, ...) on the same
 //!   port, for the tools written against Ollama;
+//! - `routing` (pure) and `upstream`: the hybrid route, which sends `upstream/<name>`
+//!   requests, and with `--overflow upstream` those the cluster would refuse, to an
+//!   OpenAI-compatible API elsewhere, and keeps private requests on the LAN;
 //! - `metrics`: the Prometheus metrics and the recent-requests list;
 //! - `operator`: the guard that lets only signed cluster changes (drain, remove) through.
 //!
@@ -27,7 +30,8 @@
 //! services generic gRPC clients expect), `mdns-sd` (browsing and announcing), `quinn`
 //! via `strata-net`'s transport, `axum` (the HTTP API), `prometheus` (see `metrics`), `sha2` (the
 //! model's content digest), `subtle` (comparing API keys in constant time), `humantime`
-//! (the RFC 3339 dates of Ollama's replies).
+//! (the RFC 3339 dates of Ollama's replies), `reqwest` (the upstream's client: HTTPS with
+//! the system's roots and streamed bodies, on the hyper and rustls already in the tree).
 //!
 //! Choices where the design was silent:
 //! - workers join the coordinator (found by mDNS or named with `--coordinator`); the
@@ -60,11 +64,13 @@ pub mod planner;
 pub mod profile;
 mod reconcile;
 pub mod registry;
+mod routing;
 pub mod sequence;
 mod serving;
 mod session;
 mod shared;
 mod slices;
+mod upstream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -86,6 +92,7 @@ pub use http::check_request_body;
 use planner::{ModelProfile, PlanOptions};
 pub use sequence::DraftPolicy;
 use shared::{Parts, Shared};
+pub use upstream::{Secret, UpstreamConfig};
 
 /// How the coordinator runs. Built by the CLI.
 #[derive(Debug, Clone)]
@@ -134,6 +141,10 @@ pub struct CoordinatorConfig {
     pub draft: Draft,
     /// How many drafts a step carries.
     pub draft_policy: DraftPolicy,
+    /// The hybrid route's upstream OpenAI-compatible API (default none).
+    pub upstream: Option<UpstreamConfig>,
+    /// Every request is private: none is sent upstream (default false).
+    pub private_only: bool,
 }
 
 /// Where speculative decoding's drafts come from.
@@ -220,6 +231,8 @@ impl CoordinatorConfig {
             cert_lifetime: strata_net::identity::CERT_LIFETIME,
             draft: Draft::None,
             draft_policy: DraftPolicy::default(),
+            upstream: None,
+            private_only: false,
         }
     }
 }
@@ -328,6 +341,20 @@ pub async fn run(
     let data_port = socket.local_addr()?.port();
     let endpoint = strata_net::transport::endpoint(socket, &identity)?;
     let api_addr = listener.local_addr()?;
+    let upstream = match &config.upstream {
+        Some(u) => {
+            let upstream = upstream::Upstream::new(u.clone())?;
+            info!(
+                upstream = %upstream.describe(),
+                overflow = u.overflow,
+                private_only = config.private_only,
+                "hybrid route: `upstream/<model>` requests{} go to the upstream",
+                if u.overflow { ", and those the cluster would refuse," } else { "" }
+            );
+            Some(upstream)
+        }
+        None => None,
+    };
     let (outbox, outbox_rx) = tokio::sync::mpsc::channel(session::OUTBOX_QUEUE);
     let shared = Arc::new(Shared::new(Parts {
         config,
@@ -339,6 +366,7 @@ pub async fn run(
         outbox,
         cancel: shutdown.clone(),
         challenge_seed: random_seed()?,
+        upstream,
     }));
     let tracker = TaskTracker::new();
     let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(session::TOKEN_QUEUE);

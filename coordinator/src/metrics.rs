@@ -42,6 +42,9 @@ pub struct RequestRecord {
     pub accepted_draft_tokens: usize,
     /// Passes through the pipeline that gave tokens.
     pub passes: usize,
+    /// Who answered: `local` (the cluster) or `upstream` (the hybrid route's API; its
+    /// token counts are not known here, and its outcome is its HTTP status).
+    pub route: &'static str,
 }
 
 /// The coordinator's metrics.
@@ -94,6 +97,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// KV positions reserved by running requests, and the positions each stage holds.
     pub kv_positions: IntGaugeVec,
+    /// HTTP completion requests by who answered them (local, upstream) and why.
+    pub routed: IntCounterVec,
     recent: Mutex<VecDeque<RequestRecord>>,
 }
 
@@ -313,8 +318,19 @@ impl Metrics {
                 &["kind"],
             ),
         );
+        let routed = add(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "strata_routed_requests_total",
+                    "HTTP completion requests by where they were answered: route local (the cluster) or upstream (the hybrid route's API, off the LAN); reason model (the model asked for), overflow (the cluster would have refused it) or private (it would have overflowed, and stayed)",
+                ),
+                &["route", "reason"],
+            ),
+        );
         Metrics {
             registry,
+            routed,
             refused,
             queue_depth,
             kv_positions,
@@ -349,6 +365,38 @@ impl Metrics {
         self.accepted_draft_tokens
             .inc_by(record.accepted_draft_tokens as u64);
         self.passes.inc_by(record.passes as u64);
+        self.remember(record);
+    }
+
+    /// Counts a request routed to `route` for `reason`.
+    pub fn route(&self, route: &'static str, reason: crate::routing::Reason) {
+        self.routed
+            .with_label_values(&[route, reason.label()])
+            .inc();
+    }
+
+    /// Requests answered by each route, for the dashboard: (local, upstream).
+    pub fn routed_totals(&self) -> (u64, u64) {
+        let sum = |route: &str| {
+            [
+                crate::routing::Reason::Model,
+                crate::routing::Reason::Overflow,
+                crate::routing::Reason::Private,
+            ]
+            .iter()
+            .map(|r| self.routed.with_label_values(&[route, r.label()]).get())
+            .sum()
+        };
+        (sum("local"), sum("upstream"))
+    }
+
+    /// Lists a request the upstream answered among the recent ones (it is counted in
+    /// `routed`, not in the cluster's request outcomes).
+    pub fn answered_upstream(&self, record: RequestRecord) {
+        self.remember(record);
+    }
+
+    fn remember(&self, record: RequestRecord) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
@@ -405,7 +453,9 @@ mod tests {
             draft_tokens: 4,
             accepted_draft_tokens: 1,
             passes: 2,
+            route: "local",
         });
+        m.route("upstream", crate::routing::Reason::Overflow);
         let text = m.render();
         for line in [
             "strata_prompt_tokens_total 7",
@@ -414,6 +464,7 @@ mod tests {
             "strata_draft_tokens_total 4",
             "strata_draft_tokens_accepted_total 1",
             "strata_decode_passes_total 2",
+            "strata_routed_requests_total{reason=\"overflow\",route=\"upstream\"} 1",
             "strata_stage_compute_seconds_total{worker=\"w1\"} 1.5",
             "strata_workers{state=\"ready\"} 3",
             "strata_time_to_first_token_seconds_count 1",
@@ -425,6 +476,7 @@ mod tests {
             );
         }
         assert_eq!(m.recent()[0].id, "req-1");
+        assert_eq!(m.routed_totals(), (0, 1));
     }
 
     #[test]

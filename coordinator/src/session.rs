@@ -1051,6 +1051,7 @@ impl Session {
             draft_tokens: usage.draft_tokens,
             accepted_draft_tokens: usage.accepted_draft_tokens,
             passes: usage.passes,
+            route: "local",
         });
     }
 }

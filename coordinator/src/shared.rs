@@ -14,8 +14,10 @@ use crate::challenge::{ChallengeRefusal, Challenges};
 use crate::metrics::Metrics;
 use crate::operator::{Guard, Refusal};
 use crate::registry::Registry;
+use crate::routing::RoutingPolicy;
 use crate::serving::ServingState;
 use crate::session::{Outbound, Sessions};
+use crate::upstream::Upstream;
 use crate::{CoordinatorConfig, ServedModel};
 
 /// State shared by every task of the coordinator.
@@ -38,6 +40,8 @@ pub struct Shared {
     operator: Mutex<Guard>,
     challenges: Mutex<Challenges>,
     token_senders: Mutex<TokenSenders>,
+    upstream: Option<Upstream>,
+    routing: RoutingPolicy,
 }
 
 /// The parts [`Shared::new`] is built from.
@@ -60,6 +64,8 @@ pub struct Parts {
     pub cancel: CancellationToken,
     /// 32 random bytes: the key of this process's join challenges.
     pub challenge_seed: [u8; 32],
+    /// The hybrid route's upstream API, when configured.
+    pub upstream: Option<Upstream>,
 }
 
 impl Shared {
@@ -72,7 +78,14 @@ impl Shared {
             p.config.max_queue,
         );
         let operator = Mutex::new(Guard::new(p.ca.token().operator_key()));
+        let routing = RoutingPolicy {
+            upstream: p.upstream.is_some(),
+            overflow: p.config.upstream.as_ref().is_some_and(|u| u.overflow),
+            private_only: p.config.private_only,
+        };
         Shared {
+            upstream: p.upstream,
+            routing,
             operator,
             challenges: Mutex::new(Challenges::new(p.challenge_seed)),
             token_senders: Mutex::new(TokenSenders::default()),
@@ -92,6 +105,16 @@ impl Shared {
             cancel: p.cancel,
             metrics: Metrics::new(),
         }
+    }
+
+    /// The hybrid route's upstream API, when configured.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_ref()
+    }
+
+    /// Where requests may go.
+    pub fn routing(&self) -> &RoutingPolicy {
+        &self.routing
     }
 
     /// The config.

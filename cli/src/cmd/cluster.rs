@@ -94,8 +94,30 @@ pub struct ServeArgs {
     state_dir: Option<PathBuf>,
     /// Require `authorization: Bearer <key>` on the public API (everything but `/health`
     /// and the dashboard page, `/metrics` included unless --open-metrics).
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The hybrid route: an OpenAI-compatible API elsewhere (its base URL, such as
+    /// https://api.openai.com/v1). `/v1/models` lists its models as `upstream/<name>`, and
+    /// requests for those are passed to it, streamed as it streams.
+    #[arg(long, env = "STRATA_UPSTREAM")]
+    upstream: Option<String>,
+    /// The upstream's API key: sent to it only, never logged. Prefer the environment
+    /// (STRATA_UPSTREAM_KEY) to the command line, which other users can see.
+    #[arg(long, env = "STRATA_UPSTREAM_KEY", hide_env_values = true)]
+    upstream_key: Option<String>,
+    /// What becomes of a request the cluster would refuse (429 when its queue is full, 503
+    /// while it does not serve): `refuse` it, or send it to the `upstream`. A private
+    /// request is never sent: it waits for the cluster or is refused.
+    #[arg(long, default_value = "refuse", value_parser = ["refuse", "upstream"])]
+    overflow: String,
+    /// The upstream model that overflowing requests ask for (default: one named like the
+    /// cluster's model, else the upstream's only model).
+    #[arg(long)]
+    overflow_model: Option<String>,
+    /// Keep every request on the LAN, as if each carried `x-strata-private: 1`: none is
+    /// sent upstream, and upstream models are neither listed nor served.
+    #[arg(long, env = "STRATA_PRIVATE_ONLY")]
+    private_only: bool,
     /// Serve `/metrics` without the API key, for a scraper that cannot send one.
     #[arg(long)]
     open_metrics: bool,
@@ -164,6 +186,28 @@ pub struct ServeArgs {
     draft: super::generate::DraftArgs,
 }
 
+/// The hybrid route from `serve`'s flags.
+fn upstream_config(a: &ServeArgs) -> anyhow::Result<Option<strata_coordinator::UpstreamConfig>> {
+    let overflow = a.overflow == "upstream";
+    // An empty value (STRATA_UPSTREAM= in a unit file) means none, as for the API key.
+    let Some(url) = a.upstream.clone().filter(|u| !u.is_empty()) else {
+        if overflow {
+            bail!("--overflow upstream needs --upstream URL (an OpenAI-compatible API to overflow to)");
+        }
+        return Ok(None);
+    };
+    Ok(Some(strata_coordinator::UpstreamConfig {
+        url,
+        key: a
+            .upstream_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .map(strata_coordinator::Secret::new),
+        overflow,
+        overflow_model: a.overflow_model.clone(),
+    }))
+}
+
 /// The planner's knobs from `serve`'s flags.
 fn serve_plan_options(a: &ServeArgs, dtype: strata_model::WireType) -> anyhow::Result<PlanOptions> {
     Ok(PlanOptions {
@@ -221,6 +265,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.client_timeout = a.client_timeout;
     config.draft = a.draft.source();
     config.draft_policy = a.draft.policy();
+    config.upstream = upstream_config(&a)?;
+    config.private_only = a.private_only;
     if a.cert_lifetime < std::time::Duration::from_secs(2)
         || a.cert_lifetime > std::time::Duration::from_secs(3650 * 24 * 3600)
     {

@@ -8,6 +8,7 @@ use std::process::Command;
 
 pub mod attacker;
 pub mod cluster;
+pub mod http;
 
 use candle_core::Device;
 use strata_model::{GenerateRequest, LocalPipeline, ModelFile};
