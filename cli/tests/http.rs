@@ -2,7 +2,8 @@
 //! it: models, chat and text completions whole and streamed (SSE ending in `[DONE]`),
 //! OpenAI-shaped errors with their status codes, `/health`, logprobs, `/metrics`, a client
 //! that hangs up mid-stream, the dashboard in headless Chromium, and the official `openai`
-//! Python client; and Ollama's API on the same port, with the official `ollama` client.
+//! Python client; Ollama's API on the same port, with the official `ollama` client; and
+//! (opt-in, STRATA_TEST_OPENWEBUI=1) Open WebUI chatting with `strata demo` in headless Chromium.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
@@ -892,4 +893,40 @@ fn a_client_that_stops_reading_gives_its_room_to_others_and_resumes_when_it_read
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Open WebUI (PyPI `open-webui`), the chat front end, against `strata demo`: its API lists
+/// the demo model, and in headless Chromium a chat streams its answer into the page, which
+/// is saved as target/tmp/openwebui.png (tests/openwebui/check.py, which also says how to
+/// install what it needs). Open WebUI is a multi-GB install and takes a minute to start, so
+/// this runs only with STRATA_TEST_OPENWEBUI=1, with the Python that has `open-webui` and
+/// `playwright` in STRATA_OPENWEBUI_PYTHON (default `python3`).
+#[test]
+fn open_webui_lists_the_model_and_streams_a_chat() {
+    if std::env::var("STRATA_TEST_OPENWEBUI").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED: Open WebUI runs only with STRATA_TEST_OPENWEBUI=1 (see tests/openwebui/check.py)"
+        );
+        return;
+    }
+    let python = std::env::var("STRATA_OPENWEBUI_PYTHON").unwrap_or_else(|_| "python3".into());
+    let screenshot = concat!(env!("CARGO_TARGET_TMPDIR"), "/openwebui.png");
+    let out = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/openwebui/check.py"
+        ))
+        .args(["--strata", env!("CARGO_BIN_EXE_strata")])
+        .args(["--screenshot", screenshot])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the Open WebUI checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    println!("screenshot: {screenshot}");
 }
