@@ -157,6 +157,7 @@ fn frame() {
             reserve: 40,
             partial: true,
             draft: 0,
+            energy_uj: Some(10),
         }],
         activations: Some(strata_net::frame::Activations {
             wire: strata_model::WireType::F32,

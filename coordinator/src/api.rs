@@ -111,9 +111,18 @@ impl Api {
         let (tx, rx) = mpsc::channel(RELAY_QUEUE);
         let (id, seed) = (answer.id, answer.seed);
         let mut deltas = answer.deltas;
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             while let Some(d) = deltas.recv().await {
-                let msg = d.map(|d| response(&id, seed, d)).map_err(Status::from);
+                let msg = d
+                    .map(|d| {
+                        let mut r = response(&id, seed, d);
+                        if let Some(u) = r.usage.as_mut().filter(|u| u.energy_joules.is_none()) {
+                            u.energy_note = energy_note(&shared);
+                        }
+                        r
+                    })
+                    .map_err(Status::from);
                 if tx.send(msg).await.is_err() {
                     return;
                 }
@@ -132,6 +141,34 @@ impl Api {
         Ok(())
     }
 }
+
+/// Why an answer's energy is not known: the workers of the plan in force that have no
+/// energy counter, and what each said.
+pub(crate) fn energy_note(shared: &Shared) -> String {
+    let registry = shared.registry();
+    let planned: Vec<String> = shared
+        .serving()
+        .pipeline()
+        .map(|p| p.plan.stages.iter().map(|s| s.worker.clone()).collect())
+        .unwrap_or_default();
+    let missing: Vec<String> = planned
+        .iter()
+        .filter_map(|id| {
+            let meter = &registry.workers.get(id)?.profile.energy_meter;
+            let why = meter.strip_prefix(NO_ENERGY_METER)?;
+            Some(format!("{id}{why}"))
+        })
+        .collect();
+    if missing.is_empty() {
+        "not available: a stage did not report its energy".into()
+    } else {
+        format!("not available on {}", missing.join("; "))
+    }
+}
+
+/// What a worker's meter description starts with when it has no counter
+/// (`WorkerInfo.energy_meter`, written by the worker's `energy` module).
+const NO_ENERGY_METER: &str = "not available";
 
 /// Streamed responses waiting for a slow client.
 const RELAY_QUEUE: usize = 16;
@@ -154,6 +191,8 @@ fn response(id: &str, seed: u64, d: Delta) -> GenerateResponse {
                 draft_tokens: u.draft_tokens as u32,
                 accepted_draft_tokens: u.accepted_draft_tokens as u32,
                 passes: u.passes as u32,
+                energy_joules: u.energy_joules,
+                energy_note: String::new(),
             }),
         ),
         None => (0, None),
@@ -253,6 +292,7 @@ fn worker_row(w: &Worker) -> WorkerStatus {
             control_port: u32::from(w.control_addr.port()),
             version: p.version.clone(),
             protocol_version: strata_proto::PROTOCOL_VERSION,
+            energy_meter: p.energy_meter.clone(),
             key_fingerprint: p.key_fingerprint.clone(),
             addresses: p.addresses.clone(),
         }),

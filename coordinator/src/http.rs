@@ -300,8 +300,16 @@ fn finish_name(d: &Delta) -> Option<&'static str> {
 
 fn usage_json(d: &Delta) -> Value {
     let u = d.finish.map(|(_, u)| u).unwrap_or_default();
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-           "total_tokens": u.prompt_tokens + u.completion_tokens})
+    let mut usage = json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens});
+    // Strata's own fields, beside OpenAI's, only where every stage measured its energy.
+    if let Some(joules) = u.energy_joules {
+        usage["energy_joules"] = json!(joules);
+        if u.completion_tokens > 0 {
+            usage["joules_per_token"] = json!(joules / u.completion_tokens as f64);
+        }
+    }
+    usage
 }
 
 /// Writes log-probabilities in the shape each endpoint uses: chat's
@@ -799,6 +807,7 @@ async fn answer_upstream(
         accepted_draft_tokens: 0,
         passes: 0,
         route: "upstream",
+        joules: None,
     });
     let mut response = answer?;
     response
@@ -976,7 +985,7 @@ async fn cluster(
                 "speed_bytes_per_second": info.speed_bytes_per_second,
                 "sequences": w.sequences, "last_seen_ms": w.last_seen_ms,
                 "compute_seconds": w.compute_seconds, "network_seconds": w.network_seconds,
-                "forwards": w.forwards, "detail": w.detail,
+                "forwards": w.forwards, "detail": w.detail, "energy_meter": info.energy_meter,
             })
         })
         .collect();
@@ -1010,6 +1019,8 @@ async fn cluster(
         "stages": stages,
         "generated_tokens_total": m.generated_tokens.get(),
         "routed": {"local": m.routed_totals().0, "upstream": m.routed_totals().1},
+        "energy_joules_total": m.energy_joules.get(),
+        "energy_tokens_total": m.energy_tokens.get(),
         "upstream": shared.upstream().map(|u| u.describe()),
         "prompt_tokens_total": m.prompt_tokens.get(),
         "recent_requests": m.recent(),

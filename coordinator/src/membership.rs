@@ -179,6 +179,7 @@ fn register(
         version: info.version,
         key_fingerprint: fingerprint,
         addresses: info.addresses,
+        energy_meter: info.energy_meter,
     };
     info!(
         id = %id,

@@ -68,6 +68,8 @@ pub struct WorkerProfile {
     pub key_fingerprint: String,
     /// Addresses it said it can be reached at.
     pub addresses: Vec<String>,
+    /// Its energy counter, or "not available: <why>".
+    pub energy_meter: String,
 }
 
 /// Where a worker stands.

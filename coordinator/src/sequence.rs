@@ -94,6 +94,9 @@ pub struct Usage {
     pub accepted_draft_tokens: usize,
     /// Passes through the pipeline that gave tokens (the prompt's last, then each step).
     pub passes: usize,
+    /// Joules the stages spent on it, from their energy counters; None when a stage has
+    /// none (the session fills it in: the core does not see energy).
+    pub energy_joules: Option<f64>,
 }
 
 impl Usage {
@@ -529,6 +532,7 @@ impl SequenceCore {
             draft_tokens: self.drafting.as_ref().map_or(0, |d| d.drafted),
             accepted_draft_tokens: self.drafting.as_ref().map_or(0, |d| d.accepted),
             passes: self.passes,
+            energy_joules: None,
         }
     }
 
@@ -610,6 +614,8 @@ impl SequenceCore {
                 reserve: self.reserve(),
                 partial: end < self.history.len(),
                 draft,
+                // Each stage adds what it spent on these positions.
+                energy_uj: Some(0),
             },
         }]
     }

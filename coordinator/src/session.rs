@@ -82,6 +82,33 @@ struct Entry {
     tx: mpsc::Sender<News>,
     /// The pipeline its step in flight runs on.
     pipeline: Option<Arc<Pipeline>>,
+    /// What its steps cost so far.
+    energy: EnergyTally,
+}
+
+/// What a sequence's steps cost, as the last stage reported them: every run's, since a
+/// replayed step was spent too.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EnergyTally {
+    microjoules: u64,
+    steps: u32,
+    unmeasured: u32,
+}
+
+impl EnergyTally {
+    /// Adds one step's cost (None: a stage had no counter).
+    pub fn add(&mut self, microjoules: Option<u64>) {
+        self.steps += 1;
+        match microjoules {
+            Some(uj) => self.microjoules = self.microjoules.saturating_add(uj),
+            None => self.unmeasured += 1,
+        }
+    }
+
+    /// Joules in all; None when any step went unmeasured, or none was reported.
+    pub fn joules(&self) -> Option<f64> {
+        (self.steps > 0 && self.unmeasured == 0).then(|| self.microjoules as f64 / 1e6)
+    }
 }
 
 /// 64 random bits; from the clock and a counter in the unlikely case the system has no
@@ -131,7 +158,14 @@ impl Sessions {
         loop {
             let id = random_id();
             if id != 0 && !map.contains_key(&id) {
-                map.insert(id, Entry { tx, pipeline: None });
+                map.insert(
+                    id,
+                    Entry {
+                        tx,
+                        pipeline: None,
+                        energy: EnergyTally::default(),
+                    },
+                );
                 return id;
             }
         }
@@ -148,6 +182,18 @@ impl Sessions {
         if let Some(e) = self.lock().get_mut(&id) {
             e.pipeline = None;
         }
+    }
+
+    /// Adds a step's cost to its sequence's tally.
+    fn add_energy(&self, id: SeqId, microjoules: Option<u64>) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.energy.add(microjoules);
+        }
+    }
+
+    /// What a sequence's steps cost so far.
+    fn energy(&self, id: SeqId) -> EnergyTally {
+        self.lock().get(&id).map(|e| e.energy).unwrap_or_default()
     }
 
     fn remove(&self, id: SeqId) {
@@ -231,11 +277,17 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
             prefilled,
             freed,
             failures,
+            energy,
         } = frame
         else {
             warn!("the coordinator got a frame that is not tokens; ignored");
             continue;
         };
+        // Before the tokens: a session that finishes on one of them reports what its
+        // steps cost, this one's included.
+        for step in energy {
+            shared.sessions().add_energy(step.seq, step.energy_uj);
+        }
         for sampled in tokens {
             shared
                 .sessions()
@@ -989,7 +1041,10 @@ impl Session {
                     );
                 }
             }
-            Action::Deliver(delta) => {
+            Action::Deliver(mut delta) => {
+                if let Some((_, usage)) = &mut delta.finish {
+                    usage.energy_joules = self.shared.sessions().energy(self.core.id()).joules();
+                }
                 let m = self.shared.metrics();
                 m.generated_tokens.inc();
                 let now = Instant::now();
@@ -1031,6 +1086,7 @@ impl Session {
     fn record(&self) {
         let shared = &self.shared;
         let usage = self.core.usage(Instant::now());
+        let joules = self.shared.sessions().energy(self.core.id()).joules();
         let outcome = match self.core.outcome() {
             Some(Outcome::Finished(FinishReason::Stop)) => "stop",
             Some(Outcome::Finished(_)) => "length",
@@ -1052,6 +1108,7 @@ impl Session {
             accepted_draft_tokens: usage.accepted_draft_tokens,
             passes: usage.passes,
             route: "local",
+            joules,
         });
     }
 }

@@ -521,6 +521,8 @@ impl Sim {
             failures,
             // The simulated coordinator has no reservations to give back.
             freed: _,
+            // Energy is charged by a stage's compute thread, which is not simulated.
+            energy: _,
         } = frame
         else {
             panic!("the coordinator got a frame that is not tokens");

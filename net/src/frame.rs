@@ -58,6 +58,20 @@ pub struct Step {
     /// last stage returns the drafts it would have sampled itself, in order, and the token
     /// after the last of them. Never the whole step, and never on a partial one.
     pub draft: u32,
+    /// Microjoules the stages before spent on these positions; None once one of them had
+    /// no energy counter. The coordinator starts it at `Some(0)`.
+    pub energy_uj: Option<u64>,
+}
+
+/// What one step of a sequence cost every stage, as the last stage reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepEnergy {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The run of the sequence.
+    pub attempt: u32,
+    /// Microjoules over every stage; None when a stage had no energy counter.
+    pub energy_uj: Option<u64>,
 }
 
 /// A piece of a prompt the last stage has cached ([`Step::partial`]).
@@ -151,6 +165,8 @@ pub enum Frame {
         freed: Vec<SeqId>,
         /// Sequences that failed.
         failures: Vec<SeqFailure>,
+        /// What each step of the batch cost.
+        energy: Vec<StepEnergy>,
     },
     /// Drop these sequences' caches (travels down the whole pipeline).
     Free {
@@ -222,6 +238,7 @@ impl Frame {
                 prefilled,
                 freed,
                 failures,
+                energy,
                 ..
             } => (
                 FrameHeader {
@@ -237,6 +254,14 @@ impl Frame {
                         })
                         .collect(),
                     errors: failures.iter().map(sequence_error).collect(),
+                    energy: energy
+                        .iter()
+                        .map(|e| strata_proto::v1::StepEnergy {
+                            sequence: e.seq,
+                            attempt: e.attempt,
+                            energy_uj: e.energy_uj,
+                        })
+                        .collect(),
                     ..base
                 },
                 &[],
@@ -291,6 +316,15 @@ impl Frame {
                     .collect(),
                 freed: h.freed,
                 failures,
+                energy: h
+                    .energy
+                    .into_iter()
+                    .map(|e| StepEnergy {
+                        seq: e.sequence,
+                        attempt: e.attempt,
+                        energy_uj: e.energy_uj,
+                    })
+                    .collect(),
             },
             Ok(FrameKind::Free) => Frame::Free {
                 epoch: h.epoch,
@@ -351,6 +385,7 @@ pub fn refusal(header_bytes: &[u8], reason: &str) -> Option<Frame> {
             prefilled: Vec::new(),
             freed: Vec::new(),
             failures,
+            energy: Vec::new(),
         },
         _ => Frame::Forward {
             epoch: h.epoch,
@@ -425,6 +460,7 @@ fn validate(h: &FrameHeader) -> Result<(), String> {
                 || h.free.len() > MAX_CHUNKS
                 || h.prefilled.len() > MAX_CHUNKS
                 || h.freed.len() > MAX_CHUNKS
+                || h.energy.len() > MAX_CHUNKS
             {
                 return Err("too many entries".into());
             }
@@ -531,6 +567,7 @@ fn chunk(s: &Step) -> FrameChunk {
         reserve: s.reserve,
         partial: s.partial,
         draft: s.draft,
+        energy_uj: s.energy_uj,
     }
 }
 
@@ -547,6 +584,7 @@ fn step(c: FrameChunk) -> Step {
         reserve: c.reserve,
         partial: c.partial,
         draft: c.draft,
+        energy_uj: c.energy_uj,
     }
 }
 
@@ -663,6 +701,7 @@ mod tests {
                 reserve: 300,
                 partial: true,
                 draft: 0,
+                energy_uj: Some(1_234),
             }],
             activations: Some(Activations {
                 wire,
@@ -700,6 +739,18 @@ mod tests {
                 }],
                 freed: vec![4, 5],
                 failures: Vec::new(),
+                energy: vec![
+                    StepEnergy {
+                        seq: 7,
+                        attempt: 3,
+                        energy_uj: Some(52_000),
+                    },
+                    StepEnergy {
+                        seq: 8,
+                        attempt: 0,
+                        energy_uj: None,
+                    },
+                ],
             },
             Frame::Free {
                 epoch: 4,

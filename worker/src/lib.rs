@@ -10,7 +10,8 @@
 //!   predecessor in its epoch);
 //! - `join` and `session`: finding and joining the coordinator, and one joined session
 //!   (QUIC endpoint, control server) until the coordinator goes silent;
-//! - [`speed`]: what the worker measures about its machine;
+//! - [`speed`]: what the worker measures about its machine; [`energy`]: its energy
+//!   counters (RAPL through powercap, powermetrics, NVML), read around each batch;
 //! - [`run`]: join a cluster and serve until cancelled.
 //!
 //! Identity, the QUIC transport, frames and discovery are `strata-net`'s, shared with the
@@ -19,7 +20,9 @@
 //! It never plans, never tokenizes, and never talks to clients: that is the coordinator's.
 //!
 //! Dependencies, and why: `strata-net` (identity, QUIC, frames, mDNS); `tonic` (the
-//! control service, mutual TLS); `candle-core` (the device a slice runs on).
+//! control service, mutual TLS); `candle-core` (the device a slice runs on); `plist`
+//! (powermetrics' samples on macOS); `nvml-wrapper` with the `nvml` feature (NVIDIA's
+//! energy counters, loaded at run time).
 //!
 //! Choices where the design was silent: a worker's id defaults to its host name (the
 //! coordinator adds `-2`, `-3` when taken); it keeps the bytes of its slices on disk in
@@ -30,6 +33,7 @@
 
 pub mod cache;
 pub mod control;
+pub mod energy;
 pub mod error;
 mod join;
 pub mod senders;
@@ -79,6 +83,8 @@ pub struct WorkerConfig {
     /// How long a worker cut off from its coordinator keeps its slice in memory (default
     /// 10 s); back within it, the slice serves again at once. Its bytes stay on disk.
     pub grace: Duration,
+    /// Where the RAPL energy counters are (default `/sys/class/powercap`).
+    pub powercap_root: PathBuf,
 }
 
 impl WorkerConfig {
@@ -97,6 +103,7 @@ impl WorkerConfig {
             mdns: true,
             speed: None,
             grace: Duration::from_secs(10),
+            powercap_root: PathBuf::from("/sys/class/powercap"),
         }
     }
 }
@@ -172,8 +179,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
                 ))
             })?,
         };
+        let meter = energy::EnergyMeter::open(&config.powercap_root, !device.is_cpu());
+        info!(energy = %meter.describe(), "energy per step");
+        let meter = std::sync::Arc::new(meter);
         let machine = session::Machine {
-            stage: stage::StageHandle::spawn(requested_id.clone())?,
+            energy: meter.describe().to_string(),
+            stage: stage::StageHandle::spawn(requested_id.clone(), meter)?,
             cache: cache::SliceCache::open(&cache_dir)?,
             device,
             budget,

@@ -62,6 +62,8 @@ pub struct Machine {
     pub hostname: String,
     /// The id it asks for.
     pub requested_id: String,
+    /// Its energy counter, or "not available: <why>".
+    pub energy: String,
 }
 
 /// Sockets bound once, reused by every session.
@@ -122,6 +124,7 @@ pub async fn serve(config: &WorkerConfig, m: &Machine, shutdown: CancellationTok
             protocol_version: PROTOCOL_VERSION,
             key_fingerprint: key.fingerprint(),
             addresses: Vec::new(),
+            energy_meter: m.energy.clone(),
         };
         let _announcement = config.mdns.then(|| announce(config, &info)).flatten();
         let joined = tokio::select! {

@@ -368,6 +368,14 @@ pub struct WorkerArgs {
     /// Use this speed (bytes/s) instead of measuring it.
     #[arg(long, hide = true)]
     speed: Option<f64>,
+    /// Where the RAPL energy counters are (for a recorded tree in tests).
+    #[arg(
+        long,
+        hide = true,
+        env = "STRATA_POWERCAP_ROOT",
+        default_value = "/sys/class/powercap"
+    )]
+    powercap_root: PathBuf,
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
@@ -388,6 +396,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     w.data_port = a.data_port;
     w.cache_dir = a.cache_dir;
     w.grace = a.grace;
+    w.powercap_root = a.powercap_root.clone();
     w.mdns = !a.no_mdns;
     w.speed = a.speed;
     let rt = runtime()?;
@@ -899,7 +908,7 @@ fn status_json(s: &strata_proto::v1::StatusResponse) -> serde_json::Value {
                 "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
                 "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
                 "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
-                "bytes_received": w.bytes_received,
+                "bytes_received": w.bytes_received, "energy_meter": info.energy_meter,
             })
         })
         .collect();
@@ -977,6 +986,12 @@ fn print_status(s: &strata_proto::v1::StatusResponse) {
             format!("{:.1}s", w.last_seen_ms as f64 / 1e3),
             w.detail
         );
+    }
+    for w in &s.workers {
+        let info = w.info.clone().unwrap_or_default();
+        if !info.energy_meter.is_empty() {
+            println!("energy on {}: {}", info.id, info.energy_meter);
+        }
     }
     print_links(&s.links);
     if let Some(p) = &s.plan {

@@ -420,6 +420,9 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
                     "tokens_per_pass": if usage.passes > 0 {
                         f64::from(usage.completion_tokens) / f64::from(usage.passes)
                     } else { 0.0 },
+                    "energy_joules": usage.energy_joules,
+                    "joules_per_token": joules_per_token(&usage),
+                    "energy": energy_text(&usage),
                 }
             });
             println!("{}", serde_json::to_string_pretty(&json)?);
@@ -436,10 +439,29 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
                 String::new()
             };
             eprintln!(
-                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster{drafts}, finish: {finish}]",
-                usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second
+                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster{drafts}, energy: {}, finish: {finish}]",
+                usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second,
+                energy_text(&usage)
             );
         }
         Ok(())
     })
+}
+
+/// Joules per generated token (the prompt's cost included), when every stage measured it.
+fn joules_per_token(usage: &strata_proto::v1::Usage) -> Option<f64> {
+    usage
+        .energy_joules
+        .filter(|_| usage.completion_tokens > 0)
+        .map(|j| j / f64::from(usage.completion_tokens))
+}
+
+/// `3.2 J, 0.025 J/token`, or why it is not known.
+fn energy_text(usage: &strata_proto::v1::Usage) -> String {
+    match (usage.energy_joules, joules_per_token(usage)) {
+        (Some(j), Some(per)) => format!("{j:.3} J, {per:.4} J/token"),
+        (Some(j), None) => format!("{j:.3} J"),
+        _ if usage.energy_note.is_empty() => "not available".into(),
+        _ => usage.energy_note.clone(),
+    }
 }

@@ -378,6 +378,7 @@ impl StageCore {
                 prefilled: Vec::new(),
                 freed: Vec::new(),
                 failures,
+                energy: Vec::new(),
             }
         } else {
             Frame::Forward {
@@ -406,6 +407,7 @@ impl StageCore {
                 prefilled: Vec::new(),
                 freed: seqs,
                 failures: Vec::new(),
+                energy: Vec::new(),
             }
         } else {
             Frame::Free { epoch, seqs }
@@ -698,6 +700,7 @@ impl StageCore {
             prefilled,
             freed: Vec::new(),
             failures,
+            energy: Vec::new(),
         }
     }
 
@@ -801,6 +804,7 @@ mod tests {
                 reserve,
                 partial,
                 draft: 0,
+                energy_uj: Some(0),
             }],
             activations: None,
             failures: Vec::new(),

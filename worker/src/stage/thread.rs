@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_model::{Slice, Stage};
-use strata_net::frame::Frame;
+use strata_net::frame::{Frame, StepEnergy};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::core::{StageCore, Wiring};
+use crate::energy::{self, EnergyMeter};
 
 /// Most rows one batched forward takes; more waiting frames go into the next batch.
 pub const MAX_BATCH_ROWS: usize = strata_net::frame::BATCH_ROWS;
@@ -217,14 +218,14 @@ pub struct StageHandle {
 }
 
 impl StageHandle {
-    /// Starts the compute thread.
-    pub fn spawn(name: String) -> std::io::Result<Self> {
+    /// Starts the compute thread, which reads `meter` around each batch.
+    pub fn spawn(name: String, meter: Arc<EnergyMeter>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(StageStats::new());
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("strata-stage".into())
-            .spawn(move || Runtime::new(name, thread_stats).run(rx))?;
+            .spawn(move || Runtime::new(name, thread_stats, meter).run(rx))?;
         Ok(StageHandle { tx, stats })
     }
 
@@ -250,15 +251,17 @@ struct Runtime {
     stats: Arc<StageStats>,
     core: StageCore,
     next: Option<mpsc::Sender<Frame>>,
+    meter: Arc<EnergyMeter>,
 }
 
 impl Runtime {
-    fn new(name: String, stats: Arc<StageStats>) -> Self {
+    fn new(name: String, stats: Arc<StageStats>, meter: Arc<EnergyMeter>) -> Self {
         Runtime {
             core: StageCore::new(name.clone()),
             name,
             stats,
             next: None,
+            meter,
         }
     }
 
@@ -344,11 +347,17 @@ impl Runtime {
             Frame::Forward { steps, .. } => !steps.is_empty() && steps.iter().all(|s| s.len() == 1),
             _ => false,
         });
+        let steps = StepsIn::of(&batch);
         let started = Instant::now();
-        let out = {
+        let energy_before = self.meter.read();
+        let mut out = {
             let _span = tracing::debug_span!("stage", layers = ?self.core.slice().map(|s| s.layers.clone())).entered();
             self.core.handle(batch)
         };
+        let spent = energy_before
+            .zip(self.meter.read())
+            .map(|(a, b)| b.saturating_sub(a));
+        steps.charge(spent, &mut out);
         let nanos = started.elapsed().as_nanos() as u64;
         self.stats.compute_nanos.fetch_add(nanos, Ordering::Relaxed);
         self.stats.forwards.fetch_add(1, Ordering::Relaxed);
@@ -367,5 +376,168 @@ impl Runtime {
                 )));
             }
         }
+    }
+}
+
+/// The steps of a batch, as they came in: what each had cost the stages before, and its
+/// rows (by which it is charged its share of this stage's energy).
+struct StepsIn {
+    steps: Vec<(u64, u32, u32, usize, Option<u64>)>,
+    rows: usize,
+}
+
+impl StepsIn {
+    fn of(batch: &[Frame]) -> Self {
+        let steps: Vec<_> = batch
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Forward { steps, .. } => Some(steps),
+                _ => None,
+            })
+            .flatten()
+            .map(|s| (s.seq, s.attempt, s.start, s.len(), s.energy_uj))
+            .collect();
+        let rows = steps.iter().map(|s| s.3).sum();
+        StepsIn { steps, rows }
+    }
+
+    /// Each step's cost so far plus its share of `spent` (None when this stage has no
+    /// counter, or the step's cost was already unknown).
+    fn cost(&self, i: usize, spent: Option<u64>) -> Option<u64> {
+        let (_, _, _, rows, before) = self.steps[i];
+        Some(before? + energy::share(spent?, rows, self.rows))
+    }
+
+    /// Writes each step's cost into what goes on: the steps of the next stage's frame, or
+    /// (on the last stage) one [`StepEnergy`] per step in the first tokens frame.
+    fn charge(&self, spent: Option<u64>, out: &mut [Frame]) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let mut reported = false;
+        for frame in out {
+            match frame {
+                Frame::Forward { steps, .. } => {
+                    for step in steps {
+                        let found = self.steps.iter().position(|&(seq, attempt, start, _, _)| {
+                            (seq, attempt, start) == (step.seq, step.attempt, step.start)
+                        });
+                        step.energy_uj = found.and_then(|i| self.cost(i, spent));
+                    }
+                }
+                Frame::Tokens { energy, .. } if !reported => {
+                    reported = true;
+                    energy.extend(
+                        self.steps
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &(seq, attempt, ..))| StepEnergy {
+                                seq,
+                                attempt,
+                                energy_uj: self.cost(i, spent),
+                            }),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_net::frame::Step;
+
+    fn step(seq: u64, start: u32, rows: usize, energy_uj: Option<u64>) -> Step {
+        Step {
+            seq,
+            start,
+            tokens: vec![1; rows],
+            sampler: None,
+            attempt: 0,
+            reserve: 0,
+            partial: false,
+            draft: 0,
+            energy_uj,
+        }
+    }
+
+    fn forward(steps: Vec<Step>) -> Frame {
+        Frame::Forward {
+            epoch: 1,
+            steps,
+            activations: None,
+            failures: Vec::new(),
+        }
+    }
+
+    fn tokens() -> Frame {
+        Frame::Tokens {
+            epoch: 1,
+            tokens: Vec::new(),
+            prefilled: Vec::new(),
+            freed: Vec::new(),
+            failures: Vec::new(),
+            energy: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_step_is_charged_its_rows_share_on_top_of_what_it_cost_before() {
+        // A prompt of 3 rows and a decode step of 1 share 4 mJ spent here.
+        let batch = vec![forward(vec![
+            step(1, 0, 3, Some(100)),
+            step(2, 9, 1, Some(50)),
+        ])];
+        let steps = StepsIn::of(&batch);
+        let mut out = batch.clone();
+        steps.charge(Some(4_000), &mut out);
+        let Frame::Forward { steps: s, .. } = &out[0] else {
+            unreachable!()
+        };
+        assert_eq!(s[0].energy_uj, Some(3_100));
+        assert_eq!(s[1].energy_uj, Some(1_050));
+        // On the last stage the cost goes to the coordinator, once per step.
+        let mut out = vec![tokens(), tokens()];
+        steps.charge(Some(4_000), &mut out);
+        let Frame::Tokens { energy, .. } = &out[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            energy,
+            &vec![
+                StepEnergy {
+                    seq: 1,
+                    attempt: 0,
+                    energy_uj: Some(3_100)
+                },
+                StepEnergy {
+                    seq: 2,
+                    attempt: 0,
+                    energy_uj: Some(1_050)
+                },
+            ]
+        );
+        assert!(matches!(&out[1], Frame::Tokens { energy, .. } if energy.is_empty()));
+    }
+
+    #[test]
+    fn a_stage_or_a_stage_before_without_a_counter_makes_the_cost_unknown() {
+        let batch = vec![forward(vec![step(1, 0, 2, None), step(2, 4, 2, Some(7))])];
+        let steps = StepsIn::of(&batch);
+        let mut out = vec![tokens()];
+        steps.charge(Some(1_000), &mut out);
+        let Frame::Tokens { energy, .. } = &out[0] else {
+            unreachable!()
+        };
+        assert_eq!(energy[0].energy_uj, None);
+        assert_eq!(energy[1].energy_uj, Some(507));
+        let mut out = vec![tokens()];
+        steps.charge(None, &mut out);
+        let Frame::Tokens { energy, .. } = &out[0] else {
+            unreachable!()
+        };
+        assert!(energy.iter().all(|e| e.energy_uj.is_none()));
     }
 }
