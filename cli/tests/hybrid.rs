@@ -164,6 +164,47 @@ fn a_cluster_routes_upstream_models_and_overflow_to_another_and_keeps_private_on
 }
 
 #[test]
+fn under_private_only_nothing_upstream_is_listed_or_served() {
+    let (_dir, model) = small_gguf("q8_0");
+    let b = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    );
+    wait_healthy(&b.http);
+    let a = TestCluster::start(
+        &model,
+        &ClusterOptions {
+            workers: 0,
+            serve_args: vec![
+                "--upstream".into(),
+                format!("http://{}/v1", b.http),
+                "--overflow".into(),
+                "upstream".into(),
+                "--private-only".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let (status, body) = http(&a.http, "GET", "/v1/models", None, None);
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{body}");
+    let local = list["data"][0]["id"].as_str().unwrap().to_string();
+    // Even a header that says it may leave does not let it.
+    let (status, _, body) = ask(
+        &a.http,
+        &format!("upstream/{local}"),
+        &[("x-strata-private", "0")],
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--private-only"), "{body}");
+    assert_eq!(generated(&b.http), 0.0);
+}
+
+#[test]
 fn bad_upstream_settings_are_refused_at_start_with_what_to_do() {
     let (_dir, model) = small_gguf("q8_0");
     for (args, needle) in [

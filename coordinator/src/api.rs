@@ -95,6 +95,10 @@ impl Api {
         let seed = sampling.as_ref().and_then(|s| s.seed);
         let mut sampling = strata_net::frame::sampling_params(sampling.as_ref());
         sampling.seed = seed.unwrap_or_else(session::fresh_seed);
+        // The gRPC API answers from the cluster only.
+        self.shared
+            .metrics()
+            .route("local", crate::routing::Reason::Model);
         let answer = session::start(
             &self.shared,
             SequenceRequest {

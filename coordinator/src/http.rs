@@ -37,6 +37,9 @@ pub struct ApiError {
     pub(crate) message: String,
     /// Seconds for a `Retry-After` header (429 and 503).
     pub(crate) retry_after: Option<u64>,
+    /// The cluster refused the request before its first token (only such a request may
+    /// overflow: one that failed later has been answered in part).
+    refused_at_start: bool,
 }
 
 /// What a 503 tells a client to wait before retrying: the cluster re-plans in seconds.
@@ -49,6 +52,7 @@ impl ApiError {
             kind,
             message: message.into(),
             retry_after: None,
+            refused_at_start: false,
         }
     }
 
@@ -471,12 +475,16 @@ async fn respond(
 ) -> std::result::Result<Response, ApiError> {
     let request = sequence_request(&common, prompt)?;
     let logprobs = request.logprobs;
-    let answer = session::start(&shared, request)?;
+    let at_start = |e: Error| ApiError {
+        refused_at_start: true,
+        ..ApiError::from(e)
+    };
+    let answer = session::start(&shared, request).map_err(at_start)?;
     let mut deltas = answer.deltas;
     // The first step tells whether the request runs at all: errors before it are HTTP errors.
     let first = match deltas.recv().await {
         Some(Ok(m)) => m,
-        Some(Err(e)) => return Err(e.into()),
+        Some(Err(e)) => return Err(at_start(e)),
         None => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -642,11 +650,13 @@ async fn routed(
     raw: Value,
 ) -> std::result::Result<Response, ApiError> {
     let policy = shared.routing().clone();
-    let private = policy.is_private(
-        headers
-            .get(routing::PRIVATE_HEADER)
-            .and_then(|v| v.to_str().ok()),
-    );
+    // Every value of the header counts, and one that is not text is taken as private:
+    // a request leaves the LAN only when nothing says it may not.
+    let private = policy.private_only
+        || headers.get_all(routing::PRIVATE_HEADER).iter().any(|v| {
+            v.to_str()
+                .map_or(true, |v| routing::is_private_header(Some(v)))
+        });
     let model = raw.get("model").and_then(Value::as_str);
     if model.is_some_and(|m| m.starts_with(routing::UPSTREAM_PREFIX)) {
         return match policy.route(model, private, true) {
@@ -673,10 +683,11 @@ async fn routed(
     };
     match respond(shared.clone(), kind, prompt, common).await {
         Err(e)
-            if matches!(
-                e.status,
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-            ) =>
+            if e.refused_at_start
+                && matches!(
+                    e.status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                ) =>
         {
             match policy.when_refused(private) {
                 Route::Upstream(model, reason) => {
@@ -775,9 +786,12 @@ async fn answer_upstream(
     let Some(upstream) = shared.upstream() else {
         return Err(ApiError::unavailable("no upstream API is configured"));
     };
-    let model = match model {
-        UpstreamModel::Named(name) => name,
-        UpstreamModel::Overflow => upstream.overflow_model(&shared.model().name).await?,
+    let (model, raw) = match model {
+        UpstreamModel::Named(name) => (name, raw),
+        UpstreamModel::Overflow => (
+            upstream.overflow_model(&shared.model().name).await?,
+            crate::upstream::openai_fields_only(raw),
+        ),
     };
     shared.metrics().route("upstream", reason);
     let started = Instant::now();

@@ -99,7 +99,7 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// KV positions reserved by running requests, and the positions each stage holds.
     pub kv_positions: IntGaugeVec,
-    /// HTTP completion requests by who answered them (local, upstream) and why.
+    /// Generation requests by who answered them (local, upstream) and why.
     pub routed: IntCounterVec,
     /// Joules that finished requests cost, where every stage measured them.
     pub energy_joules: prometheus::Counter,
@@ -329,7 +329,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "strata_routed_requests_total",
-                    "HTTP completion requests by where they were answered: route local (the cluster) or upstream (the hybrid route's API, off the LAN); reason model (the model asked for), overflow (the cluster would have refused it) or private (it would have overflowed, and stayed)",
+                    "Generation requests (OpenAI, Ollama and gRPC APIs) by where they were answered: route local (the cluster) or upstream (the hybrid route's API, off the LAN); reason model (the model asked for), overflow (the cluster would have refused it) or private (it would have overflowed, and stayed)",
                 ),
                 &["route", "reason"],
             ),

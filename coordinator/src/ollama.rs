@@ -474,6 +474,10 @@ async fn answer(
         first_token: None,
         tokens: request.prompt.clone(),
     };
+    // Ollama's API answers from the cluster only.
+    shared
+        .metrics()
+        .route("local", crate::routing::Reason::Model);
     let answer = session::start(&shared, request)?;
     let mut deltas = answer.deltas;
     // The first step tells whether the request runs at all: errors before it are HTTP

@@ -105,6 +105,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a fetched model list is used before it is fetched again.
 const LIST_FRESH: Duration = Duration::from_secs(30);
+/// How long a failed fetch is reported before the upstream is asked again.
+const LIST_RETRY: Duration = Duration::from_secs(5);
+
+/// The upstream's model ids, or why they could not be had.
+type Listing = Result<Vec<String>, String>;
 
 /// The upstream API.
 pub struct Upstream {
@@ -113,7 +118,7 @@ pub struct Upstream {
     base: reqwest::Url,
     key: Option<Secret>,
     config: UpstreamConfig,
-    listed: Mutex<Option<(Instant, Vec<String>)>>,
+    listed: Mutex<Option<(Instant, Listing)>>,
 }
 
 impl Upstream {
@@ -122,7 +127,6 @@ impl Upstream {
         let base = base_url(&config.url)?;
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(IDLE_TIMEOUT)
             .user_agent(concat!("strata/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(UpstreamError::Client)?;
@@ -166,14 +170,26 @@ impl Upstream {
         }
     }
 
-    /// The upstream's model ids (fetched at most every 30 s).
-    pub async fn models(&self) -> Result<Vec<String>, UpstreamError> {
-        let mut listed = self.listed.lock().await;
-        if let Some((at, models)) = listed.as_ref() {
-            if at.elapsed() < LIST_FRESH {
-                return Ok(models.clone());
+    /// The upstream's model ids (fetched at most every 30 s; a failure is kept for 5 s,
+    /// so that a client polling the list does not wait on a dead upstream each time).
+    pub async fn models(&self) -> Listing {
+        if let Some((at, listed)) = self.listed.lock().await.as_ref() {
+            let fresh = if listed.is_ok() {
+                LIST_FRESH
+            } else {
+                LIST_RETRY
+            };
+            if at.elapsed() < fresh {
+                return listed.clone();
             }
         }
+        // Fetched without the lock: two callers may both ask, neither waits on the other.
+        let listed = self.fetch_models().await.map_err(|e| e.to_string());
+        *self.listed.lock().await = Some((Instant::now(), listed.clone()));
+        listed
+    }
+
+    async fn fetch_models(&self) -> Result<Vec<String>, UpstreamError> {
         let unreachable = |error: reqwest::Error| UpstreamError::Unreachable {
             host: self.host(),
             error: error.without_url(),
@@ -186,7 +202,11 @@ impl Upstream {
             .map_err(unreachable)?;
         let status = response.status();
         if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
+            // A refused key's body may quote part of the key: say only the status then.
+            let body = match status.as_u16() {
+                401 | 403 => "check --upstream-key (STRATA_UPSTREAM_KEY)".to_string(),
+                _ => response.text().await.unwrap_or_default(),
+            };
             return Err(UpstreamError::Status {
                 host: self.host(),
                 status: StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -194,13 +214,14 @@ impl Upstream {
                 body: body.chars().take(300).collect(),
             });
         }
-        let body = response.bytes().await.map_err(unreachable)?;
-        let models = serde_json::from_slice(&body)
+        let body = tokio::time::timeout(LIST_TIMEOUT, response.bytes())
+            .await
+            .map_err(|_| UpstreamError::BadList { host: self.host() })?
+            .map_err(unreachable)?;
+        serde_json::from_slice(&body)
             .ok()
             .and_then(|list: Value| model_ids(&list))
-            .ok_or_else(|| UpstreamError::BadList { host: self.host() })?;
-        *listed = Some((Instant::now(), models.clone()));
-        Ok(models)
+            .ok_or_else(|| UpstreamError::BadList { host: self.host() })
     }
 
     /// The model an overflowing request asks the upstream for.
@@ -208,10 +229,7 @@ impl Upstream {
         if let Some(m) = &self.config.overflow_model {
             return Ok(m.clone());
         }
-        let listed = self
-            .models()
-            .await
-            .map_err(|e| bad_gateway(e.to_string()))?;
+        let listed = self.models().await.map_err(bad_gateway)?;
         crate::routing::overflow_model(None, local, &listed).map_err(|why| {
             bad_gateway(format!(
                 "the cluster cannot take this request, and the upstream at {}: {why}",
@@ -222,7 +240,8 @@ impl Upstream {
 
     /// Sends `body` (with `model` in place of the client's) to the upstream's `path`
     /// (`chat/completions`, `completions`) and answers with what it answers: its status,
-    /// its content type, its `Retry-After`, and its body as it streams.
+    /// its content type, its `Retry-After`, and its body as it streams. A refused key is a
+    /// 502 that says so (not the upstream's 401, which the client would take for its own).
     pub async fn forward(
         &self,
         path: &str,
@@ -238,8 +257,8 @@ impl Upstream {
                 self.host()
             ))
         };
-        // A deadline on the head only: a streamed answer may take as long as it streams
-        // (the client's read timeout catches one that stalls).
+        // A whole answer comes when it is complete: it may take that long. A streamed one
+        // must start within it, then never stall for longer than IDLE_TIMEOUT.
         let sent = self
             .request(reqwest::Method::POST, path)
             .header(header::CONTENT_TYPE.as_str(), "application/json")
@@ -251,6 +270,12 @@ impl Upstream {
             .map_err(|e| unreachable(causes(&e.without_url())))?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(bad_gateway(format!(
+                "the upstream API at {} refused this cluster's key ({status}): check --upstream-key (STRATA_UPSTREAM_KEY)",
+                self.host()
+            )));
+        }
         let mut out = Response::builder().status(status);
         for name in [
             header::CONTENT_TYPE,
@@ -265,11 +290,50 @@ impl Upstream {
                 out = out.header(name, value);
             }
         }
-        let stream = response.bytes_stream();
         Ok(out
-            .body(Body::from_stream(stream))
+            .body(Body::from_stream(idle_limited(
+                response.bytes_stream(),
+                IDLE_TIMEOUT,
+            )))
             .unwrap_or_else(|e| bad_gateway(e.to_string()).into_response()))
     }
+}
+
+/// A body stream that ends with an error when no bytes come for `idle`.
+fn idle_limited<S>(
+    stream: S,
+    idle: Duration,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    futures::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        match tokio::time::timeout(idle, futures::StreamExt::next(&mut stream)).await {
+            Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e.without_url())), None)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the upstream sent nothing for {idle:?}"),
+                )),
+                None,
+            )),
+        }
+    })
+}
+
+/// What the upstream gets of an overflowing request: OpenAI's fields only. The client
+/// asked this cluster, so it may have used Strata's own (`top_k`, `min_p`,
+/// `repeat_penalty`, `ignore_eos`), which OpenAI's API refuses.
+pub fn openai_fields_only(mut body: Value) -> Value {
+    if let Some(object) = body.as_object_mut() {
+        for strata_only in ["top_k", "min_p", "repeat_penalty", "ignore_eos"] {
+            object.remove(strata_only);
+        }
+    }
+    body
 }
 
 /// An error and its causes, as one line: reqwest's own message ("error sending request")
@@ -350,6 +414,17 @@ mod tests {
             let e = base_url(bad).unwrap_err().to_string();
             assert!(e.contains("base URL"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_overflowing_request_keeps_openai_fields_only() {
+        let body = serde_json::json!({"model": "m", "messages": [], "temperature": 0.5, "seed": 3,
+            "top_k": 40, "min_p": 0.1, "repeat_penalty": 1.1, "ignore_eos": true, "stream": true});
+        let kept = openai_fields_only(body);
+        assert_eq!(
+            kept,
+            serde_json::json!({"model": "m", "messages": [], "temperature": 0.5, "seed": 3, "stream": true})
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   `max_energy_range_uj`; a read that went backwards is a wrap.
 //! - macOS: `powermetrics` (root only), its plist samples' CPU, GPU and ANE energy,
 //!   integrated on a thread (see [`PowermetricsSample`]).
-//! - NVIDIA (the `nvml` feature, on with `cuda`): NVML's total energy per GPU, in mJ.
+//! - NVIDIA (the `nvml` feature, on with `cuda`): NVML's total energy of the worker's own
+//!   GPU, in mJ. A CUDA worker without it has no meter: the CPU package's counter would
+//!   miss what the GPU spends.
 //!
 //! The counters measure the whole package (or GPU): another process working at the same
 //! time is charged too, and so is another worker on the same machine.
@@ -32,9 +34,9 @@ enum Source {
     None,
     Powercap(Mutex<Powercap>),
     /// A running total kept by a sampling thread (powermetrics).
-    Total(Arc<AtomicU64>),
+    Total(Arc<RunningTotal>),
     #[cfg(feature = "nvml")]
-    Nvml(Box<Mutex<nvml::Gpus>>),
+    Nvml(Box<Mutex<nvml::Gpu>>),
 }
 
 impl std::fmt::Debug for EnergyMeter {
@@ -47,28 +49,26 @@ impl std::fmt::Debug for EnergyMeter {
 pub const NOT_AVAILABLE: &str = "not available";
 
 impl EnergyMeter {
-    /// The machine's meter: NVML when built with it and a GPU runs the slice, else RAPL
-    /// through powercap under `powercap_root` (normally `/sys/class/powercap`), else
-    /// powermetrics on macOS, else none, saying why.
-    pub fn open(powercap_root: &Path, gpu: bool) -> Self {
+    /// The machine's meter: for a slice on CUDA GPU `cuda`, NVML's counter of that GPU
+    /// (or none: see the module doc); otherwise RAPL through powercap under
+    /// `powercap_root` (normally `/sys/class/powercap`), else powermetrics on macOS, else
+    /// none, saying why.
+    pub fn open(powercap_root: &Path, cuda: Option<u32>) -> Self {
+        if let Some(index) = cuda {
+            #[cfg(feature = "nvml")]
+            return match nvml::Gpu::open(index) {
+                Ok(g) => EnergyMeter {
+                    description: g.describe(),
+                    source: Source::Nvml(Box::new(Mutex::new(g))),
+                },
+                Err(e) => EnergyMeter::none(format!("NVML: {e}")),
+            };
+            #[cfg(not(feature = "nvml"))]
+            return EnergyMeter::none(format!(
+                "NVML: this build has no nvml feature to read GPU {index} (build with --features cuda)"
+            ));
+        }
         let mut why = Vec::new();
-        #[cfg(feature = "nvml")]
-        if gpu {
-            match nvml::Gpus::open() {
-                Ok(g) => {
-                    let description = g.describe();
-                    return EnergyMeter {
-                        source: Source::Nvml(Box::new(Mutex::new(g))),
-                        description,
-                    };
-                }
-                Err(e) => why.push(format!("NVML: {e}")),
-            }
-        }
-        #[cfg(not(feature = "nvml"))]
-        if gpu {
-            why.push("NVML: this build has no nvml feature".into());
-        }
         match Powercap::open(powercap_root) {
             Ok(p) => {
                 return EnergyMeter {
@@ -115,7 +115,7 @@ impl EnergyMeter {
         match &self.source {
             Source::None => None,
             Source::Powercap(p) => p.lock().unwrap_or_else(|e| e.into_inner()).read(),
-            Source::Total(t) => Some(t.load(Ordering::Relaxed)),
+            Source::Total(t) => t.read(),
             #[cfg(feature = "nvml")]
             Source::Nvml(g) => g.lock().unwrap_or_else(|e| e.into_inner()).read(),
         }
@@ -229,9 +229,12 @@ impl Powercap {
             let now = read_number(&zone.energy).ok()?;
             let spent = if now >= zone.last {
                 now - zone.last
-            } else {
+            } else if zone.range > 0 {
                 // It wrapped: what was left to the top, and what came after.
                 zone.range.saturating_sub(zone.last) + now
+            } else {
+                // Where it wraps is unknown: count nothing rather than guess.
+                0
             };
             zone.last = now;
             self.total += spent;
@@ -288,16 +291,39 @@ impl PowermetricsSample {
     }
 }
 
-/// `powermetrics` as a child process whose samples a thread adds up.
+/// A running total in microjoules that a sampling thread adds to, and which reads as
+/// nothing once the thread has stopped (its source died: the total no longer moves).
+#[derive(Debug, Default)]
+pub struct RunningTotal {
+    microjoules: AtomicU64,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl RunningTotal {
+    fn add(&self, microjoules: u64) {
+        self.microjoules.fetch_add(microjoules, Ordering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Option<u64> {
+        (!self.stopped.load(Ordering::Relaxed)).then(|| self.microjoules.load(Ordering::Relaxed))
+    }
+}
+
+/// `powermetrics` as a child process whose samples a thread adds up. It samples every
+/// 100 ms, so a step is charged whole samples or none: the sum over an answer of a second
+/// or more is what it measures, not a single step.
 mod powermetrics {
     use std::io::Read;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
-    use super::PowermetricsSample;
+    use super::{PowermetricsSample, RunningTotal};
 
-    /// Starts it (root only); the running total in microjoules.
-    pub fn start() -> Result<Arc<AtomicU64>, String> {
+    /// Starts it (root only); the running total.
+    pub fn start() -> Result<Arc<RunningTotal>, String> {
         if !is_root() {
             return Err("it needs root (run the worker with sudo); IOReport is not read".into());
         }
@@ -306,7 +332,7 @@ mod powermetrics {
                 "--samplers",
                 "cpu_power,gpu_power,ane_power",
                 "-i",
-                "500",
+                "100",
                 "-f",
                 "plist",
             ])
@@ -315,7 +341,7 @@ mod powermetrics {
             .spawn()
             .map_err(|e| format!("cannot start it: {e}"))?;
         let mut out = child.stdout.take().ok_or("it has no output")?;
-        let total = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(RunningTotal::default());
         let sink = total.clone();
         std::thread::Builder::new()
             .name("powermetrics".into())
@@ -331,11 +357,13 @@ mod powermetrics {
                     pending.extend_from_slice(&buf[..n]);
                     while let Some(end) = pending.iter().position(|&b| b == 0) {
                         if let Some(s) = PowermetricsSample::parse(&pending[..end]) {
-                            sink.fetch_add((s.millijoules * 1000.0) as u64, Ordering::Relaxed);
+                            sink.add((s.millijoules * 1000.0) as u64);
                         }
                         pending.drain(..=end);
                     }
                 }
+                tracing::warn!("powermetrics stopped: energy is not available from now on");
+                sink.stop();
             })
             .map_err(|e| format!("cannot start its reader: {e}"))?;
         Ok(total)
@@ -353,47 +381,39 @@ mod powermetrics {
 
 #[cfg(feature = "nvml")]
 mod nvml {
-    /// Every GPU's energy counter.
-    pub struct Gpus {
+    /// One GPU's energy counter.
+    pub struct Gpu {
         nvml: nvml_wrapper::Nvml,
-        count: u32,
+        index: u32,
         first: u64,
     }
 
-    impl Gpus {
-        pub fn open() -> Result<Self, String> {
+    impl Gpu {
+        pub fn open(index: u32) -> Result<Self, String> {
             let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
-            let count = nvml.device_count().map_err(|e| e.to_string())?;
-            let mut gpus = Gpus {
+            let mut gpu = Gpu {
                 nvml,
-                count,
+                index,
                 first: 0,
             };
-            gpus.first = gpus
-                .millijoules()
-                .ok_or("no GPU reports its energy (NVML needs Volta or newer)")?;
-            Ok(gpus)
+            gpu.first = gpu.millijoules().map_err(|e| {
+                format!("GPU {index} does not report its energy ({e}; NVML needs Volta or newer)")
+            })?;
+            Ok(gpu)
         }
 
-        fn millijoules(&self) -> Option<u64> {
-            let mut sum = 0;
-            for i in 0..self.count {
-                sum += self
-                    .nvml
-                    .device_by_index(i)
-                    .ok()?
-                    .total_energy_consumption()
-                    .ok()?;
-            }
-            Some(sum)
+        fn millijoules(&self) -> Result<u64, nvml_wrapper::error::NvmlError> {
+            self.nvml
+                .device_by_index(self.index)?
+                .total_energy_consumption()
         }
 
         pub fn describe(&self) -> String {
-            format!("NVML: {} GPU(s)", self.count)
+            format!("NVML: GPU {}", self.index)
         }
 
         pub fn read(&mut self) -> Option<u64> {
-            Some(self.millijoules()?.saturating_sub(self.first) * 1000)
+            Some(self.millijoules().ok()?.saturating_sub(self.first) * 1000)
         }
     }
 }
@@ -488,7 +508,7 @@ mod tests {
         let e = Powercap::open(tree.path()).unwrap_err().to_string();
         assert!(e.contains("\"lots\", not a number"), "{e}");
         // A meter that cannot open says "not available", and reads nothing.
-        let meter = EnergyMeter::open(empty.path(), false);
+        let meter = EnergyMeter::open(empty.path(), None);
         assert!(
             meter
                 .describe()
@@ -498,6 +518,15 @@ mod tests {
         );
         assert!(!meter.available());
         assert_eq!(meter.read(), None);
+    }
+
+    #[test]
+    fn a_running_total_reads_nothing_once_its_source_stopped() {
+        let t = RunningTotal::default();
+        t.add(5);
+        assert_eq!(t.read(), Some(5));
+        t.stop();
+        assert_eq!(t.read(), None);
     }
 
     #[test]

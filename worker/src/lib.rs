@@ -135,6 +135,13 @@ pub fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The GPU index a `cuda` or `cuda:N` device names.
+fn cuda_index(name: &str) -> u32 {
+    name.strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -179,7 +186,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
                 ))
             })?,
         };
-        let meter = energy::EnergyMeter::open(&config.powercap_root, !device.is_cpu());
+        let cuda = match &device {
+            Device::Cuda(_) => Some(cuda_index(&config.device)),
+            _ => None,
+        };
+        let meter = energy::EnergyMeter::open(&config.powercap_root, cuda);
         info!(energy = %meter.describe(), "energy per step");
         let meter = std::sync::Arc::new(meter);
         let machine = session::Machine {

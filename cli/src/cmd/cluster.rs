@@ -116,7 +116,7 @@ pub struct ServeArgs {
     overflow_model: Option<String>,
     /// Keep every request on the LAN, as if each carried `x-strata-private: 1`: none is
     /// sent upstream, and upstream models are neither listed nor served.
-    #[arg(long, env = "STRATA_PRIVATE_ONLY")]
+    #[arg(long, env = "STRATA_PRIVATE_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     private_only: bool,
     /// Serve `/metrics` without the API key, for a scraper that cannot send one.
     #[arg(long)]

@@ -27,7 +27,9 @@ use candle_core::{Device, Tensor};
 use strata_model::{
     Chunk, KvCache, LogitRows, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
 };
-use strata_net::frame::{Activations, Frame, Prefilled, Sampled, SamplerStart, SeqFailure, Step};
+use strata_net::frame::{
+    Activations, Frame, Prefilled, Sampled, SamplerStart, SeqFailure, Step, StepEnergy,
+};
 
 /// Where the stage's output goes: its epoch and the activations' wire type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -671,6 +673,16 @@ impl StageCore {
                 return self.failures_frame(wiring.epoch, failures);
             }
         };
+        // What the steps that ran cost the stages before; the compute thread adds this
+        // stage's share.
+        let energy = steps
+            .iter()
+            .map(|s| StepEnergy {
+                seq: s.seq,
+                attempt: s.attempt,
+                energy_uj: s.energy_uj,
+            })
+            .collect();
         let mut tokens = Vec::with_capacity(steps.len());
         let mut prefilled = Vec::new();
         let mut rows = rows.iter();
@@ -700,7 +712,7 @@ impl StageCore {
             prefilled,
             freed: Vec::new(),
             failures,
-            energy: Vec::new(),
+            energy,
         }
     }
 

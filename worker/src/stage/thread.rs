@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_model::{Slice, Stage};
-use strata_net::frame::{Frame, StepEnergy};
+use strata_net::frame::{Frame, Step};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -379,66 +379,65 @@ impl Runtime {
     }
 }
 
-/// The steps of a batch, as they came in: what each had cost the stages before, and its
-/// rows (by which it is charged its share of this stage's energy).
+/// The rows of a batch's steps, as they came in, by sequence and run: what a step the
+/// last stage reports (which names no rows) is charged by.
 struct StepsIn {
-    steps: Vec<(u64, u32, u32, usize, Option<u64>)>,
-    rows: usize,
+    rows: Vec<(u64, u32, usize)>,
 }
 
 impl StepsIn {
     fn of(batch: &[Frame]) -> Self {
-        let steps: Vec<_> = batch
+        let rows = batch
             .iter()
             .filter_map(|f| match f {
                 Frame::Forward { steps, .. } => Some(steps),
                 _ => None,
             })
             .flatten()
-            .map(|s| (s.seq, s.attempt, s.start, s.len(), s.energy_uj))
+            .map(|s| (s.seq, s.attempt, s.len()))
             .collect();
-        let rows = steps.iter().map(|s| s.3).sum();
-        StepsIn { steps, rows }
+        StepsIn { rows }
     }
 
-    /// Each step's cost so far plus its share of `spent` (None when this stage has no
-    /// counter, or the step's cost was already unknown).
-    fn cost(&self, i: usize, spent: Option<u64>) -> Option<u64> {
-        let (_, _, _, rows, before) = self.steps[i];
-        Some(before? + energy::share(spent?, rows, self.rows))
+    fn rows_of(&self, seq: u64, attempt: u32) -> usize {
+        // A sequence has one step in flight per run: (seq, attempt) names it (a doubled
+        // frame's copy was dropped by the core, and is not in the output).
+        self.rows
+            .iter()
+            .find(|&&(s, a, _)| (s, a) == (seq, attempt))
+            .map_or(0, |r| r.2)
     }
 
-    /// Writes each step's cost into what goes on: the steps of the next stage's frame, or
-    /// (on the last stage) one [`StepEnergy`] per step in the first tokens frame.
+    /// Charges the steps that ran (the core passes only those on: the steps of the next
+    /// stage's frame, or the last stage's [`StepEnergy`] entries) their share of `spent`
+    /// by rows, on top of what they cost before. None (no counter here, or a cost already
+    /// unknown) stays None.
     fn charge(&self, spent: Option<u64>, out: &mut [Frame]) {
-        if self.steps.is_empty() {
-            return;
-        }
-        let mut reported = false;
+        let total: usize = out
+            .iter()
+            .map(|f| match f {
+                Frame::Forward { steps, .. } => steps.iter().map(Step::len).sum(),
+                Frame::Tokens { energy, .. } => {
+                    energy.iter().map(|e| self.rows_of(e.seq, e.attempt)).sum()
+                }
+                Frame::Free { .. } => 0,
+            })
+            .sum();
+        let cost =
+            |before: Option<u64>, rows: usize| Some(before? + energy::share(spent?, rows, total));
         for frame in out {
             match frame {
                 Frame::Forward { steps, .. } => {
                     for step in steps {
-                        let found = self.steps.iter().position(|&(seq, attempt, start, _, _)| {
-                            (seq, attempt, start) == (step.seq, step.attempt, step.start)
-                        });
-                        step.energy_uj = found.and_then(|i| self.cost(i, spent));
+                        step.energy_uj = cost(step.energy_uj, step.len());
                     }
                 }
-                Frame::Tokens { energy, .. } if !reported => {
-                    reported = true;
-                    energy.extend(
-                        self.steps
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &(seq, attempt, ..))| StepEnergy {
-                                seq,
-                                attempt,
-                                energy_uj: self.cost(i, spent),
-                            }),
-                    );
+                Frame::Tokens { energy, .. } => {
+                    for e in energy {
+                        e.energy_uj = cost(e.energy_uj, self.rows_of(e.seq, e.attempt));
+                    }
                 }
-                _ => {}
+                Frame::Free { .. } => {}
             }
         }
     }
@@ -447,7 +446,7 @@ impl StepsIn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_net::frame::Step;
+    use strata_net::frame::StepEnergy;
 
     fn step(seq: u64, start: u32, rows: usize, energy_uj: Option<u64>) -> Step {
         Step {
@@ -472,19 +471,27 @@ mod tests {
         }
     }
 
-    fn tokens() -> Frame {
+    fn tokens(energy: Vec<StepEnergy>) -> Frame {
         Frame::Tokens {
             epoch: 1,
             tokens: Vec::new(),
             prefilled: Vec::new(),
             freed: Vec::new(),
             failures: Vec::new(),
-            energy: Vec::new(),
+            energy,
+        }
+    }
+
+    fn reported(seq: u64, energy_uj: Option<u64>) -> StepEnergy {
+        StepEnergy {
+            seq,
+            attempt: 0,
+            energy_uj,
         }
     }
 
     #[test]
-    fn each_step_is_charged_its_rows_share_on_top_of_what_it_cost_before() {
+    fn each_step_that_ran_is_charged_its_rows_share_on_top_of_what_it_cost_before() {
         // A prompt of 3 rows and a decode step of 1 share 4 mJ spent here.
         let batch = vec![forward(vec![
             step(1, 0, 3, Some(100)),
@@ -496,48 +503,55 @@ mod tests {
         let Frame::Forward { steps: s, .. } = &out[0] else {
             unreachable!()
         };
-        assert_eq!(s[0].energy_uj, Some(3_100));
-        assert_eq!(s[1].energy_uj, Some(1_050));
-        // On the last stage the cost goes to the coordinator, once per step.
-        let mut out = vec![tokens(), tokens()];
+        assert_eq!((s[0].energy_uj, s[1].energy_uj), (Some(3_100), Some(1_050)));
+        // On the last stage the core reports the steps it ran, in the frame of their
+        // tokens, whatever other frame (a free's) comes before it.
+        let mut out = vec![
+            tokens(Vec::new()),
+            tokens(vec![reported(1, Some(100)), reported(2, Some(50))]),
+        ];
         steps.charge(Some(4_000), &mut out);
-        let Frame::Tokens { energy, .. } = &out[0] else {
+        let Frame::Tokens { energy, .. } = &out[1] else {
             unreachable!()
         };
         assert_eq!(
             energy,
-            &vec![
-                StepEnergy {
-                    seq: 1,
-                    attempt: 0,
-                    energy_uj: Some(3_100)
-                },
-                StepEnergy {
-                    seq: 2,
-                    attempt: 0,
-                    energy_uj: Some(1_050)
-                },
-            ]
+            &vec![reported(1, Some(3_100)), reported(2, Some(1_050))]
         );
-        assert!(matches!(&out[1], Frame::Tokens { energy, .. } if energy.is_empty()));
+    }
+
+    #[test]
+    fn a_step_that_did_not_run_takes_no_share() {
+        // Sequence 2's step was a doubled frame's copy, or refused: the core passed on
+        // only sequence 1's, which is charged all of it.
+        let batch = vec![forward(vec![
+            step(1, 0, 2, Some(0)),
+            step(2, 4, 2, Some(0)),
+        ])];
+        let steps = StepsIn::of(&batch);
+        let mut out = vec![tokens(vec![reported(1, Some(0))])];
+        steps.charge(Some(1_000), &mut out);
+        let Frame::Tokens { energy, .. } = &out[0] else {
+            unreachable!()
+        };
+        assert_eq!(energy, &vec![reported(1, Some(1_000))]);
     }
 
     #[test]
     fn a_stage_or_a_stage_before_without_a_counter_makes_the_cost_unknown() {
         let batch = vec![forward(vec![step(1, 0, 2, None), step(2, 4, 2, Some(7))])];
         let steps = StepsIn::of(&batch);
-        let mut out = vec![tokens()];
+        let mut out = vec![tokens(vec![reported(1, None), reported(2, Some(7))])];
         steps.charge(Some(1_000), &mut out);
         let Frame::Tokens { energy, .. } = &out[0] else {
             unreachable!()
         };
-        assert_eq!(energy[0].energy_uj, None);
-        assert_eq!(energy[1].energy_uj, Some(507));
-        let mut out = vec![tokens()];
+        assert_eq!(energy, &vec![reported(1, None), reported(2, Some(507))]);
+        let mut out = vec![tokens(vec![reported(2, Some(7))])];
         steps.charge(None, &mut out);
         let Frame::Tokens { energy, .. } = &out[0] else {
             unreachable!()
         };
-        assert!(energy.iter().all(|e| e.energy_uj.is_none()));
+        assert_eq!(energy, &vec![reported(2, None)]);
     }
 }
