@@ -125,6 +125,9 @@ pub struct CoordinatorConfig {
     /// Measure the links between workers when they join, and plan with them (default
     /// true).
     pub measure_links: bool,
+    /// Plan with the workers' measured decode times once they have them (default true);
+    /// off, plans use their stated speeds only, whatever else the machine is doing.
+    pub calibrate: bool,
     /// Most positions one step of a prompt carries: longer prompts go in pieces, between
     /// which other answers' steps run (default 256).
     pub prefill_chunk: usize,
@@ -225,6 +228,7 @@ impl CoordinatorConfig {
             settle: Duration::from_millis(1500),
             recover_wait: Duration::from_secs(60),
             measure_links: true,
+            calibrate: true,
             prefill_chunk: 256,
             max_queue: 64,
             client_timeout: Duration::from_secs(30),

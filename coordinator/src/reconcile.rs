@@ -53,10 +53,11 @@ pub fn candidates(shared: &Shared) -> Vec<Candidate> {
         .unwrap_or_default();
     let registry = shared.registry();
     let eligible: Vec<_> = registry.workers.values().filter(|w| w.eligible()).collect();
+    let calibrate = shared.config().calibrate;
     let measured: Vec<Option<f64>> = eligible
         .iter()
         .map(|w| match (&w.held, w.measured_ms) {
-            (Some(h), Some(ms)) if ms > 0.0 => {
+            (Some(h), Some(ms)) if calibrate && ms > 0.0 => {
                 Some(profile.streamed_bytes(&h.layers, h.head) as f64 / (ms / 1e3))
             }
             _ => None,

@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// Use this speed (bytes/s) for the local worker instead of measuring it.
     #[arg(long, hide = true)]
     local_speed: Option<f64>,
+    /// Plan with the workers' stated speeds only, never their measured decode times (for
+    /// tests whose plans must not depend on how busy the machine is).
+    #[arg(long, hide = true)]
+    no_calibrate: bool,
     #[command(flatten)]
     draft: super::generate::DraftArgs,
 }
@@ -260,6 +264,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.wire_dtype = dtype;
     config.recover_wait = a.recover_wait;
     config.measure_links = !a.no_link_probe;
+    config.calibrate = !a.no_calibrate;
     config.max_queue = a.max_queue;
     config.prefill_chunk = a.prefill_chunk as usize;
     config.client_timeout = a.client_timeout;
