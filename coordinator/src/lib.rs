@@ -319,6 +319,22 @@ fn random_seed() -> Result<[u8; 32]> {
     Ok(seed)
 }
 
+/// The hybrid route's upstream API, when `config` names one.
+fn open_upstream(config: &CoordinatorConfig) -> Result<Option<upstream::Upstream>> {
+    let Some(u) = &config.upstream else {
+        return Ok(None);
+    };
+    let upstream = upstream::Upstream::new(u.clone())?;
+    info!(
+        upstream = %upstream.describe(),
+        overflow = u.overflow,
+        private_only = config.private_only,
+        "hybrid route: `upstream/<model>` requests{} go to the upstream",
+        if u.overflow { ", and those the cluster would refuse," } else { "" }
+    );
+    Ok(Some(upstream))
+}
+
 /// Runs a coordinator on `listener` (the public gRPC API), and on `http` (the
 /// OpenAI-compatible API) when given, until `shutdown`.
 pub async fn run(
@@ -345,20 +361,7 @@ pub async fn run(
     let data_port = socket.local_addr()?.port();
     let endpoint = strata_net::transport::endpoint(socket, &identity)?;
     let api_addr = listener.local_addr()?;
-    let upstream = match &config.upstream {
-        Some(u) => {
-            let upstream = upstream::Upstream::new(u.clone())?;
-            info!(
-                upstream = %upstream.describe(),
-                overflow = u.overflow,
-                private_only = config.private_only,
-                "hybrid route: `upstream/<model>` requests{} go to the upstream",
-                if u.overflow { ", and those the cluster would refuse," } else { "" }
-            );
-            Some(upstream)
-        }
-        None => None,
-    };
+    let upstream = open_upstream(&config)?;
     let (outbox, outbox_rx) = tokio::sync::mpsc::channel(session::OUTBOX_QUEUE);
     let shared = Arc::new(Shared::new(Parts {
         config,

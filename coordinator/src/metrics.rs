@@ -134,24 +134,25 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let requests = add(&registry, IntCounterVec::new(
-            Opts::new(
-                "strata_requests_total",
-                "Finished generation requests (gRPC and HTTP) by outcome: stop, length, cancelled, failed",
-            ),
-            &["outcome"],
-        ));
-        let prompt_tokens = add(
-            &registry,
-            IntCounter::new(
-                "strata_prompt_tokens_total",
-                "Prompt tokens of accepted requests",
-            ),
+        // Each metric is registered as it is made (see `add`).
+        let int_counter = |name: &str, help: &str| add(&registry, IntCounter::new(name, help));
+        let counter = |name: &str, help: &str| add(&registry, prometheus::Counter::new(name, help));
+        let int_gauge = |name: &str, help: &str| add(&registry, IntGauge::new(name, help));
+        let int_counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            add(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            add(&registry, CounterVec::new(Opts::new(name, help), labels))
+        };
+        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            add(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let requests = int_counter_vec("strata_requests_total", "Finished generation requests (gRPC and HTTP) by outcome: stop, length, cancelled, failed", &["outcome"]);
+        let prompt_tokens = int_counter(
+            "strata_prompt_tokens_total",
+            "Prompt tokens of accepted requests",
         );
-        let generated_tokens = add(
-            &registry,
-            IntCounter::new("strata_generated_tokens_total", "Tokens generated"),
-        );
+        let generated_tokens = int_counter("strata_generated_tokens_total", "Tokens generated");
         let time_to_first_token = add(
             &registry,
             Histogram::with_opts(
@@ -164,128 +165,73 @@ impl Metrics {
                 ]),
             ),
         );
-        let stage_compute = add(
-            &registry,
-            CounterVec::new(
-                Opts::new(
-                    "strata_stage_compute_seconds_total",
-                    "Seconds a worker's stage spent in forwards and sampling",
-                ),
-                &["worker"],
-            ),
+        let stage_compute = counter_vec(
+            "strata_stage_compute_seconds_total",
+            "Seconds a worker's stage spent in forwards and sampling",
+            &["worker"],
         );
-        let stage_network = add(
-            &registry,
-            CounterVec::new(
-                Opts::new(
-                    "strata_stage_network_seconds_total",
-                    "Seconds a worker's stage spent sending frames to the next hop",
-                ),
-                &["worker"],
-            ),
+        let stage_network = counter_vec(
+            "strata_stage_network_seconds_total",
+            "Seconds a worker's stage spent sending frames to the next hop",
+            &["worker"],
         );
-        let stage_forwards = add(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "strata_stage_forwards_total",
-                    "Batched forwards a worker's stage ran",
-                ),
-                &["worker"],
-            ),
+        let stage_forwards = int_counter_vec(
+            "strata_stage_forwards_total",
+            "Batched forwards a worker's stage ran",
+            &["worker"],
         );
-        let workers = add(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "strata_workers",
-                    "Workers known to the coordinator, by state",
-                ),
-                &["state"],
-            ),
+        let workers = int_gauge_vec(
+            "strata_workers",
+            "Workers known to the coordinator, by state",
+            &["state"],
         );
-        let worker_resident = add(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "strata_worker_resident_bytes",
-                    "A worker's resident memory at its last heartbeat",
-                ),
-                &["worker"],
-            ),
+        let worker_resident = int_gauge_vec(
+            "strata_worker_resident_bytes",
+            "A worker's resident memory at its last heartbeat",
+            &["worker"],
         );
-        let worker_budget = add(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new("strata_worker_budget_bytes", "A worker's memory budget"),
-                &["worker"],
-            ),
+        let worker_budget = int_gauge_vec(
+            "strata_worker_budget_bytes",
+            "A worker's memory budget",
+            &["worker"],
         );
-        let coordinator_resident = add(
-            &registry,
-            IntGauge::new(
-                "strata_coordinator_resident_bytes",
-                "The coordinator's resident memory",
-            ),
+        let coordinator_resident = int_gauge(
+            "strata_coordinator_resident_bytes",
+            "The coordinator's resident memory",
         );
-        let active_sequences = add(
-            &registry,
-            IntGauge::new("strata_active_sequences", "Sequences being generated now"),
+        let active_sequences =
+            int_gauge("strata_active_sequences", "Sequences being generated now");
+        let stage_layers = int_gauge_vec(
+            "strata_stage_layers",
+            "Model layers each stage of the plan in force holds",
+            &["stage", "worker"],
         );
-        let stage_layers = add(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "strata_stage_layers",
-                    "Model layers each stage of the plan in force holds",
-                ),
-                &["stage", "worker"],
-            ),
+        let slice_bytes_sent = int_counter(
+            "strata_slice_bytes_sent_total",
+            "Bytes of weights sent to workers: what their slice caches lacked",
         );
-        let slice_bytes_sent = add(
-            &registry,
-            IntCounter::new(
-                "strata_slice_bytes_sent_total",
-                "Bytes of weights sent to workers: what their slice caches lacked",
-            ),
+        let draft_tokens = int_counter(
+            "strata_draft_tokens_total",
+            "Draft tokens sent to be verified (speculative decoding)",
         );
-        let draft_tokens = add(
-            &registry,
-            IntCounter::new(
-                "strata_draft_tokens_total",
-                "Draft tokens sent to be verified (speculative decoding)",
-            ),
-        );
-        let accepted_draft_tokens = add(
-            &registry,
-            IntCounter::new(
-                "strata_draft_tokens_accepted_total",
-                "Draft tokens the model accepted: over strata_draft_tokens_total, the \
+        let accepted_draft_tokens = int_counter(
+            "strata_draft_tokens_accepted_total",
+            "Draft tokens the model accepted: over strata_draft_tokens_total, the \
                  acceptance rate",
-            ),
         );
-        let passes = add(
-            &registry,
-            IntCounter::new(
-                "strata_decode_passes_total",
-                "Passes through the pipeline that gave tokens: strata_generated_tokens_total \
+        let passes = int_counter(
+            "strata_decode_passes_total",
+            "Passes through the pipeline that gave tokens: strata_generated_tokens_total \
                  over this is the tokens per pass",
-            ),
         );
-        let replays = add(
-            &registry,
-            IntCounter::new(
-                "strata_replays_total",
-                "Answers replayed onto another pipeline, after a lost stage or a re-plan",
-            ),
+        let replays = int_counter(
+            "strata_replays_total",
+            "Answers replayed onto another pipeline, after a lost stage or a re-plan",
         );
-        let preemptions = add(
-            &registry,
-            IntCounter::new(
-                "strata_preemptions_total",
-                "Answers whose client stopped reading while others waited for KV-cache room: \
+        let preemptions = int_counter(
+            "strata_preemptions_total",
+            "Answers whose client stopped reading while others waited for KV-cache room: \
                  their caches were freed, to be replayed when the client reads again",
-            ),
         );
         let resume_pause = add(
             &registry,
@@ -297,56 +243,25 @@ impl Metrics {
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0]),
             ),
         );
-        let refused = add(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "strata_requests_refused_total",
-                    "Requests refused before they started, by why: busy (the queue was full, 429)",
-                ),
-                &["reason"],
-            ),
+        let refused = int_counter_vec(
+            "strata_requests_refused_total",
+            "Requests refused before they started, by why: busy (the queue was full, 429)",
+            &["reason"],
         );
-        let queue_depth = add(
-            &registry,
-            IntGauge::new(
-                "strata_queue_depth",
-                "Requests waiting for room in the KV cache",
-            ),
+        let queue_depth = int_gauge(
+            "strata_queue_depth",
+            "Requests waiting for room in the KV cache",
         );
-        let kv_positions = add(
-            &registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "strata_kv_positions",
-                    "KV-cache positions: reserved by running requests, and the capacity each stage holds",
-                ),
-                &["kind"],
-            ),
+        let kv_positions = int_gauge_vec(
+            "strata_kv_positions",
+            "KV-cache positions: reserved by running requests, and the capacity each stage holds",
+            &["kind"],
         );
-        let routed = add(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "strata_routed_requests_total",
-                    "Generation requests (OpenAI, Ollama and gRPC APIs) by where they were answered: route local (the cluster) or upstream (the hybrid route's API, off the LAN); reason model (the model asked for), overflow (the cluster would have refused it) or private (it would have overflowed, and stayed)",
-                ),
-                &["route", "reason"],
-            ),
-        );
-        let energy_joules = add(
-            &registry,
-            prometheus::Counter::new(
-                "strata_energy_joules_total",
-                "Joules that finished requests cost on every stage, from the workers' energy counters (RAPL, powermetrics, NVML); requests with a stage that has none are not counted. Divide by strata_energy_tokens_total for J/token",
-            ),
-        );
-        let energy_tokens = add(
-            &registry,
-            IntCounter::new(
-                "strata_energy_tokens_total",
-                "Tokens generated by the requests counted in strata_energy_joules_total",
-            ),
+        let routed = int_counter_vec("strata_routed_requests_total", "Generation requests (OpenAI, Ollama and gRPC APIs) by where they were answered: route local (the cluster) or upstream (the hybrid route's API, off the LAN); reason model (the model asked for), overflow (the cluster would have refused it) or private (it would have overflowed, and stayed)", &["route", "reason"]);
+        let energy_joules = counter("strata_energy_joules_total", "Joules that finished requests cost on every stage, from the workers' energy counters (RAPL, powermetrics, NVML); requests with a stage that has none are not counted. Divide by strata_energy_tokens_total for J/token");
+        let energy_tokens = int_counter(
+            "strata_energy_tokens_total",
+            "Tokens generated by the requests counted in strata_energy_joules_total",
         );
         Metrics {
             registry,

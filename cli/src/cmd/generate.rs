@@ -350,9 +350,15 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
         let mut stream = if a.chat {
             let mut messages = Vec::new();
             if let Some(sys) = &a.system {
-                messages.push(ChatMessage { role: "system".into(), content: sys.clone() });
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: sys.clone(),
+                });
             }
-            messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone().unwrap_or_default() });
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone().unwrap_or_default(),
+            });
             client
                 .chat(ChatRequest {
                     messages,
@@ -400,50 +406,14 @@ fn run_remote(a: &GenerateArgs, addr: &str) -> anyhow::Result<()> {
             }
         }
         let usage = usage.unwrap_or_default();
-        if a.json {
-            let json = serde_json::json!({
-                "tokens": tokens,
-                "text": text,
-                "finish_reason": finish,
-                "timings": {
-                    "total_s": t0.elapsed().as_secs_f64(),
-                    "prompt_tokens": usage.prompt_tokens,
-                    "generated_tokens": usage.completion_tokens,
-                    "time_to_first_token_ms": usage.time_to_first_token_ms,
-                    "decode_tokens_per_s": usage.decode_tokens_per_second,
-                    "draft_tokens": usage.draft_tokens,
-                    "accepted_draft_tokens": usage.accepted_draft_tokens,
-                    "acceptance_rate": if usage.draft_tokens > 0 {
-                        f64::from(usage.accepted_draft_tokens) / f64::from(usage.draft_tokens)
-                    } else { 0.0 },
-                    "passes": usage.passes,
-                    "tokens_per_pass": if usage.passes > 0 {
-                        f64::from(usage.completion_tokens) / f64::from(usage.passes)
-                    } else { 0.0 },
-                    "energy_joules": usage.energy_joules,
-                    "joules_per_token": joules_per_token(&usage),
-                    "energy": energy_text(&usage),
-                }
-            });
-            println!("{}", serde_json::to_string_pretty(&json)?);
-        } else {
-            println!();
-            let drafts = if usage.draft_tokens > 0 {
-                format!(
-                    ", {} of {} drafts accepted, {:.2} tokens per pass",
-                    usage.accepted_draft_tokens,
-                    usage.draft_tokens,
-                    f64::from(usage.completion_tokens) / f64::from(usage.passes.max(1))
-                )
-            } else {
-                String::new()
-            };
-            eprintln!(
-                "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster{drafts}, energy: {}, finish: {finish}]",
-                usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second,
-                energy_text(&usage)
-            );
-        }
+        report_remote(
+            a.json,
+            &tokens,
+            &text,
+            &finish,
+            &usage,
+            t0.elapsed().as_secs_f64(),
+        )?;
         Ok(())
     })
 }
@@ -464,4 +434,60 @@ fn energy_text(usage: &strata_proto::v1::Usage) -> String {
         _ if usage.energy_note.is_empty() => "not available".into(),
         _ => usage.energy_note.clone(),
     }
+}
+
+/// What a remote generation says at its end: the JSON document, or a line for people.
+fn report_remote(
+    json_out: bool,
+    tokens: &[u32],
+    text: &str,
+    finish: &str,
+    usage: &strata_proto::v1::Usage,
+    total_s: f64,
+) -> anyhow::Result<()> {
+    if json_out {
+        let json = serde_json::json!({
+            "tokens": tokens,
+            "text": text,
+            "finish_reason": finish,
+            "timings": {
+                "total_s": total_s,
+                "prompt_tokens": usage.prompt_tokens,
+                "generated_tokens": usage.completion_tokens,
+                "time_to_first_token_ms": usage.time_to_first_token_ms,
+                "decode_tokens_per_s": usage.decode_tokens_per_second,
+                "draft_tokens": usage.draft_tokens,
+                "accepted_draft_tokens": usage.accepted_draft_tokens,
+                "acceptance_rate": if usage.draft_tokens > 0 {
+                    f64::from(usage.accepted_draft_tokens) / f64::from(usage.draft_tokens)
+                } else { 0.0 },
+                "passes": usage.passes,
+                "tokens_per_pass": if usage.passes > 0 {
+                    f64::from(usage.completion_tokens) / f64::from(usage.passes)
+                } else { 0.0 },
+                "energy_joules": usage.energy_joules,
+                "joules_per_token": joules_per_token(usage),
+                "energy": energy_text(usage),
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!();
+        let drafts = if usage.draft_tokens > 0 {
+            format!(
+                ", {} of {} drafts accepted, {:.2} tokens per pass",
+                usage.accepted_draft_tokens,
+                usage.draft_tokens,
+                f64::from(usage.completion_tokens) / f64::from(usage.passes.max(1))
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "[{} prompt tokens, first token after {:.0} ms, {} generated at {:.1} tokens/s through the cluster{drafts}, energy: {}, finish: {finish}]",
+            usage.prompt_tokens, usage.time_to_first_token_ms, usage.completion_tokens, usage.decode_tokens_per_second,
+            energy_text(usage)
+        );
+    }
+    Ok(())
 }
