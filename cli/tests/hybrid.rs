@@ -230,3 +230,37 @@ fn bad_upstream_settings_are_refused_at_start_with_what_to_do() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn no_help_text_shows_a_secret_from_the_environment() {
+    let secrets = [
+        ("STRATA_API_KEY", "sk-api-0d1e"),
+        ("STRATA_UPSTREAM_KEY", "sk-up-5a7c"),
+        ("STRATA_TOKEN", "strata1-tok-9b2f"),
+        ("STRATA_OPERATOR_KEY", "op-key-3c8d"),
+    ];
+    for command in [
+        &["serve"][..],
+        &["worker"],
+        &["generate"],
+        &["chat"],
+        &["bench"],
+        &["cluster", "status"],
+        &["cluster", "drain"],
+    ] {
+        let mut cmd = common::strata();
+        cmd.args(command).arg("--help");
+        for (name, value) in secrets {
+            cmd.env(name, value);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{command:?} --help failed");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for (name, value) in secrets {
+            assert!(
+                !help.contains(value),
+                "`strata {command:?} --help` shows {name}:\n{help}"
+            );
+        }
+    }
+}

@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "model")]
     coordinator: Option<String>,
     /// API key, when the coordinator requires one.
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]

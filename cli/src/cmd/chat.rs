@@ -27,7 +27,7 @@ pub struct ChatArgs {
     #[arg(long, conflicts_with = "coordinator")]
     pub model: Option<PathBuf>,
     /// API key, when the coordinator requires one.
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// A system message that opens the conversation.
     #[arg(long)]

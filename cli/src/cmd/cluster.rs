@@ -336,7 +336,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// The cluster's join token (`strata token create` on the coordinator's machine).
-    #[arg(long, env = "STRATA_TOKEN")]
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
     token: String,
     /// Join this coordinator (host:port of its API) directly, where multicast is blocked.
     #[arg(long)]
@@ -579,7 +579,7 @@ pub struct Remote {
     #[arg(long, env = "STRATA_COORDINATOR", default_value = DEFAULT_API)]
     coordinator: String,
     /// API key, when the coordinator requires one.
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 }
 
@@ -649,7 +649,7 @@ pub struct PlanArgs {
     #[arg(long, env = "STRATA_COORDINATOR", default_value = DEFAULT_API)]
     coordinator: String,
     /// API key, when the coordinator requires one.
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Print JSON.
     #[arg(long)]

@@ -23,7 +23,7 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "model")]
     pub coordinator: Option<String>,
     /// API key, when the coordinator requires one.
-    #[arg(long, env = "STRATA_API_KEY")]
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Prompt text.
     #[arg(
