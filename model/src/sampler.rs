@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
+use crate::kernels::{exp_weights, finite_max};
 
 /// How to pick tokens. Defaults are greedy decoding with no penalty.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -142,15 +143,18 @@ impl Sampler {
         } else {
             self.sample_filtered(&adjusted)
         };
-        let logprobs = log_softmax(logits);
+        // Log-probabilities under the unmodified distribution: one log-sum-exp, and a
+        // sorted list only when asked for.
+        let lse = log_sum_exp(logits);
         let top_logprobs = if top > 0 {
+            let logprobs: Vec<f32> = logits.iter().map(|l| l - lse).collect();
             top_n(&logprobs, top)
         } else {
             Vec::new()
         };
         Ok(Sampled {
             token,
-            logprob: logprobs[token as usize],
+            logprob: logits[token as usize] - lse,
             top_logprobs,
         })
     }
@@ -194,45 +198,100 @@ impl Sampler {
     }
 
     fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let t = p.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / t))
-            .collect();
-        if cand.is_empty() {
+        let kept = self.filtered(logits);
+        if kept.is_empty() {
             return argmax(logits);
         }
-        // Most likely first; ties broken by id so the order is deterministic.
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && cand.len() > p.top_k {
-            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
-            cand.truncate(p.top_k);
-        }
-        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
-        let prob = |c: &(u32, f32)| (c.1 - max).exp() / sum;
+        self.draw_from(&kept)
+    }
+
+    /// One token drawn from `kept` (not empty), as [`Sampler::filtered`] left it.
+    fn draw_from(&mut self, kept: &[(u32, f32)]) -> u32 {
+        let p = &self.params;
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            // Plain temperature: no order needed, no sort of a 100k+ vocabulary per token.
+            // Plain temperature: walk the cumulative sum (no order needed).
             let mut r = self.rng.random::<f32>();
-            for c in &cand {
-                r -= prob(c);
+            for &(token, prob) in kept {
+                r -= prob;
                 if r < 0.0 {
-                    return c.0;
+                    return token;
                 }
             }
-            return cand[cand.len() - 1].0;
+            return kept[kept.len() - 1].0;
         }
+        // The draw is a race: each kept token's clock is -ln(u)/p, with u uniform from one
+        // random word of the stream and the token's id, and the first to finish wins. That
+        // is exactly p's distribution (of exponential clocks of rates p_i, token i finishes
+        // first with probability p_i / Σp). Unlike walking the cumulative sum, a draft
+        // model that runs the same race (same word) with its own probabilities finishes
+        // first with the same token wherever the two distributions are close, whatever
+        // their order: coupled draws, so sampled answers keep drafts too.
+        let word = self.rng.random::<u64>();
+        race(word, kept)
+    }
+
+    /// The tokens that temperature, top-k, top-p and min-p leave of `logits` (after any
+    /// penalty), with their probabilities: normalised before the filters cut, so they may
+    /// sum to less than 1 (a draw over them is as if renormalised). Plain temperature
+    /// keeps every finite logit, in id order; otherwise the most likely come first. Empty
+    /// when no logit is finite.
+    pub(crate) fn filtered(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let p = &self.params;
+        let max = finite_max(logits);
+        if max == f32::NEG_INFINITY {
+            return Vec::new();
+        }
+        // Each finite logit's weight exp((l - max) / t) (the likeliest's is 1), in one
+        // vectorised pass: a sampled token costs microseconds, not a libm call per entry.
+        let mut weights = vec![0f32; logits.len()];
+        let total = exp_weights(logits, max, 1.0 / p.temperature, &mut weights);
+        let finite = |&(_, (l, _)): &(usize, (&f32, &f32))| l.is_finite();
+        let every = || -> Vec<(u32, f32)> {
+            logits
+                .iter()
+                .zip(&weights)
+                .enumerate()
+                .filter(finite)
+                .map(|(i, (_, &w))| (i as u32, w))
+                .collect()
+        };
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Plain temperature: no order needed, no sort of a 100k+ vocabulary per token.
+            return every().into_iter().map(|(i, w)| (i, w / total)).collect();
+        }
+        // Most likely first; ties broken by id so the order is deterministic.
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let (mut cand, sum) = if p.top_k > 0 {
+            let mut cand = every();
+            if cand.len() > p.top_k {
+                cand.select_nth_unstable_by(p.top_k - 1, by_weight);
+                cand.truncate(p.top_k);
+            }
+            let sum: f32 = cand.iter().map(|c| c.1).sum();
+            (cand, sum)
+        } else {
+            // The tokens within a factor of LIKELY_FLOOR of the likeliest come first in
+            // the order; where they hold the top-p mass, or min-p keeps no others, the
+            // filters need no more of the vocabulary than them.
+            let likely: Vec<(u32, f32)> = weights
+                .iter()
+                .enumerate()
+                .filter(|(_, &w)| w >= LIKELY_FLOOR)
+                .map(|(i, &w)| (i as u32, w))
+                .collect();
+            let mass: f32 = likely.iter().map(|c| c.1).sum();
+            let enough = (p.top_p < 1.0 && mass >= p.top_p * total) || p.min_p >= LIKELY_FLOOR;
+            (if enough { likely } else { every() }, total)
+        };
+        let prob = |c: &(u32, f32)| c.1 / sum;
         // Sort only as much of the head as the filters can keep: the top 256 usually hold
         // the top-p mass or fall below the min-p floor; otherwise sort everything.
         let mut head = cand.len().min(SORTED_HEAD);
         loop {
             if head < cand.len() {
-                cand.select_nth_unstable_by(head - 1, by_logit);
+                cand.select_nth_unstable_by(head - 1, by_weight);
             }
-            cand[..head].sort_by(by_logit);
+            cand[..head].sort_by(by_weight);
             let mass: f32 = cand[..head].iter().map(prob).sum();
             let floor = prob(&cand[0]) * p.min_p;
             let enough = head == cand.len()
@@ -243,43 +302,41 @@ impl Sampler {
             }
             head = cand.len();
         }
-        let mut probs: Vec<f32> = cand[..head].iter().map(prob).collect();
+        let mut kept: Vec<(u32, f32)> = cand[..head].iter().map(|c| (c.0, prob(c))).collect();
         if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
-            probs.truncate(keep);
+            let floor = kept[0].1 * p.min_p;
+            let keep = kept.iter().take_while(|c| c.1 >= floor).count().max(1);
+            kept.truncate(keep);
         }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, x) in probs.iter().enumerate() {
-                acc += x;
+            let mut keep = kept.len();
+            for (i, c) in kept.iter().enumerate() {
+                acc += c.1;
                 if acc >= p.top_p {
                     keep = i + 1;
                     break;
                 }
             }
-            probs.truncate(keep);
+            kept.truncate(keep);
         }
-        // The draw is a race: each kept token's clock is -ln(u)/p, with u uniform from one
-        // random word of the stream and the token's id, and the first to finish wins. That
-        // is exactly p's distribution (of exponential clocks of rates p_i, token i finishes
-        // first with probability p_i / Σp). Unlike walking the cumulative sum, a draft
-        // model that runs the same race (same word) with its own probabilities finishes
-        // first with the same token wherever the two distributions are close, whatever
-        // their order: coupled draws, so sampled answers keep drafts too.
-        let word = self.rng.random::<u64>();
-        let mut first = (f64::INFINITY, cand[0].0);
-        for (c, &x) in cand.iter().zip(&probs) {
-            if x > 0.0 {
-                let clock = -token_uniform(word, c.0).ln() / f64::from(x);
-                if clock < first.0 {
-                    first = (clock, c.0);
-                }
+        kept
+    }
+}
+
+/// The winner of a race of exponential clocks, one per token of `kept` at rate its
+/// probability, each clock's uniform drawn from `word` and the token's id.
+pub(crate) fn race(word: u64, kept: &[(u32, f32)]) -> u32 {
+    let mut first = (f64::INFINITY, kept[0].0);
+    for &(token, prob) in kept {
+        if prob > 0.0 {
+            let clock = -token_uniform(word, token).ln() / f64::from(prob);
+            if clock < first.0 {
+                first = (clock, token);
             }
         }
-        first.1
     }
+    first.1
 }
 
 /// A uniform number in (0, 1] for `token` from one random `word`: SplitMix64's finaliser
@@ -294,6 +351,10 @@ fn token_uniform(word: u64, token: u32) -> f64 {
 
 /// Candidates sorted before checking whether top-p / min-p need more.
 const SORTED_HEAD: usize = 256;
+
+/// Weight (relative to the likeliest token's) below which a token is first left out when
+/// looking for the top-p or min-p set.
+const LIKELY_FLOOR: f32 = 1e-3;
 
 /// Divides the positive logits (multiplies the negative ones) of the tokens among the last
 /// `window` of `history` by `penalty`, once per token; `1` changes nothing.
@@ -327,10 +388,14 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
-    logits.iter().map(|l| l - lse).collect()
+/// `ln(Σ exp(l))` over the finite logits (their softmax's normaliser in log space).
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = finite_max(logits);
+    if max == f32::NEG_INFINITY {
+        return f32::NAN;
+    }
+    let mut scratch = vec![0f32; logits.len()];
+    exp_weights(logits, max, 1.0, &mut scratch).ln() + max
 }
 
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {

@@ -988,6 +988,112 @@ fn quantize_blocks(x: &[f32], row: Q8Row) {
     }
 }
 
+/// The largest finite value of `x` (`-inf` when none is): a vocabulary's logits in one
+/// vectorised pass (a fold of `f32::max` is a chain of one compare per entry).
+pub(crate) fn finite_max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU was just found to have AVX2.
+        return unsafe { finite_max_avx2(x) };
+    }
+    finite_max_portable(x)
+}
+
+/// [`finite_max`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finite_max_avx2(x: &[f32]) -> f32 {
+    finite_max_portable(x)
+}
+
+#[inline(always)]
+fn finite_max_portable(x: &[f32]) -> f32 {
+    let larger = |best: f32, v: f32| if v > best && v.is_finite() { v } else { best };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = larger(*lane, v);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, larger);
+    lanes.into_iter().fold(tail, larger)
+}
+
+/// `out[i] = exp((x[i] - shift) * scale)` (0 where `x[i]` is not finite), and their sum:
+/// the softmax weights of a vocabulary in one pass. With AVX2 and FMA eight at a time.
+pub(crate) fn exp_weights(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU was just found to have AVX2 and FMA.
+        return unsafe { exp_weights_avx2(x, shift, scale, out) };
+    }
+    exp_weights_portable(x, shift, scale, out)
+}
+
+/// [`exp_weights`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_weights_avx2(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f32 {
+    exp_weights_portable(x, shift, scale, out)
+}
+
+#[inline(always)]
+fn exp_weights_portable(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f32 {
+    for (o, &v) in out.iter_mut().zip(x) {
+        let e = fast_exp((v - shift) * scale);
+        *o = if v.is_finite() { e } else { 0.0 };
+    }
+    // Sixteen running sums, so the additions vectorise too.
+    let mut lanes = [0f32; 16];
+    let mut chunks = out.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `e^v` within about 2e-7 relative (Cephes' expf: `v = n ln2 + r`, a degree-5 polynomial
+/// in `r`, `2^n` put into the exponent bits), 0 below -87: branch-free, so a loop of it
+/// vectorises where libm's `expf` is one call per value.
+#[inline(always)]
+fn fast_exp(v: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = v.clamp(-87.0, 88.0);
+    let shifted = clamped.mul_add(LOG2E, ROUND);
+    let n = shifted - ROUND;
+    let r = n.mul_add(-0.693_359_4, clamped);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut poly = 1.987_569_1e-4f32;
+    poly = poly.mul_add(r, 1.398_2e-3);
+    poly = poly.mul_add(r, 8.333_452e-3);
+    poly = poly.mul_add(r, 4.166_579_6e-2);
+    poly = poly.mul_add(r, 1.666_666_5e-1);
+    poly = poly.mul_add(r, 0.5);
+    let e = poly.mul_add(r * r, r) + 1.0;
+    let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23;
+    let result = e * f32::from_bits(exponent as u32);
+    if v < -87.0 {
+        0.0
+    } else {
+        result
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(not(target_arch = "x86_64"))]
@@ -1289,5 +1395,44 @@ mod tests {
         assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 18 * 3], 3, 32).is_none());
         assert!(QuantTiles::from_ggml(TileFormat::Q4_0, &[0u8; 17], 4, 32).is_none());
         assert!(QuantTiles::from_ggml(TileFormat::Q8_0, &[0u8; 18 * 4], 4, 32).is_none());
+    }
+
+    #[test]
+    fn the_fast_exp_is_within_a_few_ulps_and_zero_for_what_is_not_finite() {
+        let mut worst = 0f64;
+        let mut v = -87.0f32;
+        while v < 88.0 {
+            let exact = f64::from(v).exp();
+            let got = f64::from(fast_exp(v));
+            worst = worst.max((got - exact).abs() / exact);
+            v += 0.0137;
+        }
+        assert!(worst < 3e-7, "relative error {worst:e}");
+        assert_eq!(fast_exp(-1000.0), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+        let x = [0.0, f32::NEG_INFINITY, -1.0, f32::NAN, f32::INFINITY, 2.0];
+        let mut out = [9f32; 6];
+        let sum = exp_weights(&x, 2.0, 0.5, &mut out);
+        let expected = [(-1.0f32).exp(), 0.0, (-1.5f32).exp(), 0.0, 0.0, 1.0];
+        for (g, e) in out.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-6, "{out:?}");
+        }
+        assert!((sum - expected.iter().sum::<f32>()).abs() < 1e-6);
+        // Long enough for the vector lanes and a remainder.
+        let long: Vec<f32> = (0..1000).map(|i| (i % 37) as f32 * -0.25).collect();
+        let mut out = vec![0f32; long.len()];
+        let sum = exp_weights(&long, 0.0, 1.0, &mut out);
+        let exact: f64 = long.iter().map(|&l| f64::from(l).exp()).sum();
+        assert!((f64::from(sum) - exact).abs() / exact < 1e-5);
+        let mut values: Vec<f32> = (0..100).map(|i| (i * 37 % 101) as f32 - 50.0).collect();
+        assert_eq!(finite_max(&values), 50.0);
+        values[7] = f32::INFINITY;
+        values[8] = f32::NAN;
+        values[99] = 60.0;
+        assert_eq!(finite_max(&values), 60.0);
+        assert_eq!(
+            finite_max(&[f32::NAN, f32::NEG_INFINITY]),
+            f32::NEG_INFINITY
+        );
     }
 }
