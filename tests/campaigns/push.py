@@ -67,9 +67,14 @@ def main():
     model = os.path.join(d, "push.gguf")
     synth(model, a.layers)
     log(f"model: {os.path.getsize(model) / 1e6:.0f} MB, {a.layers} layers")
+    # Each step starts once the disk has caught up with what the last one wrote (the model,
+    # a worker's cache): on a VM whose disk writes a few hundred MB/s, a trial would
+    # otherwise measure the previous one's writeback, not the stream.
+    os.sync()
     ceiling = None if a.no_ceiling else tls_ceiling(model)
     best = 0
     for trial in range(a.trials):
+        os.sync()
         c = Cluster(model, 1, worker_args=["--speed", "1e9"])
         try:
             c.wait_serving(1, timeout=600)

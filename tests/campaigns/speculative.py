@@ -19,7 +19,10 @@ With --clients N (N > 1) it sends N requests at once per trial instead, and comp
 total throughput (all generated tokens over the wall time from the first request to the
 last answer); the tokens must still match request by request.
 
-With --sampling (the demo's, say) the answers are sampled, and not compared.
+With --sampling (the demo's, say) the answers are sampled, and not compared. With --seeds N
+as well, each trial sends the prompt once per seed 1..N to each setting (back to back) and
+compares the total decode rates: one seed's answer is one draw, and how many drafts a draw
+keeps varies a lot from draw to draw (on the demo from 47% to 73% of them).
 
 The default prompt asks a chat model to repeat a paragraph (prompt lookup's best case);
 --prompt gives another. Standard library only; shares heal.py's cluster harness.
@@ -78,6 +81,10 @@ def main():
                    help="sampling flags for `strata generate` (greedy without), e.g. the demo's: "
                         "'--temperature 0.7 --top-p 0.9 --repeat-penalty 1.1 --seed 1'; sampled "
                         "answers with and without drafts are different draws, so not compared")
+    p.add_argument("--draft-max", type=int, help="most drafts per step (serve's default without)")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="with --sampling: each trial sends the prompt with seeds 1..N and "
+                        "compares the settings' total decode rates")
     p.add_argument("--strata", default=heal.STRATA)
     a = p.parse_args()
     heal.STRATA = a.strata
@@ -85,6 +92,8 @@ def main():
     IGNORE_EOS = a.ignore_eos
     SAMPLING = a.sampling.split()
     flags = ["--draft", a.draft] if a.draft else ["--draft-model", a.draft_model]
+    if a.draft_max:
+        flags += ["--draft-max", str(a.draft_max)]
     settings = [("plain", []), ("drafted", flags)]
     clusters = {}
     try:
@@ -94,6 +103,8 @@ def main():
             c.wait_serving(stages=a.workers)
         if a.clients > 1:
             return concurrent(a, clusters, settings)
+        if a.seeds > 0:
+            return over_seeds(a, clusters, settings, flags)
         best = {name: None for name, _ in settings}
         ratios = []
         for trial in range(a.trials):
@@ -132,6 +143,43 @@ def main():
     finally:
         for c in clusters.values():
             c.close()
+
+
+def over_seeds(a, clusters, settings, flags):
+    global SAMPLING
+    base = SAMPLING
+    ratios, totals = [], {name: [0, 0.0, 0, 0, 0] for name, _ in settings}
+    for trial in range(a.trials):
+        trial_totals = {name: [0, 0.0] for name, _ in settings}
+        for seed in range(1, a.seeds + 1):
+            SAMPLING = [*base, "--seed", str(seed)]
+            for name, _ in settings:
+                t = generate(clusters[name], a.prompt, a.max_tokens, not a.no_chat)["timings"]
+                seconds = t["generated_tokens"] / t["decode_tokens_per_s"]
+                for acc in (trial_totals[name], totals[name]):
+                    acc[0] += t["generated_tokens"]
+                    acc[1] += seconds
+                totals[name][2] += t["draft_tokens"]
+                totals[name][3] += t["accepted_draft_tokens"]
+                totals[name][4] += t.get("passes", 0)
+        rates = {name: n / secs for name, (n, secs) in trial_totals.items()}
+        heal.log(f"trial {trial + 1}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rates.items())
+                 + f", ratio {rates['drafted'] / rates['plain']:.3f}")
+        ratios.append(rates["drafted"] / rates["plain"])
+    SAMPLING = base
+    tokens, secs, drafts, kept, passes = totals["drafted"]
+    plain_rate = totals["plain"][0] / totals["plain"][1]
+    heal.log(json.dumps({
+        "model": os.path.basename(a.model), "drafts": " ".join(flags), "workers": a.workers,
+        "seeds": a.seeds, "trials": a.trials, "tokens_per_answer": a.max_tokens,
+        "plain_decode_tokens_per_s": round(plain_rate, 2),
+        "drafted_decode_tokens_per_s": round(tokens / secs, 2),
+        "speedup": round(tokens / secs / plain_rate, 3),
+        "median_trial_speedup": round(sorted(ratios)[len(ratios) // 2], 3),
+        "trial_speedups": [round(r, 3) for r in ratios],
+        "acceptance_rate": round(kept / drafts, 3) if drafts else None,
+        "tokens_per_pass": round(tokens / passes, 3) if passes else None,
+    }))
 
 
 def concurrent(a, clusters, settings):
