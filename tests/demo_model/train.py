@@ -60,12 +60,17 @@ the same documents, with the demo's own tokenizer (read from --out, not trained 
 parameters. It learns from the demo model itself (model.safetensors in --out): its loss is
 the KL divergence from the demo model's next-token distribution (distillation), not the
 text's next token, because a draft is worth what the model it drafts for agrees with.
+With --on-policy N, half of each batch comes from N answers the demo model samples itself
+(own_answers: chat prompts of random verses, the demo's sampling, 128 tokens each), the
+other half from the KJV: a draft guesses at what the model writes, not at scripture.
 It writes strata-demo-draft-q8_0.gguf and draft-train-log.json into --out
-(the safetensors stay in a temporary directory). The bundled draft took 1,200 steps,
-about 23 minutes on the 2-core VM (600 steps kept fewer drafts: 2.4 against 3.3 tokens per
-pass on one verse, greedy):
-  /root/golden-venv/bin/python tests/demo_model/train.py --draft --steps 1200 \
+(the safetensors stay in a temporary directory). The bundled draft took about 31 minutes
+on the 2-core VM (6 to make the answers, 25 to train):
+  /root/golden-venv/bin/python tests/demo_model/train.py --draft --steps 2400 --on-policy 4096 \
       --convert /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
+Tokens per pass over the demo's prompt with 8 seeds, sampled as the demo samples, 128 tokens
+each: the KJV alone, 1,200 steps: 3.53; with 2,048 of its own answers: 3.88; 2,400 steps
+with 4,096 answers: 4.15.
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ VOCAB = 4096
 SEQ = 256
 BATCH = 16
 CONTEXT = 512
+# --on-policy: how the demo model's own answers are made (see own_answers).
+GENERATE_BATCH = 128
+ANSWER_TOKENS = 128
 SAMPLES = [
     "In the beginning God created the heaven and the earth.",
     "The LORD is my shepherd; I shall not want.",
@@ -143,6 +151,34 @@ def documents(chapters: list[tuple[str, list[str]]], rng: random.Random) -> list
     return docs
 
 
+def own_answers(teacher, tok, chapters, count: int, rng: random.Random) -> list[int]:
+    """The demo model's own answers to `count` random verses, sampled as `strata demo`
+    samples (temperature 0.7, top-p 0.9, repeat penalty 1.1) and ANSWER_TOKENS long (past
+    its end of turn, as a campaign with --ignore-eos runs): the text a draft guesses at when
+    the demo runs, which the KJV alone is not. One token stream, prompts included."""
+    import torch
+
+    verses = [v for _, vs in chapters for v in vs]
+    pad = tok.token_to_id("<|pad|>")
+    stream: list[int] = []
+    for first in range(0, count, GENERATE_BATCH):
+        prompts = [tok.encode(f"<|user|>\n{rng.choice(verses)}<|end|>\n<|assistant|>\n",
+                              add_special_tokens=False).ids
+                   for _ in range(min(GENERATE_BATCH, count - first))]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = teacher.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                   temperature=0.7, top_p=0.9, repetition_penalty=1.1,
+                                   max_new_tokens=ANSWER_TOKENS, min_new_tokens=ANSWER_TOKENS,
+                                   pad_token_id=pad)
+        for prompt, row in zip(prompts, out.tolist()):
+            stream.extend(prompt + row[width:])
+        log(f"own answers: {first + len(prompts)}/{count}")
+    return stream
+
+
 def train_tokenizer(docs: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -182,6 +218,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", action="store_true",
                     help="train the draft model (with the demo's tokenizer, from --out)")
+    ap.add_argument("--on-policy", type=int, default=0, metavar="N",
+                    help="with --draft: half of each batch from N answers the demo model "
+                         "samples itself (own_answers), half from the KJV")
     args = ap.parse_args()
 
     import torch
@@ -193,7 +232,8 @@ def main() -> None:
     rng = random.Random(0)
     out = Path(args.out)
 
-    docs = documents(read_kjv(), rng)
+    chapters = read_kjv()
+    docs = documents(chapters, rng)
     if args.draft:
         import tempfile
         from tokenizers import Tokenizer
@@ -225,6 +265,11 @@ def main() -> None:
     teacher = None
     if args.draft:
         teacher = LlamaForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32).eval()
+    policy = None
+    if teacher is not None and args.on_policy:
+        stream = own_answers(teacher, tok, chapters, args.on_policy, rng)
+        policy = torch.tensor(stream, dtype=torch.long)
+        log(f"{args.on_policy} own answers, {len(stream)} tokens")
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {params / 1e6:.2f} M parameters")
 
@@ -248,6 +293,12 @@ def main() -> None:
         starts = order[cursor:cursor + BATCH] * SEQ
         cursor += BATCH
         batch = torch.stack([data[s:s + SEQ + 1] for s in starts.tolist()])
+        if policy is not None:
+            # Half the batch from the model's own answers, at random offsets.
+            half = BATCH // 2
+            picks = torch.randint(0, len(policy) - SEQ - 1, (half,),
+                                  generator=torch.Generator().manual_seed(10_000 + step))
+            batch[half:] = torch.stack([policy[s:s + SEQ + 1] for s in picks.tolist()])
         logits = model(input_ids=batch[:, :-1]).logits
         if teacher is None:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
@@ -287,7 +338,8 @@ def main() -> None:
     log_name = "draft-train-log.json" if args.draft else "train-log.json"
     ((final if args.draft else out) / log_name).write_text(json.dumps({
         "parameters": params, "tokens": len(ids), "batch": BATCH, "seq": SEQ,
-        "steps_planned": args.steps, "curve": curve, "samples": samples,
+        "steps_planned": args.steps, "on_policy_answers": args.on_policy,
+        "curve": curve, "samples": samples,
         "torch": torch.__version__, "transformers": transformers.__version__,
     }, indent=1) + "\n")
     if args.convert:
