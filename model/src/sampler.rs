@@ -235,7 +235,7 @@ impl Sampler {
     /// sum to less than 1 (a draw over them is as if renormalised). Plain temperature
     /// keeps every finite logit, in id order; otherwise the most likely come first. Empty
     /// when no logit is finite.
-    pub(crate) fn filtered(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+    fn filtered(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
         let max = finite_max(logits);
         if max == f32::NEG_INFINITY {
@@ -245,13 +245,12 @@ impl Sampler {
         // vectorised pass: a sampled token costs microseconds, not a libm call per entry.
         let mut weights = vec![0f32; logits.len()];
         let total = exp_weights(logits, max, 1.0 / p.temperature, &mut weights);
-        let finite = |&(_, (l, _)): &(usize, (&f32, &f32))| l.is_finite();
         let every = || -> Vec<(u32, f32)> {
             logits
                 .iter()
                 .zip(&weights)
                 .enumerate()
-                .filter(finite)
+                .filter(|(_, (l, _))| l.is_finite())
                 .map(|(i, (_, &w))| (i as u32, w))
                 .collect()
         };
@@ -259,9 +258,7 @@ impl Sampler {
             // Plain temperature: no order needed, no sort of a 100k+ vocabulary per token.
             return every().into_iter().map(|(i, w)| (i, w / total)).collect();
         }
-        // Most likely first; ties broken by id so the order is deterministic.
-        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let (mut cand, sum) = if p.top_k > 0 {
+        let (cand, sum) = if p.top_k > 0 {
             let mut cand = every();
             if cand.len() > p.top_k {
                 cand.select_nth_unstable_by(p.top_k - 1, by_weight);
@@ -283,6 +280,13 @@ impl Sampler {
             let enough = (p.top_p < 1.0 && mass >= p.top_p * total) || p.min_p >= LIKELY_FLOOR;
             (if enough { likely } else { every() }, total)
         };
+        self.cut(cand, sum)
+    }
+
+    /// Of `cand` (token, weight) pairs whose weights sum to `sum` before any cut, the most
+    /// likely first, what min-p and top-p keep, with their probabilities.
+    fn cut(&self, mut cand: Vec<(u32, f32)>, sum: f32) -> Vec<(u32, f32)> {
+        let p = &self.params;
         let prob = |c: &(u32, f32)| c.1 / sum;
         // Sort only as much of the head as the filters can keep: the top 256 usually hold
         // the top-p mass or fall below the min-p floor; otherwise sort everything.
@@ -324,9 +328,14 @@ impl Sampler {
     }
 }
 
+/// Most likely first; ties broken by id so the order is deterministic.
+fn by_weight(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// The winner of a race of exponential clocks, one per token of `kept` at rate its
 /// probability, each clock's uniform drawn from `word` and the token's id.
-pub(crate) fn race(word: u64, kept: &[(u32, f32)]) -> u32 {
+fn race(word: u64, kept: &[(u32, f32)]) -> u32 {
     let mut first = (f64::INFINITY, kept[0].0);
     for &(token, prob) in kept {
         if prob > 0.0 {
