@@ -202,16 +202,11 @@ impl Sampler {
         if kept.is_empty() {
             return argmax(logits);
         }
-        self.draw_from(&kept)
-    }
-
-    /// One token drawn from `kept` (not empty), as [`Sampler::filtered`] left it.
-    fn draw_from(&mut self, kept: &[(u32, f32)]) -> u32 {
         let p = &self.params;
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Plain temperature: walk the cumulative sum (no order needed).
             let mut r = self.rng.random::<f32>();
-            for &(token, prob) in kept {
+            for &(token, prob) in &kept {
                 r -= prob;
                 if r < 0.0 {
                     return token;
@@ -227,7 +222,7 @@ impl Sampler {
         // first with the same token wherever the two distributions are close, whatever
         // their order: coupled draws, so sampled answers keep drafts too.
         let word = self.rng.random::<u64>();
-        race(word, kept)
+        race(word, &kept)
     }
 
     /// The tokens that temperature, top-k, top-p and min-p leave of `logits` (after any
@@ -245,21 +240,22 @@ impl Sampler {
         // vectorised pass: a sampled token costs microseconds, not a libm call per entry.
         let mut weights = vec![0f32; logits.len()];
         let total = exp_weights(logits, max, 1.0 / p.temperature, &mut weights);
-        let every = || -> Vec<(u32, f32)> {
+        // Every finite logit's token with its weight divided by `by`.
+        let every = |by: f32| -> Vec<(u32, f32)> {
             logits
                 .iter()
                 .zip(&weights)
                 .enumerate()
                 .filter(|(_, (l, _))| l.is_finite())
-                .map(|(i, (_, &w))| (i as u32, w))
+                .map(|(i, (_, &w))| (i as u32, w / by))
                 .collect()
         };
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Plain temperature: no order needed, no sort of a 100k+ vocabulary per token.
-            return every().into_iter().map(|(i, w)| (i, w / total)).collect();
+            return every(total);
         }
         let (cand, sum) = if p.top_k > 0 {
-            let mut cand = every();
+            let mut cand = every(1.0);
             if cand.len() > p.top_k {
                 cand.select_nth_unstable_by(p.top_k - 1, by_weight);
                 cand.truncate(p.top_k);
@@ -278,7 +274,7 @@ impl Sampler {
                 .collect();
             let mass: f32 = likely.iter().map(|c| c.1).sum();
             let enough = (p.top_p < 1.0 && mass >= p.top_p * total) || p.min_p >= LIKELY_FLOOR;
-            (if enough { likely } else { every() }, total)
+            (if enough { likely } else { every(1.0) }, total)
         };
         self.cut(cand, sum)
     }
