@@ -1,7 +1,9 @@
 //! GGUF's block formats unpacked, row by row, into the three shapes the tiles hold.
 //!
-//! Every format becomes blocks of 32 values with an f16 scale `d` and, where the format
-//! has one, an f16 minimum (`value = d * q - min`):
+//! Every format becomes blocks of 32 values with a scale `d` and, where the format has one,
+//! a minimum (`value = d * q - min`). Each is an f16, per block in the formats of 32 and
+//! per super-block of 256 in the K-quants, where a byte per block multiplies it (Q4_K's
+//! and Q5_K's 6-bit sub-scales and minimums, kept as the file has them):
 //! - Q4_0, Q4_1 and Q4_K keep 4-bit nibbles in Q4_0's order (byte `j` holds values `j`
 //!   and `j + 16`);
 //! - Q8_0 keeps its signed bytes;
@@ -12,8 +14,6 @@
 //! The layouts follow ggml's `dequantize_row_*` (ggml-quants.c); the tests compare each
 //! format against candle's dequantization of the same bytes.
 
-use half::f16;
-
 /// Values per block.
 pub(super) const QK: usize = 32;
 /// Values per K-quant super-block.
@@ -22,22 +22,20 @@ const QK_K: usize = 256;
 /// One matrix's blocks, row-major (`[n][k / 32]`).
 #[derive(Default)]
 pub(super) struct RowBlocks {
-    /// f16 scale per block.
+    /// Blocks per f16 scale and minimum, as a power of two: 0, or 3 in the K-quants.
+    pub shift: u32,
+    /// f16 scale per `1 << shift` blocks.
     pub scales: Vec<u16>,
-    /// f16 minimum per block, subtracted from every value (empty: none).
+    /// A byte per block that multiplies its scale (empty: none).
+    pub scale_bytes: Vec<u8>,
+    /// f16 minimum per `1 << shift` blocks, subtracted from every value (empty: none).
     pub mins: Vec<u16>,
+    /// A byte per block that multiplies its minimum (empty: none).
+    pub min_bytes: Vec<u8>,
     /// Per block: 16 bytes of nibbles, 32 signed bytes, or 32 values below 64.
     pub quants: Vec<u8>,
     /// Two signed sub-scales per block (the six-bit shape only).
     pub subscales: Vec<i8>,
-}
-
-fn half(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
-fn half_bits(v: f32) -> u16 {
-    f16::from_f32(v).to_bits()
 }
 
 /// Splits `bytes` into `n * k / values_per_block` blocks of `block_bytes`, or `None` when
@@ -124,18 +122,22 @@ fn k_scale_min(packed: &[u8], j: usize) -> (u8, u8) {
 }
 
 /// Q4_K (super-blocks of 256: d, dmin, 12 bytes of 6-bit scales and minimums, 128 bytes
-/// of nibbles) as blocks of 32 carrying their own scale and minimum: `d * sc` and
-/// `dmin * m` rounded to f16 once.
+/// of nibbles): `d` and `dmin` per super-block, each sub-block's 6-bit scale and minimum
+/// as a byte, and its nibbles in Q4_0's order.
 pub(super) fn q4k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
-    let mut out = RowBlocks::default();
+    let mut out = RowBlocks {
+        shift: 3,
+        ..RowBlocks::default()
+    };
     for block in blocks(bytes, n, k, QK_K, 144)? {
-        let (d, dmin) = (half(block, 0), half(block, 2));
+        out.scales.push(u16::from_le_bytes([block[0], block[1]]));
+        out.mins.push(u16::from_le_bytes([block[2], block[3]]));
         let packed = &block[4..16];
         let qs = &block[16..144];
         for j in 0..8 {
             let (sc, m) = k_scale_min(packed, j);
-            out.scales.push(half_bits(d * f32::from(sc)));
-            out.mins.push(half_bits(dmin * f32::from(m)));
+            out.scale_bytes.push(sc);
+            out.min_bytes.push(m);
             // Sub-blocks 2g and 2g+1 share 32 bytes: low nibbles, then high nibbles.
             let group = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
             let value = |l: usize| {
@@ -154,18 +156,21 @@ pub(super) fn q4k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
 }
 
 /// Q5_K: Q4_K's layout plus 32 bytes of fifth bits (bit `j` of byte `l` belongs to value
-/// `l` of sub-block `j`).
+/// `l` of sub-block `j`). A sub-block's 6-bit scale is both its sub-scales.
 pub(super) fn q5k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
-    let mut out = RowBlocks::default();
+    let mut out = RowBlocks {
+        shift: 3,
+        ..RowBlocks::default()
+    };
     for block in blocks(bytes, n, k, QK_K, 176)? {
-        let (d, dmin) = (half(block, 0), half(block, 2));
+        out.scales.push(u16::from_le_bytes([block[0], block[1]]));
+        out.mins.push(u16::from_le_bytes([block[2], block[3]]));
         let packed = &block[4..16];
         let high = &block[16..48];
         let qs = &block[48..176];
         for j in 0..8 {
             let (sc, m) = k_scale_min(packed, j);
-            out.scales.push(half_bits(d * f32::from(sc)));
-            out.mins.push(half_bits(dmin * f32::from(m)));
+            out.min_bytes.push(m);
             let group = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
             for l in 0..32 {
                 let low = if j % 2 == 0 {
@@ -175,7 +180,8 @@ pub(super) fn q5k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
                 };
                 out.quants.push(low | (((high[l] >> j) & 1) << 4));
             }
-            out.subscales.extend([1, 1]);
+            // Below 64: a positive i8.
+            out.subscales.extend([sc as i8, sc as i8]);
         }
     }
     Some(out)
@@ -184,9 +190,13 @@ pub(super) fn q5k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
 /// Q6_K (super-blocks of 256: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed
 /// scales, d): `value = d * scale[i / 16] * (q - 32)`.
 pub(super) fn q6k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
-    let mut out = RowBlocks::default();
+    let mut out = RowBlocks {
+        shift: 3,
+        ..RowBlocks::default()
+    };
     for block in blocks(bytes, n, k, QK_K, 210)? {
-        let d = u16::from_le_bytes([block[208], block[209]]);
+        out.scales
+            .push(u16::from_le_bytes([block[208], block[209]]));
         let mut values = [0u8; QK_K];
         for half_block in 0..2 {
             let ql = &block[half_block * 64..half_block * 64 + 64];
@@ -201,7 +211,6 @@ pub(super) fn q6k(bytes: &[u8], n: usize, k: usize) -> Option<RowBlocks> {
         }
         let scales = &block[192..208];
         for j in 0..8 {
-            out.scales.push(d);
             out.quants.extend_from_slice(&values[j * 32..j * 32 + 32]);
             out.subscales
                 .extend([scales[2 * j] as i8, scales[2 * j + 1] as i8]);

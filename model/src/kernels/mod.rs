@@ -21,9 +21,11 @@
 //! `maddubs` (or `vpdpbusd`) multiplies them; the `- 8 * sum(a)` offset is folded in per
 //! block, as a block's minimum is.
 //!
-//! Every format's weights stay packed, one copy: Q4_K and Q5_K blocks of 32 carry their
-//! own f16 scale and minimum (5 and 6 bits per weight against the file's 4.5 and 5.5), and
-//! Q6_K keeps its 6 bits with a signed scale per 16 (7 bits against 6.56).
+//! Every format's weights stay packed, one copy. The K-quants keep their scales as the
+//! file has them: an f16 scale (and minimum) per super-block of 256, and a byte per block
+//! of 32 under it. Q4_K takes 4.63 bits per weight (the file's 6-bit sub-scales as bytes,
+//! against 4.5), Q6_K its 6.56 (6 bits with a signed scale per 16), and Q5_K 6.88 (in the
+//! six-bit tiles, against 5.5).
 //!
 //! This module's `unsafe` is SIMD intrinsics behind a runtime CPU check (`attention` has
 //! the only other: its portable code compiled for AVX2, behind the same kind of check).
@@ -126,14 +128,14 @@ pub enum TileFormat {
     Q5_1,
     /// 8-bit: an f16 scale and 32 signed bytes per 32 values.
     Q8_0,
-    /// llama.cpp's Q4_K, unpacked at load into Q4_0-shaped blocks of 32 that carry their
-    /// own scale and minimum (`value = scale * q - min`): 5 bits per weight instead of 4.5,
-    /// and the Q4_0 kernel with one more term.
+    /// llama.cpp's Q4_K, its nibbles in Q4_0's order, with a byte scale and minimum per
+    /// block of 32 under an f16 pair per 256 (`value = d * sc * q - dmin * m`): 4.63 bits
+    /// per weight against the file's 4.5, and the Q4_0 kernel with one more term.
     Q4K,
     /// Q5_K, as Q4_K with a fifth bit, in the six-bit tiles.
     Q5K,
     /// Q6_K: super-blocks of 256 with a signed scale per 16 values, in the six-bit tiles
-    /// (7 bits per weight against the file's 6.56). It is the output head of every Q4_K_M
+    /// (the file's 6.56 bits per weight). It is the output head of every Q4_K_M
     /// file and half of its `ffn_down` and `attn_v`.
     Q6K,
 }
@@ -203,14 +205,24 @@ pub struct QuantTiles {
     height: usize,
     n: usize,
     k: usize,
-    /// `[n / height][k / 32][height]` f16 scales.
+    /// Blocks per f16 in `scales` and `mins`, as a power of two: 3 (a super-block) in the
+    /// K-quants, 0 elsewhere.
+    shift: u32,
+    /// `[n / height][(k / 32) >> shift][height]` f16 scales.
     scales: Vec<u16>,
+    /// `[n / height][k / 32][height]` bytes that multiply the scales (Q4_K's 6-bit
+    /// sub-scales; empty otherwise).
+    scale_bytes: Vec<u8>,
     /// `[n / height][k / 32]` blocks of weights: nibbles in Q4_0's order, or bytes; four
     /// rows' `[row][quant_bytes]`, or sixteen rows' `[quant_bytes / 4][row][4]` (four
     /// bytes of each row side by side, as one 32-bit lane each).
     quants: Vec<u8>,
-    /// `[n / height][k / 32][height]` f16 minimums (formats with one; empty otherwise).
+    /// `[n / height][(k / 32) >> shift][height]` f16 minimums (formats with one; empty
+    /// otherwise).
     mins: Vec<u16>,
+    /// `[n / height][k / 32][height]` bytes that multiply the minimums (Q4_K's and Q5_K's
+    /// 6-bit minimums; empty otherwise).
+    min_bytes: Vec<u8>,
     /// `[n / height][k / 32][8 * height]` high bit pairs (six-bit tiles; empty
     /// otherwise). Four-row tiles: byte `L` holds, for row `L / 16` and `i = L % 16`, the
     /// pairs of value `i`, value `16 + i`, then the same two of row `2 + L / 16`, so one
@@ -220,6 +232,32 @@ pub struct QuantTiles {
     /// Signed scales per 16 values (six-bit tiles only): `[n / 4][k / 32][4][2]`, or
     /// `[n / 16][k / 32][2][16]` in sixteen-row tiles.
     subscales: Vec<i8>,
+}
+
+/// One tile's scales, or its minimums, by block: an f16 per `1 << shift` blocks, times a
+/// byte per block where there are bytes.
+#[derive(Debug, Clone, Copy)]
+struct BlockScales<'a> {
+    /// `[blocks >> shift][height]` (empty: the tiles have none, as minimums in Q4_0).
+    halves: &'a [u16],
+    /// `[blocks][height]`, or empty.
+    bytes: &'a [u8],
+    shift: u32,
+}
+
+impl BlockScales<'_> {
+    fn is_empty(&self) -> bool {
+        self.halves.is_empty()
+    }
+
+    /// Row `r`'s value in block `b`, in tiles of `height` rows.
+    fn value(&self, b: usize, r: usize, height: usize) -> f32 {
+        let d = half::f16::from_bits(self.halves[(b >> self.shift) * height + r]).to_f32();
+        match self.bytes.get(b * height + r) {
+            Some(&byte) => d * f32::from(byte),
+            None => d,
+        }
+    }
 }
 
 /// Activation rows quantized to 8 bits per block of 32.
@@ -258,9 +296,12 @@ impl QuantTiles {
             height,
             n,
             k,
-            scales: vec![0u16; n * kb],
+            shift: rows.shift,
+            scales: vec![0u16; rows.scales.len()],
+            scale_bytes: vec![0u8; rows.scale_bytes.len()],
             quants: vec![0u8; n * kb * qb],
             mins: vec![0u16; rows.mins.len()],
+            min_bytes: vec![0u8; rows.min_bytes.len()],
             high: Vec::new(),
             subscales: vec![0i8; rows.subscales.len()],
         };
@@ -272,9 +313,18 @@ impl QuantTiles {
                 for r in 0..height {
                     let src = (t * height + r) * kb + b;
                     let dst = (t * kb + b) * height + r;
-                    tiles.scales[dst] = rows.scales[src];
+                    // `kb` is a multiple of the blocks per scale.
+                    let (src_half, dst_half) =
+                        (src >> rows.shift, ((t * kb + b) >> rows.shift) * height + r);
+                    tiles.scales[dst_half] = rows.scales[src_half];
                     if !rows.mins.is_empty() {
-                        tiles.mins[dst] = rows.mins[src];
+                        tiles.mins[dst_half] = rows.mins[src_half];
+                    }
+                    if !rows.scale_bytes.is_empty() {
+                        tiles.scale_bytes[dst] = rows.scale_bytes[src];
+                    }
+                    if !rows.min_bytes.is_empty() {
+                        tiles.min_bytes[dst] = rows.min_bytes[src];
                     }
                     if layout == Layout::Six {
                         let values = &rows.quants[src * QK..(src + 1) * QK];
@@ -338,6 +388,24 @@ impl QuantTiles {
         }
     }
 
+    /// Tile `t`'s scales and minimums.
+    fn block_scales(&self, t: usize) -> (BlockScales<'_>, BlockScales<'_>) {
+        let (h, kb) = (self.height, self.k / QK);
+        let blocks = t * kb * h..(t + 1) * kb * h;
+        let halves = (blocks.start >> self.shift)..(blocks.end >> self.shift);
+        let scales = BlockScales {
+            halves: &self.scales[halves.clone()],
+            bytes: self.scale_bytes.get(blocks.clone()).unwrap_or(&[]),
+            shift: self.shift,
+        };
+        let mins = BlockScales {
+            halves: self.mins.get(halves).unwrap_or(&[]),
+            bytes: self.min_bytes.get(blocks).unwrap_or(&[]),
+            shift: self.shift,
+        };
+        (scales, mins)
+    }
+
     /// Output features (rows).
     pub fn rows(&self) -> usize {
         self.n
@@ -380,14 +448,15 @@ impl QuantTiles {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let kb = self.k / QK;
         let (t, r) = (row / self.height, row % self.height);
+        let (scales, mins) = self.block_scales(t);
         for b in 0..kb {
             let tb = t * kb + b;
-            let i = tb * self.height + r;
-            let d = half::f16::from_bits(self.scales[i]).to_f32();
-            let min = self
-                .mins
-                .get(i)
-                .map_or(0.0, |&m| half::f16::from_bits(m).to_f32());
+            let d = scales.value(b, r, self.height);
+            let min = if mins.is_empty() {
+                0.0
+            } else {
+                mins.value(b, r, self.height)
+            };
             for (j, v) in out[b * QK..(b + 1) * QK].iter_mut().enumerate() {
                 let (q, sub) = self.raw(tb, r, j);
                 *v = d * sub * q - min;
@@ -491,9 +560,8 @@ impl QuantTiles {
         let h = self.height;
         let blocks = t * kb * h..(t + 1) * kb * h;
         let qb = self.format.layout().quant_bytes();
-        let scales = &self.scales[blocks.clone()];
+        let (scales, mins) = self.block_scales(t);
         let quants = &self.quants[blocks.start * qb..blocks.end * qb];
-        let mins = self.mins.get(blocks.clone()).unwrap_or(&[]);
         // Eight bytes of high bit pairs per row and block (six-bit tiles).
         let plane = h * 8;
         let high = self
@@ -518,9 +586,10 @@ impl QuantTiles {
                 (Isa::Avx512Vnni, Layout::Nibbles, WIDE) => {
                     put(out, &x86_512::wide_tile_dot(kb, scales, mins, quants, acts))
                 }
-                (Isa::Avx512Vnni, Layout::Bytes, WIDE) => {
-                    put(out, &x86_512::wide_q8_tile_dot(kb, scales, quants, acts))
-                }
+                (Isa::Avx512Vnni, Layout::Bytes, WIDE) => put(
+                    out,
+                    &x86_512::wide_q8_tile_dot(kb, scales.halves, quants, acts),
+                ),
                 (Isa::Avx512Vnni, Layout::Six, WIDE) => put(
                     out,
                     &x86_512::wide_six_tile_dot(
@@ -531,7 +600,7 @@ impl QuantTiles {
                     put(out, &x86_512::tile_dot(kb, scales, mins, quants, acts))
                 }
                 (Isa::Avx512Vnni, Layout::Bytes, _) => {
-                    put(out, &x86_512::q8_tile_dot(kb, scales, quants, acts))
+                    put(out, &x86_512::q8_tile_dot(kb, scales.halves, quants, acts))
                 }
                 (Isa::Avx512Vnni, Layout::Six, _) => put(
                     out,
@@ -541,7 +610,7 @@ impl QuantTiles {
                     put(out, &x86::tile_dot(kb, scales, mins, quants, acts))
                 }
                 (Isa::Avx2, Layout::Bytes, _) => {
-                    put(out, &x86::q8_tile_dot(kb, scales, quants, acts))
+                    put(out, &x86::q8_tile_dot(kb, scales.halves, quants, acts))
                 }
                 (Isa::Avx2, Layout::Six, _) => put(
                     out,
@@ -551,7 +620,7 @@ impl QuantTiles {
                     put(out, &neon::tile_dot(kb, scales, mins, quants, acts))
                 }
                 (Isa::Neon, Layout::Bytes, _) => {
-                    put(out, &neon::q8_tile_dot(kb, scales, quants, acts))
+                    put(out, &neon::q8_tile_dot(kb, scales.halves, quants, acts))
                 }
                 (Isa::Neon, Layout::Six, _) => put(
                     out,
@@ -1157,7 +1226,8 @@ mod tests {
     }
 
     fn check_format(ggml: GgmlDType, format: TileFormat, n: usize) {
-        let k = 256;
+        // Two K-quant super-blocks per row.
+        let k = 512;
         let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, ggml).unwrap();
         let bytes = q.data().unwrap().into_owned();
@@ -1167,11 +1237,11 @@ mod tests {
         let last = n - 3;
         tiles.dequantize_row(last, &mut row);
         let want = dequantized.get(last).unwrap().to_vec1::<f32>().unwrap();
-        // The K-quants' scale times sub-scale (and minimum) is rounded to f16 once
-        // unpacked: within 0.1% of the weights' range (here [-1, 1]).
+        // Every format keeps the file's scales: the same values, up to the order of the
+        // float multiplications.
         for (a, b) in row.iter().zip(&want) {
             assert!(
-                (a - b).abs() <= 1e-3 * (b.abs() + 1.0),
+                (a - b).abs() <= 1e-6 * (b.abs() + 1.0),
                 "{format:?}: {a} vs {b}"
             );
         }

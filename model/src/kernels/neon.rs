@@ -7,7 +7,7 @@
 // `r` indexes a tile's row in the weights, the scales and every output row at once.
 #![allow(clippy::needless_range_loop)]
 
-use super::{ActRow, QK, TILE};
+use super::{ActRow, BlockScales, QK, TILE};
 use std::arch::aarch64::*;
 
 /// `Σ w[i] * a[i]` over 16 signed bytes (each product below 2^14 in magnitude, so two per
@@ -33,12 +33,12 @@ fn half(bits: u16) -> f32 {
 /// and each activation row `kb` blocks.
 pub(super) unsafe fn tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     acts: [ActRow; A],
 ) -> [[f32; TILE]; A] {
-    debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
+    debug_assert!(quants.len() >= kb * TILE * 16);
     let low = vdupq_n_u8(0x0F);
     let mut out = [[0f32; TILE]; A];
     for b in 0..kb {
@@ -47,9 +47,13 @@ pub(super) unsafe fn tile_dot<const A: usize>(
             let q = vld1q_u8(quants.as_ptr().add(i * 16));
             let lo = vreinterpretq_s8_u8(vandq_u8(q, low));
             let hi = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
-            let d = half(scales[i]);
+            let d = scales.value(b, r, TILE);
             // Q4_0's value is d * (q - 8): its constant term is 8d.
-            let constant = mins.get(i).map_or(8.0 * d, |&m| half(m));
+            let constant = if mins.is_empty() {
+                8.0 * d
+            } else {
+                mins.value(b, r, TILE)
+            };
             for (a, act) in acts.iter().enumerate() {
                 let p = act.q.as_ptr().add(b * QK);
                 let sum = dot16(lo, vld1q_s8(p)) + dot16(hi, vld1q_s8(p.add(16)));
@@ -95,15 +99,15 @@ pub(super) unsafe fn q8_tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn six_tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     high: &[u8],
     subscales: &[i8],
     bias: u8,
     acts: [ActRow; A],
 ) -> [[f32; TILE]; A] {
-    debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
+    debug_assert!(quants.len() >= kb * TILE * 16);
     debug_assert!(high.len() >= kb * QK && subscales.len() >= kb * TILE * 2);
     let low = vdupq_n_u8(0x0F);
     let pair = vdupq_n_u8(0x03);
@@ -125,8 +129,12 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
             let lo = vsubq_s8(vreinterpretq_s8_u8(lo), bias);
             let hi = vsubq_s8(vreinterpretq_s8_u8(hi), bias);
             let (s_lo, s_hi) = (i32::from(subscales[2 * i]), i32::from(subscales[2 * i + 1]));
-            let d = half(scales[i]);
-            let constant = mins.get(i).map_or(0.0, |&m| half(m));
+            let d = scales.value(b, r, TILE);
+            let constant = if mins.is_empty() {
+                0.0
+            } else {
+                mins.value(b, r, TILE)
+            };
             for (a, act) in acts.iter().enumerate() {
                 let p = act.q.as_ptr().add(b * QK);
                 let sum = s_lo * dot16(lo, vld1q_s8(p)) + s_hi * dot16(hi, vld1q_s8(p.add(16)));

@@ -1,12 +1,12 @@
 //! Off aarch64 the NEON kernels are never called: `Isa::Neon` is not supported there.
 
-use super::{ActRow, TILE};
+use super::{ActRow, BlockScales, TILE};
 
 /// Never called off aarch64.
 pub(super) unsafe fn tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: [ActRow; A],
 ) -> [[f32; TILE]; A] {
@@ -27,8 +27,8 @@ pub(super) unsafe fn q8_tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn six_tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: &[u8],
     _: &[i8],

@@ -6,7 +6,8 @@
 //! add, and saturates at 16 bits). Results equal the AVX2 kernels' up to the order of
 //! float additions within a row.
 
-use super::{ActRow, QK, TILE};
+use super::x86::{four_scales, prefetch};
+use super::{ActRow, BlockScales, QK, TILE};
 use std::arch::x86_64::*;
 
 /// Lane `i` of the result holds row `i / 4`'s value of `four` (rows' scales spread
@@ -44,26 +45,27 @@ unsafe fn finish(acc: __m512, offset: __m128) -> [f32; TILE] {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     acts: [ActRow; A],
 ) -> [[f32; TILE]; A] {
-    debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
+    debug_assert!(quants.len() >= kb * TILE * 16);
     let with_mins = !mins.is_empty();
     let low = _mm512_set1_epi8(0x0F);
     let eight = _mm_set1_ps(8.0);
     let mut acc = [_mm512_setzero_ps(); A];
     let mut offset = [_mm_setzero_ps(); A];
     for b in 0..kb {
-        let dw = four_halves(scales.as_ptr().add(b * TILE));
+        let dw = four_scales(&scales, b);
         let dw_lanes = per_row_lanes(dw);
         let constant = if with_mins {
-            four_halves(mins.as_ptr().add(b * TILE))
+            four_scales(&mins, b)
         } else {
             _mm_mul_ps(dw, eight)
         };
         // Rows 0..4 of the block: low nibbles are values 0..16, high nibbles 16..32.
+        prefetch(quants.as_ptr().add(b * TILE * 16), 1);
         let q = _mm512_loadu_si512(quants.as_ptr().add(b * TILE * 16) as *const __m512i);
         let lo = _mm512_and_si512(q, low);
         let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
@@ -114,6 +116,7 @@ pub(super) unsafe fn q8_tile_dot<const A: usize>(
         let dw = four_halves(scales.as_ptr().add(b * TILE));
         let dw_lanes = per_row_lanes(dw);
         let constant = _mm_mul_ps(dw, bias);
+        prefetch(quants.as_ptr().add(b * TILE * QK), 2);
         let w01 = _mm512_xor_si512(
             _mm512_loadu_si512(quants.as_ptr().add(b * TILE * QK) as *const __m512i),
             flip,
@@ -155,15 +158,15 @@ pub(super) unsafe fn q8_tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn six_tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     high: &[u8],
     subscales: &[i8],
     bias: u8,
     acts: [ActRow; A],
 ) -> [[f32; TILE]; A] {
-    debug_assert!(scales.len() >= kb * TILE && quants.len() >= kb * TILE * 16);
+    debug_assert!(quants.len() >= kb * TILE * 16);
     debug_assert!(high.len() >= kb * QK && subscales.len() >= kb * TILE * 2);
     let with_mins = !mins.is_empty();
     let low = _mm512_set1_epi8(0x0F);
@@ -189,7 +192,11 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
     let mut acc = [_mm512_setzero_ps(); A];
     let mut offset = [_mm_setzero_ps(); A];
     for b in 0..kb {
-        let dw_lanes = per_row_lanes(four_halves(scales.as_ptr().add(b * TILE)));
+        let dw_lanes = per_row_lanes(four_scales(&scales, b));
+        prefetch(quants.as_ptr().add(b * TILE * 16), 1);
+        if b % 2 == 0 {
+            prefetch(high.as_ptr().add(b * QK), 1);
+        }
         let q = _mm512_loadu_si512(quants.as_ptr().add(b * TILE * 16) as *const __m512i);
         let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(
             high.as_ptr().add(b * QK) as *const __m256i
@@ -211,7 +218,7 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
         let s_lo = _mm512_permutexvar_epi16(pick_lo, subs);
         let s_hi = _mm512_permutexvar_epi16(pick_hi, subs);
         let constant = if with_mins {
-            four_halves(mins.as_ptr().add(b * TILE))
+            four_scales(&mins, b)
         } else {
             _mm_setzero_ps()
         };
@@ -261,6 +268,19 @@ unsafe fn wide_finish<const A: usize>(acc: [__m512; A], offset: [__m512; A]) -> 
     out
 }
 
+/// Block `b`'s sixteen scales (or minimums), widened: the f16s times the block's bytes
+/// where it has them.
+#[inline(always)]
+unsafe fn wide_scales(s: &BlockScales, b: usize) -> __m512 {
+    let at = s.halves.as_ptr().add((b >> s.shift) * WIDE);
+    let d = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i));
+    if s.bytes.is_empty() {
+        return d;
+    }
+    let bytes = _mm_loadu_si128(s.bytes.as_ptr().add(b * WIDE) as *const __m128i);
+    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)))
+}
+
 /// Four activation bytes at `at`, in every 32-bit lane.
 #[inline(always)]
 unsafe fn four_bytes(at: *const i8) -> __m512i {
@@ -279,29 +299,26 @@ unsafe fn four_bytes(at: *const i8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn wide_tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     acts: [ActRow; A],
 ) -> [[f32; WIDE]; A] {
-    debug_assert!(scales.len() >= kb * WIDE && quants.len() >= kb * WIDE * 16);
+    debug_assert!(quants.len() >= kb * WIDE * 16);
     let with_mins = !mins.is_empty();
     let low = _mm512_set1_epi8(0x0F);
     let eight = _mm512_set1_ps(8.0);
     let mut acc = [_mm512_setzero_ps(); A];
     let mut offset = [_mm512_setzero_ps(); A];
     for b in 0..kb {
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
-            scales.as_ptr().add(b * WIDE) as *const __m256i
-        ));
+        let dw = wide_scales(&scales, b);
         let constant = if with_mins {
-            _mm512_cvtph_ps(_mm256_loadu_si256(
-                mins.as_ptr().add(b * WIDE) as *const __m256i
-            ))
+            wide_scales(&mins, b)
         } else {
             _mm512_mul_ps(dw, eight)
         };
         let base = quants.as_ptr().add(b * WIDE * 16);
+        prefetch(base, 4);
         let mut lo = [_mm512_setzero_si512(); 4];
         let mut hi = [_mm512_setzero_si512(); 4];
         for g in 0..4 {
@@ -355,6 +372,7 @@ pub(super) unsafe fn wide_q8_tile_dot<const A: usize>(
         ));
         let constant = _mm512_mul_ps(dw, bias);
         let base = quants.as_ptr().add(b * WIDE * QK);
+        prefetch(base, 8);
         let mut w = [_mm512_setzero_si512(); 8];
         for (g, w) in w.iter_mut().enumerate() {
             *w = _mm512_xor_si512(_mm512_loadu_si512(base.add(g * 64) as *const __m512i), flip);
@@ -396,15 +414,15 @@ pub(super) unsafe fn wide_q8_tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn wide_six_tile_dot<const A: usize>(
     kb: usize,
-    scales: &[u16],
-    mins: &[u16],
+    scales: BlockScales,
+    mins: BlockScales,
     quants: &[u8],
     high: &[u8],
     subscales: &[i8],
     bias: u8,
     acts: [ActRow; A],
 ) -> [[f32; WIDE]; A] {
-    debug_assert!(scales.len() >= kb * WIDE && quants.len() >= kb * WIDE * 16);
+    debug_assert!(quants.len() >= kb * WIDE * 16);
     debug_assert!(high.len() >= kb * WIDE * 8 && subscales.len() >= kb * WIDE * 2);
     let with_mins = !mins.is_empty();
     let low = _mm512_set1_epi8(0x0F);
@@ -413,23 +431,21 @@ pub(super) unsafe fn wide_six_tile_dot<const A: usize>(
     let mut acc = [_mm512_setzero_ps(); A];
     let mut offset = [_mm512_setzero_ps(); A];
     for b in 0..kb {
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(
-            scales.as_ptr().add(b * WIDE) as *const __m256i
-        ));
+        let d = wide_scales(&scales, b);
         let sub = |half: usize| {
             let bytes = _mm_loadu_si128(subscales.as_ptr().add((2 * b + half) * WIDE) as *const _);
             _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
         };
         let (d_lo, d_hi) = (sub(0), sub(1));
         let constant = if with_mins {
-            _mm512_cvtph_ps(_mm256_loadu_si256(
-                mins.as_ptr().add(b * WIDE) as *const __m256i
-            ))
+            wide_scales(&mins, b)
         } else {
             _mm512_setzero_ps()
         };
         let base = quants.as_ptr().add(b * WIDE * 16);
         let planes = high.as_ptr().add(b * WIDE * 8);
+        prefetch(base, 4);
+        prefetch(planes, 2);
         let mut lo = [_mm512_setzero_si512(); 4];
         let mut hi = [_mm512_setzero_si512(); 4];
         for g in 0..4 {

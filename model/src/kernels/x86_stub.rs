@@ -1,6 +1,6 @@
 //! Off x86-64 the AVX2 kernels are never called: `available()` is false there.
 
-use super::{ActRow, TILE, WIDE};
+use super::{ActRow, BlockScales, TILE, WIDE};
 
 /// Never called: `available()` is false off x86-64.
 pub(super) unsafe fn q8_tile_dot<const A: usize>(
@@ -24,8 +24,8 @@ pub(super) unsafe fn f16_tile_dot<const A: usize>(
 /// Never called: `available()` is false off x86-64.
 pub(super) unsafe fn tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: [ActRow; A],
 ) -> [[f32; TILE]; A] {
@@ -36,8 +36,8 @@ pub(super) unsafe fn tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn six_tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: &[u8],
     _: &[i8],
@@ -50,8 +50,8 @@ pub(super) unsafe fn six_tile_dot<const A: usize>(
 /// Never called: `available()` is false off x86-64.
 pub(super) unsafe fn wide_tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: [ActRow; A],
 ) -> [[f32; WIDE]; A] {
@@ -72,8 +72,8 @@ pub(super) unsafe fn wide_q8_tile_dot<const A: usize>(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn wide_six_tile_dot<const A: usize>(
     _: usize,
-    _: &[u16],
-    _: &[u16],
+    _: BlockScales,
+    _: BlockScales,
     _: &[u8],
     _: &[u8],
     _: &[i8],
