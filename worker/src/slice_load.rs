@@ -32,6 +32,10 @@ pub type SliceConnection = tokio_rustls::server::TlsStream<Connection>;
 /// read the outcome: a coordinator gone silent must not hold a connection forever.
 const STALL: Duration = Duration::from_secs(30);
 
+/// Received pieces waiting for the writer thread (each up to half a MiB): enough to ride
+/// out a slow write, few enough that a load's buffers stay a few MiB.
+const WRITE_QUEUE: usize = 4;
+
 /// A cache error as the coordinator hears it.
 pub(crate) fn cache_status(e: CacheError) -> Status {
     match e {
@@ -170,31 +174,54 @@ impl ControlService {
 
     /// Receives what the cache lacks of the slice, piece by piece into the cache's files;
     /// returns the bytes received.
+    ///
+    /// A writer thread takes each piece into the cache while the next one arrives and is
+    /// decrypted: writing into the page cache costs as much as the stream itself (on a VM
+    /// whose freed memory goes back to the host, several times more), so doing the two
+    /// in turn would add their times. Its buffers come back for the next pieces.
     async fn receive(
         &self,
         header: &LoadHeader,
         connection: &mut SliceConnection,
     ) -> Result<u64, Status> {
-        let mut receiving = self.cache.receive(header).map_err(cache_status)?;
+        let receiving = self.cache.receive(header).map_err(cache_status)?;
         let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
         let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
+        let (full, mut to_write) = tokio::sync::mpsc::channel::<(u32, u64, Vec<u8>)>(WRITE_QUEUE);
+        let (empty, mut written) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE + 2);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut receiving = receiving;
+            while let Some((file, offset, piece)) = to_write.blocking_recv() {
+                receiving.write(file, offset, &piece)?;
+                // The receiver may have stopped (an error): then the buffer is dropped.
+                let _ = empty.try_send(piece);
+            }
+            Ok::<_, CacheError>(receiving)
+        });
         let mut received = 0u64;
-        // One buffer for every piece: they are all the same size but the last of a range.
-        let mut piece = Vec::new();
-        while let Some(head) = within("piece", read_piece_head(connection)).await? {
-            piece.resize(head.length as usize, 0);
-            within("piece", connection.read_exact(&mut piece)).await?;
-            receiving
-                .write(head.file, head.offset, &piece)
-                .map_err(cache_status)?;
-            let n = u64::from(head.length);
-            received += n;
-            self.stage
-                .stats
-                .bytes_received
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            progress.advance(n);
+        let streamed: Result<(), Status> = async {
+            while let Some(head) = within("piece", read_piece_head(connection)).await? {
+                let mut piece = written.try_recv().unwrap_or_default();
+                piece.resize(head.length as usize, 0);
+                within("piece", connection.read_exact(&mut piece)).await?;
+                if full.send((head.file, head.offset, piece)).await.is_err() {
+                    // The writer stopped on an error, which joining it gives.
+                    break;
+                }
+                let n = u64::from(head.length);
+                received += n;
+                self.stage
+                    .stats
+                    .bytes_received
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                progress.advance(n);
+            }
+            Ok(())
         }
+        .await;
+        drop(full);
+        let receiving = writer.await.map_err(status)?.map_err(cache_status)?;
+        streamed?;
         let durable = receiving.finish().map_err(|e| match e {
             CacheError::Invalid(m) => Status::data_loss(m),
             io => Status::internal(io.to_string()),
