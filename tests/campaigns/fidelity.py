@@ -84,6 +84,14 @@ def main():
     print("|---|---|---|---|")
     golden = {"model": os.path.basename(a.model), "text": os.path.basename(a.text),
               "ctx": a.ctx, "chunks": a.chunks, "f32_perplexity": lb["perplexity"], "types": {}}
+    out = os.path.join(HERE, "..", "golden", "kl", f"{a.name}.json")
+    # A run over some of the types keeps the others' figures, where they were measured on
+    # the same model, text and chunks.
+    if os.path.exists(out):
+        with open(out) as f:
+            earlier = json.load(f)
+        if all(earlier.get(k) == golden[k] for k in ("model", "text", "ctx", "chunks")):
+            golden["types"] = earlier.get("types", {})
     for t in a.types.split(","):
         path = os.path.join(a.work, f"{a.name}-{t}.gguf")
         if not os.path.exists(path):
@@ -94,7 +102,6 @@ def main():
         print(f"| {t} | {lq['perplexity']:.4f} / {lq['kl_divergence']:.6f} / {lq['same_top_token']:.4f} | "
               f"{sq['perplexity']:.4f} / {sq['kl_divergence']:.6f} / {sq['same_top_token']:.4f} | "
               f"{sq['kl_divergence'] / lq['kl_divergence']:.3f} |", flush=True)
-    out = os.path.join(HERE, "..", "golden", "kl", f"{a.name}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(golden, f, indent=1)
