@@ -1021,20 +1021,17 @@ fn quantize_row(x: &[f32], row: Q8Row) {
     quantize_blocks(x, row);
 }
 
-/// [`quantize_blocks`] compiled for AVX2: rounding is one instruction there (a library
-/// call otherwise), and the loops vectorize. The same results as the portable build.
+/// [`quantize_blocks`] in AVX2 registers (`x86::quantize_blocks`): the same results.
 ///
 /// # Safety
 /// The CPU must support AVX2 and SSE4.1.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,sse4.1")]
 unsafe fn quantize_blocks_avx2(x: &[f32], row: Q8Row) {
-    quantize_blocks(x, row)
+    x86::quantize_blocks(x, row.q, row.d, row.offset, row.halves)
 }
 
 /// Each block of 32 values as 8-bit integers (rounded to nearest, ties to even, as
 /// llama.cpp's SIMD quantizers do) with its scale and `scale * sum(q)`.
-#[inline(always)]
 fn quantize_blocks(x: &[f32], row: Q8Row) {
     let blocks = x
         .chunks_exact(QK)
@@ -1496,6 +1493,41 @@ mod tests {
         let sum = exp_weights(&long, 0.0, 1.0, &mut out);
         let exact: f64 = long.iter().map(|&l| f64::from(l).exp()).sum();
         assert!((f64::from(sum) - exact).abs() / exact < 1e-5);
+    }
+
+    #[test]
+    fn the_avx2_activation_quantizer_is_the_portable_one_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("sse4.1")) {
+            eprintln!("skipping: this CPU lacks AVX2");
+            return;
+        }
+        let k = 8 * QK;
+        let mut x = random(k, 3);
+        // Ties at the rounding point, zeros, a block of zeros, NaN and infinities.
+        x[5] = 0.5 * x.iter().take(QK).fold(0f32, |a, v| a.max(v.abs())) / 127.0 * 3.0;
+        x[40..72].fill(0.0);
+        x[80] = f32::NAN;
+        x[130] = f32::INFINITY;
+        x[170] = f32::NEG_INFINITY;
+        x[171] = f32::NAN;
+        let quantize = |avx2: bool| {
+            let mut rows = QuantizedRows::new(&vec![0.0; k], 1, k).rows;
+            let row = rows.as_mut(0, k);
+            if avx2 {
+                // SAFETY: AVX2 and SSE4.1 were just checked.
+                unsafe { quantize_blocks_avx2(&x, row) }
+            } else {
+                quantize_blocks(&x, row)
+            }
+            rows
+        };
+        let (ours, portable) = (quantize(true), quantize(false));
+        assert_eq!(ours.q, portable.q);
+        assert_eq!(ours.halves, portable.halves);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours.d), bits(&portable.d));
+        assert_eq!(bits(&ours.offset), bits(&portable.offset));
+        assert!(ours.q.iter().any(|&q| q == 127 || q == -127));
     }
 
     #[test]

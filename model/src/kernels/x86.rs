@@ -343,3 +343,64 @@ pub(super) unsafe fn f16_tile_dot<const A: usize>(
     }
     out
 }
+
+/// Activations as 8-bit blocks of 32, as `super::quantize_blocks` computes them (bit for
+/// bit, NaN and infinities included), a block at a time in registers: the portable loop
+/// compiles to one scalar max, round and convert per value, with the half sums kept in
+/// memory, and took as long as the matmuls of a small model's decode.
+///
+/// # Safety
+/// The CPU must support AVX2; `q` holds `x.len()` values, `d` and `offset` one per block
+/// of `x` and `halves` two.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    offset: &mut [f32],
+    halves: &mut [i16],
+) {
+    debug_assert!(q.len() >= x.len() && d.len() >= x.len() / QK && halves.len() >= x.len() / 16);
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let (top, bottom) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+    // packs' lane order undone: 32-bit groups [0 4 1 5 2 6 3 7].
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, block) in x.chunks_exact(QK).enumerate() {
+        let p = block.as_ptr();
+        let v = [0, 8, 16, 24].map(|at| _mm256_loadu_ps(p.add(at)));
+        // maxps returns its second operand where either is NaN: NaNs are skipped, as
+        // f32::max skips them.
+        let mut most = _mm256_setzero_ps();
+        for v in v {
+            most = _mm256_max_ps(_mm256_and_ps(v, magnitude), most);
+        }
+        let half = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+        let quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        let amax = _mm_cvtss_f32(_mm_max_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let ints = v.map(|v| {
+            let y = _mm256_mul_ps(v, inv);
+            // NaN (an infinity times 0) becomes 0, as `NaN as i8` does.
+            let y = _mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q));
+            let y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_cvttps_epi32(_mm256_max_ps(_mm256_min_ps(y, top), bottom))
+        });
+        let words = [
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        ];
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), order);
+        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+        let sum = |a: __m256i, b: __m256i| {
+            let s = _mm256_add_epi32(a, b);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+        };
+        let sums = [sum(ints[0], ints[1]) as i16, sum(ints[2], ints[3]) as i16];
+        halves[2 * b..2 * b + 2].copy_from_slice(&sums);
+        d[b] = scale;
+        offset[b] = scale * f32::from(sums[0] + sums[1]);
+    }
+}
