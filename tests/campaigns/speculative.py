@@ -24,6 +24,10 @@ as well, each trial sends the prompt once per seed 1..N to each setting (back to
 compares the total decode rates: one seed's answer is one draw, and how many drafts a draw
 keeps varies a lot from draw to draw (on the demo from 47% to 73% of them).
 
+With --demo it measures `strata demo` itself, with and without its draft (--no-draft): the
+demo's three workers are tasks of one process sharing its compute threads, where three
+`strata worker` processes on one machine each start a thread per core.
+
 The default prompt asks a chat model to repeat a paragraph (prompt lookup's best case);
 --prompt gives another. Standard library only; shares heal.py's cluster harness.
 """
@@ -65,6 +69,23 @@ def generate(cluster, prompt, max_tokens, chat):
     return json.loads(out.stdout)
 
 
+class Demo:
+    """`strata demo` itself, serving until closed: its coordinator and workers share one
+    process and one pool of compute threads, as a user running the demo has them."""
+
+    def __init__(self, port, extra):
+        self.api = f"127.0.0.1:{port}"
+        self.proc = heal.Proc("demo", [heal.STRATA, "demo", "--no-mdns", "--max-tokens", "8",
+                                       "--listen", self.api, "--http", f"127.0.0.1:{port + 1}",
+                                       *extra])
+
+    def wait_serving(self, stages=None):
+        self.proc.wait_for("Serving until Ctrl-C", timeout=300)
+
+    def close(self):
+        self.proc.kill()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tests/demo_model/model.gguf")
@@ -85,6 +106,9 @@ def main():
     p.add_argument("--seeds", type=int, default=0,
                    help="with --sampling: each trial sends the prompt with seeds 1..N and "
                         "compares the settings' total decode rates")
+    p.add_argument("--demo", action="store_true",
+                   help="measure `strata demo` (bundled model, its draft; --no-draft for the plain "
+                        "setting) instead of `strata serve` with three worker processes")
     p.add_argument("--strata", default=heal.STRATA)
     a = p.parse_args()
     heal.STRATA = a.strata
@@ -94,11 +118,18 @@ def main():
     flags = ["--draft", a.draft] if a.draft else ["--draft-model", a.draft_model]
     if a.draft_max:
         flags += ["--draft-max", str(a.draft_max)]
-    settings = [("plain", []), ("drafted", flags)]
+    if a.demo:
+        flags = ["--draft-max", str(a.draft_max)] if a.draft_max else []
+        settings = [("plain", ["--no-draft"]), ("drafted", flags)]
+    else:
+        settings = [("plain", []), ("drafted", flags)]
     clusters = {}
     try:
-        for name, extra in settings:
-            c = heal.Cluster(a.model, a.workers, serve_args=["--kv-tokens", "2048", *extra])
+        for i, (name, extra) in enumerate(settings):
+            if a.demo:
+                c = Demo(17433 + 2 * i, extra)
+            else:
+                c = heal.Cluster(a.model, a.workers, serve_args=["--kv-tokens", "2048", *extra])
             clusters[name] = c  # closed below even if it never serves
             c.wait_serving(stages=a.workers)
         if a.clients > 1:
