@@ -1496,6 +1496,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn the_avx2_activation_quantizer_is_the_portable_one_bit_for_bit() {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("sse4.1")) {
             eprintln!("skipping: this CPU lacks AVX2");
