@@ -250,6 +250,14 @@ impl BlockScales<'_> {
         self.halves.is_empty()
     }
 
+    /// Whether these hold `blocks` blocks of `height` rows, or nothing: what the kernels
+    /// read without checking.
+    fn covers(&self, blocks: usize, height: usize) -> bool {
+        self.is_empty()
+            || (self.halves.len() >= (blocks >> self.shift) * height
+                && (self.bytes.is_empty() || self.bytes.len() >= blocks * height))
+    }
+
     /// Row `r`'s value in block `b`, in tiles of `height` rows.
     fn value(&self, b: usize, r: usize, height: usize) -> f32 {
         let d = half::f16::from_bits(self.halves[(b >> self.shift) * height + r]).to_f32();
@@ -578,9 +586,10 @@ impl QuantTiles {
                 dst.copy_from_slice(row);
             }
         }
+        debug_assert!(scales.covers(kb, h) && !scales.is_empty() && mins.covers(kb, h));
         // SAFETY: `self.isa` was found supported when the tiles were built, and every
-        // slice holds `kb` blocks of this tile, in the layout of its height, by
-        // construction.
+        // slice (and the scales and minimums) holds `kb` blocks of this tile, in the
+        // layout of its height, by construction.
         unsafe {
             match (self.isa, self.format.layout(), h) {
                 (Isa::Avx512Vnni, Layout::Nibbles, WIDE) => {
@@ -1504,8 +1513,10 @@ mod tests {
         }
         let k = 8 * QK;
         let mut x = random(k, 3);
-        // Ties at the rounding point, zeros, a block of zeros, NaN and infinities.
-        x[5] = 0.5 * x.iter().take(QK).fold(0f32, |a, v| a.max(v.abs())) / 127.0 * 3.0;
+        // Ties at the rounding point (a block whose largest value is 127: a scale of
+        // exactly 1), a block of zeros, NaN and infinities.
+        x[..QK].copy_from_slice(&[0.0; QK]);
+        x[..6].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 126.5]);
         x[40..72].fill(0.0);
         x[80] = f32::NAN;
         x[130] = f32::INFINITY;

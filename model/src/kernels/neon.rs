@@ -29,7 +29,7 @@ fn half(bits: u16) -> f32 {
 /// Nibble tiles (Q4_0, Q4_1, Q4_K): as `x86::tile_dot`.
 ///
 /// # Safety
-/// `scales` (and `mins`, unless empty) hold `kb * 4` values, `quants` `kb * 64` bytes,
+/// `scales` (and `mins`, unless empty) cover `kb` blocks of four rows, `quants` `kb * 64` bytes,
 /// and each activation row `kb` blocks.
 pub(super) unsafe fn tile_dot<const A: usize>(
     kb: usize,

@@ -54,7 +54,8 @@ pub(super) unsafe fn four_scales(s: &BlockScales, b: usize) -> __m128 {
 /// Dot products of a tile's four weight rows with `A` activation rows.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `scales` holds `kb * 4` values, `quants`
+/// The CPU must support AVX2, FMA and F16C; `scales` (and `mins`, unless empty) cover
+/// `kb` blocks of four rows (`BlockScales::covers`), `quants` holds
 /// `kb * 64` bytes, and each activation row `kb` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_dot<const A: usize>(
@@ -157,8 +158,8 @@ unsafe fn six_bit_values(quants: *const u8, high: *const u8) -> [__m256i; 4] {
 /// `madd` against the sub-scales sums pairs, so each block ends as one integer per row.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `scales` (and `mins`, unless empty) hold
-/// `kb * 4` values, `quants` `kb * 64` bytes, `high` `kb * 32`, `subscales` `kb * 8`, and
+/// The CPU must support AVX2, FMA and F16C; `scales` (and `mins`, unless empty) cover
+/// `kb` blocks of four rows, `quants` `kb * 64` bytes, `high` `kb * 32`, `subscales` `kb * 8`, and
 /// each activation row `kb` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]

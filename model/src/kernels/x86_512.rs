@@ -294,8 +294,8 @@ unsafe fn four_bytes(at: *const i8) -> __m512i {
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI, FMA and F16C; `scales` (and `mins`,
-/// unless empty) hold `kb * 16` values, `quants` `kb * 256` bytes, and each activation
-/// row `kb` blocks.
+/// unless empty) cover `kb` blocks of sixteen rows (`BlockScales::covers`), `quants` holds
+/// `kb * 256` bytes, and each activation row `kb` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn wide_tile_dot<const A: usize>(
     kb: usize,
