@@ -348,9 +348,9 @@ pub struct SequenceCore {
     passes: usize,
 }
 
-/// How many drafts a step carries at most: it adapts to how many the model accepts, as
-/// transformers' assisted generation does (two more after a step that accepted all its
-/// drafts, one fewer after one that did not).
+/// How many drafts a step carries: between 1 and `most`, the number that makes passes give
+/// the most tokens per second, from how often drafts are kept and what recent passes took
+/// ([`DraftLength`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DraftPolicy {
     /// Drafts on the first decode step.
@@ -650,10 +650,11 @@ impl SequenceCore {
         }
     }
 
-    /// A pass ended, `accepted` of its `drafted` drafts kept: the next length.
-    fn adapt(&mut self, drafted: usize, accepted: usize) {
+    /// A pass ended, `accepted` of its `drafted` drafts kept, `took` after it was
+    /// drafted and sent: the next length.
+    fn adapt(&mut self, drafted: usize, accepted: usize, took: Duration) {
         if let Some(d) = &mut self.drafting {
-            d.length.after(drafted, accepted);
+            d.length.after(drafted, accepted, took);
         }
     }
 
@@ -718,10 +719,14 @@ impl SequenceCore {
         };
         if !kept {
             self.passes += 1;
-            if let Phase::Running { drafts, .. } = &self.phase {
+            if let Phase::Running {
+                drafts, sent_at, ..
+            } = &self.phase
+            {
                 let rejected = drafts.len();
+                let took = now.saturating_duration_since(*sent_at);
                 let sent = self.drafting.as_ref().map_or(0, |d| d.in_flight);
-                self.adapt(sent, sent.saturating_sub(rejected));
+                self.adapt(sent, sent.saturating_sub(rejected), took);
             }
         }
         match self.delta(sampled, now, tokenizer) {

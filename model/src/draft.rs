@@ -28,6 +28,9 @@ use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
 use crate::sampler::{apply_repeat_penalty, argmax, Sampler};
 use crate::tokenizer::Tokenizer;
 
+mod length;
+pub use length::DraftLength;
+
 /// Proposes tokens to verify.
 pub trait Drafter: Send + std::fmt::Debug {
     /// Up to `max` tokens that may follow `history` (fewer, or none, when it has no good
@@ -41,42 +44,6 @@ pub trait Drafter: Send + std::fmt::Debug {
     fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Vec<u32> {
         let _ = sampler;
         self.propose(history, max)
-    }
-}
-
-/// How many drafts the next step carries. It adapts to how many the model keeps, as
-/// transformers' assisted generation does: two more after a step that kept all its drafts,
-/// one fewer after one that did not, between 1 and `most`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DraftLength {
-    length: usize,
-    most: usize,
-}
-
-impl DraftLength {
-    /// Starting at `initial` drafts, never more than `most`.
-    pub fn new(initial: usize, most: usize) -> Self {
-        let most = most.max(1);
-        DraftLength {
-            length: initial.clamp(1, most),
-            most,
-        }
-    }
-
-    /// Drafts the next step may carry.
-    pub fn get(&self) -> usize {
-        self.length
-    }
-
-    /// A step carried `drafted` drafts and `accepted` of them were kept.
-    pub fn after(&mut self, drafted: usize, accepted: usize) {
-        if drafted > 0 {
-            self.length = if accepted == drafted {
-                (self.length + 2).min(self.most)
-            } else {
-                self.length.saturating_sub(1).max(1)
-            };
-        }
     }
 }
 
@@ -350,25 +317,6 @@ pub fn check_vocabularies(main: &Tokenizer, draft: &Tokenizer) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_draft_length_grows_by_two_when_all_are_kept_and_shrinks_by_one_otherwise() {
-        let mut length = DraftLength::new(4, 7);
-        length.after(4, 4);
-        assert_eq!(length.get(), 6);
-        length.after(6, 6);
-        assert_eq!(length.get(), 7, "capped at the most");
-        length.after(7, 3);
-        assert_eq!(length.get(), 6);
-        length.after(0, 0);
-        assert_eq!(length.get(), 6, "a step without drafts says nothing");
-        for _ in 0..10 {
-            length.after(1, 0);
-        }
-        assert_eq!(length.get(), 1, "never below one");
-        assert_eq!(DraftLength::new(9, 3).get(), 3);
-        assert_eq!(DraftLength::new(0, 0).get(), 1);
-    }
 
     #[test]
     fn ngram_proposes_what_followed_the_latest_earlier_match_longest_first() {

@@ -420,6 +420,7 @@ impl LocalPipeline {
             while !done {
                 let left = request.max_tokens - result.tokens.len();
                 let most_now = length.get().min(left - 1).min(context - history.len());
+                let pass_start = Instant::now();
                 let mut drafts = drafter.propose_for(&history, most_now, &sampler);
                 drafts.truncate(most_now);
                 let sampled = self.verify(seq, &history, &drafts, &mut sampler)?;
@@ -427,7 +428,7 @@ impl LocalPipeline {
                 counts.passes += 1;
                 counts.drafted += drafts.len();
                 counts.accepted += accepted;
-                length.after(drafts.len(), accepted);
+                length.after(drafts.len(), accepted, pass_start.elapsed());
                 for (s, _) in sampled {
                     self.accept(
                         &mut history,

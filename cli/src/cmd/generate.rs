@@ -109,7 +109,8 @@ pub struct DraftArgs {
     /// pays off where answers quote, repeat or edit their prompt.
     #[arg(long, value_parser = ["ngram"])]
     pub draft: Option<String>,
-    /// Most drafts one step carries; below it the number adapts to how many are accepted.
+    /// Most drafts one step carries; below it, the number that gives the most tokens per
+    /// second, from how often drafts are kept and what passes take.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
     /// With more answers than this being generated at once, steps carry no drafts (a
