@@ -25,8 +25,6 @@
 //! transposed eight by eight in registers: the `unsafe` here.
 #![allow(unsafe_code)]
 
-use rayon::prelude::*;
-
 /// Key positions per tile of the online softmax.
 const KEY_TILE: usize = 64;
 /// Query rows one task carries through the tiles together.
@@ -421,30 +419,27 @@ pub(crate) fn causal(
     let avx2 = is_x86_feature_detected!("avx2");
     // Each task: the query heads of one kv head, one block of their rows, through every
     // tile they need.
-    let parts: Vec<Vec<f32>> = (0..kv_heads * blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (g, b) = (task / blocks, task % blocks);
-            let rows = b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n);
-            let heads = (g * groups..(g + 1) * groups, g);
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // Safety: the CPU was just found to have AVX2.
-                return unsafe { block_avx2(q, n, start, hd, heads, rows, (keys, values), scale) };
-            }
-            block(
-                q,
-                n,
-                start,
-                hd,
-                heads,
-                rows,
-                (keys, values),
-                scale,
-                transpose_keys,
-            )
-        })
-        .collect();
+    let parts: Vec<Vec<f32>> = crate::kernels::map_range(kv_heads * blocks, |task| {
+        let (g, b) = (task / blocks, task % blocks);
+        let rows = b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n);
+        let heads = (g * groups..(g + 1) * groups, g);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // Safety: the CPU was just found to have AVX2.
+            return unsafe { block_avx2(q, n, start, hd, heads, rows, (keys, values), scale) };
+        }
+        block(
+            q,
+            n,
+            start,
+            hd,
+            heads,
+            rows,
+            (keys, values),
+            scale,
+            transpose_keys,
+        )
+    });
     let mut out = vec![0f32; n * heads * hd];
     for (task, part) in parts.iter().enumerate() {
         let (g, b) = (task / blocks, task % blocks);

@@ -225,7 +225,7 @@ impl ModelDrafter {
         max: usize,
         sampler: Option<Sampler>,
     ) -> Vec<u32> {
-        match on_drafting_thread(|| self.try_propose(history, max, sampler)) {
+        match crate::kernels::alone(|| self.try_propose(history, max, sampler)) {
             Ok(drafts) => drafts,
             Err(e) => {
                 // A draft is only a guess: without one the step verifies nothing, and the
@@ -237,28 +237,6 @@ impl ModelDrafter {
                 Vec::new()
             }
         }
-    }
-}
-
-/// Runs `f` (a step's drafting: several forwards of a small model in a row) on a thread
-/// of its own, where the forwards' parallel loops run in turn. A draft model's matmuls
-/// are too small to gain from splitting: on the demo, whose coordinator and workers share
-/// one process, a step's drafts took 545 us this way against 725 us on the compute pool
-/// (waking its threads for every matmul, between the stages' forwards). Here, on the
-/// calling thread, when that thread could not be started.
-fn on_drafting_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|_| "strata-draft".into())
-            .build()
-            .inspect_err(|e| tracing::warn!(error = %e, "no drafting thread: drafts are computed on the compute pool"))
-            .ok()
-    });
-    match pool {
-        Some(pool) => pool.install(f),
-        None => f(),
     }
 }
 
@@ -317,6 +295,68 @@ pub fn check_vocabularies(main: &Tokenizer, draft: &Tokenizer) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The logits of a forward of `ids` after `prompt`, through a fresh cache.
+    fn logits_after(stage: &Stage, prompt: &[u32], ids: &[u32]) -> Vec<f32> {
+        let mut cache = stage.new_cache();
+        cache.create(DRAFT_SEQ);
+        for (start, piece) in [(0, prompt), (prompt.len(), ids)] {
+            let chunk = Chunk {
+                seq: DRAFT_SEQ,
+                start,
+                len: piece.len(),
+            };
+            let out = stage
+                .forward(&[chunk], StageInput::Tokens(piece.to_vec()), &mut cache)
+                .unwrap();
+            if start > 0 {
+                let StageOutput::Logits(l) = out else {
+                    panic!("a whole model gives logits")
+                };
+                return l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn a_forward_alone_on_its_thread_gives_the_compute_pools_logits_bit_for_bit() {
+        use crate::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
+        let dir = tempfile::tempdir().unwrap();
+        // Llama's GGUF rotates neighbouring pairs, Qwen2's the halves' entries.
+        for arch in [crate::Arch::Llama, crate::Arch::Qwen2] {
+            let mut spec = SynthSpec::tiny(arch);
+            spec.layers = 2;
+            let opts = SynthOptions {
+                format: SynthFormat::Gguf,
+                dtype: SynthDType::Quant(candle_core::quantized::GgmlDType::Q8_0),
+                shard_bytes: None,
+            };
+            let name = format!("{arch:?}.gguf");
+            let report = write_model(&spec, &opts, &dir.path().join(name)).unwrap();
+            let file = ModelFile::open(&report.path).unwrap();
+            let stage = Stage::load(&file, Slice::full(2), &Device::Cpu).unwrap();
+            let prompt = [5, 9, 2, 7, 11];
+            // One position and several: the rotary and the matmuls take other paths.
+            for ids in [&[3u32][..], &[3, 8, 1, 4]] {
+                let pooled = logits_after(&stage, &prompt, ids);
+                let alone = crate::kernels::alone(|| logits_after(&stage, &prompt, ids));
+                assert_eq!(
+                    pooled.len(),
+                    file.config().vocab_size,
+                    "the last position's"
+                );
+                assert!(
+                    pooled
+                        .iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{arch:?}, {} positions",
+                    ids.len()
+                );
+            }
+        }
+    }
 
     #[test]
     fn ngram_proposes_what_followed_the_latest_earlier_match_longest_first() {

@@ -208,6 +208,44 @@ fn own_kernel(
     Ok(Tensor::from_vec(out, (m, n), x.device())?)
 }
 
+/// candle-nn's rotary embedding, with the same arithmetic, in turn on this thread: candle's
+/// spreads several positions' heads over rayon's pool, which a forward that runs
+/// [`crate::kernels::alone`] must not wait on. `x` is `[batch, heads, positions, dim]`,
+/// `cos` and `sin` `[positions, dim / 2]`; `interleaved` rotates pairs of neighbours
+/// (GPT-J style) instead of the halves' matching entries (GPT-NeoX style).
+fn rope_in_turn(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let cos = cos.flatten_all()?.to_vec1::<f32>()?;
+    let sin = sin.flatten_all()?.to_vec1::<f32>()?;
+    let half = d / 2;
+    if cos.len() != t * half || sin.len() != t * half {
+        return Err(Error::InvalidBatch(format!(
+            "rotary tables of {} and {} values for {t} positions of {d}",
+            cos.len(),
+            sin.len()
+        )));
+    }
+    let out = with_rows(x, |src| {
+        let mut dst = vec![0f32; src.len()];
+        for (src, dst) in src.chunks_exact(t * d).zip(dst.chunks_exact_mut(t * d)) {
+            for p in 0..t {
+                for j in 0..half {
+                    let (c, s) = (cos[p * half + j], sin[p * half + j]);
+                    let (i1, i2) = if interleaved {
+                        (p * d + 2 * j, p * d + 2 * j + 1)
+                    } else {
+                        (p * d + j, p * d + j + half)
+                    };
+                    dst[i1] = src[i1] * c - src[i2] * s;
+                    dst[i2] = src[i1] * s + src[i2] * c;
+                }
+            }
+        }
+        dst
+    })?;
+    Ok(Tensor::from_vec(out, (b, h, t, d), x.device())?)
+}
+
 /// Runs `f` on `x`'s values as one row-major F32 slice: in place where `x` is a
 /// contiguous F32 tensor on the CPU (a prefill's activations are megabytes), copied
 /// otherwise.
@@ -702,7 +740,9 @@ impl Stage {
         // each of a layer's parallel matmuls would wake a worker and park this thread
         // until it finished: two context switches per matmul, a tenth of a decode step.
         match compute_pool() {
-            Some(pool) if rayon::current_thread_index().is_none() => {
+            Some(pool)
+                if rayon::current_thread_index().is_none() && !crate::kernels::is_alone() =>
+            {
                 pool.install(|| self.forward_on_pool(chunks, input, cache, rows))
             }
             _ => self.forward_on_pool(chunks, input, cache, rows),
@@ -861,6 +901,9 @@ impl Stage {
     }
 
     fn rope(&self, x: &Tensor, ctx: &BatchContext) -> Result<Tensor> {
+        if crate::kernels::is_alone() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return rope_in_turn(x, &ctx.cos, &ctx.sin, self.rope_interleaved);
+        }
         Ok(if self.rope_interleaved {
             candle_nn::rotary_emb::rope_i(x, &ctx.cos, &ctx.sin)?
         } else {
@@ -1058,6 +1101,12 @@ fn tail_rows(offsets: &[usize], chunks: &[Chunk], tails: &[usize]) -> Result<Vec
 fn silu_times(gated: &mut [f32], up: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
+    if crate::kernels::is_alone() {
+        for (g, u) in gated.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        return;
+    }
     gated
         .par_chunks_mut(CHUNK)
         .zip(up.par_chunks(CHUNK))

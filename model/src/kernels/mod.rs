@@ -31,10 +31,58 @@
 //! the only other: its portable code compiled for AVX2, behind the same kind of check).
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
 
 mod blocks;
 use blocks::QK;
+
+thread_local! {
+    /// Whether this thread runs its forwards' parallel loops in turn ([`alone`]).
+    static ALONE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the parallel loops of the forwards it makes (matmuls, attention, the
+/// activation quantizer) in turn on this thread, instead of on the compute pool. For a
+/// model too small to gain from splitting, a draft model: moving onto the pool's threads
+/// and back costs more than its forward (on a VM, waking an idle core took about 100 us,
+/// where a draft model's forward took 45).
+pub(crate) fn alone<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ALONE.with(|a| a.replace(true)));
+    f()
+}
+
+/// Whether this thread runs inside [`alone`].
+pub(crate) fn is_alone() -> bool {
+    ALONE.with(Cell::get)
+}
+
+/// `f(i)` for every `i` in `0..n`, in order: on the compute pool's threads, or in turn
+/// where this thread runs [`alone`].
+pub(crate) fn map_range<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if is_alone() {
+        (0..n).map(f).collect()
+    } else {
+        (0..n).into_par_iter().map(f).collect()
+    }
+}
+
+/// `f(i)` for every `i` in `0..n`: on the compute pool's threads, or in turn where this
+/// thread runs [`alone`].
+pub(crate) fn for_range(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if is_alone() {
+        (0..n).for_each(f);
+    } else {
+        (0..n).into_par_iter().for_each(f);
+    }
+}
 
 /// Weight rows per tile.
 const TILE: usize = 4;
@@ -650,43 +698,52 @@ fn for_each_tile(
     tile: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     let tiles = n / height;
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if is_alone() {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     let tiles_per_task = tiles.div_ceil(threads * 8).max(1);
     if m == 1 {
         // One row: tile-major is row-major.
-        out.par_chunks_mut(tiles_per_task * height)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * tiles_per_task;
-                for (i, tile_out) in chunk.chunks_mut(height).enumerate() {
-                    tile(first + i, tile_out);
-                }
-            });
+        let task = |(task, chunk): (usize, &mut [f32])| {
+            let first = task * tiles_per_task;
+            for (i, tile_out) in chunk.chunks_mut(height).enumerate() {
+                tile(first + i, tile_out);
+            }
+        };
+        if is_alone() {
+            out.chunks_mut(tiles_per_task * height)
+                .enumerate()
+                .for_each(task);
+        } else {
+            out.par_chunks_mut(tiles_per_task * height)
+                .enumerate()
+                .for_each(task);
+        }
         return;
     }
     // Each task fills its tiles' columns of every row through a small buffer of its own:
     // tasks write disjoint columns, and no [m, n] scratch is allocated (and faulted in).
     let columns = SharedOut(out.as_mut_ptr());
-    (0..tiles.div_ceil(tiles_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let mut buffer = vec![0f32; m * height];
-            let first = task * tiles_per_task;
-            for t in first..(first + tiles_per_task).min(tiles) {
-                tile(t, &mut buffer);
-                for (a, row) in buffer.chunks_exact(height).enumerate() {
-                    // SAFETY: row `a`, columns `t * height..(t + 1) * height` are inside
-                    // `out` ([m, n]), and only the task that owns tile `t` writes them.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            row.as_ptr(),
-                            columns.at(a * n + t * height),
-                            height,
-                        );
-                    }
+    for_range(tiles.div_ceil(tiles_per_task), |task| {
+        let mut buffer = vec![0f32; m * height];
+        let first = task * tiles_per_task;
+        for t in first..(first + tiles_per_task).min(tiles) {
+            tile(t, &mut buffer);
+            for (a, row) in buffer.chunks_exact(height).enumerate() {
+                // SAFETY: row `a`, columns `t * height..(t + 1) * height` are inside
+                // `out` ([m, n]), and only the task that owns tile `t` writes them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        row.as_ptr(),
+                        columns.at(a * n + t * height),
+                        height,
+                    );
                 }
             }
-        });
+        }
+    });
 }
 
 /// The output matrix, shared by tasks that write disjoint columns of it.
@@ -926,6 +983,10 @@ impl QuantizedRows {
         };
         if m == 1 {
             quantize_terms(x, rows.as_mut(0, k * terms));
+        } else if kb > 0 && is_alone() {
+            for (a, x) in x.chunks(k).enumerate() {
+                quantize_terms(x, rows.as_mut(a, k * terms));
+            }
         } else if kb > 0 {
             let rows_out = rows
                 .q
