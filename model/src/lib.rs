@@ -60,7 +60,7 @@ pub use draft::{check_vocabularies, DraftLength, Drafter, ModelDrafter, NgramDra
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};
-pub use model::{Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
+pub use model::{set_compute_threads, Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
 
 pub use pipeline::{DraftCounts, FinishReason, GenerateRequest, Generation, LocalPipeline};
 pub use sampler::{Sampled, Sampler, SamplingParams};

@@ -1117,15 +1117,33 @@ fn silu_times(gated: &mut [f32], up: &[f32]) {
         });
 }
 
-/// The threads every forward computes on: one per core (or `RAYON_NUM_THREADS`), as
-/// rayon's global pool, which a forward cannot be moved onto from outside. `None` when
-/// the threads could not be started (a process limit): the forward then runs here, and
-/// its parallel loops on the global pool.
+/// Threads [`compute_pool`] starts with; 0 for one per core.
+static COMPUTE_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets how many threads every forward of this process computes on (llama.cpp's
+/// `--threads`), before the first forward; without it, one per core (or
+/// `RAYON_NUM_THREADS`). Fewer suit a small model, whose matmuls take microseconds: waking
+/// another core for each costs more than it saves, and leaves no core free for drafting
+/// or the network. False when forwards have already started their threads.
+pub fn set_compute_threads(threads: usize) -> bool {
+    COMPUTE_THREADS.store(threads.max(1), std::sync::atomic::Ordering::SeqCst);
+    COMPUTE_POOL.get().is_none()
+}
+
+static COMPUTE_POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+
+/// The threads every forward computes on ([`set_compute_threads`]), as rayon's global
+/// pool, which a forward cannot be moved onto from outside. `None` when the threads could
+/// not be started (a process limit): the forward then runs here, and its parallel loops on
+/// the global pool.
 fn compute_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
+    COMPUTE_POOL.get_or_init(|| {
+        let threads = match COMPUTE_THREADS.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => rayon::current_num_threads(),
+            n => n,
+        };
         rayon::ThreadPoolBuilder::new()
-            .num_threads(rayon::current_num_threads())
+            .num_threads(threads)
             .thread_name(|i| format!("strata-compute-{i}"))
             .build()
             .inspect_err(|e| tracing::warn!(error = %e, "no compute pool: forwards run on the caller's thread"))

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use clap::{Args, Subcommand};
 use strata_coordinator::planner::{self, Candidate, PlanOptions};
 use strata_coordinator::registry::state_name;
@@ -370,6 +370,11 @@ pub struct WorkerArgs {
     /// Do not announce over mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Threads this worker's forwards compute on (llama.cpp's --threads); default one per
+    /// core. Fewer where several workers share a machine, or for a small model, whose
+    /// matmuls gain less from more threads than waking them costs.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Use this speed (bytes/s) instead of measuring it.
     #[arg(long, hide = true)]
     speed: Option<f64>,
@@ -384,6 +389,10 @@ pub struct WorkerArgs {
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    if let Some(threads) = a.threads {
+        ensure!(threads >= 1, "--threads must be at least 1");
+        strata_model::set_compute_threads(threads);
+    }
     let token = JoinToken::parse(&a.token)?;
     let mut w = WorkerConfig::new(token);
     w.coordinator = a.coordinator;
