@@ -107,6 +107,18 @@ async fn bind(want: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
     }
 }
 
+/// The workers' compute threads: `--threads`, or one for the bundled model.
+fn set_compute_threads(a: &DemoArgs) -> anyhow::Result<()> {
+    let threads = match (a.threads, &a.model) {
+        (Some(threads), _) => threads,
+        (None, None) => 1,
+        (None, Some(_)) => return Ok(()),
+    };
+    ensure!(threads >= 1, "--threads must be at least 1");
+    strata_model::set_compute_threads(threads);
+    Ok(())
+}
+
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
@@ -120,15 +132,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             p
         }
     };
-    let threads = match (a.threads, &a.model) {
-        (Some(threads), _) => Some(threads),
-        (None, None) => Some(1),
-        (None, Some(_)) => None,
-    };
-    if let Some(threads) = threads {
-        ensure!(threads >= 1, "--threads must be at least 1");
-        strata_model::set_compute_threads(threads);
-    }
+    set_compute_threads(&a)?;
     let file = strata_model::ModelFile::open(&path)?;
     let c = file.config();
     println!(
