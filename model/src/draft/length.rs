@@ -251,10 +251,23 @@ mod tests {
             cost.observe(4, 0.002);
         }
         assert_eq!(cost.line(), None, "all of one length");
-        for k in [2, 6, 3, 5, 2, 6, 3, 5] {
-            cost.observe(k, 0.001 + 0.0002 * k as f64);
+        let mut fresh = PassCost::default();
+        for k in [2, 6, 3] {
+            fresh.observe(k, 0.001 + 0.0002 * k as f64);
         }
-        let (base, per_draft) = cost.line().expect("varied lengths");
-        assert!(base > 0.0 && per_draft > 0.0, "{base} {per_draft}");
+        assert_eq!(fresh.line(), None, "too few passes");
+        for k in [5, 2, 6, 3, 5, 4, 2] {
+            fresh.observe(k, 0.001 + 0.0002 * k as f64);
+        }
+        let (base, per_draft) = fresh.line().expect("enough passes of varied lengths");
+        assert!((base - 0.001).abs() < 1e-12, "{base}");
+        assert!((per_draft - 0.0002).abs() < 1e-12, "{per_draft}");
+        // A falling line (noise) is read as drafts that cost next to nothing.
+        let mut falling = PassCost::default();
+        for k in [2, 6, 3, 5, 2, 6, 3, 5] {
+            falling.observe(k, 0.002 - 0.0001 * k as f64);
+        }
+        let (base, per_draft) = falling.line().expect("varied lengths");
+        assert!((base - 0.002).abs() < 1e-12 && per_draft > 0.0 && per_draft < base * 0.01);
     }
 }
