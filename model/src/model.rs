@@ -1101,20 +1101,19 @@ fn tail_rows(offsets: &[usize], chunks: &[Chunk], tails: &[usize]) -> Result<Vec
 fn silu_times(gated: &mut [f32], up: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
-    if crate::kernels::is_alone() {
-        for (g, u) in gated.iter_mut().zip(up) {
+    let piece = |(g, u): (&mut [f32], &[f32])| {
+        for (g, u) in g.iter_mut().zip(u) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
-        return;
+    };
+    if crate::kernels::is_alone() {
+        piece((gated, up));
+    } else {
+        gated
+            .par_chunks_mut(CHUNK)
+            .zip(up.par_chunks(CHUNK))
+            .for_each(piece);
     }
-    gated
-        .par_chunks_mut(CHUNK)
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
 }
 
 /// Threads [`compute_pool`] starts with; 0 for one per core.

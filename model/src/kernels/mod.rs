@@ -698,7 +698,8 @@ fn for_each_tile(
     tile: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     let tiles = n / height;
-    let threads = if is_alone() {
+    let alone = is_alone();
+    let threads = if alone {
         1
     } else {
         rayon::current_num_threads().max(1)
@@ -712,7 +713,7 @@ fn for_each_tile(
                 tile(first + i, tile_out);
             }
         };
-        if is_alone() {
+        if alone {
             out.chunks_mut(tiles_per_task * height)
                 .enumerate()
                 .for_each(task);
