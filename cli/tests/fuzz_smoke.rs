@@ -157,6 +157,7 @@ fn frame() {
             reserve: 40,
             partial: true,
             draft: 0,
+            drawn_from: Vec::new(),
             energy_uj: Some(10),
         }],
         activations: Some(strata_net::frame::Activations {

@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use strata_model::{DraftLength, Drafter, SamplingParams, SeqId, StreamDecoder, Tokenizer};
+use strata_model::{DraftLength, Drafter, Drafts, SamplingParams, SeqId, StreamDecoder, Tokenizer};
 use strata_net::frame::{Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Why an answer ended.
@@ -590,7 +590,10 @@ impl SequenceCore {
     /// Sends the piece of the history from `start` (the first carries the sampler).
     fn send_piece(&mut self, epoch: u64, start: usize, now: Instant) -> Vec<Action> {
         let end = (start + self.limits.prefill_chunk.max(1)).min(self.history.len());
-        let drafts = self.drafts(start, end);
+        let Drafts {
+            tokens: drafts,
+            drawn_from,
+        } = self.drafts(start, end);
         let mut tokens = self.history[start..end].to_vec();
         tokens.extend(&drafts);
         let draft = drafts.len() as u32;
@@ -614,6 +617,7 @@ impl SequenceCore {
                 reserve: self.reserve(),
                 partial: end < self.history.len(),
                 draft,
+                drawn_from,
                 // Each stage adds what it spent on these positions.
                 energy_uj: Some(0),
             },
@@ -623,19 +627,20 @@ impl SequenceCore {
     /// Drafts for a decode step (one token, after the first): as many as the drafter
     /// proposes within the adapted length, the tokens still to generate less one (the
     /// pass gives one more than it accepts) and the context. None for other steps.
-    fn drafts(&mut self, start: usize, end: usize) -> Vec<u32> {
+    fn drafts(&mut self, start: usize, end: usize) -> Drafts {
         let decode = self.generated() > 0 && start + 1 == end && end == self.history.len();
         let left = self.request.max_tokens.saturating_sub(self.generated());
         let room = self.limits.context.saturating_sub(end);
         match &mut self.drafting {
             Some(d) if decode && !d.crowded => {
                 let most = d.length.get().min(left.saturating_sub(1)).min(room);
-                // The answer's sampler where it stands: a model drafter draws with it.
+                // The answer's sampler where it stands: a model drafter draws with its
+                // settings.
                 let sampler =
                     strata_model::Sampler::resume(self.request.sampling.clone(), self.rng_position);
                 let mut drafts = match &sampler {
                     Ok(sampler) => d.drafter.propose_for(&self.history, most, sampler),
-                    Err(_) => d.drafter.propose(&self.history, most),
+                    Err(_) => Drafts::chosen(d.drafter.propose(&self.history, most)),
                 };
                 drafts.truncate(most);
                 d.drafted += drafts.len();
@@ -644,9 +649,9 @@ impl SequenceCore {
             }
             Some(d) => {
                 d.in_flight = 0;
-                Vec::new()
+                Drafts::default()
             }
-            None => Vec::new(),
+            None => Drafts::default(),
         }
     }
 
@@ -940,6 +945,8 @@ impl SequenceCore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::sync::{Arc, Mutex};
+    use strata_model::Sampler;
 
     fn tokenizer() -> Tokenizer {
         let dir = tempfile::tempdir().unwrap();
@@ -1090,6 +1097,60 @@ mod tests {
         );
         alone.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
         assert_eq!(step_after(&mut alone, 3, 50).0, 2, "crowd 0 always drafts");
+    }
+
+    /// Draws the token after the last at random, and says from what; notes where the
+    /// answer's sampler stood each time.
+    #[derive(Debug, Default)]
+    struct Drawn {
+        sampler_at: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Drafter for Drawn {
+        fn propose(&mut self, _: &[u32], _: usize) -> Vec<u32> {
+            Vec::new()
+        }
+
+        fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Drafts {
+            self.sampler_at.lock().unwrap().push(sampler.rng_position());
+            let next = history.last().copied().unwrap_or(0) + 1;
+            let mut drafts = Drafts {
+                tokens: vec![next, next + 1],
+                drawn_from: vec![vec![(next, 0.5), (7, 0.5)], vec![(next + 1, 1.0)]],
+            };
+            drafts.truncate(max);
+            drafts
+        }
+    }
+
+    #[test]
+    fn drafts_drawn_at_random_travel_with_what_they_were_drawn_from() {
+        let (t, now) = (tokenizer(), Instant::now());
+        let drawn = Drawn::default();
+        let sampler_at = drawn.sampler_at.clone();
+        let mut c = core(20, &[], now).with_drafter(Box::new(drawn), DraftPolicy::default());
+        c.handle(Event::Pipeline { epoch: 1 }, now, &t, "");
+        let s = token(3, 300, 0);
+        let a = c.handle(
+            Event::Token {
+                epoch: 1,
+                sampled: &s,
+            },
+            now,
+            &t,
+            "",
+        );
+        let (_, step) = sent(&a).unwrap();
+        assert_eq!(
+            (step.draft, step.tokens.as_slice()),
+            (2, &[300, 301, 302][..])
+        );
+        assert_eq!(
+            step.drawn_from,
+            vec![vec![(301, 0.5), (7, 0.5)], vec![(302, 1.0)]]
+        );
+        // The drafter saw the answer's sampler where the last token left it.
+        assert_eq!(*sampler_at.lock().unwrap(), vec![s.rng_position]);
     }
 
     #[test]

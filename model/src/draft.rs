@@ -4,15 +4,17 @@
 //! Two drafters: [`NgramDrafter`] looks the history's last few tokens up earlier in the
 //! history and proposes what followed them there (prompt lookup: no model, and strong
 //! where an answer quotes, repeats or edits its prompt); [`ModelDrafter`] runs a small
-//! model that shares the main model's vocabulary ([`check_vocabularies`]) greedily.
+//! model that shares the main model's vocabulary ([`check_vocabularies`]).
 //!
-//! Whatever the drafts, the answer is the one plain decoding gives: the model samples each
-//! position with its own random numbers and keeps a draft only where it is the token
-//! sampled. So drafts change only the speed. For a sampled answer a model drafter draws
-//! its guesses with the answer's sampler, where it stands ([`Drafter::propose_for`]): the
-//! same settings and the same random numbers the model will use, so where the two models'
-//! distributions are close, the draft is the token the model draws (coupled draws), not
-//! only where it is the likeliest.
+//! Whatever the drafts, the answer's tokens have the distribution plain decoding gives them
+//! ([`Sampler::sample_drafts`]): greedy answers and prompt lookup's drafts keep only
+//! drafts that are the token the model samples there itself, so the tokens are plain
+//! decoding's, draw for draw. For a sampled answer a model drafter draws its guesses at
+//! random, with the answer's settings, from the draft model's distribution
+//! ([`Drafter::propose_for`]), and each step carries what each guess was drawn from, for
+//! the last stage to judge by the standard rejection rule: the most drafts any rule can
+//! keep, at the price of tokens that are the model's in distribution but not the ones a
+//! seed gives without drafts.
 //!
 //! [`Sampler::sample_drafts`]: crate::Sampler::sample_drafts
 
@@ -25,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, Slice, Stage, StageInput, StageOutput};
-use crate::sampler::{apply_repeat_penalty, argmax, Sampler};
+use crate::sampler::{apply_repeat_penalty, argmax, Proposal, Sampler};
 use crate::tokenizer::Tokenizer;
 
 mod length;
@@ -39,11 +41,46 @@ pub trait Drafter: Send + std::fmt::Debug {
 
     /// As [`Drafter::propose`], for an answer that `sampler` (the model's sampler, where
     /// it stands after `history`) samples. A drafter that scores tokens draws each guess
-    /// with a copy of it: the token the model will draw, wherever the two distributions
-    /// agree. One that does not (prompt lookup) proposes as for greedy answers.
-    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Vec<u32> {
+    /// at random with its settings ([`Sampler::for_drafts`]) and says what it drew from.
+    /// One that does not (prompt lookup) proposes as for greedy answers.
+    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Drafts {
         let _ = sampler;
-        self.propose(history, max)
+        Drafts::chosen(self.propose(history, max))
+    }
+}
+
+/// One step's drafts, and what each was drawn from when drawn at random.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Drafts {
+    /// The tokens, in order.
+    pub tokens: Vec<u32>,
+    /// One [`Proposal`] per token, or none for drafts chosen without chance.
+    pub drawn_from: Vec<Proposal>,
+}
+
+impl Drafts {
+    /// Drafts chosen without chance (greedy, or prompt lookup).
+    pub fn chosen(tokens: Vec<u32>) -> Self {
+        Drafts {
+            tokens,
+            drawn_from: Vec::new(),
+        }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Keeps the first `n`.
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.drawn_from.truncate(n);
     }
 }
 
@@ -96,7 +133,8 @@ impl Drafter for NgramDrafter {
     }
 }
 
-/// A small model that shares the main model's vocabulary, run greedily on this machine,
+/// A small model that shares the main model's vocabulary, run on this machine (greedily
+/// for greedy answers, drawing at random with a sampled answer's settings),
 /// with a KV cache of its own per sequence that follows the history (drafts it proposed
 /// that were not accepted are dropped from it before the next proposal).
 #[derive(Debug)]
@@ -171,18 +209,18 @@ impl ModelDrafter {
     }
 
     /// Up to `max` drafts after `history`: each the most likely token (with the repeat
-    /// penalty), or, given the answer's sampler, the token a copy of it draws.
+    /// penalty), or, given the answer's sampler, one drawn at random with its settings.
     fn try_propose(
         &mut self,
         history: &[u32],
         max: usize,
-        mut sampler: Option<Sampler>,
-    ) -> Result<Vec<u32>> {
+        sampler: Option<&Sampler>,
+    ) -> Result<Drafts> {
         let context = self.stage.config().max_position_embeddings;
         let room = context.saturating_sub(history.len());
         let max = max.min(room);
         if max == 0 || history.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Drafts::default());
         }
         // Keep what the cache shares with the history, less one position: the last shared
         // token is fed again so there are logits to start from.
@@ -197,18 +235,24 @@ impl ModelDrafter {
         self.cached.truncate(shared);
         let vocab = self.stage.config().vocab_size as u32;
         let mut logits = self.feed(&history[shared..])?;
-        let mut drafts = Vec::with_capacity(max);
+        let mut drafts = Drafts::default();
+        let mut draw = sampler.map(Sampler::for_drafts);
         let mut seen = history.to_vec();
         loop {
-            let token = match &mut sampler {
-                Some(sampler) => sampler.sample(&logits, &seen)?.token,
+            let token = match &mut draw {
+                Some(draw) => {
+                    let (token, drawn_from) = draw.propose(&logits, &seen)?;
+                    drafts.drawn_from.push(drawn_from);
+                    token
+                }
                 None => self.pick(&mut logits, &seen),
             };
             seen.push(token);
             if token >= vocab {
+                drafts.drawn_from.truncate(drafts.tokens.len());
                 break;
             }
-            drafts.push(token);
+            drafts.tokens.push(token);
             if drafts.len() == max {
                 break;
             }
@@ -223,8 +267,8 @@ impl ModelDrafter {
         &mut self,
         history: &[u32],
         max: usize,
-        sampler: Option<Sampler>,
-    ) -> Vec<u32> {
+        sampler: Option<&Sampler>,
+    ) -> Drafts {
         match crate::kernels::alone(|| self.try_propose(history, max, sampler)) {
             Ok(drafts) => drafts,
             Err(e) => {
@@ -234,7 +278,7 @@ impl ModelDrafter {
                 self.cache.free(DRAFT_SEQ);
                 self.cache.create(DRAFT_SEQ);
                 self.cached.clear();
-                Vec::new()
+                Drafts::default()
             }
         }
     }
@@ -242,11 +286,11 @@ impl ModelDrafter {
 
 impl Drafter for ModelDrafter {
     fn propose(&mut self, history: &[u32], max: usize) -> Vec<u32> {
-        self.propose_or_nothing(history, max, None)
+        self.propose_or_nothing(history, max, None).tokens
     }
 
-    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Vec<u32> {
-        self.propose_or_nothing(history, max, Some(sampler.clone()))
+    fn propose_for(&mut self, history: &[u32], max: usize, sampler: &Sampler) -> Drafts {
+        self.propose_or_nothing(history, max, Some(sampler))
     }
 }
 

@@ -56,13 +56,13 @@ pub mod wire;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, Experts, ModelConfig, RopeScaling};
-pub use draft::{check_vocabularies, DraftLength, Drafter, ModelDrafter, NgramDrafter};
+pub use draft::{check_vocabularies, DraftLength, Drafter, Drafts, ModelDrafter, NgramDrafter};
 pub use error::{Error, Result};
 pub use format::{FileExtent, Format, ModelFile, Role, Weight};
 pub use kv::{KvCache, SeqId};
 pub use model::{set_compute_threads, Chunk, LogitRows, Slice, Stage, StageInput, StageOutput};
 
 pub use pipeline::{DraftCounts, FinishReason, GenerateRequest, Generation, LocalPipeline};
-pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use sampler::{Proposal, Sampled, Sampler, SamplingParams, PROPOSAL_TOKENS};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 pub use wire::WireType;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::draft::{DraftLength, Drafter};
+use crate::draft::{DraftLength, Drafter, Drafts};
 use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::kv::{KvCache, SeqId};
@@ -365,8 +365,10 @@ impl LocalPipeline {
 
     /// Generates for one request with speculative decoding: each forward runs the last
     /// token and what `drafter` proposes after it (at most `most`, adapting as the
-    /// cluster's sequences do), and keeps the drafts the sampler would have chosen
-    /// itself ([`Sampler::sample_drafts`]), so the tokens are [`LocalPipeline::generate`]'s.
+    /// cluster's sequences do), and keeps the drafts the sampler judges it would have
+    /// given ([`Sampler::sample_drafts`]): the tokens are [`LocalPipeline::generate`]'s,
+    /// greedy or with drafts chosen without chance, and have their distribution when a
+    /// draft model draws drafts at random for a sampled answer.
     pub fn generate_drafted(
         &mut self,
         request: &GenerateRequest,
@@ -463,12 +465,12 @@ impl LocalPipeline {
         &mut self,
         seq: SeqId,
         history: &[u32],
-        drafts: &[u32],
+        drafts: &Drafts,
         sampler: &mut Sampler,
     ) -> Result<Vec<(Sampled, u64)>> {
         let start = history.len() - 1;
         let mut tokens = vec![history[start]];
-        tokens.extend(drafts);
+        tokens.extend(&drafts.tokens);
         let chunk = Chunk {
             seq,
             start,
@@ -479,7 +481,12 @@ impl LocalPipeline {
             .forward_scoring(&[chunk], tokens, rows)?
             .to_vec2::<f32>()?;
         let rows: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-        sampler.sample_drafts(&rows, drafts, &mut history.to_vec())
+        sampler.sample_drafts(
+            &rows,
+            &drafts.tokens,
+            &drafts.drawn_from,
+            &mut history.to_vec(),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -131,48 +131,112 @@ impl Sampler {
     /// Picks the next token from `logits`, given the tokens so far (`history`, prompt and
     /// generated) for the repeat penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<Sampled> {
+        let adjusted = self.penalised(logits, history)?;
+        let token = if self.params.temperature == 0.0 {
+            argmax(&adjusted)
+        } else {
+            self.sample_filtered(&adjusted)
+        };
+        Ok(self.describe(logits, token))
+    }
+
+    /// Draws a draft from a draft model's `logits` after `history` as [`Sampler::sample`]
+    /// would (the same penalty and filters), but only among the likeliest
+    /// [`PROPOSAL_TOKENS`] of what the filters keep, and says what it drew from: what
+    /// [`Sampler::sample_drafts`] needs to judge it. Greedy settings pick the likeliest
+    /// token, with an empty proposal. Use it on a stream of its own
+    /// ([`Sampler::for_drafts`]).
+    pub fn propose(&mut self, logits: &[f32], history: &[u32]) -> Result<(u32, Proposal)> {
+        let adjusted = self.penalised(logits, history)?;
+        if self.params.temperature == 0.0 {
+            return Ok((argmax(&adjusted), Vec::new()));
+        }
+        let mut kept = self.filtered(&adjusted);
+        if kept.is_empty() {
+            return Ok((argmax(&adjusted), Vec::new()));
+        }
+        if kept.len() > PROPOSAL_TOKENS {
+            kept.select_nth_unstable_by(PROPOSAL_TOKENS - 1, by_weight);
+            kept.truncate(PROPOSAL_TOKENS);
+        }
+        let total: f32 = kept.iter().map(|c| c.1).sum();
+        for c in &mut kept {
+            c.1 /= total;
+        }
+        let token = self.draw(&kept);
+        Ok((token, kept))
+    }
+
+    /// A sampler with these settings for drafting the step that follows where this one
+    /// stands: its random stream is its own, independent of this one's (the rejection
+    /// rule in [`Sampler::sample_drafts`] needs the draws that make drafts and the draws
+    /// that judge them independent), and another for every step, as this one's position
+    /// moves on with every token sampled.
+    pub fn for_drafts(&self) -> Sampler {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&self.params.seed.to_le_bytes());
+        key[8..16].copy_from_slice(&self.rng_position().to_le_bytes());
+        key[16..].copy_from_slice(DRAFT_STREAM);
+        Sampler {
+            params: self.params.clone(),
+            rng: ChaCha8Rng::from_seed(key),
+        }
+    }
+
+    /// `logits` with the repeat penalty over `history` applied.
+    fn penalised(&self, logits: &[f32], history: &[u32]) -> Result<Vec<f32>> {
         if logits.is_empty() {
             return Err(Error::Sampling("empty logits".into()));
         }
         let p = &self.params;
         let mut adjusted = logits.to_vec();
         apply_repeat_penalty(&mut adjusted, history, p.repeat_penalty, p.repeat_window);
-        let top = p.top_logprobs;
-        let token = if p.temperature == 0.0 {
-            argmax(&adjusted)
-        } else {
-            self.sample_filtered(&adjusted)
-        };
-        // Log-probabilities under the unmodified distribution: one log-sum-exp, and a
-        // sorted list only when asked for.
+        Ok(adjusted)
+    }
+
+    /// `token` with its log-probability under the unmodified `logits` and, when asked
+    /// for, the most likely tokens': one log-sum-exp, and a sorted list only when asked.
+    fn describe(&self, logits: &[f32], token: u32) -> Sampled {
         let lse = log_sum_exp(logits);
+        let top = self.params.top_logprobs;
         let top_logprobs = if top > 0 {
             let logprobs: Vec<f32> = logits.iter().map(|l| l - lse).collect();
             top_n(&logprobs, top)
         } else {
             Vec::new()
         };
-        Ok(Sampled {
+        Sampled {
             token,
             logprob: logits[token as usize] - lse,
             top_logprobs,
-        })
+        }
     }
 
     /// Verifies drafts: `rows[i]` are the logits after the history's `i`-th draft position
-    /// (`rows[0]` after the token before the drafts, which `history` ends with). Samples
-    /// at each row in turn and goes on while the token sampled is the draft there: each
-    /// such draft is accepted (pushed onto `history`), and the first token that differs,
-    /// or the one after the last draft, ends the list. So the tokens, random draws
-    /// included, are the ones sampling one position at a time gives, whatever the drafts:
-    /// the output distribution is p's. (A draft drawn with a copy of this sampler, as a
-    /// model drafter draws them, is kept wherever the draft model's distribution leads the
-    /// same random number to the same token.) Each token comes with the random stream's
-    /// position after it ([`Sampler::rng_position`]).
+    /// (`rows[0]` after the token before the drafts, which `history` ends with), and
+    /// `drawn_from` says what each draft was drawn from (one [`Proposal`] per draft, or
+    /// none at all for drafts chosen without chance). Decides each position in turn and
+    /// goes on while the token there is the draft: each such draft is accepted (pushed
+    /// onto `history`), and the first token that differs, or the one after the last
+    /// draft, ends the list. Either way each token has the distribution sampling one
+    /// position at a time gives it:
+    ///
+    /// - a draft chosen without chance (greedy drafting, prompt lookup) is kept where the
+    ///   token sampled there is the draft, so the tokens, random draws included, are the
+    ///   ones sampling one position at a time gives;
+    /// - a draft drawn at random from q is judged by the standard rejection rule (Leviathan
+    ///   et al. and Chen et al., 2023): kept with probability min(1, p/q) at it, and
+    ///   otherwise replaced by a draw from max(0, p - q), renormalised. Drafts are kept as
+    ///   often as any rule can keep them (1 - the distributions' total variation
+    ///   distance); the tokens are p's in distribution, not draw for draw.
+    ///
+    /// Greedy settings keep exactly the drafts that are the likeliest token. Each token
+    /// comes with the random stream's position after it ([`Sampler::rng_position`]).
     pub fn sample_drafts(
         &mut self,
         rows: &[&[f32]],
         drafts: &[u32],
+        drawn_from: &[Proposal],
         history: &mut Vec<u32>,
     ) -> Result<Vec<(Sampled, u64)>> {
         if rows.len() != drafts.len() + 1 {
@@ -182,10 +246,26 @@ impl Sampler {
                 drafts.len()
             )));
         }
+        if !drawn_from.is_empty() && drawn_from.len() != drafts.len() {
+            return Err(Error::Sampling(format!(
+                "{} distributions for {} drafts",
+                drawn_from.len(),
+                drafts.len()
+            )));
+        }
         let mut out = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let sampled = self.sample(row, history)?;
-            let accepted = drafts.get(i) == Some(&sampled.token);
+            let draft = drafts.get(i).copied();
+            let drawn = drawn_from
+                .get(i)
+                .filter(|q| !q.is_empty() && self.params.temperature > 0.0);
+            let sampled = match (draft, drawn) {
+                (Some(draft), Some(q)) => self.judge(row, history, draft, q)?,
+                _ => self.sample(row, history)?,
+            };
+            // A token that is the draft, however it came, continues the pass: the next
+            // row's logits are the ones after it.
+            let accepted = draft == Some(sampled.token);
             if accepted {
                 history.push(sampled.token);
             }
@@ -197,32 +277,79 @@ impl Sampler {
         Ok(out)
     }
 
+    /// The token at a position whose `draft` was drawn from `q`, by the rejection rule
+    /// ([`Sampler::sample_drafts`]), against p: what [`Sampler::sample`] would draw from.
+    fn judge(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        draft: u32,
+        q: &[(u32, f32)],
+    ) -> Result<Sampled> {
+        let adjusted = self.penalised(logits, history)?;
+        let p = self.filtered(&adjusted);
+        if p.is_empty() {
+            return Ok(self.describe(logits, argmax(&adjusted)));
+        }
+        let p_total: f64 = p.iter().map(|c| f64::from(c.1)).sum();
+        let q_total: f64 = q.iter().map(|c| f64::from(c.1)).sum();
+        // q by token id, so the residual costs one pass over p, however large.
+        let mut q_of = vec![0f64; logits.len()];
+        for &(token, prob) in q {
+            if let Some(at) = q_of.get_mut(token as usize) {
+                *at += f64::from(prob) / q_total;
+            }
+        }
+        let q_draft = q_of.get(draft as usize).copied().unwrap_or(0.0);
+        if !(q_draft > 0.0 && q_draft.is_finite()) {
+            return Err(Error::Sampling(format!(
+                "draft {draft} is not among the tokens it was drawn from"
+            )));
+        }
+        let p_draft = p
+            .iter()
+            .find(|c| c.0 == draft)
+            .map_or(0.0, |c| f64::from(c.1) / p_total);
+        let keep: f64 = self.rng.random();
+        let token = if keep * q_draft < p_draft {
+            draft
+        } else {
+            let residual: Vec<(u32, f32)> = p
+                .iter()
+                .map(|&(t, w)| (t, (f64::from(w) / p_total - q_of[t as usize]) as f32))
+                .filter(|c| c.1 > 0.0)
+                .collect();
+            // Rounding may leave nothing where p and q all but agree: then p itself.
+            self.draw(if residual.is_empty() { &p } else { &residual })
+        };
+        Ok(self.describe(logits, token))
+    }
+
     fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
         let kept = self.filtered(logits);
         if kept.is_empty() {
             return argmax(logits);
         }
-        let p = &self.params;
-        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            // Plain temperature: walk the cumulative sum (no order needed).
-            let mut r = self.rng.random::<f32>();
-            for &(token, prob) in &kept {
-                r -= prob;
-                if r < 0.0 {
-                    return token;
-                }
+        self.draw(&kept)
+    }
+
+    /// A token of `weighted` (token, weight) pairs, drawn in proportion to the weights
+    /// (which need not sum to 1): one random number, walked along their cumulative sum.
+    fn draw(&mut self, weighted: &[(u32, f32)]) -> u32 {
+        let total: f64 = weighted.iter().map(|c| f64::from(c.1)).sum();
+        let mut r = self.rng.random::<f64>() * total;
+        for &(token, weight) in weighted {
+            r -= f64::from(weight);
+            if r < 0.0 {
+                return token;
             }
-            return kept[kept.len() - 1].0;
         }
-        // The draw is a race: each kept token's clock is -ln(u)/p, with u uniform from one
-        // random word of the stream and the token's id, and the first to finish wins. That
-        // is exactly p's distribution (of exponential clocks of rates p_i, token i finishes
-        // first with probability p_i / Σp). Unlike walking the cumulative sum, a draft
-        // model that runs the same race (same word) with its own probabilities finishes
-        // first with the same token wherever the two distributions are close, whatever
-        // their order: coupled draws, so sampled answers keep drafts too.
-        let word = self.rng.random::<u64>();
-        race(word, &kept)
+        // Rounding: the last token with any weight.
+        weighted
+            .iter()
+            .rev()
+            .find(|c| c.1 > 0.0)
+            .map_or(weighted[weighted.len() - 1].0, |c| c.0)
     }
 
     /// The tokens that temperature, top-k, top-p and min-p leave of `logits` (after any
@@ -329,30 +456,21 @@ fn by_weight(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// The winner of a race of exponential clocks, one per token of `kept` at rate its
-/// probability, each clock's uniform drawn from `word` and the token's id.
-fn race(word: u64, kept: &[(u32, f32)]) -> u32 {
-    let mut first = (f64::INFINITY, kept[0].0);
-    for &(token, prob) in kept {
-        if prob > 0.0 {
-            let clock = -token_uniform(word, token).ln() / f64::from(prob);
-            if clock < first.0 {
-                first = (clock, token);
-            }
-        }
-    }
-    first.1
-}
+/// What a draft was drawn from ([`Sampler::propose`]): tokens and their probabilities, at
+/// most [`PROPOSAL_TOKENS`] of them. Empty for a draft chosen without chance (greedy, or
+/// prompt lookup).
+pub type Proposal = Vec<(u32, f32)>;
 
-/// A uniform number in (0, 1] for `token` from one random `word`: SplitMix64's finaliser
-/// of the two mixed, as the race in [`Sampler::sample`] needs one per token per draw.
-fn token_uniform(word: u64, token: u32) -> f64 {
-    let mut z = word ^ u64::from(token).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-}
+/// Most tokens a [`Proposal`] names: a drafter draws among the likeliest this many of its
+/// filtered distribution (which top-p or min-p usually leave far fewer of), so that a
+/// step's drafts stay a few hundred bytes each on the wire. Drawing from fewer than the
+/// filters keep costs acceptance, never correctness: the rule judges a draft by the
+/// distribution it was actually drawn from.
+pub const PROPOSAL_TOKENS: usize = 64;
+
+/// The last 16 bytes of a draft stream's key ([`Sampler::for_drafts`]): what sets those
+/// streams apart from the answer's own.
+const DRAFT_STREAM: &[u8; 16] = b"strata-draft-v1\0";
 
 /// Candidates sorted before checking whether top-p / min-p need more.
 const SORTED_HEAD: usize = 256;
@@ -417,6 +535,7 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::draft::Drafts;
 
     fn params() -> SamplingParams {
         SamplingParams::default()
@@ -586,7 +705,7 @@ mod tests {
     }
 
     #[test]
-    fn drafts_keep_the_output_distribution_and_the_random_stream() {
+    fn drafts_chosen_without_chance_give_the_tokens_of_sampling_one_at_a_time() {
         // Three positions over a vocabulary of 6; drafts that are sometimes right.
         let rows: Vec<Vec<f32>> = vec![
             vec![1.0, 2.0, 0.5, -1.0, 0.0, 1.5],
@@ -617,7 +736,9 @@ mod tests {
             let mut drafted = Sampler::new(p).unwrap();
             let mut history = vec![9];
             let drafts = [expected[0], 1];
-            let got = drafted.sample_drafts(&refs, &drafts, &mut history).unwrap();
+            let got = drafted
+                .sample_drafts(&refs, &drafts, &[], &mut history)
+                .unwrap();
             let tokens: Vec<u32> = got.iter().map(|(s, _)| s.token).collect();
             let stream: Vec<u64> = got.iter().map(|(_, at)| *at).collect();
             let upto = if expected[1] == 1 { 3 } else { 2 };
@@ -640,7 +761,7 @@ mod tests {
             // Draft 1 (the most likely token) at the first position: whatever it gives
             // first is the position's token.
             let drafted = with_draft
-                .sample_drafts(&refs[..2], &[1], &mut vec![9])
+                .sample_drafts(&refs[..2], &[1], &[], &mut vec![9])
                 .unwrap();
             counts[drafted[0].0.token as usize] += 1;
         }
@@ -659,52 +780,45 @@ mod tests {
         assert!(chi2 < 20.5, "chi-square {chi2:.1} for counts {counts:?}");
     }
 
-    #[test]
-    fn a_filtered_draw_has_the_filtered_distribution_and_couples_close_ones() {
-        // Top 5 of 6 at temperature 0.8; `close` swaps the first two in order.
-        let logits = [1.0f32, 2.0, 0.5, -1.0, 0.0, 1.5];
-        let close = [1.0f32, 1.45, 0.5, -1.0, 0.0, 1.55];
-        let params = |seed| SamplingParams {
+    /// `logits` at temperature 0.8 with the top 5 of 6 kept, as probabilities.
+    fn top_five(logits: &[f32]) -> Vec<f64> {
+        let cut = logits.iter().cloned().fold(f32::INFINITY, f32::min);
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&x| {
+                if x == cut {
+                    0.0
+                } else {
+                    (f64::from(x) / 0.8).exp()
+                }
+            })
+            .collect();
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
+    }
+
+    fn top_five_params(seed: u64) -> SamplingParams {
+        SamplingParams {
             seed,
             temperature: 0.8,
             top_k: 5,
             ..Default::default()
-        };
-        let filtered = |l: &[f32]| -> Vec<f64> {
-            let w: Vec<f64> = l
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    if i == 3 {
-                        0.0
-                    } else {
-                        (f64::from(x) / 0.8).exp()
-                    }
-                })
-                .collect();
-            let total: f64 = w.iter().sum();
-            w.iter().map(|x| x / total).collect()
-        };
+        }
+    }
+
+    #[test]
+    fn a_filtered_draw_has_the_filtered_distribution() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 0.0, 1.5];
         let n = 20_000;
-        let (mut counts, mut same) = ([0usize; 6], 0);
+        let mut counts = [0usize; 6];
         for seed in 0..n {
-            let a = Sampler::new(params(seed))
-                .unwrap()
-                .sample(&logits, &[])
-                .unwrap()
-                .token;
-            let b = Sampler::new(params(seed))
-                .unwrap()
-                .sample(&close, &[])
-                .unwrap()
-                .token;
-            counts[a as usize] += 1;
-            same += usize::from(a == b);
+            let mut sampler = Sampler::new(top_five_params(seed)).unwrap();
+            counts[sampler.sample(&logits, &[]).unwrap().token as usize] += 1;
         }
         assert_eq!(counts[3], 0, "the token top-k dropped");
         // Chi-square against the filtered distribution: 4 degrees of freedom, p = 0.001 at
         // 18.5.
-        let p = filtered(&logits);
+        let p = top_five(&logits);
         let chi2: f64 = (0..6)
             .filter(|&i| i != 3)
             .map(|i| {
@@ -713,15 +827,150 @@ mod tests {
             })
             .sum();
         assert!(chi2 < 18.5, "chi-square {chi2:.1} for counts {counts:?}");
-        // Two samplers with one seed over close distributions draw the same token at
-        // least (1 - TV) / (1 + TV) of the time, as a race of exponential clocks does,
-        // though their orders differ (walking each one's cumulative sum would not).
-        let q = filtered(&close);
-        let tv: f64 = p.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f64>() / 2.0;
-        let agree = same as f64 / n as f64;
+    }
+
+    #[test]
+    fn drafts_drawn_at_random_keep_the_output_distribution_by_the_rejection_rule() {
+        // The model's logits at two positions, and a draft model's that differ (another
+        // token is likeliest at each, another is cut by top-k).
+        let model = [
+            [1.0f32, 2.0, 0.5, -1.0, 0.0, 1.5],
+            [0.2, 0.1, 2.5, 2.0, -0.5, 0.0],
+        ];
+        let draft_model = [
+            [1.0f32, 1.45, 0.5, -1.0, 0.0, 1.55],
+            [0.3, -0.6, 1.8, 2.2, 0.0, 0.4],
+        ];
+        let rows: Vec<&[f32]> = vec![&model[0], &model[1], &model[1]];
+        let n = 20_000;
+        let (mut pairs, mut kept_first) = ([[0usize; 6]; 6], 0);
+        for seed in 0..n {
+            // One pass with two drafts; where it drops one, the next pass drafts again
+            // from where it stopped, as a coordinator does.
+            let mut sampler = Sampler::new(top_five_params(seed)).unwrap();
+            let mut answer = Vec::new();
+            while answer.len() < 2 {
+                let mut draw = sampler.for_drafts();
+                let at = answer.len();
+                let mut drafts = Drafts::default();
+                for logits in &draft_model[at..] {
+                    let (token, q) = draw.propose(logits, &answer).unwrap();
+                    drafts.tokens.push(token);
+                    drafts.drawn_from.push(q);
+                }
+                let mut history = answer.clone();
+                let out = sampler
+                    .sample_drafts(
+                        &rows[at..at + drafts.len() + 1],
+                        &drafts.tokens,
+                        &drafts.drawn_from,
+                        &mut history,
+                    )
+                    .unwrap();
+                if at == 0 && out[0].0.token == drafts.tokens[0] {
+                    kept_first += 1;
+                }
+                answer.extend(out.iter().map(|(s, _)| s.token));
+            }
+            pairs[answer[0] as usize][answer[1] as usize] += 1;
+        }
+        // The pair is distributed as the model's two positions: chi-square over the 25
+        // pairs top-k leaves, 24 degrees of freedom, p = 0.001 at 51.2.
+        let (p0, p1) = (top_five(&model[0]), top_five(&model[1]));
+        let mut chi2 = 0.0;
+        for (a, row) in pairs.iter().enumerate() {
+            for (b, &count) in row.iter().enumerate() {
+                let e = n as f64 * p0[a] * p1[b];
+                if e == 0.0 {
+                    assert_eq!(count, 0, "pair ({a}, {b}) that top-k excludes");
+                } else {
+                    chi2 += (count as f64 - e).powi(2) / e;
+                }
+            }
+        }
+        assert!(chi2 < 51.2, "chi-square {chi2:.1} for {pairs:?}");
+        // And the first draft is kept as often as any rule could keep it: the mass the
+        // two distributions share, 1 - their total variation distance.
+        let q0 = top_five(&draft_model[0]);
+        let shared: f64 = p0.iter().zip(&q0).map(|(a, b)| a.min(*b)).sum();
+        let kept = kept_first as f64 / n as f64;
         assert!(
-            agree >= (1.0 - tv) / (1.0 + tv) - 0.01,
-            "{agree:.3} agree, TV {tv:.3}"
+            (kept - shared).abs() < 0.015,
+            "kept {kept:.3}, shared {shared:.3}"
+        );
+    }
+
+    #[test]
+    fn a_proposal_names_the_likeliest_tokens_and_the_draft_among_them() {
+        // Plain temperature over a vocabulary larger than a proposal holds.
+        let logits: Vec<f32> = (0..1000).map(|i| (i % 97) as f32 * 0.05).collect();
+        let mut draw = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        })
+        .unwrap()
+        .for_drafts();
+        for _ in 0..20 {
+            let (token, q) = draw.propose(&logits, &[]).unwrap();
+            assert_eq!(q.len(), PROPOSAL_TOKENS);
+            assert!(q.iter().any(|c| c.0 == token && c.1 > 0.0));
+            let total: f32 = q.iter().map(|c| c.1).sum();
+            assert!((total - 1.0).abs() < 1e-4, "sums to {total}");
+            // The likeliest logits are those of ids 96 mod 97 and just below.
+            let floor = q
+                .iter()
+                .map(|c| logits[c.0 as usize])
+                .fold(f32::MAX, f32::min);
+            let above = logits.iter().filter(|&&l| l > floor).count();
+            assert!(
+                above < PROPOSAL_TOKENS,
+                "{above} tokens likelier than one named"
+            );
+        }
+        // Greedy settings propose the likeliest, chosen without chance.
+        let mut greedy = Sampler::new(params()).unwrap().for_drafts();
+        assert_eq!(
+            greedy.propose(&[0.1, 0.9, 0.3], &[]).unwrap(),
+            (1, Vec::new())
+        );
+    }
+
+    #[test]
+    fn drafts_streams_are_their_own_and_new_for_every_step() {
+        let mut answer = Sampler::new(top_five_params(5)).unwrap();
+        let first = answer.for_drafts().rng.random::<u64>();
+        assert_eq!(
+            first,
+            answer.for_drafts().rng.random::<u64>(),
+            "not repeatable"
+        );
+        let own = answer.clone().rng.random::<u64>();
+        answer
+            .sample(&[1.0, 2.0, 0.5, -1.0, 0.0, 1.5], &[])
+            .unwrap();
+        let next = answer.for_drafts().rng.random::<u64>();
+        assert!(first != own && first != next && next != own);
+    }
+
+    #[test]
+    fn a_draft_judged_by_a_distribution_that_does_not_name_it_is_refused() {
+        let rows: Vec<&[f32]> = vec![&[1.0, 2.0, 0.5], &[0.5, 0.5, 0.5]];
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+        let err = sampler
+            .sample_drafts(&rows, &[2], &[vec![(0, 0.5), (1, 0.5)]], &mut vec![0])
+            .unwrap_err();
+        assert!(err.to_string().contains("not among the tokens"), "{err}");
+        let err = sampler
+            .sample_drafts(&rows, &[2], &[vec![(2, 1.0)], vec![(2, 1.0)]], &mut vec![0])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("2 distributions for 1 drafts"),
+            "{err}"
         );
     }
 

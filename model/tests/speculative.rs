@@ -1,8 +1,9 @@
-//! Speculative decoding in one process gives the tokens plain decoding gives, whatever the
-//! drafts: prompt lookup, the model drafting for itself (every draft kept, greedy or
-//! sampled: it draws with the answer's sampler), and another
-//! model of the same vocabulary (most drafts dropped), greedy and seeded, on 1 and 3
-//! stages.
+//! Speculative decoding in one process: greedy, and with drafts chosen without chance
+//! (prompt lookup) for a sampled answer, it gives the tokens plain decoding gives, whatever
+//! the drafts: prompt lookup, the model drafting for itself (every draft kept), and another
+//! model of the same vocabulary (most drafts dropped), on 1 and 3 stages. A model drafting
+//! at random for a sampled answer gives a whole answer of the model's distribution (the
+//! sampler's tests hold that distribution), keeping what the rejection rule keeps.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failure is a test failure
 
@@ -81,18 +82,31 @@ fn drafted_generation_gives_the_tokens_of_plain_generation() {
                     .generate_drafted(&request, drafter.as_mut(), 8, |s| streamed.push(s.token))
                     .unwrap();
                 let what = format!("{name}, {stages} stage(s), {sampling:?}");
-                assert_eq!(drafted.tokens, plain.tokens, "{what}");
-                assert_eq!(streamed, plain.tokens, "{what}");
+                let drawn_at_random = name != "ngram" && sampling.temperature > 0.0;
+                if drawn_at_random {
+                    assert_eq!(drafted.tokens.len(), plain.tokens.len(), "{what}");
+                } else {
+                    assert_eq!(drafted.tokens, plain.tokens, "{what}");
+                }
+                assert_eq!(streamed, drafted.tokens, "{what}");
                 // Prompt lookup needs the answer to repeat the prompt, which a sampled
                 // answer of a random model may never do; the models always draft.
                 if name != "ngram" || sampling.temperature == 0.0 {
                     assert!(counts.drafted > 0, "{what}: nothing drafted");
                 }
                 assert!(counts.passes <= plain.tokens.len(), "{what}: {counts:?}");
-                // A model drafting for itself guesses every token: greedy, its likeliest;
-                // sampled, the token drawn with the answer's own random numbers.
+                // A model drafting for itself guesses every token greedily, and drawing
+                // at random, draws from the distribution the answer is drawn from, which
+                // the rejection rule keeps whatever is drawn (but for rounding).
                 if name == "itself" {
-                    assert_eq!(counts.accepted, counts.drafted, "{what}: {counts:?}");
+                    if drawn_at_random {
+                        assert!(
+                            counts.accepted * 10 >= counts.drafted * 9,
+                            "{what}: {counts:?}"
+                        );
+                    } else {
+                        assert_eq!(counts.accepted, counts.drafted, "{what}: {counts:?}");
+                    }
                     assert!(counts.passes < plain.tokens.len() / 2, "{what}: {counts:?}");
                 }
             }

@@ -7,10 +7,10 @@
 //! the coordinator see only the types here; `FrameHeader` stays inside this module.
 
 use prost::Message;
-use strata_model::{SamplingParams, SeqId, WireType};
+use strata_model::{Proposal, SamplingParams, SeqId, WireType, PROPOSAL_TOKENS};
 use strata_proto::v1::{
-    FrameChunk, FrameHeader, FrameKind, PrefillDone, SampledToken, Sampling, SequenceError,
-    TokenLogprob, WireDType,
+    DraftDistribution, FrameChunk, FrameHeader, FrameKind, PrefillDone, SampledToken, Sampling,
+    SequenceError, TokenLogprob, WireDType,
 };
 use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION};
 
@@ -55,9 +55,13 @@ pub struct Step {
     /// ([`Prefilled`]) instead of sampling.
     pub partial: bool,
     /// How many of `tokens`, at the end, are a draft to verify (speculative decoding): the
-    /// last stage returns the drafts it would have sampled itself, in order, and the token
-    /// after the last of them. Never the whole step, and never on a partial one.
+    /// last stage returns the drafts it keeps, in order, and the token after the last of
+    /// them (or in place of the first it drops). Never the whole step, and never on a
+    /// partial one.
     pub draft: u32,
+    /// What each draft was drawn from, when drawn at random (one per draft, each at most
+    /// [`PROPOSAL_TOKENS`] tokens); empty for drafts chosen without chance.
+    pub drawn_from: Vec<Proposal>,
     /// Microjoules the stages before spent on these positions; None once one of them had
     /// no energy counter. The coordinator starts it at `Some(0)`.
     pub energy_uj: Option<u64>,
@@ -512,6 +516,7 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
                 }
             ));
         }
+        check_drawn_from(c)?;
         rows += u64::from(c.length);
     }
     if rows > MAX_ROWS {
@@ -536,6 +541,48 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// What a chunk's drafts were drawn from, if it says: one distribution per draft, each of
+/// at most [`PROPOSAL_TOKENS`] tokens with finite probabilities, none below zero, that name
+/// their draft with a probability above zero (a draft it could not have drawn).
+fn check_drawn_from(c: &FrameChunk) -> Result<(), String> {
+    if c.drawn_from.is_empty() {
+        return Ok(());
+    }
+    let seq = c.sequence;
+    if c.drawn_from.len() != c.draft as usize {
+        return Err(format!(
+            "sequence {seq}: {} draft distributions for {} drafts",
+            c.drawn_from.len(),
+            c.draft
+        ));
+    }
+    let drafts = &c.token_ids[c.token_ids.len() - c.draft as usize..];
+    for (i, (q, &draft)) in c.drawn_from.iter().zip(drafts).enumerate() {
+        let n = q.token_ids.len();
+        if n == 0 || n > PROPOSAL_TOKENS || q.probabilities.len() != n {
+            return Err(format!(
+                "sequence {seq}: draft {i}'s distribution has {n} tokens and {} \
+                 probabilities (1 to {PROPOSAL_TOKENS} of each, as many of one as the other)",
+                q.probabilities.len()
+            ));
+        }
+        if q.probabilities.iter().any(|p| !p.is_finite() || *p < 0.0) {
+            return Err(format!(
+                "sequence {seq}: draft {i}'s distribution has a probability that is \
+                 negative or not finite"
+            ));
+        }
+        let named = q.token_ids.iter().zip(&q.probabilities);
+        if !named.into_iter().any(|(&t, &p)| t == draft && p > 0.0) {
+            return Err(format!(
+                "sequence {seq}: draft {i} (token {draft}) is not among the tokens it was \
+                 drawn from"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn wire_dtype(w: WireType) -> WireDType {
@@ -568,6 +615,14 @@ fn chunk(s: &Step) -> FrameChunk {
         partial: s.partial,
         draft: s.draft,
         energy_uj: s.energy_uj,
+        drawn_from: s
+            .drawn_from
+            .iter()
+            .map(|q| DraftDistribution {
+                token_ids: q.iter().map(|c| c.0).collect(),
+                probabilities: q.iter().map(|c| c.1).collect(),
+            })
+            .collect(),
     }
 }
 
@@ -585,6 +640,11 @@ fn step(c: FrameChunk) -> Step {
         partial: c.partial,
         draft: c.draft,
         energy_uj: c.energy_uj,
+        drawn_from: c
+            .drawn_from
+            .into_iter()
+            .map(|q| q.token_ids.into_iter().zip(q.probabilities).collect())
+            .collect(),
     }
 }
 
@@ -701,6 +761,7 @@ mod tests {
                 reserve: 300,
                 partial: true,
                 draft: 0,
+                drawn_from: Vec::new(),
                 energy_uj: Some(1_234),
             }],
             activations: Some(Activations {
@@ -793,6 +854,51 @@ mod tests {
         assert!(decode(&head, &payload[1..])
             .unwrap_err()
             .contains("payload"));
+    }
+
+    #[test]
+    fn drafts_drawn_at_random_travel_with_what_they_were_drawn_from() {
+        let mut f = forward(3, 8, WireType::F32);
+        if let Frame::Forward { steps, .. } = &mut f {
+            let step = &mut steps[0];
+            step.partial = false;
+            step.tokens = vec![5, 6, 7];
+            step.draft = 2;
+            step.drawn_from = vec![vec![(6, 0.75), (2, 0.25)], vec![(7, 1.0)]];
+        }
+        let (head, payload) = f.encode();
+        assert_eq!(decode(&head, payload).unwrap(), f);
+        // What a lying or broken sender gets told.
+        let (h, _) = f.header();
+        let refused = |change: &dyn Fn(&mut FrameHeader)| {
+            let mut h = h.clone();
+            change(&mut h);
+            validate(&h).unwrap_err()
+        };
+        let e = refused(&|h| {
+            h.chunks[0].drawn_from.pop();
+        });
+        assert!(e.contains("1 draft distributions for 2 drafts"), "{e}");
+        let e = refused(&|h| h.chunks[0].drawn_from[0].token_ids = vec![1, 2]);
+        assert!(e.contains("draft 0 (token 6) is not among"), "{e}");
+        let e = refused(&|h| h.chunks[0].drawn_from[1].probabilities = vec![0.0]);
+        assert!(e.contains("draft 1 (token 7) is not among"), "{e}");
+        let e = refused(&|h| h.chunks[0].drawn_from[0].probabilities[1] = f32::NAN);
+        assert!(e.contains("negative or not finite"), "{e}");
+        let e = refused(&|h| {
+            h.chunks[0].drawn_from[0]
+                .probabilities
+                .pop()
+                .map(drop)
+                .unwrap()
+        });
+        assert!(e.contains("2 tokens and 1 probabilities"), "{e}");
+        let e = refused(&|h| {
+            let q = &mut h.chunks[0].drawn_from[1];
+            q.token_ids = (0..65).collect();
+            q.probabilities = vec![0.1; 65];
+        });
+        assert!(e.contains("65 tokens"), "{e}");
     }
 
     #[test]

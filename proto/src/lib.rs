@@ -22,8 +22,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// 3: prompts travel in pieces (`FrameChunk.partial`) and runs reserve KV positions.
 /// 4: joins are challenged, over TLS. 5: slices travel on a TLS stream of their own
 /// ([`SLICE_ALPN`]), not in gRPC messages. 6: steps carry drafts to verify
-/// (`FrameChunk.draft`, speculative decoding).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// (`FrameChunk.draft`, speculative decoding). 7: drafts drawn at random carry what they
+/// were drawn from (`FrameChunk.drawn_from`), for the rejection rule.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN of the data plane: names the frame format version.
 pub const DATA_ALPN: &[u8] = b"strata/1";

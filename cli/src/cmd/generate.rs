@@ -100,8 +100,9 @@ pub struct SamplingArgs {
 pub struct DraftArgs {
     /// Speculative decoding with a small draft model that shares the model's tokenizer
     /// (a .gguf file or safetensors directory), run on the coordinator: each step carries
-    /// its drafts, and the last stage keeps those the model would have chosen itself, so
-    /// the answer is the same, sooner.
+    /// its drafts, and the last stage keeps those the model would have chosen itself
+    /// (greedy) or that the rejection rule accepts (sampled), so the answer is the same
+    /// (greedy) or has the same distribution (sampled), sooner.
     #[arg(long, conflicts_with = "draft")]
     pub draft_model: Option<PathBuf>,
     /// Speculative decoding without a draft model: `ngram` drafts what followed the

@@ -729,8 +729,9 @@ impl StageCore {
     }
 
     /// Samples after the step's first token and after each of its drafts (`logits` holds
-    /// one row for each): the drafts it would have sampled itself, then the token after
-    /// them ([`Sampler::sample_drafts`]). The history keeps only the accepted tokens.
+    /// one row for each): the drafts it keeps, then the token after them, or in place of
+    /// the first it drops ([`Sampler::sample_drafts`], judging drafts drawn at random by
+    /// what they were drawn from). The history keeps only the accepted tokens.
     fn sample(&mut self, step: &Step, logits: &[&Vec<f32>]) -> Result<Vec<Sampled>, String> {
         let l = self.loaded.as_mut().ok_or("holds no slice")?;
         let s = l
@@ -744,7 +745,12 @@ impl StageCore {
         let rows: Vec<&[f32]> = logits.iter().map(|r| r.as_slice()).collect();
         let sampled = s
             .sampler
-            .sample_drafts(&rows, &step.tokens[first..], &mut s.history)
+            .sample_drafts(
+                &rows,
+                &step.tokens[first..],
+                &step.drawn_from,
+                &mut s.history,
+            )
             .map_err(|e| format!("sampling: {e}"))?;
         Ok(sampled
             .into_iter()
@@ -816,6 +822,7 @@ mod tests {
                 reserve,
                 partial,
                 draft: 0,
+                drawn_from: Vec::new(),
                 energy_uj: Some(0),
             }],
             activations: None,

@@ -458,6 +458,7 @@ mod tests {
             reserve: 0,
             partial: false,
             draft: 0,
+            drawn_from: Vec::new(),
             energy_uj,
         }
     }
