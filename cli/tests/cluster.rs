@@ -172,6 +172,39 @@ fn drafted_steps_through_three_workers_give_the_tokens_of_one_process() {
 }
 
 #[test]
+fn a_draft_model_drafts_through_three_workers_greedy_and_sampled() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_llama(
+        dir.path(),
+        &["--format", "gguf", "--quant", "q8_0"],
+        "m.gguf",
+    );
+    // The model drafts for itself: greedy, every draft is its own likeliest token; sampled,
+    // drawn from the distribution the last stage judges it by, which keeps (nearly) all.
+    let options = ClusterOptions {
+        serve_args: vec!["--draft-model".into(), model.display().to_string()],
+        ..equal_speeds()
+    };
+    let cluster = TestCluster::start(&model, &options);
+    three_distinct_stages(&cluster.wait_serving(3));
+    let greedy = ["--prompt", PROMPTS[1], "--max-tokens", "24", "--ignore-eos"];
+    let remote = cluster.generate(&greedy);
+    assert_eq!(tokens(&remote), tokens(&local_generate(&model, &greedy)));
+    let t = &remote["timings"];
+    assert!(t["draft_tokens"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["accepted_draft_tokens"], t["draft_tokens"], "{t}");
+    let sampled = [&greedy[..], &["--temperature", "0.9", "--seed", "3"]].concat();
+    let remote = cluster.generate(&sampled);
+    assert_eq!(tokens(&remote).len(), 24);
+    let t = &remote["timings"];
+    let (drafted, kept) = (
+        t["draft_tokens"].as_u64().unwrap(),
+        t["accepted_draft_tokens"].as_u64().unwrap(),
+    );
+    assert!(drafted > 0 && kept * 10 >= drafted * 9, "{t}");
+}
+
+#[test]
 fn a_worker_measures_its_own_speed_with_a_real_layer_forward() {
     let (_dir, model) = small_gguf("q8_0");
     let options = ClusterOptions {

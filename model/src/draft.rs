@@ -258,6 +258,10 @@ impl ModelDrafter {
             }
             logits = self.feed(&[token])?;
         }
+        // Greedy settings draw nothing at random: the drafts were chosen without chance.
+        if drafts.drawn_from.iter().all(Vec::is_empty) {
+            drafts.drawn_from.clear();
+        }
         Ok(drafts)
     }
 }
@@ -363,22 +367,55 @@ mod tests {
         unreachable!()
     }
 
+    /// A random 2-layer model of `arch`, Q8_0, written under `dir`.
+    fn tiny_model(dir: &Path, arch: crate::Arch) -> ModelFile {
+        use crate::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
+        let mut spec = SynthSpec::tiny(arch);
+        spec.layers = 2;
+        let opts = SynthOptions {
+            format: SynthFormat::Gguf,
+            dtype: SynthDType::Quant(candle_core::quantized::GgmlDType::Q8_0),
+            shard_bytes: None,
+        };
+        let name = format!("{arch:?}.gguf");
+        let report = write_model(&spec, &opts, &dir.join(name)).unwrap();
+        ModelFile::open(&report.path).unwrap()
+    }
+
+    #[test]
+    fn a_model_drafter_says_what_it_drew_from_only_when_it_drew_at_random() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tiny_model(dir.path(), crate::Arch::Llama);
+        let stage = Arc::new(Stage::load(&file, Slice::full(2), &Device::Cpu).unwrap());
+        let mut drafter = ModelDrafter::new(stage);
+        let history = [5, 9, 2, 7, 11];
+        let greedy = Sampler::new(crate::SamplingParams::default()).unwrap();
+        let chosen = drafter.propose_for(&history, 4, &greedy);
+        assert_eq!(chosen, Drafts::chosen(drafter.propose(&history, 4)));
+        assert_eq!(chosen.len(), 4);
+        let sampled = Sampler::new(crate::SamplingParams {
+            temperature: 1.5,
+            seed: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let drawn = drafter.propose_for(&history, 4, &sampled);
+        assert_eq!((drawn.len(), drawn.drawn_from.len()), (4, 4));
+        for (token, q) in drawn.tokens.iter().zip(&drawn.drawn_from) {
+            assert!(q.len() <= crate::PROPOSAL_TOKENS && q.len() > 1, "{q:?}");
+            assert!(
+                q.iter().any(|c| c.0 == *token && c.1 > 0.0),
+                "{token}: {q:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_forward_alone_on_its_thread_gives_the_compute_pools_logits_bit_for_bit() {
-        use crate::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
         let dir = tempfile::tempdir().unwrap();
         // Llama's GGUF rotates neighbouring pairs, Qwen2's the halves' entries.
         for arch in [crate::Arch::Llama, crate::Arch::Qwen2] {
-            let mut spec = SynthSpec::tiny(arch);
-            spec.layers = 2;
-            let opts = SynthOptions {
-                format: SynthFormat::Gguf,
-                dtype: SynthDType::Quant(candle_core::quantized::GgmlDType::Q8_0),
-                shard_bytes: None,
-            };
-            let name = format!("{arch:?}.gguf");
-            let report = write_model(&spec, &opts, &dir.path().join(name)).unwrap();
-            let file = ModelFile::open(&report.path).unwrap();
+            let file = tiny_model(dir.path(), arch);
             let stage = Stage::load(&file, Slice::full(2), &Device::Cpu).unwrap();
             let prompt = [5, 9, 2, 7, 11];
             // One position and several: the rotary and the matmuls take other paths.

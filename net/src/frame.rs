@@ -543,9 +543,10 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
     }
 }
 
-/// What a chunk's drafts were drawn from, if it says: one distribution per draft, each of
-/// at most [`PROPOSAL_TOKENS`] tokens with finite probabilities, none below zero, that name
-/// their draft with a probability above zero (a draft it could not have drawn).
+/// What a chunk's drafts were drawn from, if it says: one distribution per draft, each
+/// empty (that draft was chosen without chance) or of at most [`PROPOSAL_TOKENS`] tokens
+/// with finite probabilities, none below zero, that name their draft with a probability
+/// above zero (else it is a draft it could not have drawn).
 fn check_drawn_from(c: &FrameChunk) -> Result<(), String> {
     if c.drawn_from.is_empty() {
         return Ok(());
@@ -561,12 +562,16 @@ fn check_drawn_from(c: &FrameChunk) -> Result<(), String> {
     let drafts = &c.token_ids[c.token_ids.len() - c.draft as usize..];
     for (i, (q, &draft)) in c.drawn_from.iter().zip(drafts).enumerate() {
         let n = q.token_ids.len();
-        if n == 0 || n > PROPOSAL_TOKENS || q.probabilities.len() != n {
+        if n > PROPOSAL_TOKENS || q.probabilities.len() != n {
             return Err(format!(
                 "sequence {seq}: draft {i}'s distribution has {n} tokens and {} \
-                 probabilities (1 to {PROPOSAL_TOKENS} of each, as many of one as the other)",
+                 probabilities (at most {PROPOSAL_TOKENS} of each, as many of one as the \
+                 other)",
                 q.probabilities.len()
             ));
+        }
+        if n == 0 {
+            continue;
         }
         if q.probabilities.iter().any(|p| !p.is_finite() || *p < 0.0) {
             return Err(format!(
@@ -893,6 +898,10 @@ mod tests {
                 .unwrap()
         });
         assert!(e.contains("2 tokens and 1 probabilities"), "{e}");
+        // A draft chosen without chance says nothing of what it was drawn from.
+        let mut h2 = h.clone();
+        h2.chunks[0].drawn_from[1] = DraftDistribution::default();
+        assert_eq!(validate(&h2), Ok(()));
         let e = refused(&|h| {
             let q = &mut h.chunks[0].drawn_from[1];
             q.token_ids = (0..65).collect();
