@@ -78,9 +78,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_model::{
-    ChatTemplate, Drafter, ModelDrafter, ModelFile, NgramDrafter, Tokenizer, WireType,
-};
+use strata_model::{ChatTemplate, Drafter, ModelFile, NgramDrafter, Tokenizer, WireType};
 use strata_net::identity::{ClusterCa, COORDINATOR_NAME};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -171,7 +169,7 @@ pub enum DraftSource {
         /// Its file name.
         name: String,
         /// The whole model, as one stage.
-        stage: Arc<strata_model::Stage>,
+        model: strata_model::draft::DraftModel,
     },
 }
 
@@ -182,11 +180,11 @@ impl DraftSource {
             Draft::None => None,
             Draft::Ngram => Some(DraftSource::Ngram),
             Draft::Model(path) => {
-                let stage = strata_model::draft::load_draft_model(path, tokenizer)?;
+                let model = strata_model::draft::load_draft_model(path, tokenizer)?;
                 let name = path
                     .file_name()
                     .map_or_else(|| "draft".into(), |n| n.to_string_lossy().into_owned());
-                Some(DraftSource::Model { name, stage })
+                Some(DraftSource::Model { name, model })
             }
         })
     }
@@ -195,8 +193,9 @@ impl DraftSource {
     pub fn drafter(&self, sampling: &strata_model::SamplingParams) -> Box<dyn Drafter> {
         match self {
             DraftSource::Ngram => Box::new(NgramDrafter::new()),
-            DraftSource::Model { stage, .. } => Box::new(
-                ModelDrafter::new(stage.clone())
+            DraftSource::Model { model, .. } => Box::new(
+                model
+                    .drafter()
                     .with_repeat_penalty(sampling.repeat_penalty, sampling.repeat_window),
             ),
         }

@@ -148,6 +148,8 @@ pub struct ModelDrafter {
     /// The answer's repeat penalty and its window: drafts that the penalty would demote
     /// are drafts the model would not keep.
     penalty: (f32, usize),
+    /// Token ids below this are the main model's too: drafts are drawn among them only.
+    vocabulary: usize,
 }
 
 /// The one sequence a drafter's cache holds.
@@ -165,7 +167,16 @@ impl ModelDrafter {
             cached: Vec::new(),
             chunk: crate::pipeline::PREFILL_CHUNK,
             penalty: (1.0, 0),
+            vocabulary: usize::MAX,
         }
+    }
+
+    /// Drafts only tokens below `vocabulary`: those the main model shares
+    /// ([`DraftModel::drafter`]). A draft model with padding tokens past the main model's
+    /// vocabulary would otherwise propose ids that model has no embedding for.
+    pub fn within_vocabulary(mut self, vocabulary: usize) -> Self {
+        self.vocabulary = vocabulary;
+        self
     }
 
     /// Drafts with the answer's repeat penalty (`repeat_penalty` over the last `window`
@@ -233,12 +244,12 @@ impl ModelDrafter {
             .min(history.len() - 1);
         self.cache.truncate(DRAFT_SEQ, shared)?;
         self.cached.truncate(shared);
-        let vocab = self.stage.config().vocab_size as u32;
         let mut logits = self.feed(&history[shared..])?;
         let mut drafts = Drafts::default();
         let mut draw = sampler.map(Sampler::for_drafts);
         let mut seen = history.to_vec();
         loop {
+            logits.truncate(self.vocabulary);
             let token = match &mut draw {
                 Some(draw) => {
                     let (token, drawn_from) = draw.propose(&logits, &seen)?;
@@ -248,10 +259,6 @@ impl ModelDrafter {
                 None => self.pick(&mut logits, &seen),
             };
             seen.push(token);
-            if token >= vocab {
-                drafts.drawn_from.truncate(drafts.tokens.len());
-                break;
-            }
             drafts.tokens.push(token);
             if drafts.len() == max {
                 break;
@@ -298,13 +305,32 @@ impl Drafter for ModelDrafter {
     }
 }
 
+/// A whole draft model, loaded on the CPU, and how much of its vocabulary is the main
+/// model's.
+#[derive(Debug, Clone)]
+pub struct DraftModel {
+    stage: Arc<Stage>,
+    shared_vocabulary: usize,
+}
+
+impl DraftModel {
+    /// A drafter for one answer, drafting only tokens the main model shares.
+    pub fn drafter(&self) -> ModelDrafter {
+        ModelDrafter::new(self.stage.clone()).within_vocabulary(self.shared_vocabulary)
+    }
+}
+
 /// Loads a whole draft model on the CPU, after checking that its tokenizer is the main
 /// model's (`tokenizer`).
-pub fn load_draft_model(path: &Path, tokenizer: &Tokenizer) -> Result<Arc<Stage>> {
+pub fn load_draft_model(path: &Path, tokenizer: &Tokenizer) -> Result<DraftModel> {
     let file = ModelFile::open(path)?;
-    check_vocabularies(tokenizer, &Tokenizer::for_model(&file)?)?;
+    let draft_tokenizer = Tokenizer::for_model(&file)?;
+    check_vocabularies(tokenizer, &draft_tokenizer)?;
     let slice = Slice::full(file.config().num_layers);
-    Ok(Arc::new(Stage::load(&file, slice, &Device::Cpu)?))
+    Ok(DraftModel {
+        stage: Arc::new(Stage::load(&file, slice, &Device::Cpu)?),
+        shared_vocabulary: tokenizer.vocab_size().min(draft_tokenizer.vocab_size()),
+    })
 }
 
 /// Checks that a draft model's tokenizer speaks the main model's vocabulary: the same
@@ -408,6 +434,21 @@ mod tests {
                 "{token}: {q:?}"
             );
         }
+        // Within the vocabulary it shares with a main model of 8 tokens, it drafts and
+        // draws among those only, greedy or sampled.
+        let mut drafter = drafter.within_vocabulary(8);
+        let chosen = drafter.propose_for(&history, 4, &greedy);
+        let drawn = drafter.propose_for(&history, 4, &sampled);
+        assert_eq!((chosen.len(), drawn.len()), (4, 4));
+        let named = drawn.drawn_from.iter().flatten().map(|c| c.0);
+        let every: Vec<u32> = chosen
+            .tokens
+            .iter()
+            .chain(&drawn.tokens)
+            .copied()
+            .chain(named)
+            .collect();
+        assert!(every.iter().all(|&t| t < 8), "{every:?}");
     }
 
     #[test]

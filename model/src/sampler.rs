@@ -3,7 +3,9 @@
 //!
 //! Pure logic over `&[f32]`: no tensors, no I/O. Each sequence owns its [`Sampler`], whose
 //! random state is seeded once, so a given seed yields the same tokens however the model
-//! is partitioned.
+//! is partitioned. Drafts drawn at random by a draft model ([`Sampler::propose`]) are
+//! judged by the rejection rule ([`Sampler::sample_drafts`]): the same distribution, not
+//! the same tokens.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -293,14 +295,8 @@ impl Sampler {
         }
         let p_total: f64 = p.iter().map(|c| f64::from(c.1)).sum();
         let q_total: f64 = q.iter().map(|c| f64::from(c.1)).sum();
-        // q by token id, so the residual costs one pass over p, however large.
-        let mut q_of = vec![0f64; logits.len()];
-        for &(token, prob) in q {
-            if let Some(at) = q_of.get_mut(token as usize) {
-                *at += f64::from(prob) / q_total;
-            }
-        }
-        let q_draft = q_of.get(draft as usize).copied().unwrap_or(0.0);
+        let named = q.iter().filter(|c| c.0 == draft);
+        let q_draft = named.map(|c| f64::from(c.1)).sum::<f64>() / q_total;
         if !(q_draft > 0.0 && q_draft.is_finite()) {
             return Err(Error::Sampling(format!(
                 "draft {draft} is not among the tokens it was drawn from"
@@ -314,9 +310,16 @@ impl Sampler {
         let token = if keep * q_draft < p_draft {
             draft
         } else {
+            // q by token id, so the residual costs one pass over p, however large.
+            let mut q_dense = vec![0f64; logits.len()];
+            for &(token, prob) in q {
+                if let Some(at) = q_dense.get_mut(token as usize) {
+                    *at += f64::from(prob) / q_total;
+                }
+            }
             let residual: Vec<(u32, f32)> = p
                 .iter()
-                .map(|&(t, w)| (t, (f64::from(w) / p_total - q_of[t as usize]) as f32))
+                .map(|&(t, w)| (t, (f64::from(w) / p_total - q_dense[t as usize]) as f32))
                 .filter(|c| c.1 > 0.0)
                 .collect();
             // Rounding may leave nothing where p and q all but agree: then p itself.
@@ -835,26 +838,35 @@ mod tests {
         // token is likeliest at each, another is cut by top-k).
         let model = [
             [1.0f32, 2.0, 0.5, -1.0, 0.0, 1.5],
-            [0.2, 0.1, 2.5, 2.0, -0.5, 0.0],
+            [0.2, 2.2, 2.5, 2.0, -0.5, 1.8],
         ];
         let draft_model = [
             [1.0f32, 1.45, 0.5, -1.0, 0.0, 1.55],
-            [0.3, -0.6, 1.8, 2.2, 0.0, 0.4],
+            [0.3, 1.6, 1.8, 2.2, 0.0, 2.4],
         ];
         let rows: Vec<&[f32]> = vec![&model[0], &model[1], &model[1]];
+        // A repeat penalty, so each position's p and q depend on the tokens before it:
+        // the prompt's (token 2) and the answer's.
+        let params = |seed| SamplingParams {
+            repeat_penalty: 1.5,
+            ..top_five_params(seed)
+        };
+        let prompt = [2u32];
         let n = 20_000;
         let (mut pairs, mut kept_first) = ([[0usize; 6]; 6], 0);
         for seed in 0..n {
             // One pass with two drafts; where it drops one, the next pass drafts again
             // from where it stopped, as a coordinator does.
-            let mut sampler = Sampler::new(top_five_params(seed)).unwrap();
-            let mut answer = Vec::new();
-            while answer.len() < 2 {
+            let mut sampler = Sampler::new(params(seed)).unwrap();
+            let mut answer = prompt.to_vec();
+            while answer.len() < 3 {
                 let mut draw = sampler.for_drafts();
-                let at = answer.len();
+                let at = answer.len() - 1;
                 let mut drafts = Drafts::default();
+                let mut seen = answer.clone();
                 for logits in &draft_model[at..] {
-                    let (token, q) = draw.propose(logits, &answer).unwrap();
+                    let (token, q) = draw.propose(logits, &seen).unwrap();
+                    seen.push(token);
                     drafts.tokens.push(token);
                     drafts.drawn_from.push(q);
                 }
@@ -872,13 +884,20 @@ mod tests {
                 }
                 answer.extend(out.iter().map(|(s, _)| s.token));
             }
-            pairs[answer[0] as usize][answer[1] as usize] += 1;
+            pairs[answer[1] as usize][answer[2] as usize] += 1;
         }
-        // The pair is distributed as the model's two positions: chi-square over the 25
-        // pairs top-k leaves, 24 degrees of freedom, p = 0.001 at 51.2.
-        let (p0, p1) = (top_five(&model[0]), top_five(&model[1]));
+        // The pair is distributed as the model's two positions, each penalised by what
+        // came before it: chi-square over the 25 pairs top-k leaves, 24 degrees of
+        // freedom, p = 0.001 at 51.2.
+        let p = |logits: &[f32], seen: &[u32]| {
+            let mut penalised = logits.to_vec();
+            apply_repeat_penalty(&mut penalised, seen, 1.5, 64);
+            top_five(&penalised)
+        };
+        let p0 = p(&model[0], &prompt);
         let mut chi2 = 0.0;
         for (a, row) in pairs.iter().enumerate() {
+            let p1 = p(&model[1], &[prompt[0], a as u32]);
             for (b, &count) in row.iter().enumerate() {
                 let e = n as f64 * p0[a] * p1[b];
                 if e == 0.0 {
@@ -891,7 +910,7 @@ mod tests {
         assert!(chi2 < 51.2, "chi-square {chi2:.1} for {pairs:?}");
         // And the first draft is kept as often as any rule could keep it: the mass the
         // two distributions share, 1 - their total variation distance.
-        let q0 = top_five(&draft_model[0]);
+        let q0 = p(&draft_model[0], &prompt);
         let shared: f64 = p0.iter().zip(&q0).map(|(a, b)| a.min(*b)).sum();
         let kept = kept_first as f64 / n as f64;
         assert!(

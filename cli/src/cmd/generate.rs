@@ -331,12 +331,12 @@ fn drafter(
         strata_coordinator::Draft::Model(path) => {
             let tokenizer = tokenizer
                 .context("--draft-model needs the model's tokenizer, to check the draft's")?;
-            let stage = strata_model::draft::load_draft_model(&path, tokenizer)
+            let model = strata_model::draft::load_draft_model(&path, tokenizer)
                 .with_context(|| format!("loading the draft model {}", path.display()))?;
-            Some(Box::new(
-                strata_model::ModelDrafter::new(stage)
-                    .with_repeat_penalty(sampling.repeat_penalty, sampling.repeat_window),
-            ))
+            Some(Box::new(model.drafter().with_repeat_penalty(
+                sampling.repeat_penalty,
+                sampling.repeat_window,
+            )))
         }
     })
 }
