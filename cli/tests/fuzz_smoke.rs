@@ -158,6 +158,7 @@ fn frame() {
             partial: true,
             draft: 0,
             drawn_from: Vec::new(),
+            draft_next: 0,
             energy_uj: Some(10),
         }],
         activations: Some(strata_net::frame::Activations {

@@ -697,6 +697,7 @@ fn hostile_peers_are_refused_while_the_cluster_serves() {
         freed: vec![1, 2, 3],
         failures: Vec::new(),
         energy: Vec::new(),
+        drafts: Vec::new(),
     };
     let coordinator_data: std::net::SocketAddr = format!("{}.1:7435", lan.subnet).parse().unwrap();
     let attempts = |who: &str| {

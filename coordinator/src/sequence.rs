@@ -25,7 +25,7 @@
 use std::time::{Duration, Instant};
 
 use strata_model::{DraftLength, Drafter, Drafts, SamplingParams, SeqId, StreamDecoder, Tokenizer};
-use strata_net::frame::{Prefilled, Sampled, SamplerStart, SeqFailure, Step};
+use strata_net::frame::{NextDrafts, Prefilled, Sampled, SamplerStart, SeqFailure, Step};
 
 /// Why an answer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +196,14 @@ pub enum Event<'a> {
         epoch: u64,
         /// The token.
         sampled: &'a Sampled,
+    },
+    /// The last stage, which holds the draft model, drafted for the sequence's next step
+    /// (in a frame of plan `epoch`, before the tokens they follow).
+    Drafts {
+        /// The frame's epoch.
+        epoch: u64,
+        /// The drafts.
+        drafts: &'a NextDrafts,
     },
     /// The last stage cached a piece of the history (in a frame of plan `epoch`).
     Prefilled {
@@ -374,10 +382,23 @@ impl Default for DraftPolicy {
     }
 }
 
+/// Where a sequence's drafts are made.
+#[derive(Debug)]
+enum DraftSite {
+    /// Here, by this drafter, before each step is sent.
+    Here(Box<dyn Drafter>),
+    /// On the last stage, which holds the draft model: each step asks it for the drafts of
+    /// the next ([`Step::draft_next`]), and they come back with the step's tokens.
+    LastStage {
+        /// The latest drafts it sent, and where they start.
+        arrived: Option<(usize, strata_model::Drafts)>,
+    },
+}
+
 /// A sequence's drafter and what its drafts came to.
 #[derive(Debug)]
 struct Drafting {
-    drafter: Box<dyn Drafter>,
+    site: DraftSite,
     /// Drafts the next step may carry.
     length: DraftLength,
     /// Drafts the step in flight carries.
@@ -422,9 +443,19 @@ impl SequenceCore {
 
     /// Speculative decoding: each decode step carries what `drafter` proposes, up to the
     /// length `policy` adapts, for the last stage to verify in the same pass.
-    pub fn with_drafter(mut self, drafter: Box<dyn Drafter>, policy: DraftPolicy) -> Self {
+    pub fn with_drafter(self, drafter: Box<dyn Drafter>, policy: DraftPolicy) -> Self {
+        self.drafting_at(DraftSite::Here(drafter), policy)
+    }
+
+    /// Speculative decoding with the draft model on the last stage: each step asks it for
+    /// as many drafts as `policy` adapts, for the next step to carry.
+    pub fn with_drafts_from_last_stage(self, policy: DraftPolicy) -> Self {
+        self.drafting_at(DraftSite::LastStage { arrived: None }, policy)
+    }
+
+    fn drafting_at(mut self, site: DraftSite, policy: DraftPolicy) -> Self {
         self.drafting = Some(Drafting {
-            drafter,
+            site,
             length: DraftLength::new(policy.initial, policy.most),
             in_flight: 0,
             drafted: 0,
@@ -547,6 +578,10 @@ impl SequenceCore {
         match event {
             Event::Pipeline { epoch } => self.on_pipeline(epoch, now),
             Event::Token { epoch, sampled } => self.on_token(epoch, sampled, now, tokenizer),
+            Event::Drafts { epoch, drafts } => {
+                self.on_drafts(epoch, drafts);
+                Vec::new()
+            }
             Event::Prefilled { epoch, done } => self.on_prefilled(epoch, done, now),
             Event::Failure { epoch, failure } => self.on_failure(epoch, failure, now),
             Event::StageLost { epoch, reason } => self.on_stage_lost(epoch, reason, now),
@@ -594,6 +629,7 @@ impl SequenceCore {
             tokens: drafts,
             drawn_from,
         } = self.drafts(start, end);
+        let draft_next = self.draft_next(end);
         let mut tokens = self.history[start..end].to_vec();
         tokens.extend(&drafts);
         let draft = drafts.len() as u32;
@@ -618,6 +654,7 @@ impl SequenceCore {
                 partial: end < self.history.len(),
                 draft,
                 drawn_from,
+                draft_next,
                 // Each stage adds what it spent on these positions.
                 energy_uj: Some(0),
             },
@@ -634,13 +671,24 @@ impl SequenceCore {
         match &mut self.drafting {
             Some(d) if decode && !d.crowded => {
                 let most = d.length.get().min(left.saturating_sub(1)).min(room);
-                // The answer's sampler where it stands: a model drafter draws with its
-                // settings.
-                let sampler =
-                    strata_model::Sampler::resume(self.request.sampling.clone(), self.rng_position);
-                let mut drafts = match &sampler {
-                    Ok(sampler) => d.drafter.propose_for(&self.history, most, sampler),
-                    Err(_) => Drafts::chosen(d.drafter.propose(&self.history, most)),
+                let mut drafts = match &mut d.site {
+                    DraftSite::Here(drafter) => {
+                        // The answer's sampler where it stands: a model drafter draws with
+                        // its settings.
+                        let sampler = strata_model::Sampler::resume(
+                            self.request.sampling.clone(),
+                            self.rng_position,
+                        );
+                        match &sampler {
+                            Ok(sampler) => drafter.propose_for(&self.history, most, sampler),
+                            Err(_) => Drafts::chosen(drafter.propose(&self.history, most)),
+                        }
+                    }
+                    // What the last stage drafted after the token this step starts with.
+                    DraftSite::LastStage { arrived } => match arrived.take() {
+                        Some((position, drafts)) if position == end => drafts,
+                        _ => Drafts::default(),
+                    },
                 };
                 drafts.truncate(most);
                 d.drafted += drafts.len();
@@ -652,6 +700,40 @@ impl SequenceCore {
                 Drafts::default()
             }
             None => Drafts::default(),
+        }
+    }
+
+    /// How many drafts a step whose positions end at `end` asks the last stage to make
+    /// for the next step, where the last stage drafts: the adapted length, within the
+    /// tokens still to generate after the step's first and the context; 0 for a piece of a
+    /// prompt, while crowded, or where drafts are made here.
+    fn draft_next(&self, end: usize) -> u32 {
+        let Some(d) = &self.drafting else {
+            return 0;
+        };
+        let left = self.request.max_tokens.saturating_sub(self.generated() + 1);
+        let room = self.limits.context.saturating_sub(end + 1);
+        match d.site {
+            DraftSite::LastStage { .. } if end == self.history.len() && !d.crowded => {
+                let most = d.length.get().min(left.saturating_sub(1)).min(room);
+                most.min(strata_net::frame::MAX_DRAFTS) as u32
+            }
+            _ => 0,
+        }
+    }
+
+    /// The last stage drafted for the next step: kept until that step is sent, if they
+    /// are news of the step in flight.
+    fn on_drafts(&mut self, epoch: u64, drafts: &NextDrafts) {
+        if !self.current(epoch, drafts.attempt) {
+            return;
+        }
+        if let Some(Drafting {
+            site: DraftSite::LastStage { arrived },
+            ..
+        }) = &mut self.drafting
+        {
+            *arrived = Some((drafts.position as usize, drafts.drafts.clone()));
         }
     }
 

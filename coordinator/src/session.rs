@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use strata_model::SeqId;
-use strata_net::frame::{Frame, Prefilled, Sampled, SeqFailure, Step};
+use strata_net::frame::{Frame, NextDrafts, Prefilled, Sampled, SeqFailure, Step};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
@@ -61,6 +61,11 @@ enum News {
     Token {
         epoch: u64,
         sampled: Sampled,
+    },
+    /// Drafts for the next step, from a last stage that holds the draft model.
+    Drafts {
+        epoch: u64,
+        drafts: NextDrafts,
     },
     Prefilled {
         epoch: u64,
@@ -278,6 +283,7 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
             freed,
             failures,
             energy,
+            drafts,
         } = frame
         else {
             warn!("the coordinator got a frame that is not tokens; ignored");
@@ -287,6 +293,12 @@ pub async fn dispatch(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
         // steps cost, this one's included.
         for step in energy {
             shared.sessions().add_energy(step.seq, step.energy_uj);
+        }
+        // Before the tokens they follow: the token that ends a pass sends the next step.
+        for drafts in drafts {
+            shared
+                .sessions()
+                .tell(drafts.seq, News::Drafts { epoch, drafts });
         }
         for sampled in tokens {
             shared
@@ -768,6 +780,13 @@ impl Session {
                 let event = Event::Token {
                     epoch,
                     sampled: &sampled,
+                };
+                self.core.handle(event, now, tokenizer, "")
+            }
+            Some(News::Drafts { epoch, drafts }) => {
+                let event = Event::Drafts {
+                    epoch,
+                    drafts: &drafts,
                 };
                 self.core.handle(event, now, tokenizer, "")
             }

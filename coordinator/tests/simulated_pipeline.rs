@@ -23,6 +23,7 @@ use strata_coordinator::sequence::{
     Action, Deadlines, DraftPolicy, Event, FinishReason, ModelLimits, Outcome, SequenceCore,
     SequenceRequest,
 };
+use strata_model::draft::DraftModel;
 use strata_model::synth::{write_model, SynthDType, SynthFormat, SynthOptions, SynthSpec};
 use strata_model::{
     Arch, Drafter, GenerateRequest, LocalPipeline, ModelFile, SamplingParams, Slice, Stage,
@@ -68,6 +69,8 @@ struct Faults {
     /// Speculative decoding: each answer drafts from this (prompt and undisturbed answer
     /// of each sequence), mostly right and now and then wrong.
     drafts: Option<Arc<Vec<Vec<u32>>>>,
+    /// Speculative decoding with this draft model on the last stage of every plan.
+    last_stage_drafts: Option<DraftModel>,
 }
 
 /// Drafts from a known answer, with a wrong token in every other proposal, so that steps
@@ -216,15 +219,16 @@ impl Sim {
                         Deadlines::default(),
                         t0,
                     );
-                    match &faults.drafts {
-                        Some(truth) => core.with_drafter(
+                    match (&faults.drafts, &faults.last_stage_drafts) {
+                        (Some(truth), _) => core.with_drafter(
                             Box::new(KnownAnswer {
                                 truth: truth[i].clone(),
                                 proposals: 0,
                             }),
                             DraftPolicy::default(),
                         ),
-                        None => core,
+                        (None, Some(_)) => core.with_drafts_from_last_stage(DraftPolicy::default()),
+                        (None, None) => core,
                     }
                 },
                 answer: Answer::default(),
@@ -281,8 +285,11 @@ impl Sim {
         let slices = Slice::split_even(layers, usable.len()).unwrap();
         for (k, (&node, slice)) in usable.iter().zip(slices).enumerate() {
             let stage = Stage::load(&self.file, slice, &Device::Cpu).unwrap();
+            let last = k + 1 == usable.len();
+            let draft_model = self.faults.last_stage_drafts.clone().filter(|_| last);
             let n = &mut self.nodes[node];
             n.core.install(stage);
+            n.core.install_draft_model(draft_model);
             n.core.wire(Wiring {
                 epoch,
                 wire: WireType::F32,
@@ -523,11 +530,19 @@ impl Sim {
             freed: _,
             // Energy is charged by a stage's compute thread, which is not simulated.
             energy: _,
+            drafts,
         } = frame
         else {
             panic!("the coordinator got a frame that is not tokens");
         };
         let now = self.now();
+        // Before the tokens they follow, as the session shell tells them.
+        for drafts in &drafts {
+            let i = (drafts.seq - 1) as usize;
+            let event = Event::Drafts { epoch, drafts };
+            let actions = self.clients[i].core.handle(event, now, &self.tokenizer, "");
+            self.perform(i, actions);
+        }
         for sampled in &tokens {
             let i = (sampled.seq - 1) as usize;
             let actions = self.clients[i].core.handle(
@@ -823,6 +838,56 @@ fn drafts_verified_in_one_pass_give_the_same_answers_in_fewer_passes() {
             u.passes,
             u.completion_tokens
         );
+    }
+}
+
+#[test]
+fn drafts_from_the_last_stage_give_greedy_answers_their_twins_through_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model(dir.path());
+    let twins = undisturbed(&file);
+    // The model drafts for itself on whichever node is the last stage: greedy, every
+    // draft is the token the model picks; sampled, drawn from the distribution the rule
+    // judges by, so nearly all are kept (the tokens are the model's in distribution, not
+    // the twin's draw for draw).
+    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let draft_model = strata_model::draft::load_draft_model(file.path(), &tokenizer).unwrap();
+    for kill in [None, Some((1, 20))] {
+        let faults = Faults {
+            last_stage_drafts: Some(draft_model.clone()),
+            kill,
+            ..Default::default()
+        };
+        let (answers, sim) = Sim::new(file.clone(), 4, faults, 1).run();
+        for (i, (got, twin)) in answers.iter().zip(&twins).enumerate() {
+            let c = &sim.clients[i];
+            let u = c.core.usage(sim.now());
+            let what = format!("kill {kill:?}, sequence {i}");
+            if requests()[i].sampling.temperature == 0.0 {
+                assert_eq!(got, twin, "{what}");
+            } else {
+                assert_eq!(got.tokens.len(), twin.tokens.len(), "{what}");
+                assert_eq!(got.finish, twin.finish, "{what}");
+            }
+            assert!(u.draft_tokens > 0, "{what}: drafted nothing");
+            // Drafts sent in a pass the kill lost are never kept: count only without one.
+            assert!(
+                kill.is_some() || u.accepted_draft_tokens * 10 >= u.draft_tokens * 9,
+                "{what}: {} of {} drafts kept",
+                u.accepted_draft_tokens,
+                u.draft_tokens
+            );
+            assert!(u.passes * 2 < u.completion_tokens, "{what}: {u:?}");
+        }
+        if kill.is_some() {
+            assert!(
+                sim.clients.iter().any(|c| c.core.replays() > 0),
+                "the kill at tick {:?} hit nothing ({} re-plans)",
+                kill,
+                sim.replans
+            );
+        }
+        assert_eq!(sim.leftover_caches(), 0, "caches left behind");
     }
 }
 

@@ -7,10 +7,10 @@
 //! the coordinator see only the types here; `FrameHeader` stays inside this module.
 
 use prost::Message;
-use strata_model::{Proposal, SamplingParams, SeqId, WireType, PROPOSAL_TOKENS};
+use strata_model::{Drafts, Proposal, SamplingParams, SeqId, WireType, PROPOSAL_TOKENS};
 use strata_proto::v1::{
-    DraftDistribution, FrameChunk, FrameHeader, FrameKind, PrefillDone, SampledToken, Sampling,
-    SequenceError, TokenLogprob, WireDType,
+    DraftDistribution, FrameChunk, FrameHeader, FrameKind, NextDrafts as WireNextDrafts,
+    PrefillDone, SampledToken, Sampling, SequenceError, TokenLogprob, WireDType,
 };
 use strata_proto::{MAX_FRAME_HEADER_BYTES, MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION};
 
@@ -62,9 +62,29 @@ pub struct Step {
     /// What each draft was drawn from, when drawn at random (one per draft, each at most
     /// [`PROPOSAL_TOKENS`] tokens); empty for drafts chosen without chance.
     pub drawn_from: Vec<Proposal>,
+    /// For a last stage that holds a draft model: how many drafts to make after the tokens
+    /// it samples, for the sequence's next step ([`NextDrafts`]); 0 for none.
+    pub draft_next: u32,
     /// Microjoules the stages before spent on these positions; None once one of them had
     /// no energy counter. The coordinator starts it at `Some(0)`.
     pub energy_uj: Option<u64>,
+}
+
+/// Most drafts a last stage makes for one step ([`Step::draft_next`]).
+pub const MAX_DRAFTS: usize = 64;
+
+/// Drafts a last stage that holds a draft model made after a step's tokens, for the
+/// sequence's next step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextDrafts {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The run of the sequence.
+    pub attempt: u32,
+    /// The position of the first draft: the one after the step's last sampled token.
+    pub position: u32,
+    /// The drafts, and what each was drawn from when drawn at random.
+    pub drafts: Drafts,
 }
 
 /// What one step of a sequence cost every stage, as the last stage reports it.
@@ -171,6 +191,8 @@ pub enum Frame {
         failures: Vec<SeqFailure>,
         /// What each step of the batch cost.
         energy: Vec<StepEnergy>,
+        /// Drafts for sequences' next steps ([`Step::draft_next`]).
+        drafts: Vec<NextDrafts>,
     },
     /// Drop these sequences' caches (travels down the whole pipeline).
     Free {
@@ -243,10 +265,12 @@ impl Frame {
                 freed,
                 failures,
                 energy,
+                drafts,
                 ..
             } => (
                 FrameHeader {
                     kind: FrameKind::Tokens as i32,
+                    drafts: drafts.iter().map(wire_next_drafts).collect(),
                     freed: freed.clone(),
                     tokens: tokens.iter().map(sampled_token).collect(),
                     prefilled: prefilled
@@ -329,6 +353,7 @@ impl Frame {
                         energy_uj: e.energy_uj,
                     })
                     .collect(),
+                drafts: h.drafts.into_iter().map(next_drafts).collect(),
             },
             Ok(FrameKind::Free) => Frame::Free {
                 epoch: h.epoch,
@@ -390,6 +415,7 @@ pub fn refusal(header_bytes: &[u8], reason: &str) -> Option<Frame> {
             freed: Vec::new(),
             failures,
             energy: Vec::new(),
+            drafts: Vec::new(),
         },
         _ => Frame::Forward {
             epoch: h.epoch,
@@ -465,8 +491,19 @@ fn validate(h: &FrameHeader) -> Result<(), String> {
                 || h.prefilled.len() > MAX_CHUNKS
                 || h.freed.len() > MAX_CHUNKS
                 || h.energy.len() > MAX_CHUNKS
+                || h.drafts.len() > MAX_CHUNKS
             {
                 return Err("too many entries".into());
+            }
+            for d in &h.drafts {
+                if d.token_ids.len() > MAX_DRAFTS {
+                    return Err(format!(
+                        "sequence {}: {} drafts for its next step (the limit is {MAX_DRAFTS})",
+                        d.sequence,
+                        d.token_ids.len()
+                    ));
+                }
+                check_drawn_from(d.sequence, &d.token_ids, &d.drawn_from)?;
             }
             if h.tokens.iter().any(|t| t.top.len() > 20) {
                 return Err("more than 20 alternatives for a token".into());
@@ -516,7 +553,14 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
                 }
             ));
         }
-        check_drawn_from(c)?;
+        let drafts = &c.token_ids[c.token_ids.len() - c.draft as usize..];
+        check_drawn_from(c.sequence, drafts, &c.drawn_from)?;
+        if c.draft_next as usize > MAX_DRAFTS {
+            return Err(format!(
+                "sequence {}: {} drafts asked for its next step (the limit is {MAX_DRAFTS})",
+                c.sequence, c.draft_next
+            ));
+        }
         rows += u64::from(c.length);
     }
     if rows > MAX_ROWS {
@@ -547,20 +591,22 @@ fn validate_forward(h: &FrameHeader, dtype: WireDType) -> Result<(), String> {
 /// empty (that draft was chosen without chance) or of at most [`PROPOSAL_TOKENS`] tokens
 /// with finite probabilities, none below zero, that name their draft with a probability
 /// above zero (else it is a draft it could not have drawn).
-fn check_drawn_from(c: &FrameChunk) -> Result<(), String> {
-    if c.drawn_from.is_empty() {
+fn check_drawn_from(
+    seq: SeqId,
+    drafts: &[u32],
+    drawn_from: &[DraftDistribution],
+) -> Result<(), String> {
+    if drawn_from.is_empty() {
         return Ok(());
     }
-    let seq = c.sequence;
-    if c.drawn_from.len() != c.draft as usize {
+    if drawn_from.len() != drafts.len() {
         return Err(format!(
             "sequence {seq}: {} draft distributions for {} drafts",
-            c.drawn_from.len(),
-            c.draft
+            drawn_from.len(),
+            drafts.len()
         ));
     }
-    let drafts = &c.token_ids[c.token_ids.len() - c.draft as usize..];
-    for (i, (q, &draft)) in c.drawn_from.iter().zip(drafts).enumerate() {
+    for (i, (q, &draft)) in drawn_from.iter().zip(drafts).enumerate() {
         let n = q.token_ids.len();
         if n > PROPOSAL_TOKENS || q.probabilities.len() != n {
             return Err(format!(
@@ -620,14 +666,41 @@ fn chunk(s: &Step) -> FrameChunk {
         partial: s.partial,
         draft: s.draft,
         energy_uj: s.energy_uj,
-        drawn_from: s
-            .drawn_from
-            .iter()
-            .map(|q| DraftDistribution {
-                token_ids: q.iter().map(|c| c.0).collect(),
-                probabilities: q.iter().map(|c| c.1).collect(),
-            })
-            .collect(),
+        drawn_from: s.drawn_from.iter().map(wire_distribution).collect(),
+        draft_next: s.draft_next,
+    }
+}
+
+fn wire_distribution(q: &Proposal) -> DraftDistribution {
+    DraftDistribution {
+        token_ids: q.iter().map(|c| c.0).collect(),
+        probabilities: q.iter().map(|c| c.1).collect(),
+    }
+}
+
+fn distribution(q: DraftDistribution) -> Proposal {
+    q.token_ids.into_iter().zip(q.probabilities).collect()
+}
+
+fn wire_next_drafts(d: &NextDrafts) -> WireNextDrafts {
+    WireNextDrafts {
+        sequence: d.seq,
+        attempt: d.attempt,
+        position: d.position,
+        token_ids: d.drafts.tokens.clone(),
+        drawn_from: d.drafts.drawn_from.iter().map(wire_distribution).collect(),
+    }
+}
+
+fn next_drafts(d: WireNextDrafts) -> NextDrafts {
+    NextDrafts {
+        seq: d.sequence,
+        attempt: d.attempt,
+        position: d.position,
+        drafts: Drafts {
+            tokens: d.token_ids,
+            drawn_from: d.drawn_from.into_iter().map(distribution).collect(),
+        },
     }
 }
 
@@ -645,11 +718,8 @@ fn step(c: FrameChunk) -> Step {
         partial: c.partial,
         draft: c.draft,
         energy_uj: c.energy_uj,
-        drawn_from: c
-            .drawn_from
-            .into_iter()
-            .map(|q| q.token_ids.into_iter().zip(q.probabilities).collect())
-            .collect(),
+        drawn_from: c.drawn_from.into_iter().map(distribution).collect(),
+        draft_next: c.draft_next,
     }
 }
 
@@ -767,6 +837,7 @@ mod tests {
                 partial: true,
                 draft: 0,
                 drawn_from: Vec::new(),
+                draft_next: 0,
                 energy_uj: Some(1_234),
             }],
             activations: Some(Activations {
@@ -817,6 +888,7 @@ mod tests {
                         energy_uj: None,
                     },
                 ],
+                drafts: Vec::new(),
             },
             Frame::Free {
                 epoch: 4,
@@ -908,6 +980,56 @@ mod tests {
             q.probabilities = vec![0.1; 65];
         });
         assert!(e.contains("65 tokens"), "{e}");
+        let e = refused(&|h| h.chunks[0].draft_next = 65);
+        assert!(e.contains("65 drafts asked for its next step"), "{e}");
+    }
+
+    #[test]
+    fn drafts_for_the_next_step_travel_back_with_the_tokens() {
+        let f = Frame::Tokens {
+            epoch: 5,
+            tokens: Vec::new(),
+            prefilled: Vec::new(),
+            freed: Vec::new(),
+            failures: Vec::new(),
+            energy: Vec::new(),
+            drafts: vec![
+                NextDrafts {
+                    seq: 7,
+                    attempt: 1,
+                    position: 13,
+                    drafts: Drafts {
+                        tokens: vec![4, 9],
+                        drawn_from: vec![vec![(4, 0.5), (1, 0.5)], vec![(9, 1.0)]],
+                    },
+                },
+                NextDrafts {
+                    seq: 8,
+                    attempt: 0,
+                    position: 40,
+                    drafts: Drafts::chosen(vec![3, 3, 3]),
+                },
+            ],
+        };
+        let (head, payload) = f.encode();
+        assert_eq!(decode(&head, payload).unwrap(), f);
+        let (h, _) = f.header();
+        let refused = |change: &dyn Fn(&mut FrameHeader)| {
+            let mut h = h.clone();
+            change(&mut h);
+            validate(&h).unwrap_err()
+        };
+        let e = refused(&|h| h.drafts[0].token_ids[1] = 2);
+        assert!(
+            e.contains("sequence 7: draft 1 (token 2) is not among"),
+            "{e}"
+        );
+        let e = refused(&|h| h.drafts[1].token_ids = vec![1; MAX_DRAFTS + 1]);
+        assert!(e.contains("sequence 8: 65 drafts for its next step"), "{e}");
+        let e = refused(&|h| {
+            h.drafts[0].drawn_from.pop();
+        });
+        assert!(e.contains("1 draft distributions for 2 drafts"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// 4: joins are challenged, over TLS. 5: slices travel on a TLS stream of their own
 /// ([`SLICE_ALPN`]), not in gRPC messages. 6: steps carry drafts to verify
 /// (`FrameChunk.draft`, speculative decoding). 7: drafts drawn at random carry what they
-/// were drawn from (`FrameChunk.drawn_from`), for the rejection rule.
+/// were drawn from (`FrameChunk.drawn_from`), for the rejection rule, and a last stage
+/// that holds a draft model drafts for the next step (`FrameChunk.draft_next`,
+/// `FrameHeader.drafts`).
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN of the data plane: names the frame format version.

@@ -19,16 +19,21 @@
 //!   fails, so the cache never grows past what the plan counted;
 //! - a piece of a longer prompt (`Step::partial`) is cached and reported done by the last
 //!   stage, which samples only after the last piece;
+//! - a last stage that holds a draft model drafts after a step's tokens as many as the step
+//!   asks (`Step::draft_next`), with a drafter of each sequence's own, and sends them with
+//!   the tokens for the sequence's next step: no hop to the coordinator and back;
 //! - nothing is dropped silently: whatever cannot run becomes a failure that travels on.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use strata_model::draft::DraftModel;
 use strata_model::{
-    Chunk, KvCache, LogitRows, Sampler, SeqId, Slice, Stage, StageInput, StageOutput, WireType,
+    Chunk, Drafter, KvCache, LogitRows, ModelDrafter, Sampler, SeqId, Slice, Stage, StageInput,
+    StageOutput, WireType,
 };
 use strata_net::frame::{
-    Activations, Frame, Prefilled, Sampled, SamplerStart, SeqFailure, Step, StepEnergy,
+    Activations, Frame, NextDrafts, Prefilled, Sampled, SamplerStart, SeqFailure, Step, StepEnergy,
 };
 
 /// Where the stage's output goes: its epoch and the activations' wire type.
@@ -46,6 +51,8 @@ pub struct Wiring {
 struct SequenceSampler {
     sampler: Sampler,
     history: Vec<u32>,
+    /// Its drafter, once a step asked for drafts ([`Step::draft_next`]).
+    drafter: Option<ModelDrafter>,
 }
 
 struct Loaded {
@@ -156,6 +163,7 @@ impl Loaded {
                         SequenceSampler {
                             sampler,
                             history: Vec::new(),
+                            drafter: None,
                         },
                     );
                 }
@@ -221,6 +229,8 @@ pub struct StageCore {
     name: String,
     loaded: Option<Loaded>,
     wiring: Option<Wiring>,
+    /// A draft model to draft with on the last stage ([`Step::draft_next`]).
+    draft_model: Option<DraftModel>,
 }
 
 /// The steps of one batch, admitted, with their inputs.
@@ -237,6 +247,18 @@ impl StageCore {
             name: name.into(),
             loaded: None,
             wiring: None,
+            draft_model: None,
+        }
+    }
+
+    /// Holds `model` to draft with as the last stage (None: drafts nothing). Sequences'
+    /// drafters start over with it.
+    pub fn install_draft_model(&mut self, model: Option<DraftModel>) {
+        self.draft_model = model;
+        if let Some(l) = &mut self.loaded {
+            for s in l.samplers.values_mut() {
+                s.drafter = None;
+            }
         }
     }
 
@@ -253,10 +275,11 @@ impl StageCore {
         });
     }
 
-    /// Drops the slice, the caches and the wiring.
+    /// Drops the slice, the draft model, the caches and the wiring.
     pub fn unload(&mut self) {
         self.loaded = None;
         self.wiring = None;
+        self.draft_model = None;
     }
 
     /// Wires the output for `wiring.epoch`. A new epoch drops every cache: the sequences
@@ -381,6 +404,7 @@ impl StageCore {
                 freed: Vec::new(),
                 failures,
                 energy: Vec::new(),
+                drafts: Vec::new(),
             }
         } else {
             Frame::Forward {
@@ -410,6 +434,7 @@ impl StageCore {
                 freed: seqs,
                 failures: Vec::new(),
                 energy: Vec::new(),
+                drafts: Vec::new(),
             }
         } else {
             Frame::Free { epoch, seqs }
@@ -685,6 +710,7 @@ impl StageCore {
             .collect();
         let mut tokens = Vec::with_capacity(steps.len());
         let mut prefilled = Vec::new();
+        let mut drafts = Vec::new();
         let mut rows = rows.iter();
         for step in &steps {
             // One row of logits per step, and one more per draft (`Stage::forward_scoring`
@@ -702,7 +728,12 @@ impl StageCore {
                 continue;
             }
             match self.sample(step, &step_rows) {
-                Ok(sampled) => tokens.extend(sampled),
+                Ok(sampled) => {
+                    if let Some(last) = sampled.last() {
+                        drafts.extend(self.draft_after(step, last));
+                    }
+                    tokens.extend(sampled);
+                }
                 Err(message) => failures.push(self.fail(step, message)),
             }
         }
@@ -713,7 +744,31 @@ impl StageCore {
             freed: Vec::new(),
             failures,
             energy,
+            drafts,
         }
+    }
+
+    /// Drafts for the sequence's next step after `last`, the step's last token, as many as
+    /// the step asks, with the draft model the stage holds: what its own drafter proposes
+    /// after the history and `last`, drawn with the sampler where `last` left it. None
+    /// when the step asks none, the stage holds no draft model, or the drafter has no guess.
+    fn draft_after(&mut self, step: &Step, last: &Sampled) -> Option<NextDrafts> {
+        let model = self.draft_model.as_ref().filter(|_| step.draft_next > 0)?;
+        let s = self.loaded.as_mut()?.samplers.get_mut(&step.seq)?;
+        let params = s.sampler.params();
+        let (penalty, window) = (params.repeat_penalty, params.repeat_window);
+        let drafter = s
+            .drafter
+            .get_or_insert_with(|| model.drafter().with_repeat_penalty(penalty, window));
+        let mut history = s.history.clone();
+        history.push(last.token);
+        let drafts = drafter.propose_for(&history, step.draft_next as usize, &s.sampler);
+        (!drafts.is_empty()).then(|| NextDrafts {
+            seq: step.seq,
+            attempt: step.attempt,
+            position: last.position + 1,
+            drafts,
+        })
     }
 
     /// A piece of a prompt reached the last stage: its tokens join the sampler's history
@@ -823,6 +878,7 @@ mod tests {
                 partial,
                 draft: 0,
                 drawn_from: Vec::new(),
+                draft_next: 0,
                 energy_uj: Some(0),
             }],
             activations: None,

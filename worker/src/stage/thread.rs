@@ -459,6 +459,7 @@ mod tests {
             partial: false,
             draft: 0,
             drawn_from: Vec::new(),
+            draft_next: 0,
             energy_uj,
         }
     }
@@ -480,6 +481,7 @@ mod tests {
             freed: Vec::new(),
             failures: Vec::new(),
             energy,
+            drafts: Vec::new(),
         }
     }
 
