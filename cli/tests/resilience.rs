@@ -115,6 +115,68 @@ fn a_stopped_worker_counts_as_failed_and_rejoins_when_continued() {
     cluster.wait_serving(3);
 }
 
+#[test]
+fn the_last_stage_killed_while_it_drafts_hands_its_draft_model_to_the_next() {
+    let (_dir, model) = small_gguf("q8_0");
+    // The model drafts for itself, on the last stage's worker: greedy, every draft is kept.
+    let m = model.display().to_string();
+    let options = ClusterOptions {
+        serve_args: vec![
+            "--draft-model".into(),
+            m,
+            "--draft-on".into(),
+            "worker".into(),
+            "--draft-max".into(),
+            "2".into(),
+        ],
+        ..Default::default()
+    };
+    let mut cluster = TestCluster::start(&model, &options);
+    let status = cluster.wait_serving(3);
+    let last = status["plan"]["stages"][2]["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = 400;
+    let greedy = &bodies(n)[0];
+    let (twin, _) = completion_text(
+        &SseStream::start(&cluster.http, "/v1/completions", greedy)
+            .finish(Duration::from_secs(120)),
+    );
+    assert_eq!(twin.len(), n);
+    let stream = SseStream::start(&cluster.http, "/v1/completions", greedy);
+    stream.wait_received(10, Duration::from_secs(60));
+    let victim = cluster.workers.iter_mut().find(|w| w.name == last).unwrap();
+    assert!(
+        victim.output().contains("draft model loaded"),
+        "{}",
+        victim.output()
+    );
+    // Stopped first, so that the answer is surely cut off while the victim drafts for it.
+    signal("STOP", victim.child.id());
+    let cut = stream.received();
+    assert!(cut < n, "the answer ended before the fault");
+    victim.kill();
+    let (pieces, finish) = completion_text(&stream.finish(Duration::from_secs(90)));
+    assert_eq!(finish, "length");
+    assert_eq!(pieces, twin, "cut at {cut} of {n}, the answer changed");
+    // The new last stage got the draft model and drafts with it.
+    let status = cluster.wait_serving(2);
+    let new_last = status["plan"]["stages"][1]["worker"].as_str().unwrap();
+    let heir = cluster.workers.iter().find(|w| w.name == new_last).unwrap();
+    heir.wait_for("draft model loaded", Duration::from_secs(30));
+    let args = [
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "24",
+        "--ignore-eos",
+    ];
+    let t = &cluster.generate(&args)["timings"];
+    assert!(t["draft_tokens"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["accepted_draft_tokens"], t["draft_tokens"], "{t}");
+}
+
 fn signal(name: &str, pid: u32) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])

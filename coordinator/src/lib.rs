@@ -87,7 +87,7 @@ use tracing::{info, warn, Instrument};
 pub use error::{Error, Result};
 #[doc(hidden)]
 pub use http::check_request_body;
-use planner::{ModelProfile, PlanOptions};
+use planner::{DraftBytes, ModelProfile, PlanOptions};
 pub use sequence::DraftPolicy;
 use shared::{Parts, Shared};
 pub use upstream::{Secret, UpstreamConfig};
@@ -157,6 +157,10 @@ pub enum Draft {
     Ngram,
     /// A small model with the main model's tokenizer, run on the coordinator.
     Model(PathBuf),
+    /// A small model with the main model's tokenizer, run by the last stage's worker: the
+    /// planner counts it there, it travels to that worker as a load, and each step asks it
+    /// for the next step's drafts, which come back with the step's tokens.
+    ModelOnLastStage(PathBuf),
 }
 
 /// A served model's drafts, ready to hand each answer a drafter of its own.
@@ -171,11 +175,66 @@ pub enum DraftSource {
         /// The whole model, as one stage.
         model: strata_model::draft::DraftModel,
     },
+    /// A draft model the last stage's worker holds and drafts with.
+    OnLastStage(Box<ShippedDraft>),
+}
+
+/// A draft model that the coordinator sends the last stage's worker, rather than loads.
+#[derive(Debug)]
+pub struct ShippedDraft {
+    /// Its file name.
+    name: String,
+    /// SHA-256 of its bytes: what the worker's cache keys it by.
+    pub(crate) digest: String,
+    /// The open file (no weights loaded), to read its bytes from.
+    pub(crate) file: ModelFile,
+    /// How many of its token ids the served model shares.
+    pub(crate) shared_vocabulary: usize,
+    /// What it costs the last stage.
+    pub(crate) bytes: DraftBytes,
+}
+
+impl ShippedDraft {
+    /// Opens the draft model at `path` for the last stage (its digest remembered in
+    /// `state_dir`), after checking that its tokenizer is the served model's; counts
+    /// what it will cost there with caches for `kv_tokens` positions.
+    fn open(
+        path: &std::path::Path,
+        tokenizer: &Tokenizer,
+        state_dir: &std::path::Path,
+        kv_tokens: u64,
+    ) -> Result<Self> {
+        let file = ModelFile::open(path)?;
+        let draft_tokenizer = Tokenizer::for_model(&file)?;
+        strata_model::draft::check_vocabularies(tokenizer, &draft_tokenizer)?;
+        let name = path
+            .file_name()
+            .map_or_else(|| "draft".into(), |n| n.to_string_lossy().into_owned());
+        let p = profile::of_file(&name, &file);
+        let layers = p.layer_bytes.len() as u64;
+        let largest = p.largest_layer_tensor.max(p.embed_bytes).max(p.head_bytes);
+        let bytes = DraftBytes {
+            memory: p.weight_bytes() + kv_tokens * p.kv_bytes_per_token * layers + 2 * largest,
+            weights: p.active_layer_bytes.iter().sum::<u64>() + p.head_bytes,
+        };
+        Ok(ShippedDraft {
+            digest: digest::of_model(path, state_dir)?,
+            shared_vocabulary: tokenizer.vocab_size().min(draft_tokenizer.vocab_size()),
+            name,
+            file,
+            bytes,
+        })
+    }
 }
 
 impl DraftSource {
-    /// Loads what `draft` names, checking a draft model's tokenizer against `tokenizer`.
-    pub fn open(draft: &Draft, tokenizer: &Tokenizer) -> Result<Option<Self>> {
+    /// Loads what `draft` names, checking a draft model's tokenizer against `tokenizer`
+    /// (one for the last stage is opened, not loaded, and priced with `config`'s caches).
+    pub fn open(
+        draft: &Draft,
+        tokenizer: &Tokenizer,
+        config: &CoordinatorConfig,
+    ) -> Result<Option<Self>> {
         Ok(match draft {
             Draft::None => None,
             Draft::Ngram => Some(DraftSource::Ngram),
@@ -186,18 +245,25 @@ impl DraftSource {
                     .map_or_else(|| "draft".into(), |n| n.to_string_lossy().into_owned());
                 Some(DraftSource::Model { name, model })
             }
+            Draft::ModelOnLastStage(path) => {
+                let draft =
+                    ShippedDraft::open(path, tokenizer, &config.state_dir, config.plan.kv_tokens)?;
+                Some(DraftSource::OnLastStage(Box::new(draft)))
+            }
         })
     }
 
-    /// A drafter for one answer, which samples with `sampling`.
-    pub fn drafter(&self, sampling: &strata_model::SamplingParams) -> Box<dyn Drafter> {
+    /// A drafter for one answer, which samples with `sampling`; None where the last stage
+    /// drafts.
+    pub fn drafter(&self, sampling: &strata_model::SamplingParams) -> Option<Box<dyn Drafter>> {
         match self {
-            DraftSource::Ngram => Box::new(NgramDrafter::new()),
-            DraftSource::Model { model, .. } => Box::new(
+            DraftSource::Ngram => Some(Box::new(NgramDrafter::new())),
+            DraftSource::Model { model, .. } => Some(Box::new(
                 model
                     .drafter()
                     .with_repeat_penalty(sampling.repeat_penalty, sampling.repeat_window),
-            ),
+            )),
+            DraftSource::OnLastStage(_) => None,
         }
     }
 
@@ -206,6 +272,9 @@ impl DraftSource {
         match self {
             DraftSource::Ngram => "ngram (prompt lookup)".into(),
             DraftSource::Model { name, .. } => format!("draft model {name}"),
+            DraftSource::OnLastStage(d) => {
+                format!("draft model {}, on the last stage's worker", d.name)
+            }
         }
     }
 }
@@ -344,9 +413,13 @@ pub async fn run(
 ) -> Result<()> {
     let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
     let mut model = ServedModel::open(&config.model, &config.state_dir)?;
-    model.draft = DraftSource::open(&config.draft, &model.tokenizer)?;
+    model.draft = DraftSource::open(&config.draft, &model.tokenizer, &config)?;
     if let Some(draft) = &model.draft {
         info!(drafts = %draft.describe(), "speculative decoding");
+    }
+    let mut config = config;
+    if let Some(DraftSource::OnLastStage(d)) = &model.draft {
+        config.plan.draft = d.bytes;
     }
     if created {
         // The token is never logged: `strata token create` prints it to a terminal.

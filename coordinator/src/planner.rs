@@ -251,6 +251,18 @@ pub struct PlanOptions {
     pub wire_bytes: u64,
     /// What to minimise.
     pub objective: Objective,
+    /// A draft model that the last stage's worker holds beside its slice (speculative
+    /// decoding with `--draft-on worker`); none by default.
+    pub draft: DraftBytes,
+}
+
+/// What a draft model held by the last stage costs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DraftBytes {
+    /// Memory it needs: its weights, its KV caches and its transient.
+    pub memory: u64,
+    /// Weight bytes it reads per token drafted.
+    pub weights: u64,
 }
 
 impl Default for PlanOptions {
@@ -262,6 +274,7 @@ impl Default for PlanOptions {
             pair_links: PairLinks::default(),
             wire_bytes: 4,
             objective: Objective::Latency,
+            draft: DraftBytes::default(),
         }
     }
 }
@@ -402,7 +415,9 @@ impl<'a> Sizes<'a> {
         .max()
         .unwrap_or(0);
         let transient = (2 * largest).max(self.batch_activations());
-        (weights, weights + kv + o.overhead + transient)
+        // The last stage holds the draft model, if it is there.
+        let draft = if head { o.draft.memory } else { 0 };
+        (weights, weights + kv + o.overhead + transient + draft)
     }
 
     /// A full batch's activations, while it runs (loading's transient is over by then).
@@ -411,10 +426,15 @@ impl<'a> Sizes<'a> {
     }
 
     /// Bytes a stage streams per token: its layers, and the head (an embedding lookup
-    /// reads one row).
+    /// reads one row), and the draft model's weights where the last stage drafts (about
+    /// one draft per token).
     fn streamed(&self, layers: &Range<usize>, head: bool) -> u64 {
         self.active[layers.end] - self.active[layers.start]
-            + if head { self.p.head_bytes } else { 0 }
+            + if head {
+                self.p.head_bytes + self.o.draft.weights
+            } else {
+                0
+            }
     }
 
     fn stage_ms(&self, w: &Candidate, layers: &Range<usize>, head: bool) -> f64 {
@@ -1059,12 +1079,17 @@ fn shortfall(sizes: &Sizes, order: &[&Candidate]) -> Shortfall {
     Shortfall {
         missing,
         detail: format!(
-            "the cluster cannot hold {}: it needs about {} (weights {} + KV cache for {} tokens + {} per worker for its runtime and a batch's activations) but the workers offer {}: {} missing. Every worker is full: {}. Add a machine with at least {} free, or raise --memory where the machine has room.",
+            "the cluster cannot hold {}: it needs about {} (weights {} + KV cache for {} tokens + {} per worker for its runtime and a batch's activations{}) but the workers offer {}: {} missing. Every worker is full: {}. Add a machine with at least {} free, or raise --memory where the machine has room.",
             p.name,
             human(need),
             human(p.weight_bytes()),
             o.kv_tokens,
             human(per_worker),
+            if o.draft.memory > 0 {
+                format!(" + {} for the draft model on the last stage", human(o.draft.memory))
+            } else {
+                String::new()
+            },
             human(budget),
             human(missing),
             rooms.join(", "),
@@ -1216,6 +1241,45 @@ mod tests {
         .unwrap();
         assert_eq!(p.stages.len(), 1);
         assert!(p.notes[0].contains("tiny") && p.notes[0].contains("holds no layer"));
+    }
+
+    #[test]
+    fn a_draft_model_on_the_last_stage_is_counted_in_its_memory_and_time() {
+        let workers = [w("a", 1200, 1e9), w("b", 1200, 1e9)];
+        let without = plan(&profile(12), &workers, &opts()).unwrap();
+        let draft = DraftBytes {
+            memory: 300 * MIB,
+            weights: 250 * MIB,
+        };
+        let o = PlanOptions { draft, ..opts() };
+        let with = plan(&profile(12), &workers, &o).unwrap();
+        check_contiguous(&with, 12);
+        let (last, last_without) = (with.stages.last().unwrap(), without.stages.last().unwrap());
+        assert!(
+            last.layers.len() < last_without.layers.len(),
+            "the last stage makes room for the draft: {:?} against {:?}",
+            shares(&with),
+            shares(&without)
+        );
+        assert!(last.memory >= last.weight_bytes + draft.memory, "{last:?}");
+        // Only the last stage holds it, and its time counts the draft's reads.
+        let first = &with.stages[0];
+        assert!(
+            first.memory < first.weight_bytes + draft.memory,
+            "{first:?}"
+        );
+        let per_layer_ms = 100.0 * MIB as f64 / 1e9 * 1e3;
+        let expected = (last.layers.len() as f64 * per_layer_ms)
+            + (50 * MIB + draft.weights) as f64 / 1e9 * 1e3;
+        assert!((last.est_ms - expected).abs() < 1e-6, "{} ms", last.est_ms);
+        // Where it does not fit, the shortfall says what the draft model takes.
+        let tight = [w("a", 900, 1e9), w("b", 900, 1e9)];
+        let err = plan(&profile(12), &tight, &o).unwrap_err();
+        assert!(
+            err.detail.contains("300.0 MiB for the draft model"),
+            "{}",
+            err.detail
+        );
     }
 
     #[test]

@@ -276,7 +276,14 @@ async fn switch(shared: &Arc<Shared>, cur: &Arc<Pipeline>, next: Plan) -> bool {
     let prefetches = next.stages.iter().map(|s| {
         let shared = shared.clone();
         let s = s.clone();
-        async move { slices::send(&shared, &s.worker, &held_of(&s), s.memory, 0, true).await }
+        let last = s.head;
+        async move {
+            let sent = slices::send(&shared, &s.worker, &held_of(&s), s.memory, 0, true).await?;
+            if last {
+                slices::send_draft(&shared, &s.worker, 0, true).await?;
+            }
+            Ok::<u64, Error>(sent)
+        }
     });
     for r in futures::future::join_all(prefetches).await {
         if let Err(e) = r {
@@ -315,6 +322,11 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
                 .is_some_and(|w| w.held.as_ref() == Some(&want));
             if !already {
                 slices::send(&shared, &s.worker, &want, s.memory, epoch, false).await?;
+            }
+            // The last stage drafts, where the draft model is there: after its slice (a
+            // new slice unloads the draft model with the old one).
+            if s.head {
+                slices::send_draft(&shared, &s.worker, epoch, false).await?;
             }
             if let Some(w) = shared.registry().workers.get_mut(&s.worker) {
                 w.set_held(Some(want));

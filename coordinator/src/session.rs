@@ -577,15 +577,15 @@ pub fn start(shared: &Arc<Shared>, mut request: SequenceRequest) -> Result<Answe
         .prompt_tokens
         .inc_by(request.prompt.len() as u64);
     let span = tracing::info_span!("request", id = %id, seq, prompt_tokens = request.prompt.len());
-    let drafter = shared
-        .model()
-        .draft
-        .as_ref()
-        .map(|d| d.drafter(&request.sampling));
+    let draft = shared.model().draft.as_ref();
+    let drafter = draft.and_then(|d| d.drafter(&request.sampling));
     let mut core = SequenceCore::new(seq, request, limits, deadlines, Instant::now());
-    if let Some(drafter) = drafter {
-        core = core.with_drafter(drafter, shared.config().draft_policy);
-    }
+    let policy = shared.config().draft_policy;
+    core = match (draft, drafter) {
+        (_, Some(drafter)) => core.with_drafter(drafter, policy),
+        (Some(_), None) => core.with_drafts_from_last_stage(policy),
+        (None, None) => core,
+    };
     let (out, deltas) = mpsc::channel(STREAM_QUEUE);
     let session = Session {
         shared: shared.clone(),

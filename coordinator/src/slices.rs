@@ -1,6 +1,7 @@
 //! Getting a plan onto its workers: a slice's load header (only the bytes of its
 //! tensors), what a worker's cache already has of it, streaming only the rest (read from
 //! the coordinator's copy of the model), loading, and wiring the stages back to front.
+//! A draft model the last stage holds (`--draft-on worker`) travels the same way, whole.
 //! Every call has a deadline.
 
 use std::io::{Read, Seek};
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_model::Slice;
+use strata_model::{ModelFile, Slice};
 use strata_net::identity::{worker_name, COORDINATOR_NAME};
 use strata_net::slice_stream::{read_message, write_message, PieceHead};
 use strata_proto::v1::load_outcome::Outcome;
@@ -49,14 +50,52 @@ pub fn held_of(s: &StagePlan) -> Held {
     }
 }
 
-/// The load header of `held`: every byte range of its tensors, file by file.
-fn header(shared: &Shared, held: &Held, reserved: u64, epoch: u64, prefetch: bool) -> LoadHeader {
-    let slice = Slice {
-        layers: held.layers.clone(),
-        embed: held.embed,
-        head: held.head,
-    };
-    let (root, extents) = shared.model().file.slice_extents(&slice);
+/// The bytes a load sends: a slice of a model on the coordinator's disk.
+struct Source<'a> {
+    file: &'a ModelFile,
+    /// The model's content digest.
+    digest: &'a str,
+    slice: Slice,
+    /// Of a draft model: how many of its token ids the served model shares.
+    draft_vocabulary: Option<u32>,
+}
+
+impl<'a> Source<'a> {
+    /// Slice `held` of the served model.
+    fn served(shared: &'a Shared, held: &Held) -> Self {
+        Source {
+            file: &shared.model().file,
+            digest: &shared.model().digest,
+            slice: Slice {
+                layers: held.layers.clone(),
+                embed: held.embed,
+                head: held.head,
+            },
+            draft_vocabulary: None,
+        }
+    }
+
+    /// Where the bytes of the slice's tensors lie, file by file.
+    fn extents(&self) -> (String, Vec<strata_model::FileExtent>) {
+        self.file.slice_extents(&self.slice)
+    }
+
+    /// What a load of it is called in logs and errors.
+    fn describe(&self) -> String {
+        match self.draft_vocabulary {
+            Some(_) => "the draft model".into(),
+            None => format!(
+                "layers {}..{}",
+                self.slice.layers.start, self.slice.layers.end
+            ),
+        }
+    }
+}
+
+/// The load header of `source`: every byte range of its tensors, file by file.
+fn header(source: &Source, reserved: u64, epoch: u64, prefetch: bool) -> LoadHeader {
+    let held = &source.slice;
+    let (root, extents) = source.extents();
     let total: u64 = extents
         .iter()
         .flat_map(|e| e.ranges.iter().map(|r| r.1))
@@ -64,7 +103,7 @@ fn header(shared: &Shared, held: &Held, reserved: u64, epoch: u64, prefetch: boo
     LoadHeader {
         protocol_version: PROTOCOL_VERSION,
         model_name: root,
-        model_digest: shared.model().digest.clone(),
+        model_digest: source.digest.to_string(),
         files: extents
             .iter()
             .map(|e| SliceFile {
@@ -85,6 +124,8 @@ fn header(shared: &Shared, held: &Held, reserved: u64, epoch: u64, prefetch: boo
         reserved_bytes: reserved,
         epoch,
         prefetch,
+        draft: source.draft_vocabulary.is_some(),
+        draft_vocabulary: source.draft_vocabulary.unwrap_or(0),
     }
 }
 
@@ -111,7 +152,44 @@ pub async fn send(
     epoch: u64,
     prefetch: bool,
 ) -> Result<u64> {
-    let header = header(shared, held, reserved, epoch, prefetch);
+    let source = Source::served(shared, held);
+    load(shared, worker, &source, reserved, epoch, prefetch).await
+}
+
+/// Sends `worker`, the last stage, the draft model it drafts with (`--draft-on worker`),
+/// whole: what its cache lacks, then it loads it beside its slice unless it holds it
+/// already, or only into the cache when `prefetch`. Returns the bytes sent; none where
+/// drafts are not made on the last stage.
+pub async fn send_draft(
+    shared: &Arc<Shared>,
+    worker: &str,
+    epoch: u64,
+    prefetch: bool,
+) -> Result<u64> {
+    let Some(crate::DraftSource::OnLastStage(draft)) = &shared.model().draft else {
+        return Ok(0);
+    };
+    let source = Source {
+        file: &draft.file,
+        digest: &draft.digest,
+        slice: Slice::full(draft.file.config().num_layers),
+        draft_vocabulary: Some(draft.shared_vocabulary as u32),
+    };
+    load(shared, worker, &source, draft.bytes.memory, epoch, prefetch).await
+}
+
+/// Sends `worker` what its cache lacks of `source`, and has it load it unless `prefetch`.
+async fn load(
+    shared: &Arc<Shared>,
+    worker: &str,
+    source: &Source<'_>,
+    reserved: u64,
+    epoch: u64,
+    prefetch: bool,
+) -> Result<u64> {
+    let header = header(source, reserved, epoch, prefetch);
+    // A draft model is loaded beside the slice, which keeps serving.
+    let replaces_slice = !prefetch && !header.draft;
     let (mut client, control_addr, progress) = client_of(shared, worker)?;
     let missing = tokio::time::timeout(CALL_TIMEOUT, client.missing(header.clone()))
         .await
@@ -123,7 +201,7 @@ pub async fn send(
         .iter()
         .flat_map(|f| f.ranges.iter().map(|r| r.length))
         .sum();
-    if !prefetch {
+    if replaces_slice {
         if let Some(w) = shared.registry().workers.get_mut(worker) {
             w.state = WorkerState::Loading;
             w.load_total = to_send;
@@ -132,10 +210,9 @@ pub async fn send(
         }
     }
     let what = format!(
-        "{} layers {}..{} to {worker}",
+        "{} {} to {worker}",
         if prefetch { "prefetching" } else { "sending" },
-        held.layers.start,
-        held.layers.end
+        source.describe(),
     );
     let started = Instant::now();
     let deadline = LOAD_BASE + Duration::from_secs_f64(to_send as f64 / SLOWEST_LINK);
@@ -143,7 +220,8 @@ pub async fn send(
         worker,
         address: control_addr,
     };
-    let streamed = stream(shared, header, missing, to, progress, &what);
+    let (_, extents) = source.extents();
+    let streamed = stream(shared, header, (extents, missing), to, progress, &what);
     let reply = tokio::time::timeout(deadline, streamed)
         .await
         .map_err(|_| Error::Unavailable(format!("{what} took longer than {deadline:?}")))
@@ -152,7 +230,7 @@ pub async fn send(
         Ok(r) => r,
         Err(e) => {
             if let Some(w) = shared.registry().workers.get_mut(worker) {
-                if !prefetch {
+                if replaces_slice {
                     w.state = WorkerState::Idle;
                 }
                 w.detail = e.to_string();
@@ -162,13 +240,13 @@ pub async fn send(
     };
     info!(
         worker,
-        layers = ?held.layers,
+        what = %source.describe(),
         sent_mib = reply.bytes_received >> 20,
         cached_mib = reply.bytes_cached >> 20,
         ms = started.elapsed().as_millis() as u64,
         resident_mib = reply.resident_bytes >> 20,
         "{}",
-        if prefetch { "slice prefetched" } else { "slice loaded" }
+        if prefetch { "prefetched" } else { "loaded" }
     );
     shared
         .metrics()
@@ -183,21 +261,17 @@ struct Destination<'a> {
     address: SocketAddr,
 }
 
-/// Streams the header and the `missing` ranges on a slice-load connection (raw bytes on
-/// mutual TLS, as `strata_net::slice_stream` frames them); returns the worker's answer.
+/// Streams the header and the `missing` ranges of the files' `extents` on a slice-load
+/// connection (raw bytes on mutual TLS, as `strata_net::slice_stream` frames them);
+/// returns the worker's answer.
 async fn stream(
     shared: &Arc<Shared>,
     header: LoadHeader,
-    missing: Vec<SliceFile>,
+    (extents, missing): (Vec<strata_model::FileExtent>, Vec<SliceFile>),
     to: Destination<'_>,
     progress: Arc<AtomicU64>,
     what: &str,
 ) -> Result<LoadResponse> {
-    let (_, extents) = shared.model().file.slice_extents(&Slice {
-        layers: header.layer_start as usize..header.layer_end as usize,
-        embed: header.embed,
-        head: header.head,
-    });
     let failed = |e: &dyn std::fmt::Display| Error::Unavailable(format!("{what}: {e}"));
     let tls = shared
         .identity()

@@ -314,6 +314,21 @@ pub struct DraftModel {
 }
 
 impl DraftModel {
+    /// A whole draft model loaded as one `stage`, of whose token ids the main model shares
+    /// the first `shared_vocabulary` (a worker that receives one: the coordinator checked
+    /// the tokenizers).
+    pub fn new(stage: Stage, shared_vocabulary: usize) -> Self {
+        DraftModel {
+            stage: Arc::new(stage),
+            shared_vocabulary,
+        }
+    }
+
+    /// Bytes of its weights in memory.
+    pub fn weight_bytes(&self) -> u64 {
+        self.stage.weight_bytes()
+    }
+
     /// A drafter for one answer, drafting only tokens the main model shares.
     pub fn drafter(&self) -> ModelDrafter {
         ModelDrafter::new(self.stage.clone()).within_vocabulary(self.shared_vocabulary)

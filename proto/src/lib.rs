@@ -25,7 +25,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// (`FrameChunk.draft`, speculative decoding). 7: drafts drawn at random carry what they
 /// were drawn from (`FrameChunk.drawn_from`), for the rejection rule, and a last stage
 /// that holds a draft model drafts for the next step (`FrameChunk.draft_next`,
-/// `FrameHeader.drafts`).
+/// `FrameHeader.drafts`), which it receives as a load (`LoadHeader.draft`).
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN of the data plane: names the frame format version.

@@ -6,13 +6,20 @@
 //! Layout: `<root>/<digest>/<path inside the model>`, each file sparse at its original
 //! length with only the received ranges written, beside `<file>.ranges`, the ranges
 //! present (rewritten atomically after each load). Only the model being served is kept:
-//! storing a slice of another digest removes the others. The directory is 0700.
+//! storing a slice of another digest removes the others. A draft model for speculative
+//! decoding (`LoadHeader.draft`) is kept the same way beside it, under
+//! `<root>/draft-models/<digest>`: receiving one removes other drafts only. The directory
+//! is 0700.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use strata_proto::v1::{ByteRange, LoadHeader, SliceFile};
+
+/// The directory of draft models, beside the served models' digests (a name no digest
+/// has: it is not alphanumeric).
+const DRAFTS: &str = "draft-models";
 
 /// A byte range `(offset, length)`.
 type Range = (u64, u64);
@@ -117,7 +124,9 @@ impl SliceCache {
         })
     }
 
-    fn model_dir(&self, digest: &str) -> Result<PathBuf, CacheError> {
+    /// Where a load's model lives: by digest, under [`DRAFTS`] for a draft model.
+    fn model_dir(&self, header: &LoadHeader) -> Result<PathBuf, CacheError> {
+        let digest = &header.model_digest;
         if digest.is_empty()
             || digest.len() > 128
             || !digest.chars().all(|c| c.is_ascii_alphanumeric())
@@ -126,18 +135,25 @@ impl SliceCache {
                 "model digest `{digest}` is not a hex digest"
             )));
         }
-        Ok(self.root.join(digest))
+        Ok(self.kind_dir(header).join(digest))
+    }
+
+    /// The directory of the models of a load's kind: served models, or drafts.
+    fn kind_dir(&self, header: &LoadHeader) -> PathBuf {
+        if header.draft {
+            self.root.join(DRAFTS)
+        } else {
+            self.root.clone()
+        }
     }
 
     /// Where the slice's model opens from (the file or directory the header names).
     pub fn model_root(&self, header: &LoadHeader) -> Result<PathBuf, CacheError> {
-        Ok(self
-            .model_dir(&header.model_digest)?
-            .join(inside(&header.model_name)?))
+        Ok(self.model_dir(header)?.join(inside(&header.model_name)?))
     }
 
     fn file_path(&self, header: &LoadHeader, f: &SliceFile) -> Result<PathBuf, CacheError> {
-        Ok(self.model_dir(&header.model_digest)?.join(inside(&f.path)?))
+        Ok(self.model_dir(header)?.join(inside(&f.path)?))
     }
 
     fn present(&self, path: &Path, length: u64) -> Vec<Range> {
@@ -175,10 +191,11 @@ impl SliceCache {
             .collect()
     }
 
-    /// Opens the header's files for writing what is missing; removes other models'.
+    /// Opens the header's files for writing what is missing; removes other models' (of
+    /// the same kind: a draft model's load keeps the served model, and the other way).
     pub fn receive(&self, header: &LoadHeader) -> Result<Receiving, CacheError> {
-        let dir = self.model_dir(&header.model_digest)?;
-        self.evict_all_but(&dir);
+        let dir = self.model_dir(header)?;
+        self.evict_all_but(&self.kind_dir(header), &[&dir, &self.root.join(DRAFTS)]);
         let missing = self.missing(header)?;
         let mut files = Vec::new();
         for (f, need) in header.files.iter().zip(missing) {
@@ -209,13 +226,14 @@ impl SliceCache {
         Ok(Receiving { files })
     }
 
-    fn evict_all_but(&self, keep: &Path) {
-        let Ok(entries) = fs::read_dir(&self.root) else {
+    /// Removes the directories in `dir` but those in `keep`.
+    fn evict_all_but(&self, dir: &Path, keep: &[&Path]) {
+        let Ok(entries) = fs::read_dir(dir) else {
             return;
         };
         for e in entries.flatten() {
             let p = e.path();
-            if p != keep && p.is_dir() {
+            if !keep.contains(&p.as_path()) && p.is_dir() {
                 let _ = fs::remove_dir_all(&p);
             }
         }
@@ -389,5 +407,49 @@ mod tests {
         r.complete().unwrap();
         assert_eq!(missing(&cache, &first), vec![(0, 100), (500, 100)]);
         assert!(cache.receive(&header("../x", &[(0, 1)])).is_err());
+    }
+
+    #[test]
+    fn a_draft_model_is_kept_beside_the_served_model_and_evicts_only_other_drafts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SliceCache::open(dir.path()).unwrap();
+        let store = |h: &LoadHeader| {
+            let mut r = cache.receive(h).unwrap();
+            for f in &h.files {
+                for range in &f.ranges {
+                    r.write(0, range.offset, &vec![7; range.length as usize])
+                        .unwrap();
+                }
+            }
+            r.complete().unwrap();
+        };
+        let served = header("aa11", &[(0, 100)]);
+        let draft = |digest: &str| LoadHeader {
+            draft: true,
+            ..header(digest, &[(0, 1000)])
+        };
+        store(&served);
+        store(&draft("cc33"));
+        assert_eq!(
+            missing(&cache, &served),
+            vec![],
+            "a draft evicted the model"
+        );
+        assert_eq!(missing(&cache, &draft("cc33")), vec![]);
+        // The same digest as a draft and as a served model are two things.
+        assert_eq!(missing(&cache, &draft("aa11")), vec![(0, 1000)]);
+        store(&served);
+        assert_eq!(
+            missing(&cache, &draft("cc33")),
+            vec![],
+            "the model evicted its draft"
+        );
+        store(&draft("dd44"));
+        assert_eq!(missing(&cache, &draft("cc33")), vec![(0, 1000)]);
+        assert_eq!(missing(&cache, &served), vec![]);
+        assert!(cache
+            .model_root(&draft("cc33"))
+            .unwrap()
+            .starts_with(dir.path().join(DRAFTS)));
     }
 }

@@ -1,7 +1,9 @@
 //! A slice load on the control port (ALPN `strata-slices/1`, framed as
 //! `strata_net::slice_stream` says): the coordinator's header, the ranges the cache lacks
 //! as raw pieces written into the cache, then the slice loaded into memory (or, for a
-//! prefetch, only kept on disk), and the outcome back on the same connection.
+//! prefetch, only kept on disk), and the outcome back on the same connection. A draft
+//! model for speculative decoding travels the same way, whole (`LoadHeader.draft`), and is
+//! held beside the slice, which keeps serving.
 //!
 //! The control service's other calls are gRPC; a slice is raw bytes on TLS because it is
 //! nearly all of a worker's traffic, and a gRPC message costs a copy on each side and
@@ -9,6 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
+use strata_model::draft::DraftModel;
 use strata_model::{ModelFile, Slice, Stage};
 use strata_net::listen::Connection;
 use strata_net::memory;
@@ -106,6 +110,13 @@ impl ControlService {
         let started = Instant::now();
         let header: LoadHeader = within("load header", read_message(connection)).await?;
         self.admit_load(&header)?;
+        if header.draft {
+            let span = tracing::info_span!("draft load", model = %header.model_name);
+            return self
+                .draft_load(&header, connection, started)
+                .instrument(span)
+                .await;
+        }
         let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end), prefetch = header.prefetch);
         async {
             let total: u64 = header
@@ -155,6 +166,76 @@ impl ControlService {
         .await
     }
 
+    /// Receives a draft model into the cache and, unless only prefetched or already held,
+    /// loads it beside the slice.
+    async fn draft_load(
+        &self,
+        header: &LoadHeader,
+        connection: &mut SliceConnection,
+        started: Instant,
+    ) -> Result<LoadResponse, Status> {
+        if header.draft_vocabulary == 0 {
+            return Err(Status::invalid_argument(
+                "a draft model's load must say how many token ids it shares with the served \
+                 model (draft_vocabulary): run the same strata version on both",
+            ));
+        }
+        let total: u64 = header
+            .files
+            .iter()
+            .flat_map(|f| f.ranges.iter().map(|r| r.length))
+            .sum();
+        let received = self.receive(header, connection).await?;
+        let held = self.stage.stats.draft().as_ref() == Some(&header.model_digest);
+        let weight_bytes = if header.prefetch || held {
+            0
+        } else {
+            self.install_draft(header).await?
+        };
+        info!(
+            weight_bytes,
+            received_bytes = received,
+            ms = started.elapsed().as_millis() as u64,
+            "{}",
+            if header.prefetch {
+                "draft model prefetched"
+            } else if held {
+                "draft model already held"
+            } else {
+                "draft model loaded"
+            }
+        );
+        Ok(LoadResponse {
+            weight_bytes,
+            resident_bytes: memory::resident_bytes(),
+            load_ms: started.elapsed().as_millis() as u64,
+            bytes_received: received,
+            bytes_cached: total.saturating_sub(received),
+        })
+    }
+
+    /// Loads the draft model the header names from the cache, whole, on the CPU (where
+    /// the coordinator runs one too: a draft model is small), and gives it to the stage.
+    async fn install_draft(&self, header: &LoadHeader) -> Result<u64, Status> {
+        let root = self.cache.model_root(header).map_err(cache_status)?;
+        let shared_vocabulary = header.draft_vocabulary as usize;
+        let model = tokio::task::spawn_blocking(move || -> strata_model::Result<DraftModel> {
+            let file = ModelFile::open(&root)?;
+            let whole = Slice::full(file.config().num_layers);
+            let stage = Stage::load(&file, whole, &Device::Cpu)?;
+            Ok(DraftModel::new(stage, shared_vocabulary))
+        })
+        .await
+        .map_err(status)?
+        .map_err(|e| Status::invalid_argument(format!("loading the draft model: {e}")))?;
+        let weight_bytes = model.weight_bytes();
+        let digest = header.model_digest.clone();
+        self.stage
+            .call(|r| Command::InstallDraft(model, digest, r))
+            .await;
+        Ok(weight_bytes)
+    }
+
     /// Checks a load's header against this worker: version, budget.
     fn admit_load(&self, header: &LoadHeader) -> Result<(), Status> {
         if header.protocol_version != PROTOCOL_VERSION {
@@ -185,8 +266,12 @@ impl ControlService {
         connection: &mut SliceConnection,
     ) -> Result<u64, Status> {
         let receiving = self.cache.receive(header).map_err(cache_status)?;
-        let layers = format!("layers {}..{}", header.layer_start, header.layer_end);
-        let mut progress = Progress::bytes(format!("receiving {layers}"), receiving.expected());
+        let what = if header.draft {
+            "the draft model".to_string()
+        } else {
+            format!("layers {}..{}", header.layer_start, header.layer_end)
+        };
+        let mut progress = Progress::bytes(format!("receiving {what}"), receiving.expected());
         let (full, mut to_write) = tokio::sync::mpsc::channel::<(u32, u64, Vec<u8>)>(WRITE_QUEUE);
         let (empty, mut written) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE + 2);
         let writer = tokio::task::spawn_blocking(move || {

@@ -159,7 +159,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
              each step verifies its guesses (--no-draft to compare).",
             human_bytes(DEMO_DRAFT.len() as u64)
         );
-        draft = strata_coordinator::Draft::Model(p);
+        draft = a.draft.model_at(p);
     }
     let state = dir.path().join("state");
     let (ca, _) = ClusterCa::load_or_create(&state)?;

@@ -99,12 +99,18 @@ pub struct SamplingArgs {
 #[derive(Debug, Args, Clone)]
 pub struct DraftArgs {
     /// Speculative decoding with a small draft model that shares the model's tokenizer
-    /// (a .gguf file or safetensors directory), run on the coordinator: each step carries
+    /// (a .gguf file or safetensors directory), run where `--draft-on` says: each step carries
     /// its drafts, and the last stage keeps those the model would have chosen itself
     /// (greedy) or that the rejection rule accepts (sampled), so the answer is the same
     /// (greedy) or has the same distribution (sampled), sooner.
     #[arg(long, conflicts_with = "draft")]
     pub draft_model: Option<PathBuf>,
+    /// Where a cluster runs the draft model: `coordinator` (it drafts before each step)
+    /// or `worker`, the last stage's, which the planner counts it on (it drafts after
+    /// each step's tokens and sends the drafts with them, which spares the coordinator's
+    /// CPU). A model in this process drafts in it; prompt lookup runs on the coordinator.
+    #[arg(long, value_parser = ["coordinator", "worker"], default_value = "coordinator")]
+    pub draft_on: String,
     /// Speculative decoding without a draft model: `ngram` drafts what followed the
     /// answer's last few tokens earlier in the prompt or answer (prompt lookup), which
     /// pays off where answers quote, repeat or edit their prompt.
@@ -124,9 +130,17 @@ impl DraftArgs {
     /// Where drafts come from.
     pub fn source(&self) -> strata_coordinator::Draft {
         match (&self.draft_model, self.draft.as_deref()) {
-            (Some(path), _) => strata_coordinator::Draft::Model(path.clone()),
+            (Some(path), _) => self.model_at(path.clone()),
             (None, Some(_)) => strata_coordinator::Draft::Ngram,
             (None, None) => strata_coordinator::Draft::None,
+        }
+    }
+
+    /// A draft model at `path`, where `--draft-on` runs it.
+    pub fn model_at(&self, path: PathBuf) -> strata_coordinator::Draft {
+        match self.draft_on.as_str() {
+            "worker" => strata_coordinator::Draft::ModelOnLastStage(path),
+            _ => strata_coordinator::Draft::Model(path),
         }
     }
 
@@ -328,7 +342,8 @@ fn drafter(
     Ok(match a.source() {
         strata_coordinator::Draft::None => None,
         strata_coordinator::Draft::Ngram => Some(Box::new(strata_model::NgramDrafter::new())),
-        strata_coordinator::Draft::Model(path) => {
+        strata_coordinator::Draft::Model(path)
+        | strata_coordinator::Draft::ModelOnLastStage(path) => {
             let tokenizer = tokenizer
                 .context("--draft-model needs the model's tokenizer, to check the draft's")?;
             let model = strata_model::draft::load_draft_model(&path, tokenizer)

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use strata_model::draft::DraftModel;
 use strata_model::{Slice, Stage};
 use strata_net::frame::{Frame, Step};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +37,9 @@ pub enum Command {
     Wire(Wiring, mpsc::Sender<Frame>, oneshot::Sender<()>),
     /// Drop the slice and every cache.
     Unload(oneshot::Sender<()>),
+    /// Hold a draft model (of this content digest) to draft with as the last stage, beside
+    /// the slice; it goes with the slice.
+    InstallDraft(DraftModel, String, oneshot::Sender<()>),
 }
 
 /// What the stage is doing, as the control service reports it.
@@ -109,6 +113,8 @@ pub struct StageStats {
     /// Bytes of weights received over the network since the worker started.
     pub bytes_received: AtomicU64,
     holding: Mutex<Option<Holding>>,
+    /// The content digest of the draft model held.
+    draft: Mutex<Option<String>>,
     unreachable_hop: Mutex<Option<String>>,
     /// The thread is inside a batch or a command.
     busy: AtomicBool,
@@ -131,6 +137,7 @@ impl StageStats {
             progress: Arc::new(AtomicU64::new(0)),
             bytes_received: AtomicU64::new(0),
             holding: Mutex::new(None),
+            draft: Mutex::new(None),
             unreachable_hop: Mutex::new(None),
             busy: AtomicBool::new(false),
             state: AtomicU8::new(StageState::Idle as u8),
@@ -160,6 +167,17 @@ impl StageStats {
     fn set_holding(&self, h: Option<Holding>) {
         if let Ok(mut g) = self.holding.lock() {
             *g = h;
+        }
+    }
+
+    /// The content digest of the draft model in memory, if any.
+    pub fn draft(&self) -> Option<String> {
+        self.draft.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_draft(&self, digest: Option<String>) {
+        if let Ok(mut g) = self.draft.lock() {
+            *g = digest;
         }
     }
 
@@ -320,9 +338,15 @@ impl Runtime {
                     self.stats.set_unreachable_hop(None);
                     let _ = reply.send(());
                 }
+                Command::InstallDraft(model, digest, reply) => {
+                    self.core.install_draft_model(Some(model));
+                    self.stats.set_draft(Some(digest));
+                    let _ = reply.send(());
+                }
                 Command::Unload(reply) => {
                     self.core.unload();
                     self.stats.set_holding(None);
+                    self.stats.set_draft(None);
                     self.next = None;
                     self.stats.set_state(StageState::Idle);
                     let _ = reply.send(());
