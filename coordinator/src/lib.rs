@@ -163,7 +163,8 @@ pub enum Draft {
     ModelOnLastStage(PathBuf),
 }
 
-/// A served model's drafts, ready to hand each answer a drafter of its own.
+/// A served model's drafts: ready to hand each answer a drafter of its own, or a draft
+/// model to send the last stage.
 #[derive(Debug)]
 pub enum DraftSource {
     /// Prompt lookup.
@@ -379,6 +380,22 @@ fn announce(shared: &Shared, api_addr: SocketAddr) -> Option<strata_net::discove
     }
 }
 
+/// Opens the drafts `config` names for `model`; a draft model for the last stage is priced
+/// into the plans.
+fn open_drafts(
+    mut config: CoordinatorConfig,
+    model: &mut ServedModel,
+) -> Result<CoordinatorConfig> {
+    model.draft = DraftSource::open(&config.draft, &model.tokenizer, &config)?;
+    if let Some(draft) = &model.draft {
+        info!(drafts = %draft.describe(), "speculative decoding");
+    }
+    if let Some(DraftSource::OnLastStage(d)) = &model.draft {
+        config.plan.draft = d.bytes;
+    }
+    Ok(config)
+}
+
 /// 32 random bytes from the operating system.
 fn random_seed() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];
@@ -413,14 +430,7 @@ pub async fn run(
 ) -> Result<()> {
     let (ca, created) = ClusterCa::load_or_create(&config.state_dir)?;
     let mut model = ServedModel::open(&config.model, &config.state_dir)?;
-    model.draft = DraftSource::open(&config.draft, &model.tokenizer, &config)?;
-    if let Some(draft) = &model.draft {
-        info!(drafts = %draft.describe(), "speculative decoding");
-    }
-    let mut config = config;
-    if let Some(DraftSource::OnLastStage(d)) = &model.draft {
-        config.plan.draft = d.bytes;
-    }
+    let config = open_drafts(config, &mut model)?;
     if created {
         // The token is never logged: `strata token create` prints it to a terminal.
         info!(

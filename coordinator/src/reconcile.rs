@@ -280,7 +280,8 @@ async fn switch(shared: &Arc<Shared>, cur: &Arc<Pipeline>, next: Plan) -> bool {
         async move {
             let sent = slices::send(&shared, &s.worker, &held_of(&s), s.memory, 0, true).await?;
             if last {
-                slices::send_draft(&shared, &s.worker, 0, true).await?;
+                // Drafts are optional: the plan loads it again, or serves without.
+                let _ = slices::send_draft(&shared, &s.worker, 0, true).await;
             }
             Ok::<u64, Error>(sent)
         }
@@ -326,7 +327,7 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
             // The last stage drafts, where the draft model is there: after its slice (a
             // new slice unloads the draft model with the old one).
             if s.head {
-                slices::send_draft(&shared, &s.worker, epoch, false).await?;
+                give_draft_model(&shared, &s.worker, epoch).await;
             }
             if let Some(w) = shared.registry().workers.get_mut(&s.worker) {
                 w.set_held(Some(want));
@@ -347,6 +348,17 @@ async fn apply(shared: &Arc<Shared>, plan: Plan) -> Result<Pipeline> {
         first,
         planned_at,
     })
+}
+
+/// Sends the last stage's `worker` the draft model, where it drafts. Drafts are optional:
+/// where it cannot take it, it is said, and the answers go on without drafts.
+async fn give_draft_model(shared: &Arc<Shared>, worker: &str, epoch: u64) {
+    if let Err(e) = slices::send_draft(shared, worker, epoch, false).await {
+        warn!(worker, cause = %e, "the last stage could not take the draft model; answers go on without drafts");
+        if let Some(w) = shared.registry().workers.get_mut(worker) {
+            w.detail = format!("no draft model: {e}");
+        }
+    }
 }
 
 /// Tells the workers that hold a slice outside `plan` to unload it.

@@ -390,8 +390,9 @@ enum DraftSite {
     /// On the last stage, which holds the draft model: each step asks it for the drafts of
     /// the next ([`Step::draft_next`]), and they come back with the step's tokens.
     LastStage {
-        /// The latest drafts it sent, and where they start.
-        arrived: Option<(usize, strata_model::Drafts)>,
+        /// The latest drafts it sent: the attempt they were made in, where they start, and
+        /// the drafts.
+        arrived: Option<(u32, usize, strata_model::Drafts)>,
     },
 }
 
@@ -685,8 +686,14 @@ impl SequenceCore {
                         }
                     }
                     // What the last stage drafted after the token this step starts with.
+                    // (Not those of an attempt a failure ended: they followed a token that
+                    // may not be history.)
                     DraftSite::LastStage { arrived } => match arrived.take() {
-                        Some((position, drafts)) if position == end => drafts,
+                        Some((attempt, position, drafts))
+                            if attempt == self.attempt && position == end =>
+                        {
+                            drafts
+                        }
                         _ => Drafts::default(),
                     },
                 };
@@ -733,7 +740,11 @@ impl SequenceCore {
             ..
         }) = &mut self.drafting
         {
-            *arrived = Some((drafts.position as usize, drafts.drafts.clone()));
+            *arrived = Some((
+                drafts.attempt,
+                drafts.position as usize,
+                drafts.drafts.clone(),
+            ));
         }
     }
 

@@ -38,9 +38,10 @@ pub const TOKEN_QUEUE: usize = 1024;
 /// Steps waiting for the batcher.
 pub const OUTBOX_QUEUE: usize = 1024;
 /// News waiting for one session. A session has one step in flight and hears a few things
-/// of each (a token or a piece done or a failure, a free done, a lost stage), so only a
-/// peer that sends what nobody asked for fills it.
-const SESSION_QUEUE: usize = 64;
+/// of each (its tokens, one per draft kept and one more, or a piece done or a failure; the
+/// next step's drafts; a free done; a lost stage), so only a peer that sends what nobody
+/// asked for fills it.
+const SESSION_QUEUE: usize = strata_net::frame::MAX_DRAFTS + 16;
 /// Deltas waiting for the client's connection to take them (a few: what a client has not
 /// read waits in its socket's buffers, and beyond those the answer waits for it).
 const STREAM_QUEUE: usize = 4;

@@ -145,6 +145,9 @@ pub struct ModelDrafter {
     cached: Vec<u32>,
     /// Most positions one forward takes when catching up with a long history.
     chunk: usize,
+    /// Most positions of history one proposal feeds before it drafts: further behind, it
+    /// feeds that many and drafts nothing this time.
+    catch_up: usize,
     /// The answer's repeat penalty and its window: drafts that the penalty would demote
     /// are drafts the model would not keep.
     penalty: (f32, usize),
@@ -154,6 +157,10 @@ pub struct ModelDrafter {
 
 /// The one sequence a drafter's cache holds.
 const DRAFT_SEQ: SeqId = 0;
+
+/// Rows a draft model's forward runs on its own thread, not the compute pool: a few rows'
+/// matmuls are over sooner than the pool's threads wake.
+const FEW_ROWS: usize = 8;
 
 impl ModelDrafter {
     /// A drafter over a whole small model: one stage from the embedding to the head
@@ -166,9 +173,27 @@ impl ModelDrafter {
             cache,
             cached: Vec::new(),
             chunk: crate::pipeline::PREFILL_CHUNK,
+            catch_up: usize::MAX,
             penalty: (1.0, 0),
             vocabulary: usize::MAX,
         }
+    }
+
+    /// Catches up at most `positions` of history per proposal, drafting nothing until it
+    /// has: where drafting shares a thread with other answers' steps (the last stage's), a
+    /// long prompt or a replay is caught up a piece per step rather than holding every
+    /// other answer up at once.
+    pub fn catching_up_by(mut self, positions: usize) -> Self {
+        self.catch_up = positions.max(1);
+        self
+    }
+
+    /// Allocates its cache for `positions` (the answer's reservation) at once: it never
+    /// doubles past what was counted for it.
+    pub fn reserving(mut self, positions: usize) -> Self {
+        self.cache.create_with_capacity(DRAFT_SEQ, positions);
+        self.cached.clear();
+        self
     }
 
     /// Drafts only tokens below `vocabulary`: those the main model shares
@@ -244,7 +269,33 @@ impl ModelDrafter {
             .min(history.len() - 1);
         self.cache.truncate(DRAFT_SEQ, shared)?;
         self.cached.truncate(shared);
-        let mut logits = self.feed(&history[shared..])?;
+        let behind = &history[shared..];
+        if behind.len() > self.catch_up {
+            self.feed_on_pool(&behind[..self.catch_up])?;
+            return Ok(Drafts::default());
+        }
+        let logits = self.feed_on_pool(behind)?;
+        crate::kernels::alone(|| self.draft_after(logits, history, max, sampler))
+    }
+
+    /// Feeds `tokens`: a long run of them on the compute pool, a few on this thread alone
+    /// (a draft model's forward of a few rows is over before the pool's threads wake).
+    fn feed_on_pool(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() > FEW_ROWS {
+            self.feed(tokens)
+        } else {
+            crate::kernels::alone(|| self.feed(tokens))
+        }
+    }
+
+    /// Up to `max` drafts, the first from `logits`, the logits after `history`.
+    fn draft_after(
+        &mut self,
+        mut logits: Vec<f32>,
+        history: &[u32],
+        max: usize,
+        sampler: Option<&Sampler>,
+    ) -> Result<Drafts> {
         let mut drafts = Drafts::default();
         let mut draw = sampler.map(Sampler::for_drafts);
         let mut seen = history.to_vec();
@@ -280,7 +331,7 @@ impl ModelDrafter {
         max: usize,
         sampler: Option<&Sampler>,
     ) -> Drafts {
-        match crate::kernels::alone(|| self.try_propose(history, max, sampler)) {
+        match self.try_propose(history, max, sampler) {
             Ok(drafts) => drafts,
             Err(e) => {
                 // A draft is only a guess: without one the step verifies nothing, and the
@@ -464,6 +515,28 @@ mod tests {
             .chain(named)
             .collect();
         assert!(every.iter().all(|&t| t < 8), "{every:?}");
+    }
+
+    #[test]
+    fn a_drafter_far_behind_catches_up_a_piece_per_proposal_then_drafts_as_one_that_was_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tiny_model(dir.path(), crate::Arch::Llama);
+        let stage = Arc::new(Stage::load(&file, Slice::full(2), &Device::Cpu).unwrap());
+        let history: Vec<u32> = (0..23).map(|i| (i * 7 + 3) % 50).collect();
+        let mut at_once = ModelDrafter::new(stage.clone());
+        let mut by_pieces = ModelDrafter::new(stage).catching_up_by(10).reserving(64);
+        // 23 behind: 10, then 10, then the last 3 and the drafts.
+        assert_eq!(by_pieces.propose(&history, 4), Vec::<u32>::new());
+        assert_eq!(by_pieces.cached.len(), 10);
+        assert_eq!(by_pieces.propose(&history, 4), Vec::<u32>::new());
+        assert_eq!(by_pieces.cached.len(), 20);
+        let drafts = by_pieces.propose(&history, 4);
+        assert_eq!(drafts.len(), 4);
+        assert_eq!(drafts, at_once.propose(&history, 4));
+        // A few tokens behind, it drafts at once.
+        let mut longer = history.clone();
+        longer.extend(&drafts[..2]);
+        assert_eq!(by_pieces.propose(&longer, 3), at_once.propose(&longer, 3));
     }
 
     #[test]

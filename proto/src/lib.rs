@@ -23,10 +23,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stra
 /// 4: joins are challenged, over TLS. 5: slices travel on a TLS stream of their own
 /// ([`SLICE_ALPN`]), not in gRPC messages. 6: steps carry drafts to verify
 /// (`FrameChunk.draft`, speculative decoding). 7: drafts drawn at random carry what they
-/// were drawn from (`FrameChunk.drawn_from`), for the rejection rule, and a last stage
+/// were drawn from (`FrameChunk.drawn_from`), for the rejection rule. 8: a last stage
 /// that holds a draft model drafts for the next step (`FrameChunk.draft_next`,
-/// `FrameHeader.drafts`), which it receives as a load (`LoadHeader.draft`).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// `FrameHeader.drafts`), which it receives as a load (`LoadHeader.draft`): a worker of 7
+/// would load it as its slice.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// ALPN of the data plane: names the frame format version.
 pub const DATA_ALPN: &[u8] = b"strata/1";

@@ -28,6 +28,10 @@ With --demo it measures `strata demo` itself, with and without its draft (--no-d
 demo's three workers are tasks of one process sharing its compute threads, where three
 `strata worker` processes on one machine each start a thread per core.
 
+With --draft-on worker the draft model runs on the last stage's worker; with
+--against-coordinator as well, the baseline ("plain") is the same drafts made on the
+coordinator instead of no drafts, so the ratio compares the two placements.
+
 The default prompt asks a chat model to repeat a paragraph (prompt lookup's best case);
 --prompt gives another. Standard library only; shares heal.py's cluster harness.
 """
@@ -109,6 +113,11 @@ def main():
     p.add_argument("--demo", action="store_true",
                    help="measure `strata demo` (bundled model, its draft; --no-draft for the plain "
                         "setting) instead of `strata serve` with three worker processes")
+    p.add_argument("--draft-on", choices=["coordinator", "worker"],
+                   help="where the draft model runs (serve's default without)")
+    p.add_argument("--against-coordinator", action="store_true",
+                   help="the baseline drafts on the coordinator (and the measured setting on the "
+                        "last stage's worker) instead of drafting nothing")
     p.add_argument("--strata", default=heal.STRATA)
     a = p.parse_args()
     heal.STRATA = a.strata
@@ -120,6 +129,13 @@ def main():
         flags += ["--draft-max", str(a.draft_max)]
     if a.demo:
         flags = ["--draft-max", str(a.draft_max)] if a.draft_max else []
+    base = list(flags)
+    if a.draft_on:
+        flags += ["--draft-on", a.draft_on]
+    if a.against_coordinator:
+        settings = [("plain", [*base, "--draft-on", "coordinator"]),
+                    ("drafted", [*base, "--draft-on", "worker"])]
+    elif a.demo:
         settings = [("plain", ["--no-draft"]), ("drafted", flags)]
     else:
         settings = [("plain", []), ("drafted", flags)]

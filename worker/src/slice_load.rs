@@ -246,8 +246,15 @@ impl ControlService {
         }
         if header.reserved_bytes > self.memory_budget {
             return Err(Status::resource_exhausted(format!(
-                "this slice needs {} bytes but worker {} accepts {} (--memory)",
-                header.reserved_bytes, self.info.id, self.memory_budget
+                "{} needs {} bytes but worker {} accepts {} (--memory)",
+                if header.draft {
+                    "the draft model"
+                } else {
+                    "this slice"
+                },
+                header.reserved_bytes,
+                self.info.id,
+                self.memory_budget
             )));
         }
         Ok(())

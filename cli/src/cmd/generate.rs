@@ -105,12 +105,12 @@ pub struct DraftArgs {
     /// (greedy) or has the same distribution (sampled), sooner.
     #[arg(long, conflicts_with = "draft")]
     pub draft_model: Option<PathBuf>,
-    /// Where a cluster runs the draft model: `coordinator` (it drafts before each step)
-    /// or `worker`, the last stage's, which the planner counts it on (it drafts after
-    /// each step's tokens and sends the drafts with them, which spares the coordinator's
-    /// CPU). A model in this process drafts in it; prompt lookup runs on the coordinator.
-    #[arg(long, value_parser = ["coordinator", "worker"], default_value = "coordinator")]
-    pub draft_on: String,
+    /// Where a cluster runs the draft model: on the coordinator (it drafts before each
+    /// step), or on the last stage's worker, which the planner counts it on (it drafts
+    /// after each step's tokens and sends the drafts with them, which spares the
+    /// coordinator's CPU). A model in this process drafts in it.
+    #[arg(long, value_enum, default_value_t = DraftOn::Coordinator)]
+    pub draft_on: DraftOn,
     /// Speculative decoding without a draft model: `ngram` drafts what followed the
     /// answer's last few tokens earlier in the prompt or answer (prompt lookup), which
     /// pays off where answers quote, repeat or edit their prompt.
@@ -126,6 +126,15 @@ pub struct DraftArgs {
     pub draft_crowd: usize,
 }
 
+/// Where a cluster runs its draft model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraftOn {
+    /// The coordinator.
+    Coordinator,
+    /// The last stage's worker.
+    Worker,
+}
+
 impl DraftArgs {
     /// Where drafts come from.
     pub fn source(&self) -> strata_coordinator::Draft {
@@ -138,9 +147,9 @@ impl DraftArgs {
 
     /// A draft model at `path`, where `--draft-on` runs it.
     pub fn model_at(&self, path: PathBuf) -> strata_coordinator::Draft {
-        match self.draft_on.as_str() {
-            "worker" => strata_coordinator::Draft::ModelOnLastStage(path),
-            _ => strata_coordinator::Draft::Model(path),
+        match self.draft_on {
+            DraftOn::Worker => strata_coordinator::Draft::ModelOnLastStage(path),
+            DraftOn::Coordinator => strata_coordinator::Draft::Model(path),
         }
     }
 

@@ -36,6 +36,11 @@ use strata_net::frame::{
     Activations, Frame, NextDrafts, Prefilled, Sampled, SamplerStart, SeqFailure, Step, StepEnergy,
 };
 
+/// Most positions of history a sequence's drafter catches up on in one step (after a long
+/// prompt, or a replay): drafting runs in the last stage's batch, and a whole history at
+/// once would hold up every other answer's tokens, which prompts' pieces exist to prevent.
+const DRAFT_CATCH_UP: usize = 256;
+
 /// Where the stage's output goes: its epoch and the activations' wire type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wiring {
@@ -262,8 +267,9 @@ impl StageCore {
         }
     }
 
-    /// Replaces the slice; every cache goes with the old one.
+    /// Replaces the slice; every cache, and the draft model sent for it, go with the old one.
     pub fn install(&mut self, stage: Stage) {
+        self.draft_model = None;
         let cache = stage.new_cache();
         self.loaded = Some(Loaded {
             stage,
@@ -754,15 +760,24 @@ impl StageCore {
     /// when the step asks none, the stage holds no draft model, or the drafter has no guess.
     fn draft_after(&mut self, step: &Step, last: &Sampled) -> Option<NextDrafts> {
         let model = self.draft_model.as_ref().filter(|_| step.draft_next > 0)?;
-        let s = self.loaded.as_mut()?.samplers.get_mut(&step.seq)?;
+        let l = self.loaded.as_mut()?;
+        let reserved = l.reserved.get(&step.seq).map_or(0, |r| r.positions);
+        let s = l.samplers.get_mut(&step.seq)?;
         let params = s.sampler.params();
+        if params.stop_token_ids.contains(&last.token) {
+            return None; // the answer ends here
+        }
         let (penalty, window) = (params.repeat_penalty, params.repeat_window);
-        let drafter = s
-            .drafter
-            .get_or_insert_with(|| model.drafter().with_repeat_penalty(penalty, window));
-        let mut history = s.history.clone();
-        history.push(last.token);
-        let drafts = drafter.propose_for(&history, step.draft_next as usize, &s.sampler);
+        let drafter = s.drafter.get_or_insert_with(|| {
+            model
+                .drafter()
+                .with_repeat_penalty(penalty, window)
+                .catching_up_by(DRAFT_CATCH_UP)
+                .reserving(reserved)
+        });
+        s.history.push(last.token);
+        let drafts = drafter.propose_for(&s.history, step.draft_next as usize, &s.sampler);
+        s.history.pop();
         (!drafts.is_empty()).then(|| NextDrafts {
             seq: step.seq,
             attempt: step.attempt,
@@ -949,6 +964,114 @@ mod tests {
                 _ => Vec::new(),
             })
             .collect()
+    }
+
+    /// A step of `tokens` from `start` with `params`, whose last `draft` tokens are drafts,
+    /// asking the last stage for `draft_next` drafts for the next.
+    fn drafting_step(
+        start: u32,
+        tokens: Vec<u32>,
+        params: &SamplingParams,
+        draft: u32,
+        draft_next: u32,
+    ) -> Frame {
+        Frame::Forward {
+            epoch: 1,
+            steps: vec![Step {
+                seq: 7,
+                start,
+                tokens,
+                sampler: (start == 0).then(|| SamplerStart {
+                    params: params.clone(),
+                    rng_position: 0,
+                }),
+                attempt: 0,
+                reserve: 0,
+                partial: false,
+                draft,
+                drawn_from: Vec::new(),
+                draft_next,
+                energy_uj: Some(0),
+            }],
+            activations: None,
+            failures: Vec::new(),
+        }
+    }
+
+    fn next_drafts(out: &[Frame]) -> Vec<NextDrafts> {
+        out.iter()
+            .flat_map(|f| match f {
+                Frame::Tokens { drafts, .. } => drafts.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_last_stage_with_a_draft_model_drafts_what_the_coordinator_would_after_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut core = last_stage(dir.path());
+        let asked = |params: &SamplingParams| drafting_step(0, vec![1, 2, 3], params, 0, 3);
+        let greedy = SamplingParams::default();
+        // Without a draft model, a step that asks for drafts gets none.
+        assert!(next_drafts(&core.handle(vec![asked(&greedy)])).is_empty());
+        core.handle(vec![Frame::Free {
+            epoch: 1,
+            seqs: vec![7],
+        }]);
+        // The model drafts for itself.
+        let file = ModelFile::open(dir.path().join("m.gguf")).unwrap();
+        let layers = file.config().num_layers;
+        let whole = Stage::load(&file, Slice::full(layers), &Device::Cpu).unwrap();
+        let model = DraftModel::new(whole, file.config().vocab_size);
+        core.install_draft_model(Some(model.clone()));
+        let sampled_params = SamplingParams {
+            temperature: 0.9,
+            repeat_penalty: 1.2,
+            seed: 5,
+            ..Default::default()
+        };
+        for params in [&greedy, &sampled_params] {
+            let out = core.handle(vec![asked(params)]);
+            let token = sampled(&out)[0].clone();
+            let drafts = next_drafts(&out);
+            assert_eq!(drafts.len(), 1);
+            let d = &drafts[0];
+            assert_eq!((d.seq, d.attempt, d.position), (7, 0, 4));
+            // What a drafter on the coordinator makes after the same history, with the
+            // sampler where the token left it.
+            let sampler = Sampler::resume(params.clone(), token.rng_position).unwrap();
+            let expected = model
+                .drafter()
+                .with_repeat_penalty(params.repeat_penalty, params.repeat_window)
+                .propose_for(&[1, 2, 3, token.token], 3, &sampler);
+            assert_eq!(d.drafts, expected, "{params:?}");
+            assert_eq!(d.drafts.drawn_from.is_empty(), params.temperature == 0.0);
+            // Greedy, the next step keeps every draft: they are the model's own picks.
+            if params.temperature == 0.0 {
+                let mut tokens = vec![token.token];
+                tokens.extend(&d.drafts.tokens);
+                let out = core.handle(vec![drafting_step(3, tokens, params, 3, 2)]);
+                assert_eq!(sampled(&out).len(), 4, "every draft kept, and one more");
+                assert_eq!(next_drafts(&out)[0].position, 8);
+            }
+            core.handle(vec![Frame::Free {
+                epoch: 1,
+                seqs: vec![7],
+            }]);
+        }
+        // An answer whose token is one of its stop tokens ends there: no drafts after it.
+        let out = core.handle(vec![asked(&greedy)]);
+        let stop = sampled(&out)[0].token;
+        core.handle(vec![Frame::Free {
+            epoch: 1,
+            seqs: vec![7],
+        }]);
+        let stopping = SamplingParams {
+            stop_token_ids: vec![stop],
+            ..Default::default()
+        };
+        assert!(next_drafts(&core.handle(vec![asked(&stopping)])).is_empty());
     }
 
     #[test]

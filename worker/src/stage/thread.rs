@@ -35,7 +35,7 @@ pub enum Command {
     Install(Box<Stage>, String, oneshot::Sender<()>),
     /// Wire the output for an epoch, to this sender.
     Wire(Wiring, mpsc::Sender<Frame>, oneshot::Sender<()>),
-    /// Drop the slice and every cache.
+    /// Drop the slice, every cache and the draft model.
     Unload(oneshot::Sender<()>),
     /// Hold a draft model (of this content digest) to draft with as the last stage, beside
     /// the slice; it goes with the slice.
