@@ -146,6 +146,26 @@ fn the_last_stage_killed_while_it_drafts_hands_its_draft_model_to_the_next() {
     assert_eq!(twin.len(), n);
     let stream = SseStream::start(&cluster.http, "/v1/completions", greedy);
     stream.wait_received(10, Duration::from_secs(60));
+    // The status says where the draft model is: with the last stage only.
+    let holders = |status: &serde_json::Value| -> Vec<String> {
+        status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["draft_model"] == true)
+            .map(|w| w["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let status = cluster.wait_status(
+        "the last stage to hold the draft model",
+        Duration::from_secs(30),
+        |s| !holders(s).is_empty(),
+    );
+    assert_eq!(holders(&status), std::slice::from_ref(&last));
+    assert!(
+        status["drafts"].as_str().unwrap().contains("last stage"),
+        "{status}"
+    );
     let victim = cluster.workers.iter_mut().find(|w| w.name == last).unwrap();
     assert!(
         victim.output().contains("draft model loaded"),
@@ -165,6 +185,12 @@ fn the_last_stage_killed_while_it_drafts_hands_its_draft_model_to_the_next() {
     let new_last = status["plan"]["stages"][1]["worker"].as_str().unwrap();
     let heir = cluster.workers.iter().find(|w| w.name == new_last).unwrap();
     heir.wait_for("draft model loaded", Duration::from_secs(30));
+    let heir_id = heir.name.clone();
+    cluster.wait_status(
+        "the next last stage to hold the draft model",
+        Duration::from_secs(30),
+        |s| holders(s) == [heir_id.clone()],
+    );
     let args = [
         "--prompt",
         "Once upon a time",

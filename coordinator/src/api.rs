@@ -30,7 +30,7 @@ use crate::planner::{self, Candidate, Plan, Shortfall};
 use crate::registry::{Registry, Worker, WorkerState};
 use crate::sequence::{Delta, FinishReason, SequenceRequest};
 use crate::session;
-use crate::{links, membership, profile, reconcile, Shared};
+use crate::{links, membership, profile, reconcile, DraftSource, Shared};
 
 /// The public API's handlers.
 #[derive(Clone)]
@@ -230,6 +230,11 @@ pub fn model_info(shared: &Shared) -> ModelInfo {
         context_length: c.max_position_embeddings as u32,
         weight_bytes: m.profile.weight_bytes(),
         ready: shared.serving().is_serving(),
+        drafts: m
+            .draft
+            .as_ref()
+            .map(DraftSource::describe)
+            .unwrap_or_default(),
     }
 }
 
@@ -320,6 +325,8 @@ fn worker_row(w: &Worker) -> WorkerStatus {
         network_seconds: h.network_seconds,
         forwards: h.forwards,
         bytes_received: h.bytes_received,
+        // What a dead worker last said it held is gone with it.
+        holds_draft_model: h.holds_draft && !w.state.is_dead(),
     }
 }
 

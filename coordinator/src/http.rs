@@ -1000,6 +1000,7 @@ async fn cluster(
                 "sequences": w.sequences, "last_seen_ms": w.last_seen_ms,
                 "compute_seconds": w.compute_seconds, "network_seconds": w.network_seconds,
                 "forwards": w.forwards, "detail": w.detail, "energy_meter": info.energy_meter,
+                "draft_model": w.holds_draft_model,
             })
         })
         .collect();
@@ -1011,9 +1012,14 @@ async fn cluster(
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
+                    let draft_model = status
+                        .workers
+                        .iter()
+                        .any(|w| w.stage == i as i32 && w.holds_draft_model);
                     json!({"stage": i, "worker": s.worker_id, "layers": [s.layer_start, s.layer_end],
                            "embed": s.embed, "head": s.head, "memory_bytes": s.memory_bytes,
-                           "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token})
+                           "budget_bytes": s.budget_bytes, "est_ms_per_token": s.est_ms_per_token,
+                           "draft_model": draft_model})
                 })
                 .collect()
         })
@@ -1022,7 +1028,8 @@ async fn cluster(
     let m = shared.metrics();
     Ok(Json(json!({
         "model": {"id": model.id, "architecture": model.architecture, "layers": model.layers,
-                  "context_length": model.context_length, "weight_bytes": model.weight_bytes},
+                  "context_length": model.context_length, "weight_bytes": model.weight_bytes,
+                  "drafts": model.drafts},
         "serving": status.serving,
         "detail": status.detail,
         "cluster_id": status.cluster_id,

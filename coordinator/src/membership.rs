@@ -386,6 +386,7 @@ fn health(h: HealthResponse, digest: &str) -> Health {
         bytes_received: h.bytes_received,
         decode_seconds: h.decode_seconds,
         decode_forwards: h.decode_forwards,
+        holds_draft: !h.draft_model_digest.is_empty(),
         unreachable_hop: match h.unreachable_next_hop.as_str() {
             "" => None,
             COORDINATOR_NAME => Some(COORDINATOR_HOP.to_string()),

@@ -158,6 +158,8 @@ pub struct Health {
     pub decode_seconds: f64,
     /// Decode batches its stage ran (its own running total).
     pub decode_forwards: u64,
+    /// It holds a draft model beside its slice.
+    pub holds_draft: bool,
 }
 
 /// What a heartbeat changed.

@@ -288,6 +288,7 @@ impl WorkerControl for ControlService {
             unreachable_next_hop: stats.unreachable_hop().unwrap_or_default(),
             decode_seconds: stats.decode_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             decode_forwards: stats.decode_forwards.load(Ordering::Relaxed),
+            draft_model_digest: stats.draft().unwrap_or_default(),
         }))
     }
 

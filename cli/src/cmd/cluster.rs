@@ -929,12 +929,14 @@ fn status_json(s: &strata_proto::v1::StatusResponse) -> serde_json::Value {
                 "load_bytes_done": w.load_bytes_done, "load_bytes_total": w.load_bytes_total,
                 "last_seen_ms": w.last_seen_ms, "sequences": w.sequences, "detail": w.detail,
                 "bytes_received": w.bytes_received, "energy_meter": info.energy_meter,
+                "draft_model": w.holds_draft_model,
             })
         })
         .collect();
     serde_json::json!({
         "cluster_id": s.cluster_id,
         "model": s.model.as_ref().map(|m| &m.id),
+        "drafts": s.model.as_ref().map(|m| &m.drafts),
         "serving": s.serving,
         "detail": s.detail,
         "active_sequences": s.active_sequences,
@@ -965,6 +967,19 @@ fn print_status(s: &strata_proto::v1::StatusResponse) {
             format!(": {}", s.detail)
         }
     );
+    if !m.drafts.is_empty() {
+        let holders: Vec<String> = s
+            .workers
+            .iter()
+            .filter(|w| w.holds_draft_model)
+            .filter_map(|w| w.info.as_ref().map(|i| i.id.clone()))
+            .collect();
+        let held = match holders.is_empty() {
+            true => String::new(),
+            false => format!(" (held by {})", holders.join(", ")),
+        };
+        println!("drafts: {}{held}", m.drafts);
+    }
     println!("active sequences: {}", s.active_sequences);
     println!(
         "{:<16} {:<10} {:<22} {:>5} {:>9} {:>22} {:>14} {:>8}  detail",
