@@ -539,6 +539,31 @@ fn plan_on_paper_says_what_is_missing() {
     for s in stages {
         assert!(s["memory_bytes"].as_u64() <= s["budget_bytes"].as_u64());
     }
+    // A draft model on the last stage is counted there, and said.
+    let with_draft = |draft: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "cluster",
+            "plan",
+            "--model-spec",
+            "llama-3.1-70b:q4_k_m",
+            "--json",
+            "--worker",
+            "mac-studio:64GiB:400GB/s",
+        ];
+        args.extend_from_slice(draft);
+        serde_json::from_str(&run_ok(&args)).unwrap()
+    };
+    let (plain, drafted) = (
+        with_draft(&[]),
+        with_draft(&["--draft-model-spec", "llama-3.2-1b:q8_0"]),
+    );
+    let memory = |p: &serde_json::Value| p["stages"][0]["memory_bytes"].as_u64().unwrap();
+    assert!(memory(&drafted) > memory(&plain) + (1 << 30), "{drafted:#}");
+    let note = drafted["notes"][0].as_str().unwrap();
+    assert!(
+        note.starts_with("mac-studio also holds the draft model"),
+        "{drafted:#}"
+    );
 }
 
 #[test]

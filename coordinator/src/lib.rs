@@ -211,13 +211,7 @@ impl ShippedDraft {
         let name = path
             .file_name()
             .map_or_else(|| "draft".into(), |n| n.to_string_lossy().into_owned());
-        let p = profile::of_file(&name, &file);
-        let layers = p.layer_bytes.len() as u64;
-        let largest = p.largest_layer_tensor.max(p.embed_bytes).max(p.head_bytes);
-        let bytes = DraftBytes {
-            memory: p.weight_bytes() + kv_tokens * p.kv_bytes_per_token * layers + 2 * largest,
-            weights: p.active_layer_bytes.iter().sum::<u64>() + p.head_bytes,
-        };
+        let bytes = profile::draft_bytes(&profile::of_file(&name, &file), kv_tokens);
         Ok(ShippedDraft {
             digest: digest::of_model(path, state_dir)?,
             shared_vocabulary: tokenizer.vocab_size().min(draft_tokenizer.vocab_size()),

@@ -852,6 +852,7 @@ pub fn plan(
     let sum: f64 = stages.iter().map(|s| s.est_ms).sum();
     let mut notes = left_out(&sizes, workers, &stages);
     notes.extend(links_note(&sizes, &stages));
+    notes.extend(draft_note(options, workers, &stages));
     Ok(Plan {
         est_ms_per_token: sum + hops + sizes.ends_ms(),
         est_ms_pipelined: stages
@@ -1039,6 +1040,27 @@ fn left_out(sizes: &Sizes, workers: &[Candidate], stages: &[StagePlan]) -> Vec<S
 }
 
 /// What is missing when no plan fits.
+/// Where the draft model is, if the last stage holds one: what it takes of that stage's
+/// memory and time.
+fn draft_note(
+    options: &PlanOptions,
+    workers: &[Candidate],
+    stages: &[StagePlan],
+) -> Option<String> {
+    let last = stages.last().filter(|_| options.draft.memory > 0)?;
+    let speed = workers
+        .iter()
+        .find(|w| w.id == last.worker)
+        .map_or(1.0, |w| w.speed.max(1.0));
+    Some(format!(
+        "{} also holds the draft model: {} of its {}, and {:.1} ms per drafted token",
+        last.worker,
+        human(options.draft.memory),
+        human(last.memory),
+        options.draft.weights as f64 / speed * 1e3
+    ))
+}
+
 fn shortfall(sizes: &Sizes, order: &[&Candidate]) -> Shortfall {
     let p = sizes.p;
     let o = sizes.o;

@@ -5,7 +5,7 @@ use strata_model::synth::SynthSpec;
 use strata_model::{ModelConfig, ModelFile, Role};
 
 use crate::error::{Error, Result};
-use crate::planner::ModelProfile;
+use crate::planner::{DraftBytes, ModelProfile};
 
 /// KV-cache bytes per token per layer: keys and values in F32, as the CPU runtime keeps them.
 pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
@@ -46,6 +46,19 @@ pub fn of_file(name: &str, file: &ModelFile) -> ModelProfile {
             .unwrap_or(0),
         hidden: c.hidden_size,
         activation_bytes_per_row: activation_bytes_per_row(c),
+    }
+}
+
+/// What a draft model of profile `p` costs the last stage that holds it (`--draft-on
+/// worker`): its weights once (a tied head counted twice, as the planner counts heads),
+/// its caches for `kv_tokens` positions, and the transient of loading its largest tensor;
+/// and the bytes it reads per token drafted.
+pub fn draft_bytes(p: &ModelProfile, kv_tokens: u64) -> DraftBytes {
+    let layers = p.layer_bytes.len() as u64;
+    let largest = p.largest_layer_tensor.max(p.embed_bytes).max(p.head_bytes);
+    DraftBytes {
+        memory: p.weight_bytes() + kv_tokens * p.kv_bytes_per_token * layers + 2 * largest,
+        weights: p.active_layer_bytes.iter().sum::<u64>() + p.head_bytes,
     }
 }
 

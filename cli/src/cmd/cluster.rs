@@ -648,6 +648,13 @@ pub struct PlanArgs {
     /// KV-cache positions reserved per layer on each stage.
     #[arg(long, default_value_t = 4096)]
     kv_tokens: u64,
+    /// A draft model on paper that the last stage holds (`strata serve --draft-on
+    /// worker`), as a preset and a quantization, e.g. `llama-3.2-1b:q8_0`.
+    #[arg(long, conflicts_with = "draft_model")]
+    draft_model_spec: Option<String>,
+    /// A draft model on disk that the last stage holds, for a plan on paper.
+    #[arg(long)]
+    draft_model: Option<PathBuf>,
     /// What to minimise: `latency` (time per token of one stream) or `throughput` (the
     /// slowest stage, for many concurrent streams).
     #[arg(long, default_value = "latency")]
@@ -669,6 +676,26 @@ pub struct PlanArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The profile of a model named by a spec (a preset and a quantization) or a path, if
+/// either is given.
+fn paper_profile(
+    spec: Option<&str>,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<planner::ModelProfile>> {
+    Ok(match (spec, path) {
+        (Some(spec), _) => Some(profile::of_spec(spec)?),
+        (None, Some(path)) => {
+            let file = strata_model::ModelFile::open(path)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Some(profile::of_file(&name, &file))
+        }
+        (None, None) => None,
+    })
 }
 
 /// Applies `--link` values: one link for every pair, and pairs' own (`A:B=LINK`).
@@ -810,15 +837,21 @@ fn print_plan(p: &PlanResponse) {
 }
 
 fn plan_json(p: &PlanResponse) -> serde_json::Value {
+    let notes: Vec<String> = if p.stages.is_empty() {
+        Vec::new()
+    } else {
+        let notes = p.shortfall.split("; ").filter(|n| !n.is_empty());
+        notes.map(str::to_string).collect()
+    };
     serde_json::json!({
         "model": p.model,
         "epoch": p.epoch,
         "fits": !p.stages.is_empty(),
         "missing_bytes": p.missing_bytes,
         "shortfall": if p.stages.is_empty() { p.shortfall.clone() } else { String::new() },
-        "left_out": if p.stages.is_empty() { Vec::new() } else {
-            p.shortfall.split("; ").filter(|n| !n.is_empty()).map(str::to_string).collect::<Vec<_>>()
-        },
+        "left_out": notes,
+        // Every note: who is left out and why, slow links, where the draft model is.
+        "notes": notes,
         "est_ms_per_token": p.est_ms_per_token,
         "est_ms_per_token_pipelined": p.est_ms_per_token_pipelined,
         "calibrated_ms_per_token": p.calibrated_ms_per_token,
@@ -1036,6 +1069,12 @@ fn print_status(s: &strata_proto::v1::StatusResponse) {
 }
 
 async fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    if a.workers.is_empty() && (a.draft_model.is_some() || a.draft_model_spec.is_some()) {
+        bail!(
+            "--draft-model and --draft-model-spec price a draft model on paper, with --worker; \
+             a coordinator plans with the draft model it serves"
+        );
+    }
     let response = if a.workers.is_empty() {
         let mut client = cluster_client(&a.coordinator, a.api_key.as_deref()).await?;
         client
@@ -1052,19 +1091,8 @@ async fn plan(a: PlanArgs) -> anyhow::Result<()> {
             .iter()
             .map(|w| paper_worker(w))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let profile = match (&a.model_spec, &a.model) {
-            (Some(spec), _) => profile::of_spec(spec)?,
-            (None, Some(path)) => {
-                let file = strata_model::ModelFile::open(path)?;
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                profile::of_file(&name, &file)
-            }
-            (None, None) => bail!(
-                "a plan on paper needs --model-spec (e.g. llama-3.1-70b:q4_k_m) or --model PATH"
-            ),
+        let Some(profile) = paper_profile(a.model_spec.as_deref(), a.model.as_deref())? else {
+            bail!("a plan on paper needs --model-spec (e.g. llama-3.1-70b:q4_k_m) or --model PATH")
         };
         let mut options = PlanOptions {
             kv_tokens: a.kv_tokens,
@@ -1075,6 +1103,10 @@ async fn plan(a: PlanArgs) -> anyhow::Result<()> {
             ..PlanOptions::default()
         };
         paper_links(&a.links, &workers, &mut options)?;
+        let draft = paper_profile(a.draft_model_spec.as_deref(), a.draft_model.as_deref())?;
+        if let Some(draft) = draft {
+            options.draft = profile::draft_bytes(&draft, options.kv_tokens);
+        }
         strata_coordinator::api::plan_response(
             &profile.name,
             planner::plan(&profile, &workers, &options),
