@@ -66,6 +66,27 @@ async fn within<T>(
         .map_err(stream_status)
 }
 
+/// Bytes of the ranges a load's header names.
+fn load_bytes(header: &LoadHeader) -> u64 {
+    header
+        .files
+        .iter()
+        .flat_map(|f| f.ranges.iter().map(|r| r.length))
+        .sum()
+}
+
+/// A load's answer: `received` of its `total` bytes came over the network, the rest from
+/// the cache.
+fn load_response(weight_bytes: u64, received: u64, total: u64, started: Instant) -> LoadResponse {
+    LoadResponse {
+        weight_bytes,
+        resident_bytes: memory::resident_bytes(),
+        load_ms: started.elapsed().as_millis() as u64,
+        bytes_received: received,
+        bytes_cached: total.saturating_sub(received),
+    }
+}
+
 impl ControlService {
     /// Serves one slice load to its end, and tells the coordinator how it went (a
     /// coordinator that can no longer hear it is only logged).
@@ -119,11 +140,7 @@ impl ControlService {
         }
         let span = tracing::info_span!("load", layers = ?(header.layer_start..header.layer_end), prefetch = header.prefetch);
         async {
-            let total: u64 = header
-                .files
-                .iter()
-                .flat_map(|f| f.ranges.iter().map(|r| r.length))
-                .sum();
+            let total = load_bytes(&header);
             if !header.prefetch {
                 // Free the old slice first: the budget must hold one slice, never two.
                 self.stage.call(Command::Unload).await;
@@ -154,13 +171,7 @@ impl ControlService {
                     "slice loaded"
                 }
             );
-            Ok(LoadResponse {
-                weight_bytes,
-                resident_bytes: memory::resident_bytes(),
-                load_ms: started.elapsed().as_millis() as u64,
-                bytes_received: received,
-                bytes_cached: total.saturating_sub(received),
-            })
+            Ok(load_response(weight_bytes, received, total, started))
         }
         .instrument(span)
         .await
@@ -180,11 +191,7 @@ impl ControlService {
                  model (draft_vocabulary): run the same strata version on both",
             ));
         }
-        let total: u64 = header
-            .files
-            .iter()
-            .flat_map(|f| f.ranges.iter().map(|r| r.length))
-            .sum();
+        let total = load_bytes(header);
         let received = self.receive(header, connection).await?;
         let held = self.stage.stats.draft().as_ref() == Some(&header.model_digest);
         let weight_bytes = if header.prefetch || held {
@@ -205,13 +212,7 @@ impl ControlService {
                 "draft model loaded"
             }
         );
-        Ok(LoadResponse {
-            weight_bytes,
-            resident_bytes: memory::resident_bytes(),
-            load_ms: started.elapsed().as_millis() as u64,
-            bytes_received: received,
-            bytes_cached: total.saturating_sub(received),
-        })
+        Ok(load_response(weight_bytes, received, total, started))
     }
 
     /// Loads the draft model the header names from the cache, whole, on the CPU (where

@@ -268,13 +268,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.max_queue = a.max_queue;
     config.prefill_chunk = a.prefill_chunk as usize;
     config.client_timeout = a.client_timeout;
-    if a.draft.draft_on == super::generate::DraftOn::Worker && a.draft.draft_model.is_none() {
-        bail!(
-            "--draft-on worker says where a draft model runs: give one with --draft-model \
-             (prompt lookup, --draft ngram, runs on the coordinator)"
-        );
-    }
-    config.draft = a.draft.source();
+    config.draft = a.draft.cluster_source()?;
     config.draft_policy = a.draft.policy();
     config.upstream = upstream_config(&a)?;
     config.private_only = a.private_only;

@@ -145,6 +145,18 @@ impl DraftArgs {
         }
     }
 
+    /// Where a cluster's drafts come from: as [`DraftArgs::source`], refusing a placement
+    /// with no draft model to place.
+    pub fn cluster_source(&self) -> anyhow::Result<strata_coordinator::Draft> {
+        if self.draft_on == DraftOn::Worker && self.draft_model.is_none() {
+            bail!(
+                "--draft-on worker says where a draft model runs: give one with --draft-model \
+                 (prompt lookup, --draft ngram, runs on the coordinator)"
+            );
+        }
+        Ok(self.source())
+    }
+
     /// A draft model at `path`, where `--draft-on` runs it.
     pub fn model_at(&self, path: PathBuf) -> strata_coordinator::Draft {
         match self.draft_on {
