@@ -933,6 +933,13 @@ mod tests {
             .contains("payload"));
     }
 
+    /// Why `frame`'s header, changed by `change`, is refused.
+    fn refusal_of(frame: &Frame, change: &dyn Fn(&mut FrameHeader)) -> String {
+        let (mut h, _) = frame.header();
+        change(&mut h);
+        validate(&h).unwrap_err()
+    }
+
     #[test]
     fn drafts_drawn_at_random_travel_with_what_they_were_drawn_from() {
         let mut f = forward(3, 8, WireType::F32);
@@ -946,12 +953,7 @@ mod tests {
         let (head, payload) = f.encode();
         assert_eq!(decode(&head, payload).unwrap(), f);
         // What a lying or broken sender gets told.
-        let (h, _) = f.header();
-        let refused = |change: &dyn Fn(&mut FrameHeader)| {
-            let mut h = h.clone();
-            change(&mut h);
-            validate(&h).unwrap_err()
-        };
+        let refused = |change: &dyn Fn(&mut FrameHeader)| refusal_of(&f, change);
         let e = refused(&|h| {
             h.chunks[0].drawn_from.pop();
         });
@@ -971,7 +973,7 @@ mod tests {
         });
         assert!(e.contains("2 tokens and 1 probabilities"), "{e}");
         // A draft chosen without chance says nothing of what it was drawn from.
-        let mut h2 = h.clone();
+        let (mut h2, _) = f.header();
         h2.chunks[0].drawn_from[1] = DraftDistribution::default();
         assert_eq!(validate(&h2), Ok(()));
         let e = refused(&|h| {
@@ -1013,12 +1015,7 @@ mod tests {
         };
         let (head, payload) = f.encode();
         assert_eq!(decode(&head, payload).unwrap(), f);
-        let (h, _) = f.header();
-        let refused = |change: &dyn Fn(&mut FrameHeader)| {
-            let mut h = h.clone();
-            change(&mut h);
-            validate(&h).unwrap_err()
-        };
+        let refused = |change: &dyn Fn(&mut FrameHeader)| refusal_of(&f, change);
         let e = refused(&|h| h.drafts[0].token_ids[1] = 2);
         assert!(
             e.contains("sequence 7: draft 1 (token 2) is not among"),

@@ -975,27 +975,16 @@ mod tests {
         draft: u32,
         draft_next: u32,
     ) -> Frame {
-        Frame::Forward {
-            epoch: 1,
-            steps: vec![Step {
-                seq: 7,
-                start,
-                tokens,
-                sampler: (start == 0).then(|| SamplerStart {
-                    params: params.clone(),
-                    rng_position: 0,
-                }),
-                attempt: 0,
-                reserve: 0,
-                partial: false,
-                draft,
-                drawn_from: Vec::new(),
-                draft_next,
-                energy_uj: Some(0),
-            }],
-            activations: None,
-            failures: Vec::new(),
+        let mut frame = forward(1, 7, start, tokens, 0);
+        if let Frame::Forward { steps, .. } = &mut frame {
+            let step = &mut steps[0];
+            if let Some(sampler) = &mut step.sampler {
+                sampler.params = params.clone();
+            }
+            step.draft = draft;
+            step.draft_next = draft_next;
         }
+        frame
     }
 
     fn next_drafts(out: &[Frame]) -> Vec<NextDrafts> {
